@@ -1,0 +1,226 @@
+"""Sample-level GradientMix inside Keras ``fit``: the model hook.
+
+The sample level (paper Eq. 4) mixes per-example gradients,
+``g = sum_b pi_b grad l_b`` with ``pi_b = w_b / B``. By linearity this is
+the gradient of the loss with every example's contribution multiplied by
+``w_b``, so one backward pass suffices and no per-example gradient exists.
+
+We apply ``w_b`` to the *gradient* of example ``b``'s prediction: in
+``compute_loss`` each output ``y_pred`` is replaced by an identity whose
+backward pass multiplies row ``b`` by ``w_b``. The loss *value* is bit for
+bit the plain loss (so ``loss`` in the logs compares with unmixed runs and
+every loss metric stays plain), and the gradient is
+
+.. math::
+
+    \\nabla_\\theta L = \\frac{1}{D} \\sum_b s_b\\, w_b\\, \\nabla_\\theta \\ell_b ,
+
+exactly what multiplying the user's sample weights ``s_b`` by ``w_b`` would
+give for Keras's default ``sum_over_batch_size`` reduction (``D = B``
+elements), and for every other reduction the same rule applied to its own
+denominator ``D`` (``sum``, ``mean_with_sample_weight`` with
+``D = sum_b s_b``, masked sequence losses with ``D`` = valid tokens): nothing
+self-normalises by the random weights. The unit is the example: all tokens or
+pixels of example ``b`` share ``w_b``.
+
+What is not mixed: losses added by layers (regularisers, ``add_loss``), which
+are not per example; and losses that couple examples (a loss of one example
+that reads another example's prediction) get each prediction's path weighted,
+which is not Eq. 4. Keras's own losses are all per example.
+"""
+
+import types
+
+import keras
+import tensorflow as tf
+
+from tf_gradmix import compat
+from tf_gradmix import noise as noise_lib
+from tf_gradmix.optimizer import find_gradient_mix, require_tensorflow_backend
+
+__all__ = ["Model", "Sequential", "enable", "is_enabled", "GAMMA_METRIC"]
+
+GAMMA_METRIC = "gradmix_gamma"
+
+
+@tf.custom_gradient
+def _scale_gradient(x, scale):
+    """Identity in the forward pass; multiplies the incoming gradient by scale."""
+
+    def grad(upstream):
+        return upstream * tf.cast(scale, upstream.dtype), None
+
+    return tf.identity(x), grad
+
+
+def mix_predictions(y_pred, weights):
+    """Weights the gradient of each example's predictions by ``weights``.
+
+    Args:
+        y_pred: a model output or a nested structure of outputs, each with the
+            examples on axis 0.
+        weights: ``[B]`` tensor, ``w_b`` for each example.
+
+    Returns:
+        The same structure, equal in value, whose gradient for example ``b``
+        is multiplied by ``w_b``. Non-float outputs pass through.
+    """
+
+    def mix_one(output):
+        if output is None or not output.dtype.is_floating:
+            return output
+        shape = tf.concat(
+            [tf.shape(weights), tf.ones([tf.rank(output) - 1], tf.int32)], axis=0
+        )
+        scale = tf.reshape(weights, shape)
+        return compat.transform_output(output, lambda t: _scale_gradient(t, scale))
+
+    return tf.nest.map_structure(mix_one, y_pred)
+
+
+def _batch_size(y_pred):
+    first = next(t for t in tf.nest.flatten(y_pred) if t is not None)
+    return tf.shape(first)[0]
+
+
+class _Hook:
+    """The sample-level hook shared by the model classes and ``enable``."""
+
+    @staticmethod
+    def create_gamma_metric(model):
+        with model.distribute_strategy.scope():
+            model._gradmix_gamma = keras.metrics.Mean(name=GAMMA_METRIC)
+
+    @staticmethod
+    def compute_loss(model, base_compute_loss, x, y, y_pred, sample_weight, training):
+        mixer = find_gradient_mix(getattr(model, "optimizer", None))
+        if training and mixer is not None:
+            if mixer.level == "sample":
+                weights = mixer.example_weights(_batch_size(y_pred))
+                y_pred = mix_predictions(y_pred, weights)
+            else:
+                weights = mixer.device_weights()
+            model._gradmix_gamma.update_state(noise_lib.gamma(weights))
+        return base_compute_loss(x, y, y_pred, sample_weight, training=training)
+
+    @staticmethod
+    def drop_gamma(logs):
+        # Evaluation never mixes: it reports no gamma (not a zero).
+        if isinstance(logs, dict):
+            logs.pop(GAMMA_METRIC, None)
+        return logs
+
+
+class _SampleMixing:
+    """Mixin: ``compute_loss`` applies the sample-level weights when training."""
+
+    def __init__(self, *args, **kwargs):
+        require_tensorflow_backend(f"tf_gradmix.{type(self).__name__}")
+        super().__init__(*args, **kwargs)
+        _Hook.create_gamma_metric(self)
+
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        return _Hook.compute_loss(
+            self, super().compute_loss, x, y, y_pred, sample_weight, training
+        )
+
+    def test_step(self, data):
+        return _Hook.drop_gamma(super().test_step(data))
+
+
+@keras.saving.register_keras_serializable(package="tf_gradmix")
+class Model(_SampleMixing, keras.Model):
+    """A ``keras.Model`` that trains with sample-level GradientMix.
+
+    Use it exactly like ``keras.Model`` (functional ``Model(inputs, outputs)``
+    or subclassed). When compiled with a :class:`tf_gradmix.GradientMix`
+    optimizer (also inside a ``LossScaleOptimizer``), each training step
+    weights example ``b``'s gradient by ``w_b`` (see module docstring);
+    with any other optimizer it trains exactly like ``keras.Model``.
+
+    Logs ``gradmix_gamma``, the mean of ``w^2`` over the epoch's steps (the
+    paper's gamma-bar), while training with GradientMix. ``evaluate``,
+    ``predict`` and validation never mix. A saved model reloads as this
+    class and goes on mixing with the same noise stream.
+    """
+
+
+@keras.saving.register_keras_serializable(package="tf_gradmix")
+class Sequential(_SampleMixing, keras.Sequential):
+    """A ``keras.Sequential`` that trains with sample-level GradientMix.
+
+    Same behaviour as :class:`tf_gradmix.Model`.
+    """
+
+
+def is_enabled(model):
+    """Whether ``model`` applies GradientMix's sample-level weights."""
+    return isinstance(model, _SampleMixing) or getattr(model, "_gradmix_enabled", False)
+
+
+def enable(model):
+    """Makes an existing Keras model apply sample-level GradientMix.
+
+    Works for functional, ``Sequential``, subclassed and
+    ``keras.applications`` models, compiled or not: the model's own
+    ``compute_loss`` (including a custom override that uses ``y_pred``) is
+    wrapped so that, while training with a :class:`tf_gradmix.GradientMix`
+    optimizer, each example's gradient is weighted by ``w_b``. Returns the
+    same model object.
+
+    Saving: the wrapper is not part of the model's class, so
+    ``keras.models.load_model`` returns the original class without it. Its
+    ``GradientMix`` optimizer is restored and refuses to train at the first
+    step, with a message to call ``enable`` again (it never trains unmixed in
+    silence). Build with :class:`tf_gradmix.Model` or
+    :class:`tf_gradmix.Sequential` to reload a model that mixes by itself.
+
+    Args:
+        model: a ``keras.Model``.
+
+    Returns:
+        ``model``.
+    """
+    require_tensorflow_backend("tf_gradmix.enable")
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            "Invalid value for argument `model`: expected a keras.Model, got "
+            f"{model!r} of type {type(model).__name__}."
+        )
+    if is_enabled(model):
+        return model
+    base_compute_loss = model.compute_loss
+    base_test_step = model.test_step
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        return _Hook.compute_loss(
+            self, _with_training_arg(base_compute_loss), x, y, y_pred, sample_weight, training
+        )
+
+    def test_step(self, data):
+        return _Hook.drop_gamma(base_test_step(data))
+
+    _Hook.create_gamma_metric(model)
+    compat.set_compute_loss(model, types.MethodType(compute_loss, model))
+    model.test_step = types.MethodType(test_step, model)
+    model._gradmix_enabled = True
+    # Keras caches compiled step functions; rebuild them with the hook.
+    model.train_function = None
+    model.test_function = None
+    return model
+
+
+def _with_training_arg(compute_loss):
+    """Calls a user ``compute_loss`` that may predate the ``training`` arg."""
+    import inspect
+
+    if "training" in inspect.signature(compute_loss).parameters:
+        return compute_loss
+
+    def call(x, y, y_pred, sample_weight, training=True):
+        del training
+        return compute_loss(x, y, y_pred, sample_weight)
+
+    return call

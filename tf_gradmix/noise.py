@@ -1,0 +1,231 @@
+"""Mixing-weight distributions and their stateless sampling.
+
+GradientMix replaces the fixed averaging weights ``1/N`` of ``N`` units
+(examples or replicas) by random weights ``pi`` with ``E[pi] = 1/N`` and
+``Cov[pi] = kappa^2 I`` (paper Eq. 12). We write every weight as
+
+.. math::
+
+    \\pi_n = w_n / N, \\qquad w_n = 1 + \\sigma\\,\\xi_n,
+    \\qquad \\mathbb{E}[\\xi_n] = 0,\\ \\mathrm{Var}[\\xi_n] = 1,
+
+so ``kappa = sigma / N`` with ``sigma`` the ``stddev`` argument and ``xi``
+drawn from a :class:`Noise` distribution. ``w`` does not depend on ``N``, so
+ragged batches and any number of replicas need no special case.
+
+The noise amount of the paper's Theorem 1 is
+
+.. math::
+
+    \\gamma = N \\sum_n \\pi_n^2 = \\operatorname{mean}(w^2)
+    \\approx 1 + \\sigma^2 .
+
+Every draw is a pure function of ``(seed, step, level, replica)``
+(``tf.random.stateless_*``), so a resumed run continues the same stream and
+replicas draw different weights without communicating.
+"""
+
+import math
+
+import keras
+import tensorflow as tf
+
+__all__ = [
+    "Noise",
+    "Gaussian",
+    "Rademacher",
+    "get",
+    "serialize",
+    "mixing_weights",
+    "gamma",
+    "stddev_for_noise_batch_size",
+    "noise_batch_size",
+    "step_seed",
+]
+
+# Distinct streams for the two levels, so sample- and device-level weights of
+# the same step are independent.
+SAMPLE_STREAM = 0x5A
+DEVICE_STREAM = 0xD3
+
+
+class Noise:
+    """A distribution of ``xi`` with mean 0 and variance 1.
+
+    Subclasses implement :meth:`sample`, which must be a pure function of
+    ``shape`` and ``seed`` (use ``tf.random.stateless_*``), and are registered
+    with ``keras.saving.register_keras_serializable`` so a ``GradientMix``
+    using them survives ``model.save``.
+    """
+
+    name = None
+
+    def sample(self, shape, seed):
+        """Draws ``xi`` of ``shape`` (float32) from the stateless ``seed``.
+
+        Args:
+            shape: 1-D shape, e.g. ``[batch_size]``.
+            seed: int32 tensor of shape ``[2]``, as for
+                ``tf.random.stateless_normal``.
+        """
+        raise NotImplementedError
+
+    def get_config(self):
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.get_config() == other.get_config()
+
+    def __hash__(self):
+        return hash(type(self))
+
+
+@keras.saving.register_keras_serializable(package="tf_gradmix")
+class Gaussian(Noise):
+    """``xi ~ N(0, 1)``: weights ``w ~ N(1, stddev^2)``.
+
+    With ``stddev`` above about 0.5 a noticeable share of the weights is
+    negative (16% at ``stddev=1``): those examples are ascended, not descended.
+    """
+
+    name = "gaussian"
+
+    def sample(self, shape, seed):
+        return tf.random.stateless_normal(shape, seed=seed, dtype=tf.float32)
+
+
+@keras.saving.register_keras_serializable(package="tf_gradmix")
+class Rademacher(Noise):
+    """``xi = +1`` or ``-1`` with probability 1/2 each: ``w = 1 +- stddev``.
+
+    ``stddev=1`` keeps a random half of the units at weight 2 and drops the
+    others: the gradient of a random half batch.
+    """
+
+    name = "rademacher"
+
+    def sample(self, shape, seed):
+        bits = tf.random.stateless_uniform(
+            shape, seed=seed, minval=0, maxval=2, dtype=tf.int32
+        )
+        return tf.cast(2 * bits - 1, tf.float32)
+
+
+_BY_NAME = {"gaussian": Gaussian, "rademacher": Rademacher}
+
+
+def get(identifier):
+    """Returns a :class:`Noise` from a name, a config dict or an instance.
+
+    Raises:
+        ValueError: ``identifier`` is not ``"gaussian"``, ``"rademacher"``,
+            a :class:`Noise` instance or its serialized config.
+    """
+    if isinstance(identifier, Noise):
+        return identifier
+    if isinstance(identifier, str):
+        key = identifier.lower()
+        if key in _BY_NAME:
+            return _BY_NAME[key]()
+    elif isinstance(identifier, dict):
+        noise = keras.saving.deserialize_keras_object(identifier)
+        if isinstance(noise, Noise):
+            return noise
+    raise ValueError(
+        f"Invalid value for argument `noise`: {identifier!r}. Expected "
+        f"one of {sorted(_BY_NAME)} or an instance of tf_gradmix.noise.Noise."
+    )
+
+
+def serialize(noise):
+    """Config of a noise for ``get_config``: its name if built in."""
+    if type(noise) in _BY_NAME.values():
+        return noise.name
+    return keras.saving.serialize_keras_object(noise)
+
+
+def step_seed(seed, step, stream, replica_id=0):
+    """The stateless seed of one draw: a pure function of its arguments.
+
+    Args:
+        seed: Python int, the ``GradientMix`` seed.
+        step: scalar integer tensor, the raw optimizer step.
+        stream: :data:`SAMPLE_STREAM` or :data:`DEVICE_STREAM`.
+        replica_id: scalar integer, the global replica id (sample level).
+
+    Returns:
+        int32 tensor of shape ``[2]``.
+    """
+    key = tf.constant([seed, stream], dtype=tf.int32)
+    key = tf.random.experimental.stateless_fold_in(key, tf.cast(step, tf.int64))
+    return tf.random.experimental.stateless_fold_in(
+        key, tf.cast(replica_id, tf.int64)
+    )
+
+
+def mixing_weights(noise, stddev, shape, seed):
+    """``w = 1 + stddev * xi``: mean 1, standard deviation ``stddev``.
+
+    Args:
+        noise: a :class:`Noise`.
+        stddev: scalar, the standard deviation ``sigma`` of ``w``.
+        shape: 1-D shape, ``[N]`` units.
+        seed: stateless seed from :func:`step_seed`.
+
+    Returns:
+        float32 tensor of ``shape``. Divide by ``N`` to get the paper's ``pi``.
+    """
+    xi = noise.sample(shape, seed)
+    return 1.0 + tf.cast(stddev, tf.float32) * xi
+
+
+def gamma(weights):
+    """The paper's noise amount ``gamma = N sum_n pi_n^2 = mean(w^2)``."""
+    weights = tf.cast(weights, tf.float32)
+    return tf.reduce_mean(tf.square(weights))
+
+
+def stddev_for_noise_batch_size(batch_size, noise_batch_size):
+    """The ``stddev`` whose gradient noise matches a smaller batch.
+
+    Mixing gives ``g_mix = g_bar + (sigma / B) sum_b xi_b g_b``: the gradient
+    covariance grows by about ``sigma^2 / B * E[g g^T]``, roughly the noise of
+    a plain batch of ``B / (1 + sigma^2)`` (DESIGN.md §1; our derivation, not
+    the paper's). Solving for ``sigma``:
+
+    .. math:: \\sigma = \\sqrt{B / B_{noise} - 1}.
+
+    This is the covariance at a fixed learning rate, not a claim about the
+    training dynamics. Example: ``stddev_for_noise_batch_size(32768, 4096)``
+    is about 2.65.
+
+    Args:
+        batch_size: the (global) batch size ``B`` actually trained with.
+        noise_batch_size: the batch size ``B_noise <= B`` whose gradient
+            noise the mixed gradient should have.
+    """
+    for arg, value in (("batch_size", batch_size), ("noise_batch_size", noise_batch_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(
+                f"Invalid value for argument `{arg}`: {value!r}. Expected a "
+                "positive number."
+            )
+    if noise_batch_size > batch_size:
+        raise ValueError(
+            f"Invalid value for argument `noise_batch_size`: {noise_batch_size!r}. "
+            f"Mixing only adds noise, so it must be at most `batch_size` "
+            f"({batch_size!r})."
+        )
+    return math.sqrt(batch_size / noise_batch_size - 1.0)
+
+
+def noise_batch_size(batch_size, stddev):
+    """The inverse of :func:`stddev_for_noise_batch_size`: ``B / (1 + sigma^2)``."""
+    return batch_size / (1.0 + float(stddev) ** 2)
