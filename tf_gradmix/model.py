@@ -89,7 +89,8 @@ class _Hook:
     @staticmethod
     def create_gamma_metric(model):
         with model.distribute_strategy.scope():
-            model._gradmix_gamma = keras.metrics.Mean(name=GAMMA_METRIC)
+            metric = keras.metrics.Mean(name=GAMMA_METRIC)
+        compat.track_metric(model, "_gradmix_gamma", metric)
 
     @staticmethod
     def compute_loss(model, base_compute_loss, x, y, y_pred, sample_weight, training):
@@ -111,7 +112,7 @@ class _Hook:
         return logs
 
 
-class _SampleMixing:
+class _SampleMixing(compat.MultiWorkerFitMixin):
     """Mixin: ``compute_loss`` applies the sample-level weights when training."""
 
     def __init__(self, *args, **kwargs):
@@ -203,6 +204,7 @@ def enable(model):
         return _Hook.drop_gamma(base_test_step(data))
 
     _Hook.create_gamma_metric(model)
+    compat.install_multi_worker_fit(model)  # keras-team/keras#20585
     compat.set_compute_loss(model, types.MethodType(compute_loss, model))
     model.test_step = types.MethodType(test_step, model)
     model._gradmix_enabled = True

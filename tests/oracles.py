@@ -1,0 +1,58 @@
+"""Independent references for the tests: per-example loops in float64.
+
+Nothing here uses tf_gradmix's mixing code; the weights a test compares
+against come from ``GradientMix.example_weights`` / ``device_weights``, whose
+statistics are tested on their own in ``test_noise.py``.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def flat(arrays):
+    """Concatenates a list of arrays into one float64 vector."""
+    return np.concatenate([np.asarray(tf.convert_to_tensor(a), np.float64).ravel() for a in arrays])
+
+
+def weights_of(model):
+    return [v.numpy().astype(np.float64) for v in model.trainable_variables]
+
+
+def per_example_gradients(model, x, y, loss_fn, training=True):
+    """``[B, P]`` matrix of per-example gradients of ``loss_fn`` (one at a time)."""
+    rows = []
+    for b in range(len(x)):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y[b : b + 1], model(x[b : b + 1], training=training))
+        rows.append(flat(tape.gradient(loss, model.trainable_variables)))
+    return np.stack(rows)
+
+
+def mean_gradient(model, x, y, loss_fn, training=True):
+    """Gradient of the mean loss over ``x`` (no regularization losses)."""
+    with tf.GradientTape() as tape:
+        loss = loss_fn(y, model(x, training=training))
+    return flat(tape.gradient(loss, model.trainable_variables))
+
+
+def regularization_gradient(model, x):
+    """Gradient of the layers' added losses (regularizers), unmixed."""
+    with tf.GradientTape() as tape:
+        model(x, training=True)
+        loss = tf.add_n(model.losses)
+    grads = tape.gradient(loss, model.trainable_variables)
+    return flat([np.zeros(v.shape) if g is None else g for g, v in zip(grads, model.trainable_variables)])
+
+
+def clone_with_weights(model, weights):
+    clone = keras.models.clone_model(model)
+    clone.set_weights(weights)
+    return clone
+
+
+def recover_weights(update, per_example):
+    """Least-squares ``w`` with ``update = per_example.T @ w / B``."""
+    batch = per_example.shape[0]
+    w, *_ = np.linalg.lstsq(per_example.T / batch, update, rcond=None)
+    return w

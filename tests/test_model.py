@@ -1,0 +1,468 @@
+"""Sample level inside ``fit``: exactness against per-example loops.
+
+Every update is checked after real ``fit`` steps with ``SGD(1.0)`` (so the
+update is the gradient) against an independent float64 loop over examples,
+using the weights ``GradientMix.example_weights`` reports for that step.
+"""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_gradmix as gm
+from oracles import (
+    clone_with_weights,
+    flat,
+    per_example_gradients,
+    recover_weights,
+    regularization_gradient,
+    weights_of,
+)
+
+B = 16
+SCCE = "sparse_categorical_crossentropy"
+
+
+def data(n=B, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 5)).astype("float32"), rng.integers(0, 3, n)
+
+
+def mlp_layers(regularizer=True):
+    reg = keras.regularizers.L2(0.01) if regularizer else None
+    return [
+        keras.layers.Dense(8, activation="tanh", kernel_regularizer=reg),
+        keras.layers.Dense(3, activation="softmax"),
+    ]
+
+
+def functional(model_class=gm.Model, regularizer=True):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5,))
+    h = inputs
+    for layer in mlp_layers(regularizer):
+        h = layer(h)
+    return model_class(inputs, h)
+
+
+class Subclassed(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden, self.out = mlp_layers()
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+
+def build(kind):
+    keras.utils.set_random_seed(0)
+    if kind == "gm.Model":
+        return functional(gm.Model)
+    if kind == "gm.Sequential":
+        return gm.Sequential([keras.Input((5,))] + mlp_layers())
+    if kind == "enable(functional)":
+        return gm.enable(functional(keras.Model))
+    if kind == "enable(Sequential)":
+        return gm.enable(keras.Sequential([keras.Input((5,))] + mlp_layers()))
+    if kind == "enable(subclassed)":
+        model = Subclassed()
+        model(np.zeros((1, 5), "float32"))
+        return gm.enable(model)
+    raise AssertionError(kind)
+
+
+def plain_copy(model):
+    """A plain keras.Model with the same architecture and weights."""
+    ref = functional(keras.Model)
+    ref.set_weights(model.get_weights())
+    return ref
+
+
+def mixer(noise="gaussian", stddev=0.7, seed=5, inner=None, **kwargs):
+    return gm.GradientMix(inner or keras.optimizers.SGD(1.0), noise=noise, stddev=stddev, seed=seed, **kwargs)
+
+
+def one_step_update(model, optimizer, x, y, **fit_kwargs):
+    model.compile(optimizer=optimizer, loss=SCCE)
+    before = flat(weights_of(model))
+    history = model.fit(x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0, **fit_kwargs)
+    return before - flat(weights_of(model)), history
+
+
+@pytest.mark.parametrize(
+    "kind", ["gm.Model", "gm.Sequential", "enable(functional)", "enable(Sequential)", "enable(subclassed)"]
+)
+@pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
+def test_fit_update_equals_per_example_mix(kind, noise):
+    x, y = data()
+    model = build(kind)
+    ref = plain_copy(model)
+    opt = mixer(noise)
+    update, _ = one_step_update(model, opt, x, y)
+
+    grads = per_example_gradients(ref, x, y, keras.losses.SparseCategoricalCrossentropy())
+    w = opt.example_weights(B, step=0, replica_id=0).numpy().astype(np.float64)
+    expected = grads.T @ (w / B) + regularization_gradient(ref, x)
+    np.testing.assert_allclose(update, expected, rtol=1e-5, atol=2e-7)
+
+    if noise == "rademacher":
+        recovered = recover_weights(update - regularization_gradient(ref, x), grads)
+        np.testing.assert_allclose(recovered, w, atol=2e-4)
+        assert set(np.round(recovered, 3)) == {0.3, 1.7}  # exactly 1 -+ 0.7
+
+
+def test_weights_are_redrawn_every_step():
+    x, y = data()
+    model = build("gm.Model")
+    opt = mixer("rademacher", stddev=1.0)
+    one_step_update(model, opt, x, y)
+    ref = plain_copy(model)
+    before = flat(weights_of(model))
+    model.fit(x, y, batch_size=B, epochs=1, shuffle=False, verbose=0)
+    update = before - flat(weights_of(model))
+
+    grads = per_example_gradients(ref, x, y, keras.losses.SparseCategoricalCrossentropy())
+    recovered = recover_weights(update - regularization_gradient(ref, x), grads)
+    w0 = opt.example_weights(B, step=0, replica_id=0).numpy()
+    w1 = opt.example_weights(B, step=1, replica_id=0).numpy()
+    np.testing.assert_allclose(recovered, w1, atol=2e-4)
+    assert not np.array_equal(w0, w1)
+    assert int(opt.raw_step.numpy()) == 2
+
+
+@pytest.mark.parametrize("level", ["sample", "device"])
+def test_stddev_zero_reproduces_plain_training_bit_for_bit(level):
+    x, y = data(48)
+    sgd = dict(learning_rate=0.1, momentum=0.9, nesterov=True)
+    plain = functional(keras.Model)
+    plain.compile(keras.optimizers.SGD(**sgd), SCCE)
+    mixed = functional(gm.Model)
+    mixed.compile(mixer(stddev=0.0, inner=keras.optimizers.SGD(**sgd), level=level), SCCE)
+    runs = [m.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0) for m in (plain, mixed)]
+    for a, b in zip(plain.get_weights(), mixed.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert runs[0].history["loss"] == runs[1].history["loss"]
+    assert runs[1].history["gradmix_gamma"] == [1.0, 1.0, 1.0]
+
+
+def test_logged_loss_is_the_plain_loss_and_gamma_the_mean_of_w_squared():
+    x, y = data(32)
+    model = functional(gm.Model)
+    ref = plain_copy(model)
+    ref.compile(loss=SCCE)
+    plain_loss = ref.evaluate(x[:16], y[:16], verbose=0)
+    opt = mixer(stddev=1.5)
+    model.compile(opt, SCCE)
+    history = model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    # The first step's loss is the plain loss at the initial weights; the
+    # epoch's `loss` averages both steps, so compare through a 1-step run.
+    model_1 = functional(gm.Model)
+    model_1.compile(mixer(stddev=1.5), SCCE)
+    first = model_1.fit(x[:16], y[:16], batch_size=16, epochs=1, verbose=0)
+    assert first.history["loss"][0] == pytest.approx(plain_loss, rel=1e-6)
+
+    gammas = [np.mean(opt.example_weights(16, step=s, replica_id=0).numpy() ** 2) for s in (0, 1)]
+    assert history.history["gradmix_gamma"][0] == pytest.approx(np.mean(gammas), rel=1e-6)
+
+
+def test_evaluate_predict_and_validation_never_mix():
+    x, y = data(32)
+    xv, yv = data(24, seed=1)
+    model = functional(gm.Model)
+    model.compile(mixer(stddev=2.0), SCCE, metrics=["accuracy"])
+    history = model.fit(x, y, batch_size=16, epochs=2, validation_data=(xv, yv), verbose=0)
+    steps = int(model.optimizer.raw_step.numpy())
+
+    ref = plain_copy(model)
+    ref.compile(loss=SCCE, metrics=["accuracy"])
+    expected = ref.evaluate(xv, yv, verbose=0, return_dict=True)
+    got = model.evaluate(xv, yv, verbose=0, return_dict=True)
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert "gradmix_gamma" not in got
+    assert history.history["val_loss"][-1] == pytest.approx(expected["loss"], rel=1e-6)
+    assert not any(k.startswith("val_gradmix") for k in history.history)
+    np.testing.assert_array_equal(model.predict(xv, verbose=0), ref.predict(xv, verbose=0))
+    assert int(model.optimizer.raw_step.numpy()) == steps == 4
+
+
+def test_plain_optimizer_on_gm_model_trains_like_keras():
+    x, y = data(32)
+    plain = functional(keras.Model)
+    plain.compile(keras.optimizers.Adam(0.01), SCCE)
+    ours = functional(gm.Model)
+    ours.compile(keras.optimizers.Adam(0.01), SCCE)
+    h = ours.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    plain.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(plain.get_weights(), ours.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert "gradmix_gamma" not in h.history or h.history["gradmix_gamma"] == [0.0]
+
+
+def contribution_gradients(model, x, y, loss_fn, sample_weight=None):
+    """Gradient of each example's share of the batch loss (Keras reduction).
+
+    Example b's share is the batch loss with every other sample weight set to
+    zero; the shares add up to the batch loss for every reduction whose
+    denominator does not depend on the weights.
+    """
+    rows, values = [], []
+    base = np.ones(len(x), "float32") if sample_weight is None else sample_weight
+    for b in range(len(x)):
+        one_hot = np.zeros(len(x), "float32")
+        one_hot[b] = base[b]
+        with tf.GradientTape() as tape:
+            y_pred = model(x, training=True)
+            # (B, 1) broadcasts against (B, T) losses; Keras's masked path
+            # cannot broadcast a (B,) weight against a (B, T) mask.
+            shape = (len(x),) + (1,) * (len(y_pred.shape) - 2)
+            loss = loss_fn(y, y_pred, sample_weight=one_hot.reshape(shape))
+        values.append(float(loss))
+        rows.append(flat(tape.gradient(loss, model.trainable_variables)))
+    return np.stack(rows), np.array(values)
+
+
+def test_masked_sequence_loss_mixes_whole_sequences():
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(2, 7, B)
+    tokens = np.zeros((B, 6), "int32")
+    for b, n in enumerate(lengths):
+        tokens[b, :n] = rng.integers(1, 20, n)
+    targets = rng.integers(0, 4, (B, 6))
+
+    def model_of(cls):
+        keras.utils.set_random_seed(1)
+        inputs = keras.Input((6,), dtype="int32")
+        h = keras.layers.Embedding(20, 8, mask_zero=True)(inputs)
+        h = keras.layers.Dense(8, activation="tanh")(h)
+        return cls(inputs, keras.layers.Dense(4)(h))
+
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model, ref = model_of(gm.Model), model_of(keras.Model)
+    opt = mixer("gaussian", stddev=0.8)
+    model.compile(opt, loss_fn)
+    before = flat(weights_of(model))
+    history = model.fit(tokens, targets, batch_size=B, epochs=1, shuffle=False, verbose=0)
+    update = before - flat(weights_of(model))
+
+    grads, shares = contribution_gradients(ref, tokens, targets, loss_fn)
+    ref.compile(loss=loss_fn)
+    plain_loss = ref.evaluate(tokens, targets, verbose=0)
+    assert shares.sum() == pytest.approx(plain_loss, rel=1e-5)  # oracle sanity
+    assert history.history["loss"][0] == pytest.approx(plain_loss, rel=1e-6)
+    w = opt.example_weights(B, step=0, replica_id=0).numpy()
+    np.testing.assert_allclose(update, grads.T @ w, rtol=1e-5, atol=2e-7)
+
+
+@pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum", "mean_with_sample_weight"])
+def test_every_reduction_is_mixed_exactly_with_user_sample_weights(reduction):
+    x, y = data()
+    s = np.random.default_rng(4).uniform(0.2, 2.0, B).astype("float32")
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(reduction=reduction)
+    model = functional(gm.Model, regularizer=False)
+    ref = plain_copy(model)
+    opt = mixer("gaussian", stddev=1.2)
+    model.compile(opt, loss_fn)
+    before = flat(weights_of(model))
+    model.fit(x, y, sample_weight=s, batch_size=B, epochs=1, shuffle=False, verbose=0)
+    update = before - flat(weights_of(model))
+
+    grads = per_example_gradients(ref, x, y, keras.losses.SparseCategoricalCrossentropy())
+    denominator = {"sum_over_batch_size": B, "sum": 1.0, "mean_with_sample_weight": s.sum()}[reduction]
+    w = opt.example_weights(B, step=0, replica_id=0).numpy().astype(np.float64)
+    np.testing.assert_allclose(update, grads.T @ (s * w) / denominator, rtol=1e-5, atol=2e-7)
+
+
+def test_several_outputs_and_losses():
+    x, y = data()
+    y2 = np.random.default_rng(5).normal(size=(B, 2)).astype("float32")
+
+    def model_of(cls):
+        keras.utils.set_random_seed(2)
+        inputs = keras.Input((5,))
+        h = keras.layers.Dense(8, activation="relu")(inputs)
+        return cls(
+            inputs,
+            {
+                "cls": keras.layers.Dense(3, activation="softmax", name="cls")(h),
+                "reg": keras.layers.Dense(2, name="reg")(h),
+            },
+        )
+
+    model, ref = model_of(gm.Model), model_of(keras.Model)
+    opt = mixer("rademacher", stddev=0.5)
+    losses = {"cls": SCCE, "reg": "mse"}
+    model.compile(opt, loss=losses, loss_weights={"cls": 1.0, "reg": 0.5})
+    ref.compile(loss=losses, loss_weights={"cls": 1.0, "reg": 0.5})
+    targets = {"cls": y, "reg": y2}
+    plain = ref.evaluate(x, targets, verbose=0, return_dict=True)
+    before = flat(weights_of(model))
+    history = model.fit(x, targets, batch_size=B, epochs=1, shuffle=False, verbose=0)
+    update = before - flat(weights_of(model))
+
+    ce, mse = keras.losses.SparseCategoricalCrossentropy(), keras.losses.MeanSquaredError()
+    rows = []
+    for b in range(B):
+        with tf.GradientTape() as tape:
+            out = ref(x[b : b + 1])
+            loss = ce(y[b : b + 1], out["cls"]) + 0.5 * mse(y2[b : b + 1], out["reg"])
+        rows.append(flat(tape.gradient(loss, ref.trainable_variables)))
+    w = opt.example_weights(B, step=0, replica_id=0).numpy()
+    np.testing.assert_allclose(update, np.stack(rows).T @ w / B, rtol=1e-5, atol=2e-7)
+    for key, value in plain.items():  # every loss log is the plain value
+        assert history.history[key][0] == pytest.approx(value, rel=1e-5), key
+
+
+def test_gradient_accumulation_draws_fresh_weights_per_micro_batch():
+    x, y = data(32)
+    model = functional(gm.Model)
+    ref = plain_copy(model)
+    opt = mixer("gaussian", inner=keras.optimizers.SGD(1.0, gradient_accumulation_steps=2))
+    model.compile(opt, SCCE)
+    before = flat(weights_of(model))
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    update = before - flat(weights_of(model))
+
+    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+    expected = regularization_gradient(ref, x)
+    for step, part in enumerate((slice(0, 16), slice(16, 32))):
+        grads = per_example_gradients(ref, x[part], y[part], loss_fn)
+        w = opt.example_weights(16, step=step, replica_id=0).numpy()
+        expected = expected + grads.T @ w / 16 / 2
+    np.testing.assert_allclose(update, expected, rtol=1e-5, atol=2e-7)
+    assert int(opt.raw_step.numpy()) == 2 and int(opt.iterations.numpy()) == 1
+
+
+def test_steps_per_execution_gives_the_same_run():
+    x, y = data(96)
+    runs = []
+    for spe in (1, 3):
+        model = functional(gm.Model)
+        model.compile(mixer(stddev=1.0), SCCE, steps_per_execution=spe)
+        runs.append((model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0), model))
+    (h1, m1), (h3, m3) = runs
+    for a, b in zip(m1.get_weights(), m3.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert h1.history["gradmix_gamma"] == pytest.approx(h3.history["gradmix_gamma"], rel=1e-6)
+
+
+def test_save_load_continues_the_same_noise_stream(tmp_path):
+    x, y = data(48)
+    sgd = dict(learning_rate=0.1, momentum=0.9)
+    straight = functional(gm.Model)
+    straight.compile(mixer(inner=keras.optimizers.SGD(**sgd), seed=9), SCCE)
+    straight.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)  # 6 steps
+
+    first = functional(gm.Model)
+    first.compile(mixer(inner=keras.optimizers.SGD(**sgd), seed=9), SCCE)
+    first.fit(x[:24], y[:24], batch_size=8, epochs=1, shuffle=False, verbose=0)  # 3 steps
+    path = os.path.join(tmp_path, "m.keras")
+    first.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded, gm.Model)
+    assert isinstance(loaded.optimizer, gm.GradientMix) and loaded.optimizer.seed == 9
+    assert int(loaded.optimizer.raw_step.numpy()) == 3
+    loaded.fit(x[24:], y[24:], batch_size=8, epochs=1, shuffle=False, verbose=0)  # 3 more
+    for a, b in zip(straight.get_weights(), loaded.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_saved_sequential_reloads_as_gm_sequential(tmp_path):
+    x, y = data()
+    model = build("gm.Sequential")
+    model.compile(mixer(), SCCE)
+    model.fit(x, y, verbose=0)
+    path = os.path.join(tmp_path, "s.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded, gm.Sequential)
+    assert gm.model.is_enabled(loaded)
+
+
+def test_reloaded_enabled_model_fails_loudly_instead_of_training_unmixed(tmp_path):
+    x, y = data()
+    model = build("enable(functional)")
+    model.compile(mixer(), SCCE)
+    model.fit(x, y, verbose=0)
+    path = os.path.join(tmp_path, "e.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    before = loaded.get_weights()
+    with pytest.raises(ValueError, match=r"tf_gradmix.enable\(model\)"):
+        loaded.fit(x, y, verbose=0)
+    for a, b in zip(before, loaded.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    gm.enable(loaded).fit(x, y, verbose=0)  # enabling again resumes mixing
+
+
+def test_callbacks_checkpoint_backup_and_tensorboard(tmp_path):
+    x, y = data(64)
+
+    def run(callbacks, epochs=3, fail_at=None):
+        model = functional(gm.Model)
+        model.compile(mixer(seed=3), SCCE)
+
+        class Interrupt(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                if epoch == fail_at:
+                    raise RuntimeError("interrupted")
+
+        try:
+            model.fit(x, y, batch_size=16, epochs=epochs, shuffle=False, verbose=0,
+                      callbacks=callbacks + [Interrupt()])
+        except RuntimeError:
+            return None
+        return model
+
+    reference = run([])
+    backup = str(tmp_path / "backup")
+    callbacks = [
+        keras.callbacks.BackupAndRestore(backup),
+        keras.callbacks.ModelCheckpoint(str(tmp_path / "ckpt-{epoch}.keras")),
+        keras.callbacks.TensorBoard(str(tmp_path / "tb")),
+    ]
+    assert run(callbacks, fail_at=2) is None
+    resumed = run(callbacks)
+    for a, b in zip(reference.get_weights(), resumed.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert (tmp_path / "ckpt-3.keras").exists()
+    assert any((tmp_path / "tb").rglob("*tfevents*"))
+
+
+def test_keras_application_model_is_mixed():
+    x = np.random.default_rng(0).uniform(size=(4, 32, 32, 3)).astype("float32")
+    y = np.array([0, 1, 2, 3])
+
+    def run(stddev):
+        keras.utils.set_random_seed(0)
+        model = keras.applications.MobileNetV3Small(
+            input_shape=(32, 32, 3), weights=None, classes=4, include_preprocessing=False
+        )
+        gm.enable(model)
+        model.compile(mixer(stddev=stddev, seed=1, inner=keras.optimizers.SGD(0.1)), SCCE)
+        history = model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+        return model.get_weights(), history.history
+
+    keras.utils.set_random_seed(0)
+    plain = keras.applications.MobileNetV3Small(
+        input_shape=(32, 32, 3), weights=None, classes=4, include_preprocessing=False
+    )
+    plain.compile(keras.optimizers.SGD(0.1), SCCE)
+    plain_history = plain.fit(x, y, batch_size=4, epochs=1, verbose=0).history
+    zero, zero_history = run(0.0)
+    mixed, mixed_history = run(1.0)
+    for a, b in zip(plain.get_weights(), zero):
+        np.testing.assert_array_equal(a, b)
+    assert zero_history["loss"] == plain_history["loss"]
+    assert mixed_history["loss"] == pytest.approx(plain_history["loss"], rel=1e-6)
+    assert np.isfinite(mixed_history["gradmix_gamma"][0])
+    assert any(not np.array_equal(a, b) for a, b in zip(zero, mixed))
+
+
+def test_enable_rejects_non_models_and_is_idempotent():
+    with pytest.raises(TypeError, match=r"argument `model`"):
+        gm.enable(keras.layers.Dense(3))
+    model = build("enable(functional)")
+    assert gm.enable(model) is model

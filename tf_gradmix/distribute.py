@@ -1,0 +1,180 @@
+"""Replica helpers for ``tf.distribute`` and large logical batches.
+
+GradientMix needs nothing per replica beyond what ``tf.distribute`` already
+provides: every weight is a pure function of ``(seed, raw step, replica id)``
+(stateless RNG), the replica id is ``replica_id_in_sync_group`` of the
+replica context, and the only state is the optimizer's step counter, a
+mirrored variable. So the same code runs under ``MirroredStrategy``,
+``MultiWorkerMirroredStrategy`` and ``TPUStrategy``; nothing here is specific
+to a strategy.
+
+* **Replicas across workers.** ``replica_id_in_sync_group`` is global: under
+  ``MultiWorkerMirroredStrategy`` with ``W`` workers of ``R`` local devices,
+  replica ids run over ``0 .. W*R - 1`` and ``K = num_replicas_in_sync``.
+  Device-level GradientMix draws one weight per global replica (all workers
+  compute the same ``K``-vector from the same seed and step, and each uses
+  its own entry); sample-level GradientMix draws each replica's weights from
+  a stream keyed on its global id, so every replica of every worker has
+  independent noise.
+* **Multi-worker ``fit``.** Stock Keras 3.15 ``fit`` fails under
+  ``MultiWorkerMirroredStrategy`` (keras-team/keras#20585).
+  :class:`tf_gradmix.Model`, :class:`tf_gradmix.Sequential` and models passed
+  to :func:`tf_gradmix.enable` carry a version-guarded workaround (kept in
+  :mod:`tf_gradmix.compat`); :func:`multi_worker_fit_supported` says whether
+  it is active for the installed Keras.
+* **Uneven data.** With ``drop_remainder=False`` the last global batch is
+  split unevenly and some replicas may get no example. Keras averages each
+  replica's loss over its *own* examples and divides by ``K``, so a replica's
+  examples weigh ``1 / (K * B_k)`` each. GradientMix multiplies these by
+  ``w`` (mean 1) and never renormalises: sample level gives example ``b`` of
+  replica ``k`` the weight ``w_b / (K * B_k)``; device level gives replica
+  ``k`` the weight ``w_k / K``. A replica with ``B_k = 0`` contributes a zero
+  gradient (Keras's ``divide_no_nan``), so no NaN appears; the update is then
+  smaller, exactly as in plain Keras.
+* **Logical batches larger than memory.** Set
+  ``gradient_accumulation_steps=k`` on the *inner* optimizer: a logical batch
+  of ``k * K * b`` examples (``b`` per replica and micro-batch) gives one
+  update. GradientMix's noise is keyed on its raw step, which advances every
+  micro-batch, so each micro-batch draws fresh weights and the mix spans the
+  whole logical batch: the update direction is
+  ``(1 / k) * sum_m (1 / K) * sum_k (1 / b) * sum_b w_{m,k,b} grad l`` =
+  ``sum over the logical batch of (w / N) grad l`` with ``N = k * K * b``.
+  Keras calls learning-rate schedules (and a ``stddev`` schedule) with the
+  raw micro-step count: express them in micro-steps (:func:`micro_steps`).
+"""
+
+import math
+
+import tensorflow as tf
+
+from tf_gradmix import compat
+
+__all__ = [
+    "replica_id",
+    "num_replicas",
+    "num_workers",
+    "worker_index",
+    "per_replica_batch_size",
+    "distribute_dataset",
+    "multi_worker_strategy",
+    "multi_worker_fit_supported",
+    "accumulation_steps",
+    "micro_steps",
+]
+
+
+def replica_id():
+    """This replica's global id (``replica_id_in_sync_group``), a tensor.
+
+    Must be called in a replica context (a Keras train step, ``strategy.run``).
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None:
+        raise RuntimeError(
+            "replica_id() must be called in a replica context (inside "
+            "`strategy.run` or a Keras train step)."
+        )
+    return context.replica_id_in_sync_group
+
+
+def num_replicas(strategy=None):
+    """``K``: replicas in sync across all workers (default: current strategy)."""
+    strategy = strategy or tf.distribute.get_strategy()
+    return strategy.num_replicas_in_sync
+
+
+def num_workers(strategy=None):
+    """Number of input pipelines / worker hosts of ``strategy`` (1 if local)."""
+    strategy = strategy or tf.distribute.get_strategy()
+    local = len(getattr(strategy.extended, "worker_devices", ())) or 1
+    return max(1, strategy.num_replicas_in_sync // local)
+
+
+def worker_index(strategy=None):
+    """This worker's index in the cluster (0 without a cluster)."""
+    strategy = strategy or tf.distribute.get_strategy()
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return 0
+    return int(resolver.task_id or 0)
+
+
+def per_replica_batch_size(global_batch_size, strategy=None):
+    """``global_batch_size // K``; raises if it does not divide evenly."""
+    replicas = num_replicas(strategy)
+    if global_batch_size % replicas:
+        raise ValueError(
+            f"Invalid value for argument `global_batch_size`: {global_batch_size} "
+            f"is not divisible by the {replicas} replicas in sync."
+        )
+    return global_batch_size // replicas
+
+
+def distribute_dataset(strategy, dataset_fn):
+    """Per-worker input pipelines, the way TFDS and tf.distribute recommend.
+
+    ``dataset_fn(input_context)`` builds the pipeline of one worker: shard
+    with ``input_context.num_input_pipelines`` / ``input_pipeline_id`` and
+    batch with ``input_context.get_per_replica_batch_size(global_batch)``.
+    The result can be passed to ``model.fit`` directly (no auto-sharding
+    happens; each worker reads only its shard).
+    """
+    return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def multi_worker_strategy(collective_timeout=None, cluster_resolver=None):
+    """A ``MultiWorkerMirroredStrategy`` whose collectives time out.
+
+    Args:
+        collective_timeout: seconds after which a collective op (all-reduce,
+            broadcast) fails instead of waiting forever for a dead peer;
+            ``None`` waits forever (TensorFlow's default). Use it with
+            ``keras.callbacks.BackupAndRestore`` so survivors of a crashed
+            worker exit and can be restarted together.
+        cluster_resolver: default reads ``TF_CONFIG``.
+    """
+    options = tf.distribute.experimental.CommunicationOptions(
+        timeout_seconds=collective_timeout
+    )
+    return tf.distribute.MultiWorkerMirroredStrategy(
+        cluster_resolver=cluster_resolver, communication_options=options
+    )
+
+
+def multi_worker_fit_supported():
+    """Whether our models' ``fit`` works under ``MultiWorkerMirroredStrategy``.
+
+    True when the installed Keras is in the range the workaround for
+    keras-team/keras#20585 is written and tested for
+    (:data:`tf_gradmix.compat.MULTI_WORKER_FIT_BROKEN`).
+    """
+    return compat.multi_worker_fit_workaround_applies()
+
+
+def accumulation_steps(logical_batch_size, micro_batch_size):
+    """``k`` such that ``k`` global micro-batches make one logical batch.
+
+    Args:
+        logical_batch_size: examples per update, e.g. 32768.
+        micro_batch_size: examples per ``fit`` step across all replicas
+            (the global batch of the dataset).
+    """
+    if micro_batch_size <= 0 or logical_batch_size % micro_batch_size:
+        raise ValueError(
+            f"Invalid value for argument `logical_batch_size`: {logical_batch_size} "
+            f"is not a positive multiple of micro_batch_size={micro_batch_size}."
+        )
+    return logical_batch_size // micro_batch_size
+
+
+def micro_steps(update_steps, accumulation_steps):
+    """The step count a schedule sees for ``update_steps`` updates.
+
+    Keras calls ``LearningRateSchedule`` objects with the raw micro-step
+    count under ``gradient_accumulation_steps``; a schedule meant in updates
+    (warmup of 5 epochs, decay over 90) must be built with
+    ``micro_steps(updates, k)``.
+    """
+    return int(update_steps) * max(1, int(accumulation_steps or 1))
+
+
