@@ -1,14 +1,26 @@
 """tf_gradmix: GradientMix for Keras 3 on TensorFlow.
 
 Mixes per-example (or per-replica) gradients with random weights of mean
-1/B, redrawn every step, instead of averaging them.
+1/B, redrawn every step, instead of averaging them; plus LARS, LAMB, the
+paper's schedules and recipes for large-batch training.
 """
 
-from tf_gradmix import noise
+from tf_gradmix import noise, optimizers, recipes, schedules
 from tf_gradmix.callbacks import GammaLogger
 from tf_gradmix.model import Model, Sequential, enable
 from tf_gradmix.optimizer import GradientMix
 
 __version__ = "0.1.0"
 
-__all__ = ["GradientMix", "Model", "Sequential", "enable", "GammaLogger", "noise", "__version__"]
+__all__ = [
+    "GradientMix",
+    "Model",
+    "Sequential",
+    "enable",
+    "GammaLogger",
+    "noise",
+    "optimizers",
+    "schedules",
+    "recipes",
+    "__version__",
+]

@@ -309,6 +309,31 @@ def _vectorized_example_gradients(model, x, y, example_scalar, variables, traini
     return tf.vectorized_map(one, (x, y), fallback_to_while_loop=True)
 
 
+def _batch_function(fn, batches):
+    """``fn`` as one ``tf.function`` for every batch size (traced once).
+
+    Returns the function and the batches (an iterator whose first element was
+    read to find the signature).
+    """
+    batches = iter(batches)
+    try:
+        first = next(batches)
+    except StopIteration:
+        raise ValueError("No examples given.") from None
+
+    def spec(t):
+        return tf.TensorSpec([None] + list(t.shape[1:]), t.dtype)
+
+    signature = tf.nest.map_structure(spec, first)
+    function = tf.function(fn, input_signature=list(signature))
+
+    def all_batches():
+        yield first
+        yield from batches
+
+    return function, all_batches()
+
+
 def _maybe_function(fn, *args):
     if tf.executing_eagerly():
         return tf.function(fn)(*args)
@@ -710,13 +735,13 @@ def ggn_trace(
     if num_probes is not None and (int(num_probes) != num_probes or num_probes < 2):
         raise ValueError(f"Invalid value for argument `num_probes`: {num_probes!r}.")
     if num_probes is None:
-        fn = tf.function(lambda x, y: _exact_chunk(model, loss, split, x, y), reduce_retracing=True)
+        chunk = lambda x, y: _exact_chunk(model, loss, split, x, y)  # noqa: E731
     else:
-        fn = tf.function(
-            lambda x, y: _hutchinson_chunk(model, loss, split, seed, x, y, int(num_probes)),
-            reduce_retracing=True,
+        chunk = lambda x, y: _hutchinson_chunk(  # noqa: E731
+            model, loss, split, seed, x, y, int(num_probes)
         )
-    chunks = [fn(xb, yb).numpy().astype(np.float64) for xb, yb in _batches(x, y, batch_size)]
+    fn, batches = _batch_function(chunk, _batches(x, y, batch_size))
+    chunks = [fn(xb, yb).numpy().astype(np.float64) for xb, yb in batches]
     if num_probes is None:
         per_example = np.concatenate(chunks)
         n = per_example.size
@@ -745,7 +770,6 @@ def _per_example_stats(model, x, y, loss, batch_size, training):
     check_per_example_safe(model, training=training)
     variables = _variables(model)
 
-    @tf.function(reduce_retracing=True)
     def stats(x, y):
         grads = _vectorized_example_gradients(
             model, x, y, lambda z, y_i: _example_loss(loss, y_i, z[0]), variables, training
@@ -755,7 +779,8 @@ def _per_example_stats(model, x, y, loss, batch_size, training):
         )
         return [tf.reduce_sum(g, axis=0) for g in grads], sq
 
-    for xb, yb in _batches(x, y, batch_size):
+    stats, batches = _batch_function(stats, _batches(x, y, batch_size))
+    for xb, yb in batches:
         sums, sq = stats(xb, yb)
         yield [s.numpy().astype(np.float64) for s in sums], sq.numpy().astype(np.float64)
 

@@ -1,0 +1,295 @@
+"""Tests of tf_gradmix.optimizers.LAMB: NumPy reference, keras.optimizers.Lamb,
+Keras's own Lamb golden values, configs, training and bad input."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_gradmix as gm
+from tf_gradmix import schedules
+from tf_gradmix.optimizers import LAMB
+
+# Relative error allowed against the float64 reference (issue #3).
+RTOL = 5e-5
+
+
+def numpy_lamb(weights, grads_per_step, lrs, *, beta_1, beta_2, epsilon, weight_decay,
+               use_decay, use_adaptation):
+    """LAMB (You et al. 2019, tensorflow-addons semantics) in float64."""
+    w = [np.array(x, np.float64) for x in weights]
+    m = [np.zeros_like(x) for x in w]
+    v = [np.zeros_like(x) for x in w]
+    for t, (grads, lr) in enumerate(zip(grads_per_step, lrs), start=1):
+        for i, g in enumerate(grads):
+            g = np.asarray(g, np.float64)
+            m[i] = beta_1 * m[i] + (1 - beta_1) * g
+            v[i] = beta_2 * v[i] + (1 - beta_2) * g * g
+            m_hat = m[i] / (1 - beta_1**t)
+            v_hat = v[i] / (1 - beta_2**t)
+            decay = weight_decay if use_decay[i] else 0.0
+            r = m_hat / (np.sqrt(v_hat) + epsilon) + decay * w[i]
+            w_norm, r_norm = np.linalg.norm(w[i]), np.linalg.norm(r)
+            trust = w_norm / r_norm if use_adaptation[i] and w_norm > 0 and r_norm > 0 else 1.0
+            w[i] = w[i] - lr * trust * r
+    return w
+
+
+def relative_error(actual, expected):
+    return np.max(np.abs(np.asarray(actual, np.float64) - expected)) / np.max(np.abs(expected))
+
+
+def make_layers():
+    """Variables with paths a/kernel, a/bias, b/kernel, b/bias (deterministic)."""
+    rng = np.random.default_rng(0)
+    a = keras.layers.Dense(4, name="a")
+    b = keras.layers.Dense(3, name="b")
+    a.build((None, 5))
+    b.build((None, 4))
+    for layer in (a, b):
+        for variable in layer.weights:
+            variable.assign(rng.normal(size=variable.shape).astype("float32"))
+    b.bias.assign(np.zeros(3, "float32"))  # ||w|| = 0: trust ratio 1
+    return [a.kernel, a.bias, b.kernel, b.bias]
+
+
+def make_grads(variables, steps, seed=1):
+    rng = np.random.default_rng(seed)
+    grads = [[rng.normal(size=v.shape) for v in variables] for _ in range(steps)]
+    grads[0][2] = np.zeros(variables[2].shape)  # zero first gradient: ||r|| = decay*||w||
+    grads[1][0] = np.zeros(variables[0].shape)
+    return grads
+
+
+CASES = {
+    "bias_excluded": (
+        dict(exclude_from_weight_decay=["bias"]),
+        [True, False, True, False],
+        [True, False, True, False],
+    ),
+    "separate_lists": (
+        dict(exclude_from_weight_decay=["^a/"], exclude_from_layer_adaptation=["b/kernel"]),
+        [False, False, True, True],
+        [True, True, False, True],
+    ),
+    "exclude_1d_variables": (
+        dict(exclude_1d_variables=True, exclude_from_layer_adaptation=[]),
+        [True, False, True, False],
+        [True, False, True, False],
+    ),
+}
+
+HYPER = dict(learning_rate=0.05, beta_1=0.8, beta_2=0.95, epsilon=1e-4, weight_decay=0.05)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_numpy_reference(case):
+    kwargs, use_decay, use_adaptation = CASES[case]
+    variables = make_layers()
+    initial = [v.numpy() for v in variables]
+    grads = make_grads(variables, steps=5)
+    optimizer = LAMB(**HYPER, **kwargs)
+    for step_grads in grads:
+        optimizer.apply_gradients(zip([tf.constant(g, tf.float32) for g in step_grads], variables))
+    assert [optimizer.uses_weight_decay(v) for v in variables] == use_decay
+    assert [optimizer.uses_layer_adaptation(v) for v in variables] == use_adaptation
+    expected = numpy_lamb(
+        initial, grads, [HYPER["learning_rate"]] * len(grads), beta_1=HYPER["beta_1"],
+        beta_2=HYPER["beta_2"], epsilon=HYPER["epsilon"], weight_decay=HYPER["weight_decay"],
+        use_decay=use_decay, use_adaptation=use_adaptation,
+    )
+    for variable, reference in zip(variables, expected):
+        error = relative_error(variable.numpy(), reference)
+        print(f"LAMB {case} {variable.path}: relative error {error:.2e}")
+        assert error <= RTOL, (variable.path, error)
+
+
+def test_mirrored_strategy_matches_reference(mirrored_strategy):
+    strategy = mirrored_strategy
+    assert strategy.num_replicas_in_sync == 4
+    kwargs, use_decay, use_adaptation = CASES["separate_lists"]
+    with strategy.scope():
+        variables = make_layers()
+        optimizer = LAMB(**HYPER, **kwargs)
+        optimizer.build(variables)
+    initial = [v.numpy() for v in variables]
+    grads = make_grads(variables, steps=4)
+    share = np.array([0.4, 0.3, 0.2, 0.1])  # Keras sums the replicas' gradients
+
+    @tf.function
+    def step(per_replica_grads):
+        strategy.run(lambda g: optimizer.apply_gradients(zip(g, variables)),
+                     args=(per_replica_grads,))
+
+    for step_grads in grads:
+        step(strategy.experimental_distribute_values_from_function(
+            lambda ctx, g=step_grads: [
+                tf.constant(x * share[ctx.replica_id_in_sync_group], tf.float32) for x in g
+            ]
+        ))
+    expected = numpy_lamb(
+        initial, grads, [HYPER["learning_rate"]] * len(grads), beta_1=HYPER["beta_1"],
+        beta_2=HYPER["beta_2"], epsilon=HYPER["epsilon"], weight_decay=HYPER["weight_decay"],
+        use_decay=use_decay, use_adaptation=use_adaptation,
+    )
+    for variable, reference in zip(variables, expected):
+        for replica_value in strategy.experimental_local_results(variable.value):
+            error = relative_error(replica_value.numpy(), reference)
+            print(f"LAMB mirrored {variable.path}: relative error {error:.2e}")
+            assert error <= RTOL, (variable.path, error)
+
+
+def test_matches_keras_lamb_step_for_step():
+    ours_vars, theirs_vars = make_layers(), make_layers()
+    grads = make_grads(ours_vars, steps=6)
+    ours = LAMB(learning_rate=0.01, epsilon=1e-7)
+    theirs = keras.optimizers.Lamb(learning_rate=0.01, epsilon=1e-7)
+    worst = 0.0
+    for step_grads in grads:
+        tensors = [tf.constant(g, tf.float32) for g in step_grads]
+        ours.apply_gradients(zip(tensors, ours_vars))
+        theirs.apply_gradients(zip(tensors, theirs_vars))
+        for a, b in zip(ours_vars, theirs_vars):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7)
+            worst = max(worst, float(np.max(np.abs(a.numpy() - b.numpy()))))
+    print(f"LAMB vs keras.optimizers.Lamb: max abs difference {worst:.2e}")
+
+
+# Golden values copied from Keras 3.15.1, keras/src/optimizers/lamb_test.py
+# (.venv/lib/python3.11/site-packages/keras/src/optimizers/lamb_test.py).
+# Keras's Lamb defaults to epsilon=1e-7, so we pass it.
+
+
+def test_keras_golden_single_step():
+    optimizer = LAMB(learning_rate=0.5, epsilon=1e-7)
+    variable = keras.Variable([1.0, 2.0, 3.0, 4.0])
+    optimizer.apply_gradients(zip([tf.constant([1.0, 6.0, 7.0, 2.0])], [variable]))
+    np.testing.assert_allclose(variable.numpy(), [-0.3693, 0.6306, 1.6306, 2.6306],
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_keras_golden_correctness():
+    optimizer = LAMB(epsilon=1e-7)
+    x = keras.Variable(np.ones([10], dtype="float32"))
+    grads = tf.range(0.1, 1.1, 0.1)
+    first_grads = tf.fill((10,), 0.01)
+    golden = np.tile([[0.999], [0.9982], [0.9974], [0.9965], [0.9955]], (1, 10))
+    optimizer.apply_gradients(zip([first_grads], [x]))
+    for i in range(5):
+        np.testing.assert_allclose(x.numpy(), golden[i], rtol=5e-4, atol=5e-4)
+        optimizer.apply_gradients(zip([grads], [x]))
+
+
+def test_keras_golden_weight_decay_exclusions():
+    # Keras's test_weight_decay: variables excluded from weight decay (by the
+    # base-class method, by name or by variable) keep their value under zero
+    # gradients. The decayed value differs by design: Keras's Lamb decays
+    # outside the trust ratio (1.9760959); ours is coupled, so with a zero
+    # gradient r = decay * w, the trust ratio is ||w|| / ||r|| = 1/decay and
+    # the step is lr * w: w -> (1 - lr) w = 0 at lr = 1.
+    grads = tf.zeros(())
+    var1, var2, var3 = (keras.Variable(2.0), keras.Variable(2.0, name="exclude"),
+                        keras.Variable(2.0))
+    optimizer_1 = LAMB(learning_rate=1.0, weight_decay=0.004)
+    optimizer_1.apply_gradients(zip([grads], [var1]))
+    optimizer_2 = LAMB(learning_rate=1.0, weight_decay=0.004)
+    optimizer_2.exclude_from_weight_decay(var_names=["exclude"])
+    optimizer_2.apply_gradients(zip([grads, grads], [var1, var2]))
+    optimizer_3 = LAMB(learning_rate=1.0, weight_decay=0.004)
+    optimizer_3.exclude_from_weight_decay(var_list=[var3])
+    optimizer_3.apply_gradients(zip([grads, grads], [var1, var3]))
+    assert var2.numpy() == pytest.approx(2.0, abs=1e-6)
+    assert var3.numpy() == pytest.approx(2.0, abs=1e-6)
+    assert var1.numpy() == pytest.approx(0.0, abs=1e-6)
+    # The same exclusions through our argument (a regex on the path).
+    var4 = keras.Variable(2.0, name="exclude_me")
+    optimizer_4 = LAMB(learning_rate=1.0, weight_decay=0.004,
+                       exclude_from_weight_decay=["exclude"])
+    optimizer_4.apply_gradients(zip([grads], [var4]))
+    assert var4.numpy() == pytest.approx(2.0, abs=1e-6)
+
+
+def test_keras_golden_clipping():
+    optimizer = LAMB(clipnorm=1)
+    clipped = optimizer._clip_gradients([np.array([100.0, 100.0])])
+    np.testing.assert_allclose(clipped[0], [2**0.5 / 2, 2**0.5 / 2])
+    optimizer = LAMB(clipvalue=1)
+    clipped = optimizer._clip_gradients([np.array([100.0, 100.0])])
+    np.testing.assert_allclose(clipped[0], [1.0, 1.0])
+
+
+FULL_CONFIG = dict(
+    learning_rate=0.003, beta_1=0.85, beta_2=0.99, epsilon=1e-8, weight_decay=0.01,
+    exclude_from_weight_decay=["bias", "layer_norm"], exclude_from_layer_adaptation=[],
+    name="my_lamb", exclude_1d_variables=True, global_clipnorm=1.0,
+)
+
+
+def test_config_round_trip_keeps_every_argument():
+    optimizer = LAMB(**FULL_CONFIG)
+    config = optimizer.get_config()
+    for key, value in FULL_CONFIG.items():
+        assert config[key] == pytest.approx(value) if isinstance(value, float) else config[key] == value, key
+    restored = LAMB.from_config(config)
+    assert restored.get_config() == config
+    schedule = schedules.InverseSqrtWarmup(1e-3, warmup_steps=10)
+    optimizer = LAMB(schedule, **{k: v for k, v in FULL_CONFIG.items() if k != "learning_rate"})
+    restored = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
+    assert isinstance(restored, LAMB)
+    assert restored.get_config() == optimizer.get_config()
+
+
+def test_keras_file_round_trip(tmp_path):
+    model = gm.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="head")])
+    inner = LAMB(**FULL_CONFIG)
+    model.compile(optimizer=gm.GradientMix(inner, seed=5), loss="mse")
+    model.fit(np.ones((8, 3), "float32"), np.zeros((8, 2), "float32"), epochs=1, verbose=0)
+    path = os.path.join(tmp_path, "model.keras")
+    model.save(path)
+    loaded_inner = keras.models.load_model(path).optimizer.inner_optimizer
+    assert isinstance(loaded_inner, LAMB)
+    assert loaded_inner.get_config() == inner.get_config()
+    for a, b in zip(loaded_inner.variables, inner.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_trains_under_gradient_mix_with_schedule(jit_compile):
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 8)).astype("float32")
+    y = (x @ rng.normal(size=(8, 3))).argmax(axis=1)
+    model = gm.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
+                           keras.layers.Dense(3)])
+    schedule = schedules.PolynomialWarmupDecay(0.02, total_steps=40, warmup_steps=8)
+    optimizer = LAMB(schedule, weight_decay=1e-4, exclude_1d_variables=True)
+    model.compile(optimizer=gm.GradientMix(optimizer, seed=0),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=jit_compile)
+    losses = model.fit(x, y, batch_size=32, epochs=5, verbose=0, shuffle=False).history["loss"]
+    assert np.all(np.isfinite(losses))
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert int(optimizer.iterations) == 40
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        (dict(learning_rate=-1e-3), "learning_rate"),
+        (dict(beta_1=1.0), "beta_1"),
+        (dict(beta_1=-0.1), "beta_1"),
+        (dict(beta_2=1.5), "beta_2"),
+        (dict(epsilon=-1e-6), "epsilon"),
+        (dict(weight_decay=-0.01), "weight_decay"),
+        (dict(exclude_from_weight_decay=["*bias"]), "exclude_from_weight_decay"),
+        (dict(exclude_from_layer_adaptation=["(norm"]), "exclude_from_layer_adaptation"),
+    ],
+)
+def test_bad_input_names_the_argument(kwargs, argument):
+    with pytest.raises(ValueError, match=f"`{argument}`") as error:
+        LAMB(**kwargs)
+    value = next(iter(kwargs.values()))
+    shown = value[0] if isinstance(value, list) else value
+    assert repr(shown) in str(error.value)

@@ -1,0 +1,296 @@
+"""Tests of tf_gradmix.optimizers.LARS against a float64 NumPy reference."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_gradmix as gm
+from tf_gradmix import schedules
+from tf_gradmix.optimizers import LARS
+
+# Relative error allowed against the float64 reference (issue #3).
+RTOL = 5e-5
+
+
+def numpy_lars(weights, grads_per_step, lrs, *, momentum, nesterov, weight_decay,
+               trust_coefficient, epsilon, use_decay, use_adaptation):
+    """The MLPerf LARS rule in float64, written from the issue's formulas."""
+    w = [np.array(x, np.float64) for x in weights]
+    v = [np.zeros_like(x) for x in w]
+    for grads, lr in zip(grads_per_step, lrs):
+        for i, g in enumerate(grads):
+            g = np.asarray(g, np.float64)
+            decay = weight_decay if use_decay[i] else 0.0
+            w_norm, g_norm = np.linalg.norm(w[i]), np.linalg.norm(g)
+            if use_adaptation[i] and w_norm > 0 and g_norm > 0:
+                trust = trust_coefficient * w_norm / (g_norm + decay * w_norm + epsilon)
+            else:
+                trust = 1.0
+            u = g + decay * w[i]
+            v[i] = momentum * v[i] + lr * trust * u
+            if nesterov:
+                w[i] = w[i] - (momentum * v[i] + lr * trust * u)
+            else:
+                w[i] = w[i] - v[i]
+    return w
+
+
+def relative_error(actual, expected):
+    return np.max(np.abs(np.asarray(actual, np.float64) - expected)) / np.max(np.abs(expected))
+
+
+def make_layers():
+    """Variables with paths a/kernel, a/bias, b/kernel, b/bias (deterministic)."""
+    rng = np.random.default_rng(0)
+    a = keras.layers.Dense(4, name="a")
+    b = keras.layers.Dense(3, name="b")
+    a.build((None, 5))
+    b.build((None, 4))
+    for layer in (a, b):
+        for variable in layer.weights:
+            variable.assign(rng.normal(size=variable.shape).astype("float32"))
+    # b/bias starts at zero: ||w|| = 0 must give a trust ratio of 1.
+    b.bias.assign(np.zeros(3, "float32"))
+    return [a.kernel, a.bias, b.kernel, b.bias]
+
+
+def make_grads(variables, steps, seed=1):
+    rng = np.random.default_rng(seed)
+    grads = [[rng.normal(size=v.shape) for v in variables] for _ in range(steps)]
+    grads[1][2] = np.zeros(variables[2].shape)  # a zero gradient (trust ratio 1)
+    return grads
+
+
+# (optimizer kwargs, expected use_decay, expected use_adaptation) for
+# variables [a/kernel, a/bias, b/kernel, b/bias].
+CASES = {
+    "bias_excluded": (
+        dict(nesterov=False, exclude_from_weight_decay=["bias"]),
+        [True, False, True, False],
+        [True, False, True, False],
+    ),
+    "nesterov_separate_lists": (
+        dict(nesterov=True, exclude_from_weight_decay=["^a/"],
+             exclude_from_layer_adaptation=["b/kernel"]),
+        [False, False, True, True],
+        [True, True, False, True],
+    ),
+    "empty_adaptation_list": (
+        dict(exclude_from_weight_decay=["bias"], exclude_from_layer_adaptation=[]),
+        [True, False, True, False],
+        [True, True, True, True],
+    ),
+    "exclude_1d_variables": (
+        dict(nesterov=True, exclude_1d_variables=True),
+        [True, False, True, False],
+        [True, False, True, False],
+    ),
+}
+
+HYPER = dict(learning_rate=0.5, momentum=0.9, weight_decay=0.01,
+             trust_coefficient=0.02, epsilon=1e-3)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_numpy_reference(case):
+    kwargs, use_decay, use_adaptation = CASES[case]
+    variables = make_layers()
+    initial = [v.numpy() for v in variables]
+    grads = make_grads(variables, steps=5)
+    optimizer = LARS(**HYPER, **kwargs)
+    for step_grads in grads:
+        optimizer.apply_gradients(
+            zip([tf.constant(g, tf.float32) for g in step_grads], variables)
+        )
+    assert [optimizer.uses_weight_decay(v) for v in variables] == use_decay
+    assert [optimizer.uses_layer_adaptation(v) for v in variables] == use_adaptation
+    expected = numpy_lars(
+        initial, grads, [HYPER["learning_rate"]] * len(grads),
+        momentum=HYPER["momentum"], nesterov=kwargs.get("nesterov", False),
+        weight_decay=HYPER["weight_decay"],
+        trust_coefficient=HYPER["trust_coefficient"], epsilon=HYPER["epsilon"],
+        use_decay=use_decay, use_adaptation=use_adaptation,
+    )
+    for variable, reference in zip(variables, expected):
+        error = relative_error(variable.numpy(), reference)
+        print(f"LARS {case} {variable.path}: relative error {error:.2e}")
+        assert error <= RTOL, (variable.path, error)
+
+
+def test_schedule_learning_rate_matches_reference():
+    schedule = schedules.PolynomialWarmupDecay(1.0, total_steps=6, warmup_steps=2)
+    variables = make_layers()
+    initial = [v.numpy() for v in variables]
+    grads = make_grads(variables, steps=5)
+    optimizer = LARS(schedule, weight_decay=0.01, trust_coefficient=0.02,
+                     exclude_1d_variables=True)
+    for step_grads in grads:
+        optimizer.apply_gradients(zip([tf.constant(g, tf.float32) for g in step_grads],
+                                      variables))
+    lrs = [float(schedule(t)) for t in range(5)]
+    expected = numpy_lars(initial, grads, lrs, momentum=0.9, nesterov=False,
+                          weight_decay=0.01, trust_coefficient=0.02, epsilon=0.0,
+                          use_decay=[True, False, True, False],
+                          use_adaptation=[True, False, True, False])
+    for variable, reference in zip(variables, expected):
+        assert relative_error(variable.numpy(), reference) <= RTOL
+
+
+def test_mirrored_strategy_matches_reference(mirrored_strategy):
+    strategy = mirrored_strategy
+    replicas = strategy.num_replicas_in_sync
+    assert replicas == 4
+    kwargs, use_decay, use_adaptation = CASES["nesterov_separate_lists"]
+    with strategy.scope():
+        variables = make_layers()
+        optimizer = LARS(**HYPER, **kwargs)
+        optimizer.build(variables)
+    initial = [v.numpy() for v in variables]
+    grads = make_grads(variables, steps=4)
+    # Keras sums the replicas' gradients: replica k gets share[k] of the
+    # total, so the all-reduced gradient is the reference gradient.
+    share = np.array([0.1, 0.2, 0.3, 0.4])
+
+    @tf.function
+    def step(per_replica_grads):
+        def replica_fn(replica_grads):
+            optimizer.apply_gradients(zip(replica_grads, variables))
+
+        strategy.run(replica_fn, args=(per_replica_grads,))
+
+    for step_grads in grads:
+        per_replica = strategy.experimental_distribute_values_from_function(
+            lambda ctx, g=step_grads: [
+                tf.constant(x * share[ctx.replica_id_in_sync_group], tf.float32) for x in g
+            ]
+        )
+        step(per_replica)
+    expected = numpy_lars(
+        initial, grads, [HYPER["learning_rate"]] * len(grads),
+        momentum=HYPER["momentum"], nesterov=True, weight_decay=HYPER["weight_decay"],
+        trust_coefficient=HYPER["trust_coefficient"], epsilon=HYPER["epsilon"],
+        use_decay=use_decay, use_adaptation=use_adaptation,
+    )
+    for variable, reference in zip(variables, expected):
+        for replica_value in strategy.experimental_local_results(variable.value):
+            error = relative_error(replica_value.numpy(), reference)
+            print(f"LARS mirrored {variable.path}: relative error {error:.2e}")
+            assert error <= RTOL, (variable.path, error)
+
+
+def test_base_class_decay_is_never_applied_and_its_method_still_works():
+    variables = make_layers()
+    optimizer = LARS(learning_rate=0.1, weight_decay=0.5)
+    # The base-class method is not shadowed by the constructor argument.
+    assert callable(optimizer.exclude_from_weight_decay)
+    optimizer.exclude_from_weight_decay(var_names=["^b$"])  # Keras matches `name`
+    optimizer.build(variables)
+    assert [optimizer.uses_weight_decay(v) for v in variables] == [True, True, True, True]
+    optimizer = LARS(learning_rate=0.1, weight_decay=0.5)
+    optimizer.exclude_from_weight_decay(var_list=[variables[0]])
+    optimizer.build(variables)
+    assert [optimizer.uses_weight_decay(v) for v in variables] == [False, True, True, True]
+    # Zero gradients, excluded from adaptation: only the coupled decay acts,
+    # once: w <- w - lr * wd * w (no decoupled decay on top).
+    optimizer = LARS(learning_rate=0.1, momentum=0.0, weight_decay=0.5,
+                     exclude_from_layer_adaptation=[".*"])
+    before = variables[0].numpy().astype(np.float64)
+    optimizer.apply_gradients(zip([tf.zeros_like(v) for v in variables], variables))
+    np.testing.assert_allclose(variables[0].numpy(), before * (1 - 0.1 * 0.5), rtol=1e-6)
+
+
+FULL_CONFIG = dict(
+    learning_rate=0.25, momentum=0.8, nesterov=True, weight_decay=1e-4,
+    trust_coefficient=0.002, epsilon=1e-9, exclude_from_weight_decay=["bias", "bn"],
+    exclude_from_layer_adaptation=["norm"], name="my_lars", exclude_1d_variables=True,
+    clipnorm=1.0,
+)
+
+
+def test_config_round_trip_keeps_every_argument():
+    optimizer = LARS(**FULL_CONFIG)
+    config = optimizer.get_config()
+    for key, value in FULL_CONFIG.items():
+        assert config[key] == value, key
+    restored = LARS.from_config(config)
+    assert restored.get_config() == config
+    assert isinstance(restored, LARS)
+    # `None` (= same as weight decay) and `[]` (= exclude nothing) stay apart.
+    for adaptation in (None, []):
+        config = LARS(exclude_from_layer_adaptation=adaptation).get_config()
+        assert LARS.from_config(config).layer_adaptation_exclusions == adaptation
+    # Through Keras's generic (de)serialization, with a schedule.
+    schedule = schedules.PolynomialWarmupDecay(2.0, total_steps=10, warmup_steps=3)
+    optimizer = LARS(schedule, **{k: v for k, v in FULL_CONFIG.items() if k != "learning_rate"})
+    restored = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
+    assert isinstance(restored, LARS)
+    assert restored.get_config() == optimizer.get_config()
+
+
+def test_keras_file_round_trip(tmp_path):
+    model = gm.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="head")])
+    inner = LARS(**FULL_CONFIG)
+    model.compile(optimizer=gm.GradientMix(inner, seed=3), loss="mse")
+    model.fit(np.ones((8, 3), "float32"), np.zeros((8, 2), "float32"), epochs=1, verbose=0)
+    path = os.path.join(tmp_path, "model.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    loaded_inner = loaded.optimizer.inner_optimizer
+    assert isinstance(loaded_inner, LARS)
+    assert loaded_inner.get_config() == inner.get_config()
+    for a, b in zip(loaded_inner.variables, inner.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _toy_data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 8)).astype("float32")
+    y = (x @ rng.normal(size=(8, 3))).argmax(axis=1)
+    return x, y
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_trains_under_gradient_mix_with_schedule(jit_compile):
+    keras.utils.set_random_seed(0)
+    x, y = _toy_data()
+    model = gm.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
+                           keras.layers.Dense(3)])
+    schedule = schedules.PolynomialWarmupDecay(1.0, total_steps=40, warmup_steps=8)
+    optimizer = LARS(schedule, momentum=0.9, weight_decay=1e-4, trust_coefficient=0.02,
+                     exclude_1d_variables=True)
+    model.compile(optimizer=gm.GradientMix(optimizer, seed=0),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=jit_compile)
+    losses = model.fit(x, y, batch_size=32, epochs=5, verbose=0, shuffle=False).history["loss"]
+    assert np.all(np.isfinite(losses))
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert int(optimizer.iterations) == 40
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        (dict(learning_rate=-0.1), "learning_rate"),
+        (dict(momentum=1.0), "momentum"),
+        (dict(momentum=-0.5), "momentum"),
+        (dict(weight_decay=-1e-4), "weight_decay"),
+        (dict(trust_coefficient=-0.001), "trust_coefficient"),
+        (dict(epsilon=-1.0), "epsilon"),
+        (dict(epsilon=float("nan")), "epsilon"),
+        (dict(exclude_from_weight_decay=["bias("]), "exclude_from_weight_decay"),
+        (dict(exclude_from_layer_adaptation=["[bn"]), "exclude_from_layer_adaptation"),
+        (dict(exclude_from_weight_decay="bias"), "exclude_from_weight_decay"),
+        (dict(exclude_from_weight_decay=[3]), "exclude_from_weight_decay"),
+        (dict(nesterov="yes"), "nesterov"),
+        (dict(exclude_1d_variables=1), "exclude_1d_variables"),
+    ],
+)
+def test_bad_input_names_the_argument(kwargs, argument):
+    with pytest.raises(ValueError, match=f"`{argument}`") as error:
+        LARS(**kwargs)
+    value = next(iter(kwargs.values()))
+    shown = value[0] if isinstance(value, list) else value
+    assert repr(shown) in str(error.value) or str(shown) in str(error.value)
