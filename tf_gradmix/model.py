@@ -106,9 +106,19 @@ class _Hook:
 
     @staticmethod
     def drop_gamma(logs):
-        # Evaluation never mixes: it reports no gamma (not a zero).
+        """Removes ``gradmix_gamma`` from logs of steps that do not mix.
+
+        Evaluation never mixes, and a model trained with a plain optimizer
+        does not either: they report no gamma rather than a zero.
+        """
         if isinstance(logs, dict):
             logs.pop(GAMMA_METRIC, None)
+        return logs
+
+    @staticmethod
+    def train_logs(model, logs):
+        if find_gradient_mix(getattr(model, "optimizer", None)) is None:
+            return _Hook.drop_gamma(logs)
         return logs
 
 
@@ -126,6 +136,9 @@ class _SampleMixing(compat.MultiWorkerFitMixin):
         return _Hook.compute_loss(
             self, super().compute_loss, x, y, y_pred, sample_weight, training
         )
+
+    def train_step(self, data):
+        return _Hook.train_logs(self, super().train_step(data))
 
     def test_step(self, data):
         return _Hook.drop_gamma(super().test_step(data))
@@ -193,6 +206,7 @@ def enable(model):
     if is_enabled(model):
         return model
     base_compute_loss = model.compute_loss
+    base_train_step = model.train_step
     base_test_step = model.test_step
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
@@ -200,12 +214,16 @@ def enable(model):
             self, _with_training_arg(base_compute_loss), x, y, y_pred, sample_weight, training
         )
 
+    def train_step(self, data):
+        return _Hook.train_logs(self, base_train_step(data))
+
     def test_step(self, data):
         return _Hook.drop_gamma(base_test_step(data))
 
     _Hook.create_gamma_metric(model)
     compat.install_multi_worker_fit(model)  # keras-team/keras#20585
     compat.set_compute_loss(model, types.MethodType(compute_loss, model))
+    model.train_step = types.MethodType(train_step, model)
     model.test_step = types.MethodType(test_step, model)
     model._gradmix_enabled = True
     # Keras caches compiled step functions; rebuild them with the hook.
