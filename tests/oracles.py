@@ -45,12 +45,6 @@ def regularization_gradient(model, x):
     return flat([np.zeros(v.shape) if g is None else g for g, v in zip(grads, model.trainable_variables)])
 
 
-def clone_with_weights(model, weights):
-    clone = keras.models.clone_model(model)
-    clone.set_weights(weights)
-    return clone
-
-
 def recover_weights(update, per_example):
     """Least-squares ``w`` with ``update = per_example.T @ w / B``."""
     batch = per_example.shape[0]

@@ -14,7 +14,6 @@ import tensorflow as tf
 
 import tf_gradmix as gm
 from oracles import (
-    clone_with_weights,
     flat,
     per_example_gradients,
     recover_weights,

@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from tf_gradmix.optimizers.lars import (
+from tf_gradmix.optimizers.layerwise import (
     _EXCLUSION_ARGS_DOC,
     LayerwiseExclusions,
     check_learning_rate,

@@ -1,0 +1,203 @@
+"""Layer-wise exclusions shared by LARS and LAMB.
+
+Exclusion patterns for the coupled weight decay and the layer adaptation
+(trust ratio), matched once per variable path in ``build``; argument
+validation; the config of those arguments.
+"""
+
+import math
+import numbers
+import re
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+# -- argument validation (shared with lamb.py) ---------------------------------
+
+
+def check_number(name, value, low=None, high=None, high_open=False):
+    """Returns ``value`` as a float, or raises a ValueError naming ``name``.
+
+    The accepted range is ``[low, high]`` (``[low, high)`` when
+    ``high_open``); ``None`` bounds are unbounded.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(
+            f"Invalid value for argument `{name}`: {value!r}. Expected a "
+            "real number."
+        )
+    value = float(value)
+    closing = ")" if high_open else "]"
+    interval = (
+        f"[{'-inf' if low is None else low}, "
+        f"{'inf' if high is None else high}{closing}"
+    )
+    out_of_range = (
+        not math.isfinite(value)
+        or (low is not None and value < low)
+        or (high is not None and (value >= high if high_open else value > high))
+    )
+    if out_of_range:
+        raise ValueError(
+            f"Invalid value for argument `{name}`: {value!r}. Expected a "
+            f"finite number in {interval}."
+        )
+    return value
+
+
+def check_learning_rate(learning_rate):
+    """Validates a float learning rate; schedules and callables pass through."""
+    if isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule):
+        return learning_rate
+    if callable(learning_rate):
+        return learning_rate
+    return check_number("learning_rate", learning_rate, low=0.0)
+
+
+def check_patterns(name, patterns):
+    """Validates a list of regular expressions; returns a list or None."""
+    if patterns is None:
+        return None
+    if isinstance(patterns, (str, bytes)):
+        raise ValueError(
+            f"Invalid value for argument `{name}`: {patterns!r}. Expected a "
+            f"list of regular expressions, e.g. `{name}=[{patterns!r}]`, or "
+            "None."
+        )
+    try:
+        patterns = list(patterns)
+    except TypeError:
+        raise ValueError(
+            f"Invalid value for argument `{name}`: {patterns!r}. Expected a "
+            "list of regular expressions or None."
+        ) from None
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise ValueError(
+                f"Invalid value for argument `{name}`: {pattern!r} (in "
+                f"{patterns!r}) is not a string. Expected a list of regular "
+                "expressions."
+            )
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(
+                f"Invalid value for argument `{name}`: {pattern!r} is not a "
+                f"valid regular expression ({error})."
+            ) from None
+    return patterns
+
+
+def dense_gradient(gradient, dtype):
+    """The gradient as a dense tensor of ``dtype`` (norms need all entries)."""
+    if isinstance(gradient, tf.IndexedSlices):
+        gradient = tf.convert_to_tensor(gradient)
+    return ops.cast(gradient, dtype)
+
+
+def _matches(patterns, path):
+    return any(re.search(pattern, path) is not None for pattern in patterns)
+
+
+class LayerwiseExclusions:
+    """Mixin: coupled weight decay and layer adaptation with exclusions.
+
+    Used by :class:`LARS` and :class:`tf_gradmix.optimizers.LAMB`. It
+
+    * stores the pattern lists under ``weight_decay_exclusions`` and
+      ``layer_adaptation_exclusions`` (never under the constructor argument
+      name ``exclude_from_weight_decay``, which is a method of the Keras base
+      class and stays usable);
+    * keeps ``weight_decay`` as the *coupled* decay of the update rule and
+      turns off the base class's decoupled decay (``_apply_weight_decay``), so
+      one decay is applied, never two, and ``weight_decay`` in the config has
+      one meaning;
+    * decides once per variable in ``build()`` (by its ``path``) whether it
+      gets decay and layer adaptation; ``update_step`` reads the stored
+      booleans by variable index.
+    """
+
+    def _init_exclusions(
+        self,
+        weight_decay,
+        exclude_from_weight_decay,
+        exclude_from_layer_adaptation,
+        exclude_1d_variables,
+    ):
+        if weight_decay is None:
+            weight_decay = 0.0
+        self.weight_decay = check_number("weight_decay", weight_decay, low=0.0)
+        self.weight_decay_exclusions = check_patterns(
+            "exclude_from_weight_decay", exclude_from_weight_decay
+        )
+        self.layer_adaptation_exclusions = check_patterns(
+            "exclude_from_layer_adaptation", exclude_from_layer_adaptation
+        )
+        if not isinstance(exclude_1d_variables, bool):
+            raise ValueError(
+                "Invalid value for argument `exclude_1d_variables`: "
+                f"{exclude_1d_variables!r}. Expected True or False."
+            )
+        self.exclude_1d_variables = exclude_1d_variables
+
+    def _match_exclusions(self, var_list):
+        """Per-variable (use_weight_decay, use_layer_adaptation) booleans."""
+        decay_patterns = self.weight_decay_exclusions or []
+        if self.layer_adaptation_exclusions is None:
+            adaptation_patterns = decay_patterns
+        else:
+            adaptation_patterns = self.layer_adaptation_exclusions
+        use_decay, use_adaptation = [], []
+        for variable in var_list:
+            path = getattr(variable, "path", None) or variable.name
+            small = self.exclude_1d_variables and len(variable.shape) <= 1
+            use_decay.append(
+                not small
+                and not _matches(decay_patterns, path)
+                # Honour the base class's `exclude_from_weight_decay()` method.
+                and self._use_weight_decay(variable)
+            )
+            use_adaptation.append(not small and not _matches(adaptation_patterns, path))
+        return tuple(use_decay), tuple(use_adaptation)
+
+    def uses_weight_decay(self, variable):
+        """Whether the built optimizer decays ``variable`` (a model variable)."""
+        return self._use_decay[self._get_variable_index(variable)]
+
+    def uses_layer_adaptation(self, variable):
+        """Whether the built optimizer applies the trust ratio to ``variable``."""
+        return self._use_adaptation[self._get_variable_index(variable)]
+
+    def _apply_weight_decay(self, variables):
+        # The decay of LARS/LAMB is coupled: it is part of `update_step`.
+        # The base class's decoupled decay must never run in addition.
+        return
+
+    def _exclusions_config(self):
+        return {
+            "weight_decay": self.weight_decay,
+            "exclude_from_weight_decay": self.weight_decay_exclusions,
+            "exclude_from_layer_adaptation": self.layer_adaptation_exclusions,
+            "exclude_1d_variables": self.exclude_1d_variables,
+        }
+
+
+_EXCLUSION_ARGS_DOC = """        weight_decay: float ``lambda >= 0``, the coupled weight decay added
+            to the update direction (and, for LARS, to the trust-ratio
+            denominator). Keras's decoupled weight decay is not applied.
+        exclude_from_weight_decay: list of regular expressions; a variable
+            whose ``path`` (e.g. ``"dense/bias"``) matches one of them with
+            ``re.search`` gets no weight decay. ``None`` or ``[]``: none is
+            excluded. The base-class method ``exclude_from_weight_decay()``
+            still works and adds to these (it is not saved in configs).
+        exclude_from_layer_adaptation: list of regular expressions, as above,
+            for the trust ratio (excluded variables use a ratio of 1).
+            ``None`` (default): the same list as ``exclude_from_weight_decay``;
+            ``[]``: none is excluded.
+        exclude_1d_variables: bool. If True, every variable with
+            ``ndim <= 1`` (biases, normalisation scales and offsets) is
+            excluded from both weight decay and layer adaptation, in addition
+            to the patterns. This is the usual large-batch default, and the
+            only reliable one for ``keras.applications`` models, whose
+            BatchNorm layers are named like ``conv2_block1_1_bn``."""
