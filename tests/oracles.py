@@ -5,7 +5,6 @@ against come from ``GradientMix.example_weights`` / ``device_weights``, whose
 statistics are tested on their own in ``test_noise.py``.
 """
 
-import keras
 import numpy as np
 import tensorflow as tf
 

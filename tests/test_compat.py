@@ -1,0 +1,74 @@
+"""The Keras internals tf_gradmix.compat relies on: fails when upstream changes."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_gradmix import compat
+from tf_gradmix.model import mix_predictions
+
+
+def test_installed_keras_is_a_tested_version():
+    assert compat.keras_version() in compat.TESTED_KERAS, (
+        f"Keras {keras.__version__} is not a version tf_gradmix.compat was "
+        "checked against; re-run this file and update TESTED_KERAS."
+    )
+
+
+# Extreme logits: a cross-entropy computed from clipped probabilities differs
+# from the one computed from logits, so a lost annotation shows in the value.
+LOGITS = np.array([[30.0, -30.0, 0.0], [-40.0, 40.0, 1.0]], "float32")
+LABELS = np.array([1, 0])
+
+
+def _losses(make_output, loss):
+    @tf.function
+    def run():
+        out = make_output(tf.constant(LOGITS))
+        weights = tf.constant([1.0, 1.0])
+        naive = tf.identity(out)
+        return loss(LABELS, out), loss(LABELS, mix_predictions(out, weights)), loss(LABELS, naive)
+
+    return [float(v) for v in run()]
+
+
+@pytest.mark.parametrize(
+    "make_output",
+    [keras.activations.softmax, lambda t: tf.nn.softmax(t)],
+    ids=["keras_softmax(_keras_logits)", "raw_Softmax_op"],
+)
+def test_probability_outputs_keep_their_logits(make_output):
+    plain, mixed, naive = _losses(make_output, keras.losses.SparseCategoricalCrossentropy())
+    assert mixed == plain
+    # Without the annotation Keras takes another path: this is what compat guards.
+    assert naive != pytest.approx(plain, rel=1e-3)
+
+
+def test_sigmoid_outputs_keep_their_logits():
+    labels = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0]], "float32")  # confidently wrong
+
+    @tf.function
+    def run():
+        out = keras.activations.sigmoid(tf.constant(LOGITS))
+        loss = keras.losses.BinaryCrossentropy()
+        return loss(labels, out), loss(labels, mix_predictions(out, tf.ones([2]))), loss(labels, tf.identity(out))
+
+    plain, mixed, naive = [float(v) for v in run()]
+    assert mixed == plain and naive != pytest.approx(plain, rel=1e-3)
+
+
+def test_masks_survive_the_transform():
+    @tf.function
+    def run():
+        out = tf.constant(np.random.default_rng(0).normal(size=(2, 3, 4)).astype("float32"))
+        out._keras_mask = tf.constant([[True, True, False], [True, False, False]])
+        return compat.transform_output(out, tf.identity)._keras_mask
+
+    np.testing.assert_array_equal(run().numpy(), [[True, True, False], [True, False, False]])
+
+
+def test_keras_still_decides_the_training_argument_once_per_model():
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    assert model._compute_loss_has_training_arg is True
+    assert hasattr(model._tracker, "locked")
