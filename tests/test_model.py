@@ -465,3 +465,22 @@ def test_enable_rejects_non_models_and_is_idempotent():
         gm.enable(keras.layers.Dense(3))
     model = build("enable(functional)")
     assert gm.enable(model) is model
+
+
+def test_per_example_gradient_mode_equals_reweighting():
+    x, y = data(32)
+    reweighted = functional(gm.Model)
+    reweighted.compile(mixer(seed=21), SCCE)
+    reweighted.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    per_example = gm.enable(functional(keras.Model), per_example_gradients=True)
+    per_example.compile(mixer(seed=21), SCCE)
+    history = per_example.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(reweighted.get_weights(), per_example.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert history.history["gradmix_gamma"][0] > 1.0
+
+
+def test_per_example_gradient_mode_refuses_batch_norm_at_once():
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4), keras.layers.BatchNormalization()])
+    with pytest.raises(ValueError, match="BatchNormalization"):
+        gm.enable(model, per_example_gradients=True)

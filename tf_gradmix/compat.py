@@ -218,3 +218,12 @@ def track_metric(model, attribute, metric):
     finally:
         if was_locked:
             tracker.lock()  # keeps its previous message
+
+
+def loss_tracker(model):
+    """The metric behind the ``loss`` log, which Keras's ``train_step`` updates.
+
+    A replacement train step (the per-example mixing mode of
+    :mod:`tf_gradmix.diagnostics`) must update it the same way.
+    """
+    return getattr(model, "_loss_tracker", None)

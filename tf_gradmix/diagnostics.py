@@ -58,7 +58,7 @@ import tensorflow as tf
 
 from tf_gradmix import compat
 from tf_gradmix import noise as noise_lib
-from tf_gradmix.model import GAMMA_METRIC, is_enabled
+from tf_gradmix.model import is_enabled
 from tf_gradmix.optimizer import find_gradient_mix
 
 __all__ = [
@@ -244,7 +244,7 @@ def _get_loss(loss, model=None):
 def _example_loss(loss, y_i, z_i):
     """``l_i``: ``loss`` on a batch of one, averaged to a scalar."""
     value = loss(y_i[None], z_i[None])
-    return tf.reduce_mean(tf.cast(value, tf.float32))
+    return tf.reduce_mean(tf.cast(value, z_i.dtype))
 
 
 def _logits_of(output):
@@ -386,11 +386,6 @@ def per_example_gradients(model, x, y, loss, training=True):
 # -- the exact per-example mixing mode -----------------------------------------
 
 
-def _loss_tracker(model):
-    # Keras's train_step updates this (private) tracker; it is the "loss" log.
-    return getattr(model, "_loss_tracker", None)
-
-
 def _unscale_for_distribution(loss):
     # Keras divides each replica's loss by the replica count; the tracker
     # records the unscaled value (as Keras's own train_step does).
@@ -489,7 +484,7 @@ def per_example_train_step(model, data, per_example_fn=None):
         y_pred = model(x, training=True)
         loss_input, pairs = _detached_outputs(y_pred, tape)
         loss = model.compute_loss(x, y, loss_input, sample_weight, training=True)
-        tracker = _loss_tracker(model)
+        tracker = compat.loss_tracker(model)
         if tracker is not None:
             tracker.update_state(
                 _unscale_for_distribution(loss),
@@ -625,7 +620,7 @@ def _hutchinson_chunk(model, loss, split, seed, x, y, num_probes):
         u = tf.reshape(u, [batch, -1])
         return tf.einsum("bd,bde,be->b", u, hessians, u)
 
-    return tf.map_fn(probe, tf.range(num_probes), fn_output_signature=tf.float32)
+    return tf.map_fn(probe, tf.range(num_probes), fn_output_signature=z.dtype)
 
 
 def ggn_vector_product(model, x, y, loss, vector, split="output"):
@@ -920,7 +915,7 @@ def gradient_noise_scale(
     def batch_gradient(x, y):
         with tf.GradientTape() as tape:
             output = _single_output(model(x, training=training))
-            value = tf.cast(loss(y, output), tf.float32)
+            value = tf.cast(loss(y, output), output.dtype)
             value = tf.reduce_mean(value)
         return tape.gradient(value, variables, unconnected_gradients=_ZERO)
 

@@ -43,7 +43,6 @@ to a strategy.
   raw micro-step count: express them in micro-steps (:func:`micro_steps`).
 """
 
-import math
 
 import tensorflow as tf
 

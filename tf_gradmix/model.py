@@ -174,7 +174,7 @@ def is_enabled(model):
     return isinstance(model, _SampleMixing) or getattr(model, "_gradmix_enabled", False)
 
 
-def enable(model):
+def enable(model, per_example_gradients=False):
     """Makes an existing Keras model apply sample-level GradientMix.
 
     Works for functional, ``Sequential``, subclassed and
@@ -192,7 +192,16 @@ def enable(model):
     :class:`tf_gradmix.Sequential` to reload a model that mixes by itself.
 
     Args:
-        model: a ``keras.Model``.
+        model: a ``keras.Model`` (also a :class:`tf_gradmix.Model`, to turn on
+            ``per_example_gradients``).
+        per_example_gradients: if True, each training step materialises the
+            per-example gradients with ``tf.vectorized_map`` and mixes them
+            (:func:`tf_gradmix.diagnostics.per_example_train_step`) instead of
+            reweighting in one backward pass. Same update (to 1e-5, tested),
+            2.6-12x the step time and ``B x parameters`` of memory on CPU:
+            only for users who process per-example gradients. Models whose
+            examples interact in training (BatchNorm, also nested) or that draw
+            random numbers per batch (Dropout) are refused at once.
 
     Returns:
         ``model``.
@@ -203,8 +212,21 @@ def enable(model):
             "Invalid value for argument `model`: expected a keras.Model, got "
             f"{model!r} of type {type(model).__name__}."
         )
-    if is_enabled(model):
-        return model
+    if per_example_gradients:
+        from tf_gradmix import diagnostics  # diagnostics imports this module
+
+        diagnostics.check_per_example_safe(model)
+    if not is_enabled(model):
+        _install_hook(model)
+    if per_example_gradients and not getattr(model, "_gradmix_per_example", False):
+        _install_per_example_step(model)
+    # Keras caches compiled step functions; rebuild them with the hook.
+    model.train_function = None
+    model.test_function = None
+    return model
+
+
+def _install_hook(model):
     base_compute_loss = model.compute_loss
     base_train_step = model.train_step
     base_test_step = model.test_step
@@ -226,10 +248,16 @@ def enable(model):
     model.train_step = types.MethodType(train_step, model)
     model.test_step = types.MethodType(test_step, model)
     model._gradmix_enabled = True
-    # Keras caches compiled step functions; rebuild them with the hook.
-    model.train_function = None
-    model.test_function = None
-    return model
+
+
+def _install_per_example_step(model):
+    from tf_gradmix import diagnostics
+
+    def train_step(self, data):
+        return _Hook.train_logs(self, diagnostics.per_example_train_step(self, data))
+
+    model.train_step = types.MethodType(train_step, model)
+    model._gradmix_per_example = True
 
 
 def _with_training_arg(compute_loss):

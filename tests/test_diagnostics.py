@@ -1,0 +1,380 @@
+"""Tests of tf_gradmix.diagnostics against float64 dense references.
+
+References are computed in float64 (a float64 copy of each float32 model,
+full Jacobians from ``GradientTape.jacobian`` on the whole batch, output
+Hessians written out analytically in numpy); the functions under test run in
+float32. Tolerances: 1e-5 absolute for gradients and for the per-example
+train step against the reweighting path, 1e-4 relative for exact traces and
+GGN-vector products, 10% for Hutchinson with 1000 probes.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_gradmix as gm
+from tf_gradmix import diagnostics as diag
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 3
+
+
+# -- models and float64 references ---------------------------------------------
+
+
+def mlp(activation=None, outputs=NUM_CLASSES, regularizer=None, model_class=keras.Model):
+    inputs = keras.Input((5,))
+    h = keras.layers.Dense(8, activation="tanh", kernel_regularizer=regularizer)(inputs)
+    out = keras.layers.Dense(outputs, activation=activation)(h)
+    return model_class(inputs, out)
+
+
+def cnn(activation=None, batchnorm=False):
+    inputs = keras.Input((6, 6, 2))
+    h = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+    if batchnorm:
+        h = keras.layers.BatchNormalization()(h)
+    h = keras.layers.Flatten()(h)
+    out = keras.layers.Dense(NUM_CLASSES, activation=activation)(h)
+    return keras.Model(inputs, out)
+
+
+def build(builder, seed=0, **kwargs):
+    keras.utils.set_random_seed(seed)
+    model = builder(**kwargs)
+    # Non-trivial BatchNorm statistics, so inference mode matters.
+    for v in model.non_trainable_variables:
+        v.assign(np.random.default_rng(1).uniform(0.5, 1.5, v.shape).astype(np.float32))
+    return model
+
+
+def float64_copy(builder, model, **kwargs):
+    keras.config.set_dtype_policy("float64")
+    try:
+        copy = builder(**kwargs)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    copy.set_weights([w.astype(np.float64) for w in model.get_weights()])
+    return copy
+
+
+def data(n=12, shape=(5,), seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n,) + shape).astype(np.float32)
+    y = rng.integers(0, NUM_CLASSES, size=n)
+    return x, y
+
+
+def dense_jacobians(model64, x):
+    """``J`` of shape [n, D, P] (float64) and the outputs [n, D]."""
+    variables = model64.trainable_variables
+    with tf.GradientTape(persistent=True) as tape:
+        z = model64(tf.constant(x, tf.float64), training=False)
+    jac = tape.jacobian(z, variables, experimental_use_pfor=False)
+    n, d = z.shape
+    J = np.concatenate([j.numpy().reshape(n, d, -1) for j in jac], axis=2)
+    return J, z.numpy()
+
+
+def dense_ggn(J, H):
+    """``G = (1/n) sum_i J_i^T H_i J_i`` (float64)."""
+    return np.einsum("bdp,bde,beq->pq", J, H, J) / J.shape[0]
+
+
+def softmax_np(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def hessian_ce_logits(z):
+    p = softmax_np(z)
+    return np.stack([np.diag(pi) - np.outer(pi, pi) for pi in p])
+
+
+def relative_error(a, b):
+    return abs(a - b) / abs(b)
+
+
+def flat(grads):
+    return np.concatenate([np.reshape(g, [-1]) for g in grads])
+
+
+# -- 1. per-example gradients ----------------------------------------------------
+
+
+@pytest.mark.parametrize("builder,shape", [(mlp, (5,)), (cnn, (6, 6, 2))])
+def test_per_example_gradients_match_gradient_tape_loop(builder, shape):
+    model = build(builder)
+    x, y = data(8, shape)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    grads = diag.per_example_gradients(model, x, y, loss)
+    assert [tuple(g.shape) for g in grads] == [(8,) + tuple(v.shape) for v in model.trainable_variables]
+    worst = 0.0
+    for i in range(8):
+        with tf.GradientTape() as tape:
+            value = loss(y[i : i + 1], model(x[i : i + 1], training=True))
+        expected = tape.gradient(value, model.trainable_variables)
+        for g, e in zip(grads, expected):
+            worst = max(worst, float(np.max(np.abs(g[i].numpy() - e.numpy()))))
+    assert worst <= 1e-5, worst
+
+
+def test_per_example_gradients_refuse_batchnorm_and_random_layers():
+    x, y = data(4, (6, 6, 2))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    bn = build(cnn, batchnorm=True)
+    with pytest.raises(ValueError, match="BatchNormalization"):
+        diag.per_example_gradients(bn, x, y, loss)
+    nested = keras.Sequential([keras.Input((6, 6, 2)), bn])
+    with pytest.raises(ValueError, match="BatchNormalization"):
+        diag.per_example_gradients(nested, x, y, loss)
+    # In inference mode BatchNorm does not couple examples.
+    assert len(diag.per_example_gradients(bn, x, y, loss, training=False)) == 6
+    dropout = keras.Sequential(
+        [keras.Input((5,)), keras.layers.Dense(4), keras.layers.Dropout(0.5), keras.layers.Dense(3)]
+    )
+    with pytest.raises(ValueError, match="random mask"):
+        diag.per_example_gradients(dropout, *data(4), loss)
+
+
+# -- 2./3. GGN trace against dense math --------------------------------------------
+
+
+def test_ggn_trace_exact_softmax_cross_entropy_on_logits():
+    model = build(mlp)
+    x, y = data(12)
+    J, z = dense_jacobians(float64_copy(mlp, model), x)
+    expected = np.trace(dense_ggn(J, hessian_ce_logits(z)))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    est = diag.ggn_trace(model, x, y, loss, batch_size=5)  # ragged batches 5, 5, 2
+    assert est.num_examples == 12 and est.stderr == 0.0 and est.num_probes is None
+    assert relative_error(est.trace, expected) <= 1e-4, (est.trace, expected)
+    # Per-example traces give the data standard error.
+    per_example = np.einsum("bdp,bde,bep->b", J, hessian_ce_logits(z), J)
+    assert relative_error(est.data_stderr, per_example.std(ddof=1) / np.sqrt(12)) <= 1e-3
+
+
+def test_ggn_trace_exact_conv_batchnorm_inference_mode():
+    model = build(cnn, batchnorm=True)
+    x, y = data(10, (6, 6, 2))
+    J, z = dense_jacobians(float64_copy(cnn, model, batchnorm=True), x)
+    expected = np.trace(dense_ggn(J, hessian_ce_logits(z)))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    est = diag.ggn_trace(model, x, y, loss, batch_size=4)
+    assert relative_error(est.trace, expected) <= 1e-4, (est.trace, expected)
+
+
+def test_ggn_trace_exact_mean_squared_error():
+    model = build(mlp, outputs=4)
+    x = data(12)[0]
+    y = np.random.default_rng(3).normal(size=(12, 4)).astype(np.float32)
+    J, _ = dense_jacobians(float64_copy(mlp, model, outputs=4), x)
+    H = np.broadcast_to(2.0 / 4 * np.eye(4), (12, 4, 4))  # Keras MSE: mean over 4 outputs
+    expected = np.trace(dense_ggn(J, H))
+    est = diag.ggn_trace(model, x, y, keras.losses.MeanSquaredError())
+    assert relative_error(est.trace, expected) <= 1e-4, (est.trace, expected)
+
+
+def test_ggn_trace_probability_cross_entropy_output_and_logit_splits():
+    model = build(mlp, activation="softmax")
+    x, y = data(12)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=False)
+    # Output split: H_i is the Hessian of -log(p_y / sum p) in p.
+    J, p = dense_jacobians(float64_copy(mlp, model, activation="softmax"), x)
+    H = np.stack(
+        [np.diag(np.eye(NUM_CLASSES)[yi] / pi[yi] ** 2) - np.ones((3, 3)) / pi.sum() ** 2
+         for pi, yi in zip(p, y)]
+    )
+    expected_output = np.trace(dense_ggn(J, H))
+    est_output = diag.ggn_trace(model, x, y, loss, split="output")
+    assert relative_error(est_output.trace, expected_output) <= 1e-4
+    # With hard labels the output-split GGN is the empirical Fisher.
+    fisher = diag.empirical_fisher_trace(model, x, y, loss)
+    assert relative_error(fisher.trace, expected_output) <= 1e-4
+    # Logit split: the GGN of softmax cross-entropy on the logits.
+    logits_model = float64_copy(mlp, model)  # same weights, no softmax
+    J, z = dense_jacobians(logits_model, x)
+    expected_logits = np.trace(dense_ggn(J, hessian_ce_logits(z)))
+    est_logits = diag.ggn_trace(model, x, y, loss, split="logits")
+    assert relative_error(est_logits.trace, expected_logits) <= 1e-4
+    assert abs(expected_output - expected_logits) > 0.05 * expected_logits  # the splits differ
+    with pytest.raises(ValueError, match="softmax or sigmoid"):
+        diag.ggn_trace(build(mlp), x, y, loss, split="logits")
+
+
+def test_hutchinson_within_ten_percent_and_ggn_vector_product():
+    model = build(mlp)
+    x, y = data(16)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    J, z = dense_jacobians(float64_copy(mlp, model), x)
+    G = dense_ggn(J, hessian_ce_logits(z))
+    est = diag.ggn_trace(model, x, y, loss, num_probes=1000, seed=1, batch_size=8)
+    assert est.num_probes == 1000 and est.stderr > 0
+    assert relative_error(est.trace, np.trace(G)) <= 0.10, (est.trace, np.trace(G))
+    assert abs(est.trace - np.trace(G)) <= 5 * est.stderr  # the stated error is honest
+    # G v against dense G @ v.
+    rng = np.random.default_rng(5)
+    v = [rng.normal(size=w.shape).astype(np.float32) for w in model.trainable_variables]
+    gv = flat([t.numpy() for t in diag.ggn_vector_product(model, x, y, loss, v)])
+    expected = G @ flat(v).astype(np.float64)
+    assert np.max(np.abs(gv - expected)) <= 1e-4 * np.max(np.abs(expected))
+
+
+# -- empirical Fisher and noise scale ------------------------------------------------
+
+
+def test_empirical_fisher_and_gradient_noise_scale():
+    model = build(mlp)
+    x, y = data(12)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model64 = float64_copy(mlp, model)
+    g = []
+    for i in range(12):
+        with tf.GradientTape() as tape:
+            value = loss(y[i : i + 1], model64(tf.constant(x[i : i + 1], tf.float64)))
+        g.append(flat([t.numpy() for t in tape.gradient(value, model64.trainable_variables)]))
+    g = np.stack(g)
+    sq = np.sum(g**2, axis=1)
+    fisher = diag.empirical_fisher_trace(model, x, y, loss, batch_size=5)
+    assert relative_error(fisher.trace, sq.mean()) <= 1e-4
+    # B_simple = tr(Sigma) / |G|^2 with unbiased estimates.
+    gbar = g.mean(axis=0)
+    trace_sigma = np.sum((g - gbar) ** 2) / 11
+    grad_sq = gbar @ gbar - trace_sigma / 12
+    noise = diag.gradient_noise_scale(model, x, y, loss, batch_size=5)
+    assert relative_error(noise.trace_sigma, trace_sigma) <= 1e-4
+    assert relative_error(noise.grad_sq_norm, grad_sq) <= 1e-3
+    assert relative_error(noise.b_simple, trace_sigma / grad_sq) <= 1e-3
+    # Two batch sizes: with B_small = 1 it is the per-example estimate ...
+    one = diag.gradient_noise_scale(model, x, y, loss, method="two_batch", small_batch_size=1)
+    assert relative_error(one.b_simple, noise.b_simple) <= 1e-3
+    # ... and with B_small = 4 the formula of McCandlish et al. (App. A.1).
+    small = g.reshape(3, 4, -1).mean(axis=1)
+    s_small, s_big = np.mean(np.sum(small**2, axis=1)), gbar @ gbar
+    four = diag.gradient_noise_scale(model, x, y, loss, method="two_batch", small_batch_size=4)
+    expected = (s_small - s_big) / (1 / 4 - 1 / 12) / ((12 * s_big - 4 * s_small) / 8)
+    assert relative_error(four.b_simple, expected) <= 1e-3
+
+
+# -- the per-example mixing mode ----------------------------------------------------
+
+
+class PerExampleModel(keras.Model):
+    def train_step(self, data):
+        return diag.per_example_train_step(self, data)
+
+
+class PerExampleGMModel(gm.Model):
+    def train_step(self, data):
+        return diag.per_example_train_step(self, data)
+
+
+def _fit(model, optimizer, loss, x, y, sample_weight=None, epochs=1, batch_size=8):
+    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
+    history = model.fit(
+        x, y, sample_weight=sample_weight, batch_size=batch_size, epochs=epochs,
+        shuffle=False, verbose=0,
+    )
+    return history.history, model.get_weights()
+
+
+def _max_diff(a, b):
+    return max(float(np.max(np.abs(u - v))) for u, v in zip(a, b))
+
+
+@pytest.mark.parametrize("activation", [None, "softmax"])
+def test_per_example_train_step_equals_reweighting(activation):
+    """3 steps with sample weights and an L2 regulariser; logits and softmax outputs."""
+    x, y = data(24)
+    sw = np.random.default_rng(2).uniform(0.2, 2.0, 24).astype(np.float32)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=activation is None)
+
+    def mixer():
+        return gm.GradientMix(keras.optimizers.SGD(0.5), stddev=1.0, seed=7)
+
+    def run(model_class, optimizer):
+        keras.utils.set_random_seed(0)
+        model = mlp(activation, regularizer=keras.regularizers.L2(0.01), model_class=model_class)
+        return _fit(model, optimizer, loss, x, y, sample_weight=sw)
+
+    logs_ref, w_ref = run(gm.Model, mixer())  # the reweighting path
+    logs_pe, w_pe = run(PerExampleModel, mixer())
+    assert _max_diff(w_pe, w_ref) <= 1e-5
+    np.testing.assert_allclose(logs_pe["loss"], logs_ref["loss"], rtol=1e-5)
+    if activation is not None:
+        return
+    # A model with the sample-level hook is mixed once, not twice.
+    logs_gm, w_gm = run(PerExampleGMModel, mixer())
+    assert _max_diff(w_gm, w_ref) <= 1e-5
+    np.testing.assert_allclose(logs_gm["gradmix_gamma"], logs_ref["gradmix_gamma"], rtol=1e-6)
+    # With a plain optimizer it is plain averaging.
+    _, w_plain = run(keras.Model, keras.optimizers.SGD(0.5))
+    _, w_pe_plain = run(PerExampleModel, keras.optimizers.SGD(0.5))
+    assert _max_diff(w_pe_plain, w_plain) <= 1e-5
+    assert _max_diff(w_pe, w_plain) > 1e-3  # the mixing did something
+
+
+def test_per_example_train_step_mirrored(mirrored_strategy):
+    x, y = data(32)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def run(model_class):
+        with mirrored_strategy.scope():
+            keras.utils.set_random_seed(0)
+            model = mlp(model_class=model_class)
+            optimizer = gm.GradientMix(keras.optimizers.SGD(0.5), stddev=1.0, seed=3)
+        return _fit(model, optimizer, loss, x, y, batch_size=16)
+
+    logs_ref, w_ref = run(gm.Model)
+    logs_pe, w_pe = run(PerExampleModel)
+    assert _max_diff(w_pe, w_ref) <= 1e-5
+    np.testing.assert_allclose(logs_pe["loss"], logs_ref["loss"], rtol=1e-5)
+
+
+def test_per_example_train_step_refuses_batchnorm():
+    inputs = keras.Input((5,))
+    h = keras.layers.BatchNormalization()(keras.layers.Dense(4)(inputs))
+    model = PerExampleModel(inputs, keras.layers.Dense(3)(h))
+    model.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(ValueError, match="BatchNormalization"):
+        model.fit(np.zeros((4, 5)), np.zeros((4, 3)), verbose=0)
+
+
+# -- callback ----------------------------------------------------------------------------
+
+
+def test_diagnostics_logger_every_n_epochs():
+    model = build(mlp)
+    x, y = data(16)
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    logger = diag.DiagnosticsLogger(x[:8], y[:8], every_n_epochs=2, batch_size=4)
+    history = model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[logger])
+    assert [h["epoch"] for h in logger.history] == [1]
+    assert history.history["ggn_trace"] == [logger.history[0]["ggn_trace"]]
+    expected = diag.ggn_trace(model, x[:8], y[:8], model.loss).trace
+    assert relative_error(logger.history[-1]["ggn_trace"], expected) <= 1e-6
+    assert set(logger.history[0]) == {
+        "epoch", "ggn_trace", "log_ggn_trace", "log_ggn_trace_stderr",
+        "empirical_fisher_trace", "gradient_noise_scale",
+    }
+
+
+# -- the example ---------------------------------------------------------------------------
+
+
+def test_ggn_trace_example_quick():
+    # About 40 s of CPU (mostly tracing three ResNets); the timeout leaves room
+    # for a loaded machine.
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "ggn_trace.py"), "--quick"],
+        capture_output=True, text=True, timeout=240, env=env, cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "log Tr G" in result.stdout and "Rademacher" in result.stdout

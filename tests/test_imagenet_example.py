@@ -1,0 +1,56 @@
+"""The ImageNet ResNet-50 example, offline: TFDS mock data at a tiny size."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+tfds = pytest.importorskip("tensorflow_datasets")
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "imagenet_resnet50.py"
+
+
+@pytest.fixture(scope="module")
+def example():
+    spec = importlib.util.spec_from_file_location("imagenet_resnet50", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pipeline_shards_per_worker_and_batches_per_replica(example):
+    context = tf.distribute.InputContext(
+        num_input_pipelines=2, input_pipeline_id=1, num_replicas_in_sync=4
+    )
+    with tfds.testing.mock_data(num_examples=12):
+        ds = example.make_dataset("train", 8, 16, True, input_context=context)
+        images, labels = next(iter(ds))
+        # Per-replica batch: 8 / 4 replicas.
+        assert images.shape == (2, 16, 16, 3) and labels.shape == (2, 1000)
+        assert np.all(np.isfinite(images.numpy()))
+        np.testing.assert_allclose(labels.numpy().sum(1), 1.0)
+        validation = example.make_dataset("validation", 8, 16, False, input_context=context)
+        assert next(iter(validation))[0].shape[1:] == (16, 16, 3)
+
+
+@pytest.mark.slow  # ResNet-50 on CPU: minutes on a loaded 2-core machine
+def test_a_few_training_steps_under_mirrored_strategy(example, mirrored_strategy):
+    args = [
+        "--recipe", "lars",
+        "--global_batch_size", "8",
+        "--image_size", "32",
+        "--epochs", "1",
+        "--steps_per_epoch", "2",
+        # steps_per_execution=2 here fails in graph execution ("You must feed
+        # a value for placeholder tensor .../while/cond/Placeholder_3");
+        # not yet diagnosed, see the issue-4 report.
+        "--steps_per_execution", "1",
+        "--validation_steps", "1",
+    ]
+    with tfds.testing.mock_data(num_examples=16):
+        history = example.main(args, strategy=mirrored_strategy)
+    for key in ("loss", "top1", "gradmix_gamma", "val_loss"):
+        assert np.all(np.isfinite(history.history[key])), key
+    assert "gradmix_gamma" not in [k for k in history.history if k.startswith("val_")]

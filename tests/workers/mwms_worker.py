@@ -1,0 +1,239 @@
+"""One training process for tests/test_distribute.py (run as a subprocess).
+
+Usage: ``python mwms_worker.py SPEC.json``. The spec says which cluster to
+join (``ports``/``index``; none: a single process without a cluster), which
+task to run, where the data is and where to write results (an ``.npz`` file
+of arrays). Each process configures its own devices: one CPU, one replica.
+
+Tasks:
+
+* ``fit_cases``: (1) stock ``keras.Model`` fit fails under the strategy
+  (keras-team/keras#20585) - the error messages are recorded; (2) several
+  tf_gradmix models are trained with ``fit`` from the same initial weights on
+  explicit per-worker shards; the final weights of each case are written.
+* ``fault``: a run with ``keras.callbacks.BackupAndRestore``; with
+  ``pause_at`` (epoch, batch) this process stops after that batch, writes
+  ``marker`` and waits to be killed.
+"""
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+SPEC = json.load(open(sys.argv[1]))
+if SPEC.get("ports"):
+    os.environ["TF_CONFIG"] = json.dumps(
+        {
+            "cluster": {"worker": [f"127.0.0.1:{p}" for p in SPEC["ports"]]},
+            "task": {"type": "worker", "index": SPEC["index"]},
+        }
+    )
+else:
+    os.environ.pop("TF_CONFIG", None)
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+tf.config.threading.set_intra_op_parallelism_threads(1)
+tf.config.experimental.enable_op_determinism()
+
+import keras  # noqa: E402
+
+import tf_gradmix as gm  # noqa: E402
+from tf_gradmix import distribute  # noqa: E402
+
+SEED = 1234  # GradientMix seed shared with the parent's oracle
+
+
+def make_strategy():
+    if SPEC.get("ports"):
+        return distribute.multi_worker_strategy(
+            collective_timeout=SPEC.get("collective_timeout")
+        )
+    return tf.distribute.get_strategy()
+
+
+def layers():
+    return [
+        keras.Input((3,)),
+        keras.layers.Dense(4, activation="tanh"),
+        keras.layers.Dense(1),
+    ]
+
+
+def build(kind):
+    """A model of the architecture shared with the parent's oracle."""
+    if kind == "sequential":
+        return gm.Sequential(layers())
+    inputs = keras.Input((3,))
+    x = keras.layers.Dense(4, activation="tanh")(inputs)
+    outputs = keras.layers.Dense(1)(x)
+    if kind == "model":
+        return gm.Model(inputs, outputs)
+    if kind == "enable":
+        return gm.enable(keras.Model(inputs, outputs))
+    if kind == "stock":
+        return keras.Model(inputs, outputs)
+    raise ValueError(kind)
+
+
+def optimizer(level, momentum=0.0):
+    sgd = keras.optimizers.SGD(SPEC.get("learning_rate", 0.1), momentum=momentum)
+    if level == "plain":
+        return sgd
+    return gm.GradientMix(sgd, level=level, noise="gaussian", stddev=1.0, seed=SEED)
+
+
+def shards(strategy, shard_rows):
+    """Per-worker input: worker ``i`` reads the batches ``shard_rows[i]``.
+
+    ``shard_rows[i]`` is a list of row-index lists, one per step (possibly
+    empty: that worker's replica then gets no example at that step).
+    """
+    data = np.load(SPEC["data"])
+    x, y = data["x"], data["y"]
+
+    def dataset_fn(context):
+        rows = shard_rows[context.input_pipeline_id]
+        pieces = [
+            tf.data.Dataset.from_tensors(
+                (x[list(r)].reshape(-1, 3), y[list(r)].reshape(-1, 1))
+            )
+            for r in rows
+        ]
+        ds = pieces[0]
+        for piece in pieces[1:]:
+            ds = ds.concatenate(piece)
+        return ds
+
+    return distribute.distribute_dataset(strategy, dataset_fn)
+
+
+def stock_checks(strategy, results):
+    """Records how stock Keras fails under the strategy (keras#20585)."""
+    with strategy.scope():
+        stock = build("stock")
+        stock.compile(optimizer("plain"), "mse")
+    try:
+        stock.fit(shards(strategy, SPEC["shards"]), epochs=1, verbose=0)
+        results["stock_fit_error"] = np.array("")
+    except Exception as error:  # noqa: BLE001 - recorded for the parent
+        results["stock_fit_error"] = np.array(f"{type(error).__name__}: {error}")
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    try:
+        scalar = strategy.run(lambda: tf.constant(1.0))
+        tf_trainer.reduce_per_replica({"loss": scalar}, strategy, reduction="auto")
+        results["stock_reduce_error"] = np.array("")
+    except Exception as error:  # noqa: BLE001
+        results["stock_reduce_error"] = np.array(f"{type(error).__name__}: {error}")
+
+
+def keras_split(strategy):
+    """A plain dataset with a final partial batch, split by Keras/tf.distribute."""
+    data = np.load(SPEC["data"])
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA
+    )
+    ds = tf.data.Dataset.from_tensor_slices((data["x"][:21], data["y"][:21]))
+    return ds.batch(8, drop_remainder=False).with_options(options)
+
+
+def fit_cases(strategy, out):
+    results = {}
+    if not SPEC.get("skip_stock"):
+        stock_checks(strategy, results)
+
+    # 2. tf_gradmix models, same initial weights, same data.
+    init = None
+    for name in SPEC["cases"]:
+        kind, level, data_key = name.split("/")
+        print("case", name, flush=True)
+        with strategy.scope():
+            model = build(kind)
+            if init is None:
+                keras.utils.set_random_seed(0)
+                init = [v.numpy() for v in build("stock").weights]
+            model.set_weights(init)
+            callbacks = [gm.GammaLogger()] if level == "device" else []
+            model.compile(optimizer(level), "mse", metrics=["mae"])
+        if data_key == "keras_split":
+            dataset = keras_split(strategy)
+        else:
+            dataset = shards(strategy, SPEC[data_key])
+        history = model.fit(
+            dataset, epochs=1, verbose=0, callbacks=callbacks
+        )
+        for key, values in history.history.items():
+            results[f"{name}/log/{key}"] = np.array(values)
+        for i, w in enumerate(model.get_weights()):
+            results[f"{name}/w{i}"] = w
+        if level != "plain":
+            mixer = gm.optimizer.find_gradient_mix(model.optimizer)
+            results[f"{name}/raw_step"] = np.array(int(mixer.raw_step.numpy()))
+    for i, w in enumerate(init):
+        results[f"init/w{i}"] = w
+    results["num_replicas"] = np.array(strategy.num_replicas_in_sync)
+    results["replica_ids"] = np.array(
+        strategy.experimental_local_results(
+            strategy.run(lambda: tf.distribute.get_replica_context().replica_id_in_sync_group)
+        )
+    )
+    np.savez(out, **results)
+
+
+class PauseAt(keras.callbacks.Callback):
+    """Stops this process inside an epoch until the parent kills it."""
+
+    def __init__(self, epoch, batch, marker):
+        super().__init__()
+        self.pause = (epoch, batch)
+        self.marker = marker
+        self.epoch = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (self.epoch, batch) == tuple(self.pause):
+            with open(self.marker, "w") as f:
+                f.write("paused")
+            time.sleep(600)  # the parent sends SIGKILL
+
+
+def fault(strategy, out):
+    epochs = SPEC["epochs"]
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = build("model")
+        model.compile(optimizer("sample", momentum=0.9), "mse")
+    callbacks = [
+        keras.callbacks.BackupAndRestore(SPEC["backup_dir"], save_freq="epoch"),
+    ]
+    if SPEC.get("pause_at") and SPEC.get("pause_index", 0) == SPEC.get("index", 0):
+        callbacks.append(PauseAt(*SPEC["pause_at"], SPEC["marker"]))
+    epochs_seen = []
+    callbacks.append(
+        keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: epochs_seen.append(e))
+    )
+    model.fit(shards(strategy, SPEC["shards"]), epochs=epochs, verbose=0, callbacks=callbacks)
+    results = {f"w{i}": w for i, w in enumerate(model.get_weights())}
+    mixer = gm.optimizer.find_gradient_mix(model.optimizer)
+    results["raw_step"] = np.array(int(mixer.raw_step.numpy()))
+    results["epochs_run"] = np.array(epochs_seen)
+    np.savez(out, **results)
+
+
+def main():
+    strategy = make_strategy()
+    {"fit_cases": fit_cases, "fault": fault}[SPEC["task"]](strategy, SPEC["out"])
+    print("done", flush=True)
+
+
+if __name__ == "__main__":
+    main()
