@@ -262,6 +262,10 @@ def main(argv=None, strategy=None):
             "unavailable): pass --epochs."
         )
     batch = args.global_batch_size or recipe["batch_size"]
+    if batch != recipe["batch_size"]:
+        # Linear scaling rule (Goyal et al.) from the recipe's batch.
+        recipe = recipe.replace(peak_learning_rate=schedules.scaled_learning_rate(
+            recipe["peak_learning_rate"], recipe["batch_size"], batch))
     epochs = args.epochs or recipe["epochs"]
     steps_per_epoch = args.steps_per_epoch or TRAIN_EXAMPLES // batch
     total_steps = epochs * steps_per_epoch
