@@ -1,5 +1,7 @@
 """The GradientMix wrapper: device level, distribution, config and bad input."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -273,3 +275,27 @@ def test_other_backends_are_refused_clearly(monkeypatch):
     ):
         with pytest.raises(RuntimeError, match=r"only the TensorFlow backend.*KERAS_BACKEND is 'jax'"):
             make()
+
+
+def test_device_weight_in_the_loss_equals_device_weight_on_the_gradients():
+    # fit: Keras calls scale_loss, which carries w_k; a custom loop that does
+    # not call it gets w_k applied to the gradients in apply(). Same update.
+    x, y = data(32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # single replica
+        fitted = functional(keras.Model)
+        fitted.compile(mixer(level="device", stddev=0.8, seed=13), SCCE)
+        fitted.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+
+        model = functional(keras.Model)
+        opt = mixer(level="device", stddev=0.8, seed=13)
+        loss_fn = keras.losses.SparseCategoricalCrossentropy()
+        for s in replica_slices(32, 2):
+            with tf.GradientTape() as tape:
+                loss = loss_fn(y[s], model(x[s], training=True)) + tf.add_n(model.losses)
+            grads = tape.gradient(loss, model.trainable_variables)
+            opt.apply_gradients(zip(grads, model.trainable_variables))
+    for a, b in zip(fitted.get_weights(), model.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    weights = [float(opt.device_weights(1, step=s)[0]) for s in (0, 1)]
+    assert all(abs(w - 1.0) > 1e-3 for w in weights)  # the weights did act

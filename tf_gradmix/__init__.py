@@ -9,6 +9,7 @@ from tf_gradmix import noise, optimizers, recipes, schedules
 from tf_gradmix.callbacks import GammaLogger
 from tf_gradmix.model import Model, Sequential, enable
 from tf_gradmix.optimizer import GradientMix
+from tf_gradmix import diagnostics, distribute  # noqa: E402  (they use the model hook)
 
 __version__ = "0.1.0"
 
@@ -22,5 +23,7 @@ __all__ = [
     "optimizers",
     "schedules",
     "recipes",
+    "diagnostics",
+    "distribute",
     "__version__",
 ]

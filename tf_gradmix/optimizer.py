@@ -217,6 +217,9 @@ class GradientMix(keras.optimizers.Optimizer):
         # Set when a step asks for the sample-level weights: the model hook
         # (or a custom loop) is in place. Checked when `apply` is traced.
         self._sample_weights_requested = False
+        # Set when `scale_loss` put this step's device weight into the loss
+        # (a Keras train step); `apply` then leaves the gradients as they are.
+        self._device_weight_in_loss = False
 
     # -- construction helpers ------------------------------------------------
 
@@ -352,6 +355,8 @@ class GradientMix(keras.optimizers.Optimizer):
             self.built = True
         if self.level == "sample":
             self._check_sample_hook()
+        elif self._device_weight_in_loss:
+            self._device_weight_in_loss = False  # consumed by this step
         else:
             grads = self._apply_device_weights(grads, trainable_variables)
         self.inner_optimizer.apply(grads, trainable_variables)
@@ -368,7 +373,8 @@ class GradientMix(keras.optimizers.Optimizer):
                 "`optimizer.example_weights(batch_size)`; or use level='device'."
             )
 
-    def _apply_device_weights(self, grads, trainable_variables):
+    def _replica_device_weight(self):
+        """``w_k`` of this replica at the current step."""
         context = _replica_context()
         num_replicas = context.num_replicas_in_sync
         if num_replicas == 1 and not self._warned_single_replica:
@@ -377,9 +383,12 @@ class GradientMix(keras.optimizers.Optimizer):
                 "GradientMix(level='device') with a single replica only "
                 "multiplies each step by a random factor (a random step "
                 "length); use level='sample' to mix examples.",
-                stacklevel=3,
+                stacklevel=4,
             )
-        weight = self.device_weights(num_replicas)[context.replica_id_in_sync_group]
+        return self.device_weights(num_replicas)[context.replica_id_in_sync_group]
+
+    def _apply_device_weights(self, grads, trainable_variables):
+        weight = self._replica_device_weight()
         variables = trainable_variables or self.inner_optimizer._trainable_variables
         return [
             g if getattr(v, "overwrite_with_gradient", False) else _scale_gradient(g, weight)
@@ -402,7 +411,19 @@ class GradientMix(keras.optimizers.Optimizer):
         return self.inner_optimizer.iterations
 
     def scale_loss(self, loss):
-        return self.inner_optimizer.scale_loss(loss)
+        """The inner optimizer's loss scaling; at device level, times ``w_k``.
+
+        Keras's train step calls this on each replica's loss before the
+        backward pass, so the device weight costs one scalar multiplication
+        instead of a pass over every gradient. Where the gradients do not
+        come through here (a ``LossScaleOptimizer`` around this wrapper, a
+        custom loop), :meth:`apply` weights the gradients instead.
+        """
+        loss = self.inner_optimizer.scale_loss(loss)
+        if self.level == "device":
+            loss = loss * tf.cast(self._replica_device_weight(), loss.dtype)
+            self._device_weight_in_loss = True
+        return loss
 
     def finalize_variable_values(self, var_list):
         self.inner_optimizer.finalize_variable_values(var_list)
