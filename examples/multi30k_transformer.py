@@ -1,0 +1,401 @@
+"""The paper's Transformer experiment: Multi30k En→De with Adam or LAMB and GradientMix.
+
+The GradientMix paper (Figure 3) trains a Transformer encoder-decoder on
+Multi30k English→German with Adam and LAMB at growing batch sizes, with the
+inverse-square-root schedule and 4000 warmup steps at batch 64 scaled to
+``4000 * 64 / B``. This script runs that setup in plain Keras 3 (no
+keras-hub):
+
+* data: ``examples/multi30k.py`` reads ``train/val/test.{en,de}`` in place
+  from ``--data-dir``, ``$TF_GRADMIX_DATA`` or ``../shared/data/multi30k``.
+  Validation is the official ``val`` split when present, else
+  (``--val-source holdout``) ``--val-size`` pairs held out of the training
+  set; the choice is printed and stored in the result. Word-level tokenizer
+  (lowercase, words and punctuation) with vocabularies built from the
+  training split;
+* model: pre-LayerNorm Transformer (Vaswani et al., 2017, with the
+  LayerNorm before each sub-layer and a final one, which trains more stably
+  at large learning rates), sinusoidal positions, ``--size base`` (6+6
+  layers, d_model 512, 8 heads, FFN 2048) or ``--size small`` (3+3, 256, 4,
+  1024; for CPUs), each setting overridable;
+* optimizer: ``--optimizer adam`` (beta_2 0.98, epsilon 1e-9, Vaswani et
+  al.) or ``lamb`` (``tf_gradmix.optimizers.LAMB``), schedule
+  ``tf_gradmix.schedules.InverseSqrtWarmup`` with
+  ``tf_gradmix.recipes.inverse_sqrt_warmup_steps(B)`` warmup steps and, by
+  default, Vaswani's peak ``d_model^-0.5 * warmup^-0.5`` (which scales with
+  ``sqrt(B)`` since the warmup shrinks as ``1/B``);
+* GradientMix at the sample level with whole sentences as units (all tokens
+  of a sentence share its weight); the loss is the token cross-entropy
+  averaged over the non-padding tokens (``ignore_class=0``), which
+  ``tf_gradmix.Model`` mixes exactly (it never normalises by the weights);
+* reports: validation token accuracy (teacher forcing, padding excluded) and
+  BLEU of greedy decoding with sacrebleu (13a tokenization, lowercased,
+  since the vocabulary is lowercase) on validation and test; nothing is
+  chosen on the test split.
+
+Examples::
+
+    python examples/multi30k_transformer.py --size base --batch-size 2048 \\
+        --optimizer lamb --noise gaussian --stddev 1
+    python examples/multi30k_transformer.py --size small --epochs 10   # CPU
+    python examples/multi30k_transformer.py --quick                    # smoke test
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import multi30k  # noqa: E402
+
+SIZES = {
+    # layers (encoder = decoder), d_model, heads, FFN width, dropout
+    "base": dict(layers=6, d_model=512, heads=8, ff=2048, dropout=0.1),
+    "small": dict(layers=3, d_model=256, heads=4, ff=1024, dropout=0.1),
+    "tiny": dict(layers=1, d_model=32, heads=2, ff=64, dropout=0.0),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--data-dir", default=None, help="folder with multi30k/ (default $TF_GRADMIX_DATA, then ../shared/data)")
+    d.add_argument("--val-source", choices=("auto", "file", "holdout"), default="auto", help="official val files, or a hold-out of the training set")
+    d.add_argument("--val-size", type=int, default=1000, help="pairs held out of training with --val-source holdout")
+    d.add_argument("--train-size", type=int, default=None, help="use only the first N training pairs (after any hold-out)")
+    d.add_argument("--max-len", type=int, default=40, help="tokens per sentence (longer ones are truncated)")
+    d.add_argument("--vocab-size", type=int, default=10000)
+    d.add_argument("--min-count", type=int, default=2)
+    m = p.add_argument_group("model")
+    m.add_argument("--size", choices=tuple(SIZES), default="small")
+    for name in ("layers", "d_model", "heads", "ff"):
+        m.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help="override the --size value")
+    m.add_argument("--dropout", type=float, default=None, help="override the --size value")
+    o = p.add_argument_group("optimization")
+    o.add_argument("--optimizer", choices=("adam", "lamb"), default="adam")
+    o.add_argument("--batch-size", type=int, default=64, help="sentences per step")
+    o.add_argument("--epochs", type=int, default=10)
+    o.add_argument("--lr", type=float, default=None, help="peak learning rate (default d_model^-0.5 * warmup^-0.5)")
+    o.add_argument("--warmup-steps", type=int, default=None, help="default round(4000 * 64 / B)")
+    o.add_argument("--weight-decay", type=float, default=0.0, help="LAMB's decoupled weight decay")
+    o.add_argument("--clipnorm", type=float, default=None)
+    g = p.add_argument_group("GradientMix")
+    g.add_argument("--noise", choices=("none", "gaussian", "rademacher"), default="none")
+    g.add_argument("--stddev", type=float, default=1.0)
+    g.add_argument("--noise-batch-size", type=int, default=None, help="instead of --stddev: sqrt(B / this - 1)")
+    r = p.add_argument_group("run")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--bleu-size", type=int, default=None, help="sentences decoded for BLEU per split (default: all)")
+    r.add_argument("--out", default=None, help="default runs/multi30k_transformer/<name>")
+    r.add_argument("--json-out", default=None)
+    r.add_argument("--threads", type=int, default=None)
+    r.add_argument("--verbose", type=int, default=None, choices=(0, 1, 2))
+    r.add_argument("--quick", action="store_true", help="tiny settings for a smoke test")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.size, args.train_size, args.batch_size, args.epochs = "tiny", 256, 32, 2
+        args.max_len, args.bleu_size, args.vocab_size = 20, 16, 2000
+    for key, value in SIZES[args.size].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.d_model % args.heads:
+        p.error("--d-model must be a multiple of --heads")
+    if args.verbose is None:
+        args.verbose = 1 if sys.stdout.isatty() else 2
+    if args.noise_batch_size is not None:
+        if args.noise == "none" or not 0 < args.noise_batch_size <= args.batch_size:
+            p.error("--noise-batch-size needs a --noise and a value in [1, --batch-size]")
+        args.stddev = math.sqrt(args.batch_size / args.noise_batch_size - 1.0)
+    if args.noise == "none":
+        args.stddev = 0.0
+    return args
+
+
+def run_name(args):
+    noise = "plain" if args.noise == "none" else f"{args.noise}{args.stddev:.3g}"
+    return f"multi30k_{args.size}_{args.optimizer}_b{args.batch_size}_e{args.epochs}_{noise}_s{args.seed}"
+
+
+# --------------------------------------------------------------------------
+# The Transformer
+
+
+def build_model(args, src_vocab_size, tgt_vocab_size):
+    """A functional encoder-decoder: ``(src ids, target-in ids) -> logits``."""
+    import keras
+    from keras import layers, ops
+
+    import tf_gradmix as gm
+
+    d_model, heads, ff, dropout = args.d_model, args.heads, args.ff, args.dropout
+
+    class Embed(layers.Layer):
+        """Token embedding times sqrt(d_model) plus sinusoidal positions."""
+
+        def __init__(self, vocab_size, max_len, **kwargs):
+            super().__init__(**kwargs)
+            self.vocab_size, self.max_len = vocab_size, max_len
+            self.tokens = layers.Embedding(vocab_size, d_model)
+            position = np.arange(max_len)[:, None]
+            rate = np.exp(-math.log(10000.0) * np.arange(0, d_model, 2) / d_model)
+            table = np.zeros((max_len, d_model), np.float32)
+            table[:, 0::2], table[:, 1::2] = np.sin(position * rate), np.cos(position * rate)
+            self.table = table
+
+        def call(self, ids):
+            length = ops.shape(ids)[1]
+            return self.tokens(ids) * math.sqrt(d_model) + ops.convert_to_tensor(self.table)[None, :length]
+
+        def get_config(self):
+            return {**super().get_config(), "vocab_size": self.vocab_size, "max_len": self.max_len}
+
+    class NotPad(layers.Layer):
+        def call(self, ids):
+            return ops.not_equal(ids, multi30k.PAD)
+
+    def feed_forward(x, name):
+        h = layers.LayerNormalization(epsilon=1e-6, name=f"{name}_ln")(x)
+        h = layers.Dense(ff, activation="relu", name=f"{name}_dense1")(h)
+        h = layers.Dense(d_model, name=f"{name}_dense2")(h)
+        return layers.Add(name=f"{name}_add")([x, layers.Dropout(dropout)(h)])
+
+    def attention(x, context, mask, name, causal=False):
+        h = layers.LayerNormalization(epsilon=1e-6, name=f"{name}_ln")(x)
+        kv = h if context is None else context
+        h = layers.MultiHeadAttention(heads, d_model // heads, dropout=dropout, name=f"{name}_mha")(
+            h, kv, attention_mask=mask, use_causal_mask=causal
+        )
+        return layers.Add(name=f"{name}_add")([x, layers.Dropout(dropout)(h)])
+
+    src = keras.Input((None,), dtype="int32", name="source")
+    tgt = keras.Input((None,), dtype="int32", name="target_in")
+    # [B, 1, S]: every query may attend to the source's non-padding tokens.
+    src_mask = layers.Reshape((1, -1), name="source_mask")(NotPad(name="source_valid")(src))
+    x = layers.Dropout(dropout)(Embed(src_vocab_size, args.max_len + 1, name="source_embed")(src))
+    for i in range(args.layers):
+        x = attention(x, None, src_mask, f"enc{i}_self")
+        x = feed_forward(x, f"enc{i}_ff")
+    memory = layers.LayerNormalization(epsilon=1e-6, name="enc_final_ln")(x)
+    y = layers.Dropout(dropout)(Embed(tgt_vocab_size, args.max_len + 1, name="target_embed")(tgt))
+    for i in range(args.layers):
+        # Causal self-attention: padding comes after the sentence, so a real
+        # token never sees it; padded positions are excluded from the loss.
+        y = attention(y, None, None, f"dec{i}_self", causal=True)
+        y = attention(y, memory, src_mask, f"dec{i}_cross")
+        y = feed_forward(y, f"dec{i}_ff")
+    y = layers.LayerNormalization(epsilon=1e-6, name="dec_final_ln")(y)
+    logits = layers.Dense(tgt_vocab_size, name="logits")(y)
+    model_class = keras.Model if args.noise == "none" else gm.Model
+    return model_class([src, tgt], logits, name="transformer")
+
+
+class MaskedTokenAccuracy:
+    """Factory of a Keras metric: accuracy over the non-padding target tokens."""
+
+    @staticmethod
+    def create(name="token_acc"):
+        import keras
+        from keras import ops
+
+        class _Metric(keras.metrics.Metric):
+            def __init__(self, name=name, **kwargs):
+                super().__init__(name=name, **kwargs)
+                self.correct = self.add_variable((), initializer="zeros", name="correct")
+                self.count = self.add_variable((), initializer="zeros", name="count")
+
+            def update_state(self, y_true, y_pred, sample_weight=None):
+                y_true = ops.cast(y_true, "int32")
+                valid = ops.cast(ops.not_equal(y_true, multi30k.PAD), "float32")
+                hit = ops.cast(ops.equal(ops.cast(ops.argmax(y_pred, axis=-1), "int32"), y_true), "float32")
+                self.correct.assign_add(ops.sum(hit * valid))
+                self.count.assign_add(ops.sum(valid))
+
+            def result(self):
+                return ops.divide_no_nan(self.correct, self.count)
+
+            def reset_state(self):
+                self.correct.assign(0.0)
+                self.count.assign(0.0)
+
+        return _Metric()
+
+
+def build_optimizer(args):
+    import keras
+    import tf_gradmix as gm
+
+    warmup = args.warmup_steps or gm.recipes.inverse_sqrt_warmup_steps(args.batch_size)
+    peak = args.lr if args.lr is not None else args.d_model ** -0.5 * warmup ** -0.5
+    schedule = gm.schedules.InverseSqrtWarmup(peak, warmup)
+    if args.optimizer == "adam":
+        inner = keras.optimizers.Adam(schedule, beta_1=0.9, beta_2=0.98, epsilon=1e-9, clipnorm=args.clipnorm)
+    else:
+        inner = gm.optimizers.LAMB(
+            schedule, weight_decay=args.weight_decay, exclude_1d_variables=True, clipnorm=args.clipnorm
+        )
+    optimizer = inner if args.noise == "none" else gm.GradientMix(
+        inner, level="sample", noise=args.noise, stddev=args.stddev, seed=args.seed + 1
+    )
+    return optimizer, peak, warmup
+
+
+# --------------------------------------------------------------------------
+# Decoding and BLEU
+
+
+def greedy_decode(model, src_ids, max_len, batch_size=256):
+    """Greedy translations (id arrays) of ``src_ids`` [N, S]."""
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def next_tokens(src, tokens, t):
+        logits = model([src, tokens], training=False)
+        return tf.argmax(logits[:, t], axis=-1, output_type=tf.int32)
+
+    outputs = []
+    for start in range(0, len(src_ids), batch_size):
+        src = tf.constant(src_ids[start : start + batch_size])
+        tokens = np.zeros((src.shape[0], max_len + 1), np.int32)
+        tokens[:, 0] = multi30k.BOS
+        done = np.zeros(src.shape[0], bool)
+        for t in range(max_len):
+            nxt = next_tokens(src, tf.constant(tokens), tf.constant(t)).numpy()
+            tokens[:, t + 1] = np.where(done, multi30k.PAD, nxt)
+            done |= nxt == multi30k.EOS
+            if done.all():
+                break
+        outputs.append(tokens[:, 1:])
+    return np.concatenate(outputs)
+
+
+def bleu(model, src_sentences, references, src_vocab, tgt_vocab, max_len, limit=None):
+    """Corpus BLEU (sacrebleu, 13a, lowercased) of greedy decoding, and examples."""
+    import sacrebleu
+
+    if limit:
+        src_sentences, references = src_sentences[:limit], references[:limit]
+    src_ids = np.zeros((len(src_sentences), max_len), np.int32)
+    for i, s in enumerate(src_sentences):
+        ids = src_vocab.encode(s)[:max_len]
+        src_ids[i, : len(ids)] = ids
+    hypotheses = [tgt_vocab.decode(row) for row in greedy_decode(model, src_ids, max_len)]
+    score = sacrebleu.corpus_bleu(hypotheses, [references], tokenize="13a", lowercase=True)
+    return float(score.score), list(zip(src_sentences[:3], hypotheses[:3], references[:3]))
+
+
+# --------------------------------------------------------------------------
+# Training
+
+
+def run(args):
+    if args.threads:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    import keras
+    import tf_gradmix as gm
+
+    wall_start = time.perf_counter()
+    out = Path(args.out or Path("runs") / "multi30k_transformer" / run_name(args))
+    out.mkdir(parents=True, exist_ok=True)
+    data = multi30k.load_multi30k(args.data_dir, args.val_source, args.val_size, args.seed)
+    train_src, train_tgt = data["train"]
+    if args.train_size:
+        train_src, train_tgt = train_src[: args.train_size], train_tgt[: args.train_size]
+    src_vocab = multi30k.Vocab.build(train_src, args.vocab_size, args.min_count)
+    tgt_vocab = multi30k.Vocab.build(train_tgt, args.vocab_size, args.min_count)
+    train = multi30k.encode_pairs(train_src, train_tgt, src_vocab, tgt_vocab, args.max_len)
+    val = multi30k.encode_pairs(*data["val"], src_vocab, tgt_vocab, args.max_len)
+    test = multi30k.encode_pairs(*data["test"], src_vocab, tgt_vocab, args.max_len)
+    if len(train[0]) < args.batch_size:
+        raise SystemExit(f"--batch-size {args.batch_size} exceeds the {len(train[0])} training pairs")
+    steps_per_epoch = len(train[0]) // args.batch_size
+
+    keras.utils.set_random_seed(args.seed)
+    model = build_model(args, len(src_vocab), len(tgt_vocab))
+    optimizer, peak, warmup = build_optimizer(args)
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=multi30k.PAD),
+        metrics=[MaskedTokenAccuracy.create()],
+    )
+    print(
+        f"Run {run_name(args)}: {len(train[0])} training pairs, validation "
+        f"{len(val[0])} ({'official val files' if data['val_source'] == 'file' else 'held out of training'}), "
+        f"test {len(test[0])}; vocab en {len(src_vocab)} de {len(tgt_vocab)}; "
+        f"{model.count_params():,} parameters; {steps_per_epoch} steps/epoch x {args.epochs}; "
+        f"{args.optimizer} peak LR {peak:.3g}, warmup {warmup} steps; noise {args.noise} "
+        f"stddev {args.stddev:.4g}.",
+        flush=True,
+    )
+    train_ds = multi30k.make_dataset(*train, args.batch_size, training=True, seed=args.seed)
+    val_ds = multi30k.make_dataset(*val, 256, training=False)
+    fit_start = time.perf_counter()
+    history = model.fit(
+        train_ds, epochs=args.epochs, validation_data=val_ds, verbose=args.verbose,
+        callbacks=[
+            keras.callbacks.BackupAndRestore(str(out / "backup")),
+            keras.callbacks.CSVLogger(str(out / "log.csv"), append=True),
+        ],
+    )
+    fit_seconds = time.perf_counter() - fit_start
+    val_logs = model.evaluate(val_ds, verbose=0, return_dict=True)
+    test_logs = model.evaluate(multi30k.make_dataset(*test, 256, training=False), verbose=0, return_dict=True)
+    val_bleu, examples = bleu(model, *data["val"], src_vocab, tgt_vocab, args.max_len, args.bleu_size)
+    test_bleu, _ = bleu(model, *data["test"], src_vocab, tgt_vocab, args.max_len, args.bleu_size)
+    logs = history.history
+    gammas = logs.get(gm.model.GAMMA_METRIC)
+    result = {
+        "config": vars(args),
+        "name": run_name(args),
+        "seed": args.seed,
+        "val_source": data["val_source"],
+        "train_pairs": len(train[0]),
+        "val_pairs": len(val[0]),
+        "test_pairs": len(test[0]),
+        "parameters": int(model.count_params()),
+        "steps": steps_per_epoch * args.epochs,
+        "peak_learning_rate": peak,
+        "warmup_steps": warmup,
+        "val_token_acc": float(val_logs["token_acc"]),
+        "val_loss": float(val_logs["loss"]),
+        "val_bleu": val_bleu,
+        "test_token_acc": float(test_logs["token_acc"]),
+        "test_loss": float(test_logs["loss"]),
+        "test_bleu": test_bleu,
+        "bleu_sentences": args.bleu_size,
+        "gamma_bar": float(np.mean(gammas)) if gammas else (1.0 if args.noise == "none" else None),
+        "fit_seconds": fit_seconds,
+        "history": {k: [float(v) for v in vals] for k, vals in logs.items()},
+        "examples": examples,
+    }
+    result["wall_seconds"] = time.perf_counter() - wall_start
+    json_out = Path(args.json_out or out / "result.json")
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    for src, hyp, ref in examples:
+        print(f"  EN  {src}\n  OUT {hyp}\n  REF {ref}")
+    print(
+        f"Done {result['name']}: validation token accuracy {100 * result['val_token_acc']:.1f}%, "
+        f"BLEU val {val_bleu:.2f} / test {test_bleu:.2f}, fit {fit_seconds:.0f} s. Result in {json_out}.",
+        flush=True,
+    )
+    return result
+
+
+def main(argv=None):
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

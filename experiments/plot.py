@@ -1,0 +1,177 @@
+"""Tables and figures of the sweep (experiments/sweep.py) from its JSONL file.
+
+Prints a markdown table (mean ± std over seeds of train, validation and test
+accuracy, gamma-bar, log Tr(G), wall time; one row per configuration) and
+saves two figures next to the JSONL (or under ``--out``):
+
+* ``<stem>_accuracy_vs_batch.png``: test (solid) and train (dashed) accuracy
+  against the batch size, one panel per optimizer, one line per noise, as in
+  the paper's Figures 1-3; stddev chosen on validation where several were run;
+* ``<stem>_large_batch.png``: train / validation / test accuracy of every
+  large-batch configuration (plain and each noise and stddev).
+
+Rows marked ``select`` are the stddev-selection runs (one seed), chosen on the
+validation split; the test column of a chosen stddev is reported, never used.
+
+Usage::
+
+    python experiments/plot.py [experiments/results/cifar10_resnet8_gap.jsonl]
+"""
+
+import argparse
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT = Path(__file__).resolve().parent / "results" / "cifar10_resnet8_gap.jsonl"
+
+
+def load(path):
+    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    # A rerun of the same key replaces the earlier line.
+    return list({r["key"]: r for r in records}.values())
+
+
+def group_key(record):
+    c = record["config"]
+    return (c["optimizer"], c["batch_size"], c["noise"], c["stddev"])
+
+
+def groups(records):
+    found = collections.OrderedDict()
+    for r in sorted(records, key=lambda r: (group_key(r), r["seed"])):
+        found.setdefault(group_key(r), []).append(r)
+    return found
+
+
+def mean_std(values, scale=1.0, digits=1):
+    values = [v * scale for v in values if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+
+
+def table(records):
+    lines = [
+        "| optimizer | batch | noise | stddev | chosen on val | seeds | train acc % | val acc % | test acc % | train − test | gamma-bar | log Tr(G) | wall min/run |",
+        "|---|---:|---|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    best = chosen(records)
+    for (opt, batch, noise, stddev), runs in groups(records).items():
+        gap = [r["train_acc"] - r["test_acc"] for r in runs]
+        mark = "" if noise == "none" else ("yes" if best[(opt, batch, noise)] == stddev else "no")
+        lines.append(
+            f"| {opt} | {batch} | {noise} | {stddev:g} | {mark} | {','.join(str(r['seed']) for r in runs)} | "
+            f"{mean_std([r['train_acc'] for r in runs], 100)} | {mean_std([r['val_acc'] for r in runs], 100)} | "
+            f"{mean_std([r['test_acc'] for r in runs], 100)} | {mean_std(gap, 100)} | "
+            f"{mean_std([r['gamma_bar'] for r in runs], 1, 3)} | "
+            f"{mean_std([r.get('log_ggn_trace') for r in runs], 1, 2)} | "
+            f"{mean_std([r['wall_seconds'] for r in runs], 1 / 60, 1)} |"
+        )
+    return "\n".join(lines)
+
+
+def chosen(records):
+    """Per (optimizer, batch, noise): the stddev with the best validation accuracy.
+
+    Judged on the stddev-selection runs (``role == "select"``, one seed) as
+    the sweep did, so that later seeds do not change the choice; groups
+    without selection runs use the mean over their runs. Ties go to the
+    smaller stddev. Only validation accuracy is used, never test.
+    """
+    best = {}
+    for (opt, batch, noise, stddev), runs in groups(records).items():
+        select = [r for r in runs if r.get("role") == "select"] or runs
+        val = np.mean([r["val_acc"] for r in select])
+        key = (opt, batch, noise)
+        if key not in best or val > best[key][1]:
+            best[key] = (stddev, val)
+    return {k: v[0] for k, v in best.items()}
+
+
+def plot(records, out_dir, stem):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grouped = groups(records)
+    best = chosen(records)
+    optimizers = sorted({k[0] for k in grouped})
+    fig, axes = plt.subplots(1, len(optimizers), figsize=(6 * len(optimizers), 4.5), squeeze=False)
+    colors = {"none": "k", "gaussian": "tab:blue", "rademacher": "tab:red"}
+    for ax, opt in zip(axes[0], optimizers):
+        for noise in ("none", "gaussian", "rademacher"):
+            points = []
+            for (o, batch, n, stddev), runs in grouped.items():
+                if o != opt or n != noise or best.get((o, batch, n)) != stddev:
+                    continue
+                points.append((batch, runs, stddev))
+            if not points:
+                continue
+            points.sort()
+            for metric, style in (("test_acc", "-o"), ("train_acc", "--^")):
+                xs = [b for b, _, _ in points]
+                ys = [100 * np.mean([r[metric] for r in runs]) for _, runs, _ in points]
+                es = [100 * np.std([r[metric] for r in runs], ddof=1) if len(runs) > 1 else 0 for _, runs, _ in points]
+                label = f"{noise}" + ("" if noise == "none" else f" (stddev {points[-1][2]:.3g})")
+                ax.errorbar(xs, ys, yerr=es, fmt=style, color=colors[noise], capsize=3,
+                            label=f"{label} {'test' if metric == 'test_acc' else 'train'}")
+        ax.set_xscale("log", base=2)
+        ax.set(title=f"{opt}: accuracy vs batch size", xlabel="batch size", ylabel="accuracy %")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    first = out_dir / f"{stem}_accuracy_vs_batch.png"
+    fig.savefig(first, dpi=90)
+    plt.close(fig)
+
+    large = max(k[1] for k in grouped)
+    rows = [(k, runs) for k, runs in grouped.items() if k[1] == large]
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4.5))
+    width = 0.27
+    for i, (metric, color) in enumerate((("train_acc", "0.7"), ("val_acc", "tab:green"), ("test_acc", "tab:purple"))):
+        xs = np.arange(len(rows)) + (i - 1) * width
+        ys = [100 * np.mean([r[metric] for r in runs]) for _, runs in rows]
+        es = [100 * np.std([r[metric] for r in runs], ddof=1) if len(runs) > 1 else 0 for _, runs in rows]
+        ax.bar(xs, ys, width, yerr=es, color=color, label=metric.replace("_acc", ""), capsize=2)
+    ax.set_xticks(np.arange(len(rows)))
+    ax.set_xticklabels(
+        [f"{k[0]}\n{k[2]}" + ("" if k[2] == "none" else f" {k[3]:.3g}") + f"\nn={len(runs)}" for k, runs in rows],
+        fontsize=7,
+    )
+    lo = min(100 * min(r["test_acc"] for _, runs in rows for r in runs) - 5, 100)
+    ax.set_ylim(max(0, lo), 101)
+    ax.set(title=f"batch {large}: plain vs GradientMix (mean, std over seeds)", ylabel="accuracy %")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    second = out_dir / f"{stem}_large_batch.png"
+    fig.savefig(second, dpi=90)
+    plt.close(fig)
+    return first, second
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", nargs="?", type=Path, default=DEFAULT)
+    p.add_argument("--out", type=Path, default=None, help="figure directory (default: next to the JSONL)")
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    records = load(args.results)
+    print(table(records))
+    wall = sum(r["wall_seconds"] for r in records)
+    print(f"\n{len(records)} runs, {wall / 60:.1f} run-minutes in total.")
+    if not args.no_plots and records:
+        out = args.out or args.results.parent
+        out.mkdir(parents=True, exist_ok=True)
+        for path in plot(records, out, args.results.stem):
+            print(f"Saved {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""Smoke tests of the paper's examples and of the reproduction sweep.
+
+* ``examples/cifar_resnet18.py --quick`` and
+  ``examples/multi30k_transformer.py --quick`` run a few steps on tiny
+  settings in a subprocess, on the real data in ``$TF_GRADMIX_DATA`` or
+  ``../shared/data`` (skipped only when there is none; nothing downloads);
+* ``examples/multi30k.py`` (loader, tokenizer, batches) in process;
+* ``experiments/sweep.py`` (plan, resume, stddev chosen on validation) and
+  ``experiments/plot.py`` on a synthetic results file, without training.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+EXPERIMENTS = REPO / "experiments"
+sys.path.insert(0, str(EXAMPLES))
+sys.path.insert(0, str(EXPERIMENTS))
+
+import cifar10  # noqa: E402
+import cifar_resnet18  # noqa: E402
+import multi30k  # noqa: E402
+import plot  # noqa: E402
+import sweep  # noqa: E402
+
+
+def _run(script, *flags):
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+    done = subprocess.run(
+        [sys.executable, str(script), *flags], cwd=REPO, env=env,
+        capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def multi30k_folder():
+    folder = multi30k.find_multi30k()
+    if folder is None:
+        pytest.skip("No Multi30k copy: set TF_GRADMIX_DATA or provide ../shared/data/multi30k")
+    return folder
+
+
+# --------------------------------------------------------------------------
+# examples/cifar_resnet18.py
+
+
+def test_cifar_resnet18_quick_run(tmp_path):
+    if cifar10.find_cifar10() is None:
+        pytest.skip("No CIFAR-10 JPEG copy: set TF_GRADMIX_DATA or provide ../shared/data")
+    out = tmp_path / "run"
+    result_path = tmp_path / "result.json"
+    stdout = _run(
+        EXAMPLES / "cifar_resnet18.py", "--quick", "--noise", "rademacher",
+        "--stddev", "0.5", "--ggn-size", "8", "--ggn-probes", "2", "--verbose", "0",
+        "--out", str(out), "--json-out", str(result_path),
+    )
+    assert "Done" in stdout
+    result = json.loads(result_path.read_text())
+    # --quick: 128 training images held apart from 64 validation images, 100 test.
+    assert (result["train_examples"], result["val_examples"], result["test_examples"]) == (128, 64, 100)
+    assert result["steps"] == 128 // 32 * 2
+    assert result["config"]["optimizer"] == "nesterov" and result["config"]["model"] == "resnet8"
+    # §5.1 schedule: 0.1 at batch 200, scaled linearly; warmup 20/200 of the steps.
+    assert result["peak_learning_rate"] == pytest.approx(0.1 * 32 / 200)
+    assert result["warmup_steps"] == round(0.1 * result["steps"])
+    for key in ("train_acc", "val_acc", "test_acc"):
+        assert 0.0 <= result[key] <= 1.0
+    for key in ("train_loss", "val_loss", "test_loss"):
+        assert math.isfinite(result[key])
+    # gamma = mean(w^2) with w = 1 +- 0.5: expectation 1.25, 256 draws.
+    assert abs(result["gamma_bar"] - 1.25) < 0.25
+    assert "ggn_error" not in result and math.isfinite(result["log_ggn_trace"])
+    # Logs: CSV (one row an epoch) and TensorBoard; the backup is removed once finished.
+    assert len((out / "log.csv").read_text().strip().splitlines()) == 1 + 2
+    assert any((out / "tensorboard").rglob("*"))
+    assert not any((out / "backup").rglob("*.weights.h5"))
+
+
+def test_cifar_resnet18_flags_and_schedule():
+    args = cifar_resnet18.parse_args(
+        ["--batch-size", "8192", "--noise", "gaussian", "--noise-batch-size", "1024", "--epochs", "200"]
+    )
+    assert args.stddev == pytest.approx(math.sqrt(8192 / 1024 - 1))
+    settings = cifar_resnet18.schedule_settings(args, steps_per_epoch=6)
+    assert settings["peak_learning_rate"] == pytest.approx(0.1 * 8192 / 200)
+    assert settings["total_steps"] == 1200 and settings["warmup_steps"] == 120
+    for name, base in (("lars", 0.1), ("adam", 1e-3), ("lamb", 1e-3)):
+        a = cifar_resnet18.parse_args(["--optimizer", name, "--batch-size", "400", "--epochs", "10"])
+        assert cifar_resnet18.schedule_settings(a, 5)["peak_learning_rate"] == pytest.approx(2 * base)
+    assert cifar_resnet18.parse_args(["--stddev", "3"]).stddev == 0.0  # --noise none
+
+
+def test_cifar_resnet18_tfds_path_with_mock_data():
+    """CIFAR-100 goes through TFDS (mocked here: nothing downloads)."""
+    import tensorflow_datasets as tfds
+
+    args = cifar_resnet18.parse_args(["--dataset", "cifar100", "--batch-size", "16"])
+    with tfds.testing.mock_data(num_examples=40):
+        arrays = cifar_resnet18.load_arrays(args)
+    (x, y), (x_test, y_test) = arrays
+    assert x.shape == (40, 32, 32, 3) and x.dtype == np.uint8 and x_test.shape == (40, 32, 32, 3)
+    assert y.dtype == np.int64 and 0 <= y.min() and y.max() < 100
+    (x_tr, y_tr), val, test = cifar_resnet18.split_data(args, arrays)
+    assert val is None and len(y_tr) == 40 and len(test[1]) == 40
+    images, labels = next(iter(cifar_resnet18.make_dataset(args, x_tr, y_tr, 16, training=True)))
+    assert images.shape == (16, 32, 32, 3) and images.dtype.name == "float32"
+    with pytest.raises(SystemExit):
+        cifar_resnet18.parse_args(["--dataset", "cifar100", "--data-dir", "/nonexistent"])
+
+
+# --------------------------------------------------------------------------
+# examples/multi30k.py and examples/multi30k_transformer.py
+
+
+def test_multi30k_loader_and_tokenizer(multi30k_folder):
+    data = multi30k.load_multi30k(val_source="holdout", val_size=500, seed=3)
+    assert data["val_source"] == "holdout"
+    (tr_en, tr_de), (va_en, va_de) = data["train"], data["val"]
+    assert len(va_en) == len(va_de) == 500 and len(tr_en) == len(tr_de)
+    full = multi30k.load_multi30k(val_source="holdout", val_size=0)["train"][0]
+    # The hold-out and the rest partition the training file.
+    assert sorted(tr_en + va_en) == sorted(full)
+    assert multi30k.tokenize("Zwei Männer, im Freien.") == ["zwei", "männer", ",", "im", "freien", "."]
+    vocab = multi30k.Vocab.build(tr_de[:2000], max_size=500)
+    assert len(vocab) <= 500 and vocab.words[:4] == list(multi30k.SPECIALS)
+    src, tin, tout = multi30k.encode_pairs(tr_en[:4], tr_de[:4], vocab, vocab, max_len=6)
+    assert src.shape == (4, 6) and tin.shape == tout.shape == (4, 7)
+    assert np.all(tin[:, 0] == multi30k.BOS)
+    # tgt_out is tgt_in shifted by one, ending in </s>.
+    np.testing.assert_array_equal(tin[:, 1:][tout[:, :-1] != 0], tout[:, :-1][tout[:, :-1] != 0])
+    assert np.all((tout == multi30k.EOS).sum(axis=1) == 1)
+    (s, t), o = next(iter(multi30k.make_dataset(src, tin, tout, 2, training=False)))
+    assert s.shape[0] == 2 and t.shape == o.shape
+
+
+def test_multi30k_transformer_optimizers_and_schedule():
+    import multi30k_transformer as mt
+    import tf_gradmix as gm
+
+    args = mt.parse_args(["--optimizer", "lamb", "--batch-size", "1024", "--noise", "rademacher", "--size", "base"])
+    optimizer, peak, warmup = mt.build_optimizer(args)
+    assert isinstance(optimizer, gm.GradientMix) and optimizer.noise.name == "rademacher"
+    assert isinstance(optimizer.inner_optimizer, gm.optimizers.LAMB)
+    assert warmup == round(4000 * 64 / 1024)
+    assert peak == pytest.approx(512 ** -0.5 * warmup ** -0.5)
+    assert (args.layers, args.d_model, args.heads, args.ff) == (6, 512, 8, 2048)
+    plain, _, _ = mt.build_optimizer(mt.parse_args(["--stddev", "2"]))
+    assert not isinstance(plain, gm.GradientMix)
+
+
+def test_multi30k_transformer_quick_run(tmp_path, multi30k_folder):
+    result_path = tmp_path / "result.json"
+    _run(
+        EXAMPLES / "multi30k_transformer.py", "--quick", "--noise", "gaussian",
+        "--stddev", "1", "--verbose", "0", "--out", str(tmp_path / "run"),
+        "--json-out", str(result_path),
+    )
+    result = json.loads(result_path.read_text())
+    expected_source = "file" if (multi30k_folder / "val.en").is_file() else "holdout"
+    assert result["val_source"] == expected_source
+    assert result["train_pairs"] == 256 and result["steps"] == 256 // 32 * 2
+    # Warmup 4000 steps at batch 64, scaled to batch 32.
+    assert result["warmup_steps"] == 8000
+    assert 0.0 <= result["val_token_acc"] <= 1.0 and 0.0 <= result["test_token_acc"] <= 1.0
+    assert 0.0 <= result["val_bleu"] <= 100.0 and 0.0 <= result["test_bleu"] <= 100.0
+    assert math.isfinite(result["val_loss"])
+    # One weight per sentence: gamma = mean(w^2) over 32 sentences a step.
+    assert abs(result["gamma_bar"] - 2.0) < 0.6
+
+
+# --------------------------------------------------------------------------
+# experiments/sweep.py and experiments/plot.py (no training)
+
+
+def _sweep_args(tmp_path, *extra):
+    return sweep.parse_args(["--results", str(tmp_path / "r.jsonl"), "--dry-run", *extra])
+
+
+def _record(config, train, val, test):
+    return {
+        "key": sweep.key_of(config), "config": config, "role": config["role"],
+        "seed": config["seed"], "train_acc": train, "val_acc": val, "test_acc": test,
+        "gamma_bar": 1.0 + config["stddev"] ** 2, "wall_seconds": 60.0,
+        "log_ggn_trace": 3.0,
+    }
+
+
+def test_sweep_flags_reach_the_example(tmp_path):
+    args = _sweep_args(tmp_path)
+    config = sweep.make_config(args, 1024, "rademacher", 2.5, seed=1, role="select")
+    parsed = cifar_resnet18.parse_args(sweep.flags_of(config))
+    assert (parsed.batch_size, parsed.noise, parsed.stddev, parsed.seed) == (1024, "rademacher", 2.5, 1)
+    assert (parsed.train_size, parsed.val_size, parsed.model, parsed.augment) == (4096, 2000, "resnet8", False)
+    assert parsed.bn_momentum == 0.9 and parsed.ggn_size == args.ggn_size
+
+
+def test_sweep_resumes_and_chooses_stddev_on_validation(tmp_path):
+    args = _sweep_args(tmp_path)
+    assert sweep.noise_equivalent_stddev(1024, 128) == pytest.approx(math.sqrt(7))
+    assert sweep.candidate_stddevs(args) == [0.5, 1.0, round(math.sqrt(7), 6)]
+    select = sweep.select_configs(args)
+    assert len(select) == 6 and {c["batch_size"] for c in select} == {1024}
+    gap = sweep.gap_configs(args, [0])
+    # Validation prefers stddev 1 for Gaussian; the test set would prefer 0.5.
+    scores = {0.5: (0.60, 0.70), 1.0: (0.65, 0.60), round(math.sqrt(7), 6): (0.55, 0.50)}
+    records = [_record(c, 1.0, 0.6, 0.6) for c in gap]
+    for c in select:
+        val, test = scores[c["stddev"]]
+        records.append(_record(c, 1.0, val, test))
+    with open(args.results, "w") as f:
+        for r in records[:-1]:  # the last selection run is "interrupted"
+            f.write(json.dumps(r) + "\n")
+    assert sweep.pending(args, gap + select) == [select[-1]]
+    results = sweep.load_results(args.results)
+    chosen = sweep.chosen_stddevs(args, results)
+    assert chosen["gaussian"] == 1.0
+    seeds = sweep.seed_configs(args, results)
+    assert {c["seed"] for c in seeds} == {1}
+    assert [c["stddev"] for c in seeds if c["noise"] == "gaussian"] == [1.0]
+    sweep.main(["--results", str(args.results), "--dry-run", "--phase", "all"])  # prints the plan only
+    assert len(sweep.load_results(args.results)) == len(records) - 1
+
+
+def test_plot_table_and_figures(tmp_path):
+    args = _sweep_args(tmp_path)
+    records = [_record(c, 1.0, 0.6, 0.55 + 0.01 * c["seed"]) for c in sweep.gap_configs(args, [0, 1])]
+    records += [_record(c, 0.9, 0.62, 0.6) for c in sweep.select_configs(args)]
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    plot.main([str(path), "--out", str(tmp_path)])
+    table = plot.table(plot.load(path))
+    assert "| nesterov | 128 | none | 0 |  | 0,1 | 100.0 ± 0.0 |" in table
+    assert "55.5 ± 0.7" in table
+    assert (tmp_path / "r_accuracy_vs_batch.png").stat().st_size > 0
+    assert (tmp_path / "r_large_batch.png").stat().st_size > 0
