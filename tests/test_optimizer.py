@@ -299,3 +299,37 @@ def test_device_weight_in_the_loss_equals_device_weight_on_the_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     weights = [float(opt.device_weights(1, step=s)[0]) for s in (0, 1)]
     assert all(abs(w - 1.0) > 1e-3 for w in weights)  # the weights did act
+
+
+@pytest.mark.parametrize("level", ["sample", "device"])
+def test_gradient_accumulation_across_replicas(mirrored_strategy, level):
+    # Stock Keras 3.15 cannot accumulate under a strategy (keras-team/keras#20582,
+    # see test_distribute.py); GradientMix does it in cross-replica context.
+    x, y = data(48)
+    with mirrored_strategy.scope():
+        model = functional(gm.Model)
+        opt = mixer(level=level, stddev=0.6, seed=3, inner=keras.optimizers.SGD(1.0, gradient_accumulation_steps=3))
+        model.compile(opt, SCCE)
+    ref = plain_copy(model)
+    before = flat(weights_of(model))
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    update = before - flat(weights_of(model))
+
+    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+    regularization = regularization_gradient(ref, x)
+    expected = regularization if level == "sample" else 0.0
+    for step in range(3):
+        device = opt.device_weights(K, step=step).numpy()
+        for k in range(K):
+            s = slice(16 * step + 4 * k, 16 * step + 4 * k + 4)
+            grads = per_example_gradients(ref, x[s], y[s], loss_fn)
+            if level == "sample":
+                w = opt.example_weights(4, step=step, replica_id=k).numpy()
+            else:  # the replica's whole loss, regularizer included, weighs w_k
+                w = np.full(4, device[k])
+                expected = expected + device[k] * regularization / K / 3
+            # Each micro-batch: Keras's pi = w / (K B_k); the update averages the 3.
+            expected = expected + grads.T @ w / (K * 4) / 3
+    np.testing.assert_allclose(update, expected, rtol=1e-5, atol=2e-7)
+    assert int(opt.raw_step.numpy()) == 3 and int(opt.iterations.numpy()) == 1
+    assert int(opt.inner_optimizer._iterations.numpy()) == 3  # Keras's micro-step count
