@@ -82,7 +82,13 @@ def build(kind):
 
 
 def optimizer(level, momentum=0.0):
-    sgd = keras.optimizers.SGD(SPEC.get("learning_rate", 0.1), momentum=momentum)
+    # "sample-acc3": sample level with gradient_accumulation_steps=3.
+    level, _, accumulate = level.partition("-acc")
+    sgd = keras.optimizers.SGD(
+        SPEC.get("learning_rate", 0.1),
+        momentum=momentum,
+        gradient_accumulation_steps=int(accumulate) if accumulate else None,
+    )
     if level == "plain":
         return sgd
     return gm.GradientMix(sgd, level=level, noise="gaussian", stddev=1.0, seed=SEED)
@@ -160,7 +166,7 @@ def fit_cases(strategy, out):
                 keras.utils.set_random_seed(0)
                 init = [v.numpy() for v in build("stock").weights]
             model.set_weights(init)
-            callbacks = [gm.GammaLogger()] if level == "device" else []
+            callbacks = [gm.GammaLogger()] if level.startswith("device") else []
             model.compile(optimizer(level), "mse", metrics=["mae"])
         if data_key == "keras_split":
             dataset = keras_split(strategy)
