@@ -35,7 +35,6 @@ def run_one(mode, logical_batch):
     import resource
 
     import keras
-    import numpy as np
     import tensorflow as tf
 
     import tf_gradmix as gm

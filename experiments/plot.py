@@ -102,8 +102,30 @@ def plot(records, out_dir, stem):
     grouped = groups(records)
     best = chosen(records)
     optimizers = sorted({k[0] for k in grouped})
-    fig, axes = plt.subplots(1, len(optimizers), figsize=(6 * len(optimizers), 4.5), squeeze=False)
+    has_ggn = any(r.get("log_ggn_trace") is not None for r in records)
+    fig, axes = plt.subplots(
+        1 + has_ggn, len(optimizers), figsize=(6.5 * len(optimizers), 4.5 * (1 + has_ggn)), squeeze=False
+    )
     colors = {"none": "k", "gaussian": "tab:blue", "rademacher": "tab:red"}
+    if has_ggn:
+        for ax, opt in zip(axes[1], optimizers):
+            for noise in ("none", "gaussian", "rademacher"):
+                pts = sorted(
+                    (batch, [r["log_ggn_trace"] for r in runs if r.get("log_ggn_trace") is not None])
+                    for (o, batch, n, stddev), runs in grouped.items()
+                    if o == opt and n == noise and best.get((o, batch, n)) == stddev
+                )
+                pts = [(b, v) for b, v in pts if v]
+                if pts:
+                    ax.errorbar(
+                        [b for b, _ in pts], [np.mean(v) for _, v in pts],
+                        yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for _, v in pts],
+                        fmt="-o", color=colors[noise], capsize=3, label=noise,
+                    )
+            ax.set_xscale("log", base=2)
+            ax.set(title=f"{opt}: log Tr(G) after training (training examples)", xlabel="batch size", ylabel="log Tr(G)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
     for ax, opt in zip(axes[0], optimizers):
         for noise in ("none", "gaussian", "rademacher"):
             points = []
@@ -130,7 +152,10 @@ def plot(records, out_dir, stem):
     fig.savefig(first, dpi=90)
     plt.close(fig)
 
-    large = max(k[1] for k in grouped)
+    mixed = [k[1] for k in grouped if k[2] != "none"]
+    if not mixed:
+        return (first,)  # no GradientMix runs: nothing to compare at the large batch
+    large = max(mixed)
     rows = [(k, runs) for k, runs in grouped.items() if k[1] == large]
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4.5))
     width = 0.27

@@ -55,22 +55,22 @@ DEFAULT_RESULTS = REPO / "experiments" / "results" / "cifar10_resnet8_gap.jsonl"
 PHASES = ("gap", "select", "seeds", "all")
 
 #: Flags of examples/cifar_resnet18.py shared by every run of the sweep.
-#: Fixed, class-balanced 4096-image training subset, 2000 validation images
+#: Fixed, class-balanced 2048-image training subset, 1000 validation images
 #: held out of the rest of the training set, the full 10,000-image test set;
 #: no augmentation, so that both batch sizes can fit the subset in few epochs.
 COMMON = {
     "dataset": "cifar10",
     "model": "resnet8",
     "widths": [16, 32, 64],
-    "train_size": 4096,
-    "val_size": 2000,
+    "train_size": 2048,
+    "val_size": 1000,
     "test_size": None,
     "data_seed": 0,
     "augment": False,
     "bn_momentum": 0.9,
     "weight_decay": 5e-4,
     "optimizer": "nesterov",
-    "epochs": 50,
+    "epochs": 40,
 }
 
 _lock = threading.Lock()
@@ -80,8 +80,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--phase", choices=PHASES, default="all")
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="JSONL file, appended to")
-    p.add_argument("--small-batch", type=int, default=128)
-    p.add_argument("--large-batch", type=int, default=1024)
+    p.add_argument("--small-batch", type=int, default=64)
+    p.add_argument("--large-batch", type=int, default=512)
     p.add_argument("--epochs", type=int, default=COMMON["epochs"])
     p.add_argument("--train-size", type=int, default=COMMON["train_size"])
     p.add_argument("--val-size", type=int, default=COMMON["val_size"])

@@ -197,19 +197,20 @@ def _record(config, train, val, test):
 
 def test_sweep_flags_reach_the_example(tmp_path):
     args = _sweep_args(tmp_path)
-    config = sweep.make_config(args, 1024, "rademacher", 2.5, seed=1, role="select")
+    config = sweep.make_config(args, 512, "rademacher", 2.5, seed=1, role="select")
     parsed = cifar_resnet18.parse_args(sweep.flags_of(config))
-    assert (parsed.batch_size, parsed.noise, parsed.stddev, parsed.seed) == (1024, "rademacher", 2.5, 1)
-    assert (parsed.train_size, parsed.val_size, parsed.model, parsed.augment) == (4096, 2000, "resnet8", False)
+    assert (parsed.batch_size, parsed.noise, parsed.stddev, parsed.seed) == (512, "rademacher", 2.5, 1)
+    assert (parsed.train_size, parsed.val_size, parsed.model, parsed.augment) == (2048, 1000, "resnet8", False)
+    assert parsed.epochs == 40 and parsed.test_size is None
     assert parsed.bn_momentum == 0.9 and parsed.ggn_size == args.ggn_size
 
 
 def test_sweep_resumes_and_chooses_stddev_on_validation(tmp_path):
     args = _sweep_args(tmp_path)
     assert sweep.noise_equivalent_stddev(1024, 128) == pytest.approx(math.sqrt(7))
-    assert sweep.candidate_stddevs(args) == [0.5, 1.0, round(math.sqrt(7), 6)]
+    assert sweep.candidate_stddevs(args) == [0.5, 1.0, round(math.sqrt(512 / 64 - 1), 6)]
     select = sweep.select_configs(args)
-    assert len(select) == 6 and {c["batch_size"] for c in select} == {1024}
+    assert len(select) == 6 and {c["batch_size"] for c in select} == {512}
     gap = sweep.gap_configs(args, [0])
     # Validation prefers stddev 1 for Gaussian; the test set would prefer 0.5.
     scores = {0.5: (0.60, 0.70), 1.0: (0.65, 0.60), round(math.sqrt(7), 6): (0.55, 0.50)}
@@ -239,7 +240,7 @@ def test_plot_table_and_figures(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     plot.main([str(path), "--out", str(tmp_path)])
     table = plot.table(plot.load(path))
-    assert "| nesterov | 128 | none | 0 |  | 0,1 | 100.0 ± 0.0 |" in table
+    assert "| nesterov | 64 | none | 0 |  | 0,1 | 100.0 ± 0.0 |" in table
     assert "55.5 ± 0.7" in table
     assert (tmp_path / "r_accuracy_vs_batch.png").stat().st_size > 0
     assert (tmp_path / "r_large_batch.png").stat().st_size > 0
