@@ -23,6 +23,7 @@ EXAMPLES = REPO / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 import cifar10  # noqa: E402
+import real_data  # noqa: E402
 import resnet  # noqa: E402
 
 
@@ -31,10 +32,7 @@ def cifar(tmp_path_factory):
     """The real CIFAR-10, decoded into a fresh cache directory."""
     source = cifar10.find_cifar10()  # raises if $TF_GRADMIX_DATA is set but wrong
     if source is None:
-        pytest.skip(
-            "No CIFAR-10 JPEG copy: set TF_GRADMIX_DATA or provide "
-            "../shared/data/cifar10-jpeg/cifar10-jpeg.tar.gz"
-        )
+        real_data.missing("CIFAR-10 JPEG")
     cache_dir = tmp_path_factory.mktemp("cifar_cache")
     data = cifar10.load_cifar10(cache_dir=cache_dir, verbose=False)
     return source, cache_dir, data

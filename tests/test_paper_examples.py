@@ -29,6 +29,7 @@ import cifar10  # noqa: E402
 import cifar_resnet18  # noqa: E402
 import multi30k  # noqa: E402
 import plot  # noqa: E402
+import real_data  # noqa: E402
 import sweep  # noqa: E402
 
 
@@ -46,7 +47,7 @@ def _run(script, *flags):
 def multi30k_folder():
     folder = multi30k.find_multi30k()
     if folder is None:
-        pytest.skip("No Multi30k copy: set TF_GRADMIX_DATA or provide ../shared/data/multi30k")
+        real_data.missing("Multi30k")
     return folder
 
 
@@ -56,7 +57,7 @@ def multi30k_folder():
 
 def test_cifar_resnet18_quick_run(tmp_path):
     if cifar10.find_cifar10() is None:
-        pytest.skip("No CIFAR-10 JPEG copy: set TF_GRADMIX_DATA or provide ../shared/data")
+        real_data.missing("CIFAR-10 JPEG")
     out = tmp_path / "run"
     result_path = tmp_path / "result.json"
     stdout = _run(
