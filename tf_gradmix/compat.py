@@ -227,3 +227,72 @@ def loss_tracker(model):
     :mod:`tf_gradmix.diagnostics`) must update it the same way.
     """
     return getattr(model, "_loss_tracker", None)
+
+
+# -- Gradient accumulation under a tf.distribute strategy (keras-team/keras#20582)
+#
+# Called by GradientMix.apply in replica context when the inner optimizer
+# accumulates and there is more than one replica. Uses the inner optimizer's
+# private accumulators, raw counter and variable index.
+
+
+def apply_accumulated_across_replicas(inner, grads, trainable_variables):
+    """``inner.apply`` with its ``gradient_accumulation_steps`` under replicas.
+
+    Keras 3.15 runs the accumulated update, whose cross-replica sum is a
+    ``merge_call``, inside an ``ops.cond`` in replica context, which
+    ``tf.distribute`` forbids (keras-team/keras#20582): accumulation
+    fails under every strategy. Here each micro-batch's gradients are
+    summed across replicas at once and accumulated (the same on every
+    replica); the conditional update runs in cross-replica context, as
+    ``LossScaleOptimizer`` does, calling the inner optimizer on every
+    replica with its own accumulation off and ``accumulated / (n K)``,
+    which its cross-replica sum turns into the mean of the ``n``
+    micro-batch gradients, as Keras computes on one device. The inner
+    raw counter advances every micro-batch, so ``iterations`` and
+    learning-rate schedules keep Keras's micro-step semantics. Clipping
+    set on the inner optimizer then acts on that mean (divided by ``K``
+    per replica), once per update.
+    """
+    steps = inner.gradient_accumulation_steps
+    context = tf.distribute.get_replica_context()
+    replicas = context.num_replicas_in_sync
+    if trainable_variables is None:
+        variables = list(inner._trainable_variables)
+    else:
+        variables = list(trainable_variables)
+    pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
+    summed = context.all_reduce(
+        tf.distribute.ReduceOp.SUM, [tf.convert_to_tensor(g) for g, _ in pairs]
+    )
+    accumulators = [
+        inner._accumulated_gradients[inner._get_variable_index(v)] for _, v in pairs
+    ]
+    totals = [a + g for a, g in zip(accumulators, summed)]
+    for accumulator, total in zip(accumulators, totals):
+        accumulator.assign(total)  # identical on every replica
+    is_update = (inner._iterations + 1) % steps == 0
+    update_variables = [v for _, v in pairs]
+    scale = 1.0 / (steps * replicas)
+
+    def update_on_each_replica(totals):
+        inner.gradient_accumulation_steps = None  # read while tracing
+        try:
+            inner.apply([t * tf.cast(scale, t.dtype) for t in totals], update_variables)
+        finally:
+            inner.gradient_accumulation_steps = steps
+
+    def cross_replica(strategy, totals):
+        def update():
+            strategy.extended.call_for_each_replica(
+                update_on_each_replica, args=(totals,)
+            )
+            for accumulator in accumulators:
+                accumulator.assign(tf.zeros_like(accumulator))
+            return tf.constant(True)
+
+        return tf.cond(is_update, update, lambda: tf.constant(False))
+
+    context.merge_call(cross_replica, args=(totals,))
+    # inner.apply advanced the raw counter on update steps; do it on the others.
+    inner._iterations.assign_add(1 - tf.cast(is_update, inner._iterations.dtype))

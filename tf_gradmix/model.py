@@ -29,6 +29,7 @@ that reads another example's prediction) get each prediction's path weighted,
 which is not Eq. 4. Keras's own losses are all per example.
 """
 
+import inspect
 import types
 
 import keras
@@ -262,8 +263,6 @@ def _install_per_example_step(model):
 
 def _with_training_arg(compute_loss):
     """Calls a user ``compute_loss`` that may predate the ``training`` arg."""
-    import inspect
-
     if "training" in inspect.signature(compute_loss).parameters:
         return compute_loss
 

@@ -34,6 +34,7 @@ import warnings
 import keras
 import tensorflow as tf
 
+from tf_gradmix import compat
 from tf_gradmix import noise as noise_lib
 
 __all__ = ["GradientMix", "find_gradient_mix", "DEFAULT_STDDEV", "LEVELS"]
@@ -360,12 +361,13 @@ class GradientMix(keras.optimizers.Optimizer):
         else:
             grads = self._apply_device_weights(grads, trainable_variables)
         if self._accumulates_across_replicas():
-            self._apply_accumulated(grads, trainable_variables)
+            # Keras cannot accumulate under a strategy (keras-team/keras#20582).
+            compat.apply_accumulated_across_replicas(
+                self.inner_optimizer, grads, trainable_variables
+            )
         else:
             self.inner_optimizer.apply(grads, trainable_variables)
         self._iterations.assign_add(1)
-
-    # -- gradient accumulation across replicas --------------------------------
 
     def _accumulates_across_replicas(self):
         context = tf.distribute.get_replica_context()
@@ -374,68 +376,6 @@ class GradientMix(keras.optimizers.Optimizer):
             and context is not None
             and context.num_replicas_in_sync > 1
         )
-
-    def _apply_accumulated(self, grads, trainable_variables):
-        """The inner optimizer's ``gradient_accumulation_steps`` under replicas.
-
-        Keras 3.15 runs the accumulated update, whose cross-replica sum is a
-        ``merge_call``, inside an ``ops.cond`` in replica context, which
-        ``tf.distribute`` forbids (keras-team/keras#20582): accumulation
-        fails under every strategy. Here each micro-batch's gradients are
-        summed across replicas at once and accumulated (the same on every
-        replica); the conditional update runs in cross-replica context, as
-        ``LossScaleOptimizer`` does, calling the inner optimizer on every
-        replica with its own accumulation off and ``accumulated / (n K)``,
-        which its cross-replica sum turns into the mean of the ``n``
-        micro-batch gradients, as Keras computes on one device. The inner
-        raw counter advances every micro-batch, so ``iterations`` and
-        learning-rate schedules keep Keras's micro-step semantics. Clipping
-        set on the inner optimizer then acts on that mean (divided by ``K``
-        per replica), once per update.
-        """
-        inner = self.inner_optimizer
-        steps = inner.gradient_accumulation_steps
-        context = tf.distribute.get_replica_context()
-        replicas = context.num_replicas_in_sync
-        if trainable_variables is None:
-            variables = list(inner._trainable_variables)
-        else:
-            variables = list(trainable_variables)
-        pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
-        summed = context.all_reduce(
-            tf.distribute.ReduceOp.SUM, [tf.convert_to_tensor(g) for g, _ in pairs]
-        )
-        accumulators = [
-            inner._accumulated_gradients[inner._get_variable_index(v)] for _, v in pairs
-        ]
-        totals = [a + g for a, g in zip(accumulators, summed)]
-        for accumulator, total in zip(accumulators, totals):
-            accumulator.assign(total)  # identical on every replica
-        is_update = (inner._iterations + 1) % steps == 0
-        update_variables = [v for _, v in pairs]
-        scale = 1.0 / (steps * replicas)
-
-        def update_on_each_replica(totals):
-            inner.gradient_accumulation_steps = None  # read while tracing
-            try:
-                inner.apply([t * tf.cast(scale, t.dtype) for t in totals], update_variables)
-            finally:
-                inner.gradient_accumulation_steps = steps
-
-        def cross_replica(strategy, totals):
-            def update():
-                strategy.extended.call_for_each_replica(
-                    update_on_each_replica, args=(totals,)
-                )
-                for accumulator in accumulators:
-                    accumulator.assign(tf.zeros_like(accumulator))
-                return tf.constant(True)
-
-            return tf.cond(is_update, update, lambda: tf.constant(False))
-
-        context.merge_call(cross_replica, args=(totals,))
-        # inner.apply advanced the raw counter on update steps; do it on the others.
-        inner._iterations.assign_add(1 - tf.cast(is_update, inner._iterations.dtype))
 
     def _check_sample_hook(self):
         if not self._sample_weights_requested:
