@@ -49,3 +49,28 @@ def recover_weights(update, per_example):
     batch = per_example.shape[0]
     w, *_ = np.linalg.lstsq(per_example.T / batch, update, rcond=None)
     return w
+
+
+def relative_error(actual, expected):
+    """``max |actual - expected| / max |expected|`` in float64."""
+    return np.max(np.abs(np.asarray(actual, np.float64) - expected)) / np.max(np.abs(expected))
+
+
+def two_dense_layers_variables():
+    """Variables with paths a/kernel, a/bias, b/kernel, b/bias (deterministic).
+
+    For the layer-wise optimizers: b/bias starts at zero, so ``||w|| = 0``
+    must give a trust ratio of 1.
+    """
+    import keras
+
+    rng = np.random.default_rng(0)
+    a = keras.layers.Dense(4, name="a")
+    b = keras.layers.Dense(3, name="b")
+    a.build((None, 5))
+    b.build((None, 4))
+    for layer in (a, b):
+        for variable in layer.weights:
+            variable.assign(rng.normal(size=variable.shape).astype("float32"))
+    b.bias.assign(np.zeros(3, "float32"))
+    return [a.kernel, a.bias, b.kernel, b.bias]

@@ -12,6 +12,8 @@ import tf_gradmix as gm
 from tf_gradmix import schedules
 from tf_gradmix.optimizers import LAMB
 
+from oracles import relative_error, two_dense_layers_variables
+
 # Relative error allowed against the float64 reference (issue #3).
 RTOL = 5e-5
 
@@ -35,24 +37,6 @@ def numpy_lamb(weights, grads_per_step, lrs, *, beta_1, beta_2, epsilon, weight_
             trust = w_norm / r_norm if use_adaptation[i] and w_norm > 0 and r_norm > 0 else 1.0
             w[i] = w[i] - lr * trust * r
     return w
-
-
-def relative_error(actual, expected):
-    return np.max(np.abs(np.asarray(actual, np.float64) - expected)) / np.max(np.abs(expected))
-
-
-def make_layers():
-    """Variables with paths a/kernel, a/bias, b/kernel, b/bias (deterministic)."""
-    rng = np.random.default_rng(0)
-    a = keras.layers.Dense(4, name="a")
-    b = keras.layers.Dense(3, name="b")
-    a.build((None, 5))
-    b.build((None, 4))
-    for layer in (a, b):
-        for variable in layer.weights:
-            variable.assign(rng.normal(size=variable.shape).astype("float32"))
-    b.bias.assign(np.zeros(3, "float32"))  # ||w|| = 0: trust ratio 1
-    return [a.kernel, a.bias, b.kernel, b.bias]
 
 
 def make_grads(variables, steps, seed=1):
@@ -87,7 +71,7 @@ HYPER = dict(learning_rate=0.05, beta_1=0.8, beta_2=0.95, epsilon=1e-4, weight_d
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_numpy_reference(case):
     kwargs, use_decay, use_adaptation = CASES[case]
-    variables = make_layers()
+    variables = two_dense_layers_variables()
     initial = [v.numpy() for v in variables]
     grads = make_grads(variables, steps=5)
     optimizer = LAMB(**HYPER, **kwargs)
@@ -111,7 +95,7 @@ def test_mirrored_strategy_matches_reference(mirrored_strategy):
     assert strategy.num_replicas_in_sync == 4
     kwargs, use_decay, use_adaptation = CASES["separate_lists"]
     with strategy.scope():
-        variables = make_layers()
+        variables = two_dense_layers_variables()
         optimizer = LAMB(**HYPER, **kwargs)
         optimizer.build(variables)
     initial = [v.numpy() for v in variables]
@@ -142,7 +126,7 @@ def test_mirrored_strategy_matches_reference(mirrored_strategy):
 
 
 def test_matches_keras_lamb_step_for_step():
-    ours_vars, theirs_vars = make_layers(), make_layers()
+    ours_vars, theirs_vars = two_dense_layers_variables(), two_dense_layers_variables()
     grads = make_grads(ours_vars, steps=6)
     ours = LAMB(learning_rate=0.01, epsilon=1e-7)
     theirs = keras.optimizers.Lamb(learning_rate=0.01, epsilon=1e-7)

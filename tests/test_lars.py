@@ -11,6 +11,8 @@ import tf_gradmix as gm
 from tf_gradmix import schedules
 from tf_gradmix.optimizers import LARS
 
+from oracles import relative_error, two_dense_layers_variables
+
 # Relative error allowed against the float64 reference (issue #3).
 RTOL = 5e-5
 
@@ -36,25 +38,6 @@ def numpy_lars(weights, grads_per_step, lrs, *, momentum, nesterov, weight_decay
             else:
                 w[i] = w[i] - v[i]
     return w
-
-
-def relative_error(actual, expected):
-    return np.max(np.abs(np.asarray(actual, np.float64) - expected)) / np.max(np.abs(expected))
-
-
-def make_layers():
-    """Variables with paths a/kernel, a/bias, b/kernel, b/bias (deterministic)."""
-    rng = np.random.default_rng(0)
-    a = keras.layers.Dense(4, name="a")
-    b = keras.layers.Dense(3, name="b")
-    a.build((None, 5))
-    b.build((None, 4))
-    for layer in (a, b):
-        for variable in layer.weights:
-            variable.assign(rng.normal(size=variable.shape).astype("float32"))
-    # b/bias starts at zero: ||w|| = 0 must give a trust ratio of 1.
-    b.bias.assign(np.zeros(3, "float32"))
-    return [a.kernel, a.bias, b.kernel, b.bias]
 
 
 def make_grads(variables, steps, seed=1):
@@ -97,7 +80,7 @@ HYPER = dict(learning_rate=0.5, momentum=0.9, weight_decay=0.01,
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_numpy_reference(case):
     kwargs, use_decay, use_adaptation = CASES[case]
-    variables = make_layers()
+    variables = two_dense_layers_variables()
     initial = [v.numpy() for v in variables]
     grads = make_grads(variables, steps=5)
     optimizer = LARS(**HYPER, **kwargs)
@@ -122,7 +105,7 @@ def test_matches_numpy_reference(case):
 
 def test_schedule_learning_rate_matches_reference():
     schedule = schedules.PolynomialWarmupDecay(1.0, total_steps=6, warmup_steps=2)
-    variables = make_layers()
+    variables = two_dense_layers_variables()
     initial = [v.numpy() for v in variables]
     grads = make_grads(variables, steps=5)
     optimizer = LARS(schedule, weight_decay=0.01, trust_coefficient=0.02,
@@ -145,7 +128,7 @@ def test_mirrored_strategy_matches_reference(mirrored_strategy):
     assert replicas == 4
     kwargs, use_decay, use_adaptation = CASES["nesterov_separate_lists"]
     with strategy.scope():
-        variables = make_layers()
+        variables = two_dense_layers_variables()
         optimizer = LARS(**HYPER, **kwargs)
         optimizer.build(variables)
     initial = [v.numpy() for v in variables]
@@ -182,7 +165,7 @@ def test_mirrored_strategy_matches_reference(mirrored_strategy):
 
 
 def test_base_class_decay_is_never_applied_and_its_method_still_works():
-    variables = make_layers()
+    variables = two_dense_layers_variables()
     optimizer = LARS(learning_rate=0.1, weight_decay=0.5)
     # The base-class method is not shadowed by the constructor argument.
     assert callable(optimizer.exclude_from_weight_decay)

@@ -9,6 +9,7 @@ from tf_gradmix.optimizers.layerwise import (
     check_learning_rate,
     check_number,
     dense_gradient,
+    trust_ratio,
 )
 
 __all__ = ["LAMB"]
@@ -135,12 +136,7 @@ class LAMB(LayerwiseExclusions, keras.optimizers.Optimizer):
         if self._use_adaptation[index]:
             w_norm = ops.sqrt(ops.sum(ops.square(weights)))
             r_norm = ops.sqrt(ops.sum(ops.square(update)))
-            adapt = ops.logical_and(ops.greater(w_norm, 0), ops.greater(r_norm, 0))
-            trust = ops.where(
-                adapt,
-                w_norm / ops.where(adapt, r_norm, ops.ones_like(r_norm)),
-                ops.ones_like(w_norm),
-            )
+            trust = trust_ratio(w_norm, r_norm, r_norm)
             self.assign_sub(variable, (lr * trust) * update)
         else:
             self.assign_sub(variable, lr * update)

@@ -11,6 +11,7 @@ from tf_gradmix.optimizers.layerwise import (
     check_number,
     check_learning_rate,
     dense_gradient,
+    trust_ratio,
     LayerwiseExclusions,
     _EXCLUSION_ARGS_DOC,
 )
@@ -137,13 +138,8 @@ class LARS(LayerwiseExclusions, keras.optimizers.Optimizer):
             denominator = g_norm + ops.cast(decay, dtype) * w_norm + ops.cast(
                 self.epsilon, dtype
             )
-            adapt = ops.logical_and(ops.greater(w_norm, 0), ops.greater(g_norm, 0))
-            trust = ops.where(
-                adapt,
-                ops.cast(self.trust_coefficient, dtype)
-                * w_norm
-                / ops.where(adapt, denominator, ops.ones_like(denominator)),
-                ops.ones_like(w_norm),
+            trust = trust_ratio(
+                w_norm, g_norm, denominator, ops.cast(self.trust_coefficient, dtype)
             )
             step = (lr * trust) * update
         else:

@@ -96,6 +96,20 @@ def dense_gradient(gradient, dtype):
     return ops.cast(gradient, dtype)
 
 
+def trust_ratio(w_norm, other_norm, denominator, coefficient=1.0):
+    """``coefficient * ||w|| / denominator``, or 1 where ``||w||`` or the other norm is 0.
+
+    The layer adaptation of LARS (``other_norm = ||g||``, ``denominator =
+    ||g|| + lambda ||w|| + eps``, ``coefficient = eta``) and LAMB
+    (``other_norm = denominator = ||r||``); a zero norm (a fresh zero
+    initialisation, a zero gradient) leaves the step unscaled. The inner
+    ``where`` keeps the division finite in both branches, so its gradient too.
+    """
+    adapt = ops.logical_and(ops.greater(w_norm, 0), ops.greater(other_norm, 0))
+    safe = ops.where(adapt, denominator, ops.ones_like(denominator))
+    return ops.where(adapt, coefficient * w_norm / safe, ops.ones_like(w_norm))
+
+
 def _matches(patterns, path):
     return any(re.search(pattern, path) is not None for pattern in patterns)
 
