@@ -1,13 +1,17 @@
 """Tables and figures of the sweep (experiments/sweep.py) from its JSONL file.
 
-Prints a markdown table (mean ± std over seeds of train, validation and test
-accuracy, gamma-bar, log Tr(G), wall time; one row per configuration) and
-saves two figures next to the JSONL (or under ``--out``):
+Runs are grouped by *setup* (everything but the optimizer, batch size, noise,
+stddev and seed: training-set size, epochs, augmentation, model) and, within
+a setup, by configuration. Per setup it prints a markdown table (mean ± std
+over seeds of train, validation and test accuracy, BLEU for Multi30k,
+gamma-bar, log Tr(G), wall time; one row per configuration) and saves two
+figures next to the JSONL (or under ``--out``), ``<label>`` naming the setup
+(e.g. ``n2048_e40``):
 
-* ``<stem>_accuracy_vs_batch.png``: test (solid) and train (dashed) accuracy
+* ``<stem>_<label>_accuracy_vs_batch.png``: test (solid) and train (dashed) accuracy
   against the batch size, one panel per optimizer, one line per noise, as in
   the paper's Figures 1-3; stddev chosen on validation where several were run;
-* ``<stem>_large_batch.png``: train / validation / test accuracy of every
+* ``<stem>_<label>_large_batch.png``: train / validation / test accuracy of every
   large-batch configuration (plain and each noise and stddev).
 
 Rows marked ``select`` are the stddev-selection runs (one seed), chosen on the
@@ -34,6 +38,42 @@ def load(path):
     return list({r["key"]: r for r in records}.values())
 
 
+#: Config entries that vary within a setup (and the label-only ``role``).
+PER_RUN = ("optimizer", "batch_size", "noise", "stddev", "seed", "role", "ggn_size")
+
+
+def setup_of(record):
+    """What the runs of one table share: the config without the per-run entries."""
+    c = record["config"]
+    return json.dumps({k: v for k, v in c.items() if k not in PER_RUN}, sort_keys=True)
+
+
+def setup_label(setup):
+    """A short file-name label of a setup, e.g. ``n2048_e40`` or ``nall_e10``."""
+    c = json.loads(setup)
+    label = f"n{c.get('train_size') or 'all'}_e{c['epochs']}"
+    if c.get("augment"):
+        label += "_aug"
+    if c.get("widths") not in (None, [16, 32, 64]):
+        label += "_w" + "-".join(map(str, c["widths"]))
+    if c.get("d_model"):
+        label += f"_d{c['d_model']}"
+    return label
+
+
+def setup_text(setup):
+    """The setup in words, for the heading of its table."""
+    c = json.loads(setup)
+    return ", ".join(f"{k} {v}" for k, v in c.items() if v is not None)
+
+
+def by_setup(records):
+    found = collections.OrderedDict()
+    for r in records:
+        found.setdefault(setup_of(r), []).append(r)
+    return found
+
+
 def group_key(record):
     c = record["config"]
     return (c["optimizer"], c["batch_size"], c["noise"], c["stddev"])
@@ -56,23 +96,40 @@ def mean_std(values, scale=1.0, digits=1):
 
 
 def table(records):
-    lines = [
-        "| optimizer | batch | noise | stddev | chosen on val | seeds | train acc % | val acc % | test acc % | train − test | gamma-bar | log Tr(G) | wall min/run |",
-        "|---|---:|---|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    """One markdown table (the runs of one setup)."""
+    bleu = any("val_bleu" in r for r in records)
+    ggn = any(r.get("log_ggn_trace") is not None for r in records)
+    head = "| optimizer | batch | steps | noise | stddev | chosen on val | seeds | train acc % | val acc % | test acc % | train − test |"
+    rule = "|---|---:|---:|---|---:|:---:|---:|---:|---:|---:|---:|"
+    if bleu:
+        head, rule = head + " val BLEU | test BLEU |", rule + "---:|---:|"
+    head, rule = head + " gamma-bar |", rule + "---:|"
+    if ggn:
+        head, rule = head + " log Tr(G) |", rule + "---:|"
+    lines = [head + " wall min/run |", rule + "---:|"]
     best = chosen(records)
     for (opt, batch, noise, stddev), runs in groups(records).items():
         gap = [r["train_acc"] - r["test_acc"] for r in runs]
         mark = "" if noise == "none" else ("yes" if best[(opt, batch, noise)] == stddev else "no")
-        lines.append(
-            f"| {opt} | {batch} | {noise} | {stddev:g} | {mark} | {','.join(str(r['seed']) for r in runs)} | "
+        line = (
+            f"| {opt} | {batch} | {runs[0].get('steps', '–')} | {noise} | {stddev:g} | {mark} | {','.join(str(r['seed']) for r in runs)} | "
             f"{mean_std([r['train_acc'] for r in runs], 100)} | {mean_std([r['val_acc'] for r in runs], 100)} | "
-            f"{mean_std([r['test_acc'] for r in runs], 100)} | {mean_std(gap, 100)} | "
-            f"{mean_std([r['gamma_bar'] for r in runs], 1, 3)} | "
-            f"{mean_std([r.get('log_ggn_trace') for r in runs], 1, 2)} | "
-            f"{mean_std([r['wall_seconds'] for r in runs], 1 / 60, 1)} |"
+            f"{mean_std([r['test_acc'] for r in runs], 100)} | {mean_std(gap, 100)} |"
         )
+        if bleu:
+            line += f" {mean_std([r.get('val_bleu') for r in runs], 1, 2)} | {mean_std([r.get('test_bleu') for r in runs], 1, 2)} |"
+        line += f" {mean_std([r['gamma_bar'] for r in runs], 1, 3)} |"
+        if ggn:
+            line += f" {mean_std([r.get('log_ggn_trace') for r in runs], 1, 2)} |"
+        lines.append(line + f" {mean_std([r['wall_seconds'] for r in runs], 1 / 60, 1)} |")
     return "\n".join(lines)
+
+
+def tables(records):
+    """Every setup's table under a heading naming the setup."""
+    return "\n\n".join(
+        f"**{setup_label(setup)}**: {setup_text(setup)}\n\n{table(runs)}" for setup, runs in by_setup(records).items()
+    )
 
 
 def chosen(records):
@@ -188,14 +245,15 @@ def main(argv=None):
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
     records = load(args.results)
-    print(table(records))
+    print(tables(records))
     wall = sum(r["wall_seconds"] for r in records)
     print(f"\n{len(records)} runs, {wall / 60:.1f} run-minutes in total.")
     if not args.no_plots and records:
         out = args.out or args.results.parent
         out.mkdir(parents=True, exist_ok=True)
-        for path in plot(records, out, args.results.stem):
-            print(f"Saved {path}")
+        for setup, runs in by_setup(records).items():
+            for path in plot(runs, out, f"{args.results.stem}_{setup_label(setup)}"):
+                print(f"Saved {path}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,10 @@
-"""The CPU-scale reproduction: a resumable sweep of examples/cifar_resnet18.py.
+"""The CPU-scale reproduction: a resumable sweep of the paper's examples.
+
+``--task cifar10`` (default) sweeps ``examples/cifar_resnet18.py`` (a narrow
+ResNet on a CIFAR-10 subset); ``--task multi30k`` sweeps
+``examples/multi30k_transformer.py`` (a small Transformer, Adam or LAMB), where
+"accuracy" is the token accuracy (teacher forcing, padding excluded; train =
+the last epoch's running value, in training mode) and BLEU is recorded too.
 
 The paper claims that GradientMix improves test accuracy at large batch
 sizes. A regularizer can only help where there is a generalization gap, so
@@ -50,8 +56,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = REPO / "examples" / "cifar_resnet18.py"
-DEFAULT_RESULTS = REPO / "experiments" / "results" / "cifar10_resnet8_gap.jsonl"
+RESULTS = REPO / "experiments" / "results"
 PHASES = ("gap", "select", "seeds", "all")
 
 #: Flags of examples/cifar_resnet18.py shared by every run of the sweep.
@@ -73,37 +78,117 @@ COMMON = {
     "epochs": 40,
 }
 
+#: Flags of examples/multi30k_transformer.py shared by every run of
+#: ``--task multi30k``: a 2+2-layer, d_model 128 Transformer (the ``small``
+#: size narrowed to fit a CPU sweep), the first 10,000 training pairs, 8
+#: epochs, the official validation files for selection and the test files for
+#: reporting, BLEU on the first 500 sentences of each. The learning rate and
+#: warmup depend on the batch size (``multi30k_schedule``).
+MULTI30K_COMMON = {
+    "size": "small",
+    "layers": 2,
+    "d_model": 128,
+    "heads": 4,
+    "ff": 512,
+    "dropout": 0.1,
+    "train_size": 10000,
+    "max_len": 30,
+    "optimizer": "adam",
+    "epochs": 8,
+    "bleu_size": 500,
+}
+
+#: The CPU sweep's Transformer schedule at batch 64: peak rate and warmup.
+#: The paper's 4000 warmup steps at batch 64 are 3 of our 8 epochs at batch
+#: 64 (1,250 steps), so the warmup is cut to 250 steps (20%), still scaled as
+#: ``1/B`` like the paper's; the peak is set explicitly and scaled as
+#: ``sqrt(B)``, as Vaswani's formula does when the warmup scales as ``1/B``.
+MULTI30K_BASE = {"batch_size": 64, "lr": 1e-3, "warmup_steps": 250}
+
+
+def multi30k_schedule(batch_size):
+    """``(peak lr, warmup steps)`` at ``batch_size``: ``lr0 sqrt(B/64)``, ``W0 * 64/B``."""
+    ratio = batch_size / MULTI30K_BASE["batch_size"]
+    return round(MULTI30K_BASE["lr"] * math.sqrt(ratio), 8), max(1, round(MULTI30K_BASE["warmup_steps"] / ratio))
+
+
+#: Per task: the example, its shared flags, the default results file, the
+#: training-set size when ``train_size`` is None (for the plan), and the
+#: optimizers the example offers.
+TASKS = {
+    "cifar10": dict(
+        example=REPO / "examples" / "cifar_resnet18.py",
+        common=COMMON,
+        results=RESULTS / "cifar10_resnet8_gap.jsonl",
+        full_train_size=49000,
+        optimizers=("nesterov", "lars", "adam", "lamb"),
+        small_batch=64,
+        large_batch=512,
+    ),
+    "multi30k": dict(
+        example=REPO / "examples" / "multi30k_transformer.py",
+        common=MULTI30K_COMMON,
+        results=RESULTS / "multi30k_transformer.jsonl",
+        full_train_size=29000,
+        optimizers=("adam", "lamb"),
+        small_batch=64,
+        large_batch=512,
+    ),
+}
+#: Flags that only the CIFAR example has.
+CIFAR_ONLY = ("val_size", "test_size", "augment", "widths", "ggn_size")
+
 _lock = threading.Lock()
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=tuple(TASKS), default="cifar10")
     p.add_argument("--phase", choices=PHASES, default="all")
-    p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="JSONL file, appended to")
-    p.add_argument("--small-batch", type=int, default=64)
-    p.add_argument("--large-batch", type=int, default=512)
-    p.add_argument("--epochs", type=int, default=COMMON["epochs"])
-    p.add_argument("--train-size", type=int, default=COMMON["train_size"])
-    p.add_argument("--val-size", type=int, default=COMMON["val_size"])
-    p.add_argument("--test-size", type=int, default=None)
-    p.add_argument("--augment", action="store_true", help="flip + crop (default off)")
-    p.add_argument("--optimizer", default=COMMON["optimizer"], choices=("nesterov", "lars", "adam", "lamb"))
-    p.add_argument("--widths", type=int, nargs=3, default=COMMON["widths"])
+    p.add_argument("--results", type=Path, default=None, help="JSONL file, appended to (default: the task's file in experiments/results)")
+    p.add_argument("--small-batch", type=int, default=None, help="default: 64")
+    p.add_argument("--large-batch", type=int, default=None, help="default: 512")
+    p.add_argument("--epochs", type=int, default=None, help="default: 40 (cifar10), 8 (multi30k)")
+    p.add_argument("--train-size", type=int, default=None, help="default: 2048 (cifar10), 10,000 pairs (multi30k)")
+    p.add_argument("--val-size", type=int, default=None, help="cifar10: validation images held out of training (default 1000)")
+    p.add_argument("--test-size", type=int, default=None, help="cifar10: test images (default all)")
+    p.add_argument("--augment", action="store_true", default=None, help="cifar10: flip + crop (default off)")
+    p.add_argument("--optimizer", default=None, choices=("nesterov", "lars", "adam", "lamb"), help="default: nesterov (cifar10), adam (multi30k)")
+    p.add_argument("--widths", type=int, nargs=3, default=None, help="cifar10: ResNet-8 stage widths (default 16 32 64)")
     p.add_argument("--stddevs", type=float, nargs="+", default=[0.5, 1.0], help="candidates besides the noise-equivalent one")
     p.add_argument("--noises", nargs="+", default=["gaussian", "rademacher"], choices=("gaussian", "rademacher"))
     p.add_argument("--select-seed", type=int, default=0, help="seed of the stddev selection runs")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the gap and seeds phases")
-    p.add_argument("--ggn-size", type=int, default=128, help="training examples for log Tr(G) after each run (0: off)")
+    p.add_argument("--ggn-size", type=int, default=None, help="cifar10: training examples for log Tr(G) after each run (default 128, 0: off)")
     p.add_argument("--gap-threshold", type=float, default=0.01, help="phase all: go on only if small-batch test acc exceeds large-batch by this much")
     p.add_argument("--fit-threshold", type=float, default=0.95, help="phase all: ... and the large batch reaches this train acc")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (each with --threads)")
     p.add_argument("--threads", type=int, default=None, help="TensorFlow threads per run")
-    p.add_argument("--images-per-second", type=float, default=1100.0, help="for the plan (whole machine)")
-    p.add_argument("--overhead-seconds", type=float, default=20.0, help="per run, for the plan (start, evaluation, Tr(G))")
+    p.add_argument("--images-per-second", type=float, default=None, help="training examples/s of the whole machine, for the plan (default 1100 images/s for cifar10, 180 sentence pairs/s for multi30k)")
+    p.add_argument("--overhead-seconds", type=float, default=20.0, help="per run, for the plan (start, evaluation, Tr(G) or BLEU)")
     p.add_argument("--run-dir", type=Path, default=REPO / "runs" / "sweep", help="logs and backups of each run (not committed)")
-    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for cifar_resnet18.py (e.g. --extra --quick)")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for the example (e.g. --extra --quick)")
     p.add_argument("--dry-run", action="store_true", help="print the plan only")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    task = TASKS[args.task]
+    if args.task != "cifar10":
+        given = [f"--{name.replace('_', '-')}" for name in CIFAR_ONLY if getattr(args, name) is not None]
+        if given:
+            p.error(f"{', '.join(given)} only apply to --task cifar10, not --task {args.task}")
+    if args.optimizer is not None and args.optimizer not in task["optimizers"]:
+        p.error(f"--optimizer {args.optimizer} is not offered by --task {args.task} (choose from {', '.join(task['optimizers'])})")
+    common = task["common"]
+    defaults = dict(
+        results=task["results"], small_batch=task["small_batch"], large_batch=task["large_batch"],
+        epochs=common["epochs"], train_size=common["train_size"], optimizer=common["optimizer"],
+        images_per_second=1100.0 if args.task == "cifar10" else 180.0,
+    )
+    if args.task == "cifar10":
+        defaults.update(val_size=COMMON["val_size"], augment=COMMON["augment"], widths=COMMON["widths"], ggn_size=128)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
 
 
 # --------------------------------------------------------------------------
@@ -111,16 +196,12 @@ def parse_args(argv=None):
 
 
 def common(args):
-    config = dict(COMMON)
-    config.update(
-        epochs=args.epochs,
-        train_size=args.train_size,
-        val_size=args.val_size,
-        test_size=args.test_size,
-        augment=bool(args.augment),
-        optimizer=args.optimizer,
-        widths=list(args.widths),
-    )
+    config = dict(TASKS[args.task]["common"])
+    config.update(epochs=args.epochs, train_size=args.train_size, optimizer=args.optimizer)
+    if args.task == "cifar10":
+        config.update(
+            val_size=args.val_size, test_size=args.test_size, augment=bool(args.augment), widths=list(args.widths)
+        )
     return config
 
 
@@ -132,7 +213,10 @@ def noise_equivalent_stddev(large, small):
 def make_config(args, batch_size, noise="none", stddev=0.0, seed=0, role=""):
     config = common(args)
     config.update(batch_size=batch_size, noise=noise, stddev=round(float(stddev), 6) if noise != "none" else 0.0, seed=seed)
-    config["ggn_size"] = args.ggn_size
+    if args.task == "cifar10":
+        config["ggn_size"] = args.ggn_size
+    else:
+        config["lr"], config["warmup_steps"] = multi30k_schedule(batch_size)
     config["role"] = role
     return config
 
@@ -219,7 +303,7 @@ def append_result(path, record):
 
 
 def flags_of(config):
-    """The command-line flags of examples/cifar_resnet18.py for ``config``."""
+    """The command-line flags of the example (cifar_resnet18.py, multi30k_transformer.py) for ``config``."""
     flags = []
     for key, value in config.items():
         if key in ("role",) or value is None:
@@ -237,25 +321,79 @@ def flags_of(config):
 
 
 def run_minutes(args, config):
-    steps = config["train_size"] // config["batch_size"] * config["epochs"]
+    train_size = config["train_size"] or TASKS[args.task]["full_train_size"]
+    steps = train_size // config["batch_size"] * config["epochs"]
     seconds = steps * config["batch_size"] / args.images_per_second + args.overhead_seconds
     return seconds / 60
 
 
-def run_one(args, config):
-    name = (
-        f"b{config['batch_size']}_{config['noise']}{config['stddev']:g}_s{config['seed']}"
-        f"_{config['optimizer']}_n{config['train_size']}_e{config['epochs']}"
+def run_name(args, config):
+    size = f"n{config['train_size']}" if config["train_size"] else "nall"
+    prefix = "" if args.task == "cifar10" else f"{args.task}_"
+    return (
+        f"{prefix}b{config['batch_size']}_{config['noise']}{config['stddev']:g}_s{config['seed']}"
+        f"_{config['optimizer']}_{size}_e{config['epochs']}"
     )
+
+
+#: Result fields copied from the example's JSON into the sweep's record.
+CIFAR_FIELDS = (
+    "train_acc", "train_loss", "val_acc", "val_loss", "test_acc", "test_loss",
+    "steps", "peak_learning_rate", "warmup_steps", "gamma_bar", "fit_seconds",
+    "wall_seconds", "last_epoch_train_loss", "log_ggn_trace", "log_ggn_stderr",
+    "ggn_trace", "ggn_examples", "ggn_error", "train_examples", "val_examples",
+    "test_examples",
+)
+MULTI30K_FIELDS = (
+    "val_loss", "val_bleu", "test_loss", "test_bleu", "steps", "peak_learning_rate",
+    "warmup_steps", "gamma_bar", "fit_seconds", "wall_seconds", "train_pairs",
+    "val_pairs", "test_pairs", "val_source", "parameters", "bleu_sentences",
+)
+
+
+def record_of(args, config, result):
+    """The JSONL record of one finished run (same accuracy fields for every task)."""
+    history = result["history"]
+    if args.task == "cifar10":
+        fields = {k: result.get(k) for k in CIFAR_FIELDS}
+        fields.update(val_acc_history=history.get("val_acc"), train_loss_history=history.get("loss"))
+    else:
+        fields = {k: result.get(k) for k in MULTI30K_FIELDS}
+        fields.update(
+            # Training token accuracy: the last epoch's running value, in
+            # training mode (dropout on); the example does not re-evaluate it.
+            train_acc=history["token_acc"][-1],
+            train_loss=history["loss"][-1],
+            val_acc=result["val_token_acc"],
+            test_acc=result["test_token_acc"],
+            val_acc_history=history.get("val_token_acc"),
+            train_loss_history=history.get("loss"),
+        )
+    example = TASKS[args.task]["example"].relative_to(REPO)
+    return {
+        "key": key_of(config),
+        "config": config,
+        "role": config["role"],
+        "seed": config["seed"],
+        **fields,
+        "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "parallel_runs": args.jobs, "threads_per_run": args.threads},
+        "command": " ".join(["python", str(example), *flags_of(config)]),
+    }
+
+
+def run_one(args, config):
+    name = run_name(args, config)
     run_dir = args.run_dir / name
     run_dir.mkdir(parents=True, exist_ok=True)
     fd, json_out = tempfile.mkstemp(suffix=".json", dir=run_dir)
     os.close(fd)
     command = [
-        sys.executable, str(EXAMPLE), *flags_of(config), "--out", str(run_dir),
-        "--json-out", json_out, "--no-tensorboard", "--verbose", "2",
-        "--validation-freq", "10",
+        sys.executable, str(TASKS[args.task]["example"]), *flags_of(config), "--out", str(run_dir),
+        "--json-out", json_out, "--verbose", "2",
     ]
+    if args.task == "cifar10":
+        command += ["--no-tensorboard", "--validation-freq", "10"]
     if args.threads:
         command += ["--threads", str(args.threads)]
     command += list(args.extra)
@@ -268,29 +406,13 @@ def run_one(args, config):
         return None
     result = json.loads(Path(json_out).read_text())
     os.remove(json_out)
-    record = {
-        "key": key_of(config),
-        "config": config,
-        "role": config["role"],
-        "seed": config["seed"],
-        **{k: result.get(k) for k in (
-            "train_acc", "train_loss", "val_acc", "val_loss", "test_acc", "test_loss",
-            "steps", "peak_learning_rate", "warmup_steps", "gamma_bar", "fit_seconds",
-            "wall_seconds", "last_epoch_train_loss", "log_ggn_trace", "log_ggn_stderr",
-            "ggn_trace", "ggn_examples", "ggn_error", "train_examples", "val_examples",
-            "test_examples",
-        )},
-        "val_acc_history": result["history"].get("val_acc"),
-        "train_loss_history": result["history"].get("loss"),
-        "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "parallel_runs": args.jobs, "threads_per_run": args.threads},
-        "elapsed_seconds": time.time() - start,
-        "command": " ".join(["python", "examples/cifar_resnet18.py", *flags_of(config)]),
-    }
+    record = record_of(args, config, result)
+    record["elapsed_seconds"] = time.time() - start
     append_result(args.results, record)
+    bleu = f" BLEU val {record['val_bleu']:.2f} test {record['test_bleu']:.2f}" if "val_bleu" in record else ""
     print(
         f"[{time.strftime('%H:%M:%S')}] done {name}: train {100 * record['train_acc']:.1f}% "
-        f"val {100 * record['val_acc']:.1f}% test {100 * record['test_acc']:.1f}% "
+        f"val {100 * record['val_acc']:.1f}% test {100 * record['test_acc']:.1f}%{bleu} "
         f"gamma-bar {record['gamma_bar']} ({record['elapsed_seconds']:.0f} s)",
         flush=True,
     )
@@ -309,7 +431,7 @@ def run_configs(args, configs, label):
     print(
         f"Phase {label}: {len(configs)} runs, {len(configs) - len(todo)} already in "
         f"{args.results}, {len(todo)} to run: about {minutes:.1f} run-minutes at "
-        f"{args.images_per_second:g} images/s for the whole machine (parallel jobs "
+        f"{args.images_per_second:g} examples/s for the whole machine (parallel jobs "
         "share it, so this is also the wall time).",
         flush=True,
     )
@@ -343,8 +465,8 @@ def gap_found(args):
 def main(argv=None):
     args = parse_args(argv)
     print(
-        f"Sweep: {args.optimizer}, batch {args.small_batch} vs {args.large_batch}, "
-        f"{args.epochs} epochs on {args.train_size} images; stddev candidates "
+        f"Sweep {args.task}: {args.optimizer}, batch {args.small_batch} vs {args.large_batch}, "
+        f"{args.epochs} epochs on {args.train_size or 'all'} training examples; stddev candidates "
         f"{candidate_stddevs(args)} (noise-equivalent "
         f"{noise_equivalent_stddev(args.large_batch, args.small_batch):.3f}); results {args.results}",
         flush=True,

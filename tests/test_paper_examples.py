@@ -206,6 +206,25 @@ def test_sweep_flags_reach_the_example(tmp_path):
     assert parsed.bn_momentum == 0.9 and parsed.ggn_size == args.ggn_size
 
 
+def test_sweep_multi30k_flags_reach_the_example(tmp_path):
+    args = _sweep_args(tmp_path, "--task", "multi30k", "--optimizer", "lamb")
+    config = sweep.make_config(args, 1024, "gaussian", 1.5, seed=2, role="select")
+    import multi30k_transformer
+
+    parsed = multi30k_transformer.parse_args(sweep.flags_of(config))
+    assert (parsed.batch_size, parsed.noise, parsed.stddev, parsed.seed) == (1024, "gaussian", 1.5, 2)
+    assert (parsed.optimizer, parsed.epochs, parsed.layers, parsed.d_model) == ("lamb", 8, 2, 128)
+    assert parsed.train_size == 10000 and parsed.val_source == "auto"
+    # Peak rate scaled as sqrt(B), warmup as 1/B, from 1e-3 and 250 steps at batch 64.
+    assert parsed.lr == pytest.approx(1e-3 * 4) and parsed.warmup_steps == 16
+    assert "ggn_size" not in config
+    # Flags of the CIFAR example are refused for the Transformer, by name.
+    with pytest.raises(SystemExit):
+        _sweep_args(tmp_path, "--task", "multi30k", "--widths", "8", "16", "32")
+    with pytest.raises(SystemExit):
+        _sweep_args(tmp_path, "--task", "multi30k", "--optimizer", "nesterov")
+
+
 def test_sweep_resumes_and_chooses_stddev_on_validation(tmp_path):
     args = _sweep_args(tmp_path)
     assert sweep.noise_equivalent_stddev(1024, 128) == pytest.approx(math.sqrt(7))
@@ -239,9 +258,19 @@ def test_plot_table_and_figures(tmp_path):
     records += [_record(c, 0.9, 0.62, 0.6) for c in sweep.select_configs(args)]
     path = tmp_path / "r.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    # A second setup (80 epochs) gets its own table and figures.
+    longer = _sweep_args(tmp_path, "--epochs", "80")
+    records += [_record(c, 1.0, 0.5, 0.5) for c in sweep.gap_configs(longer, [0])]
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
     plot.main([str(path), "--out", str(tmp_path)])
-    table = plot.table(plot.load(path))
-    assert "| nesterov | 64 | none | 0 |  | 0,1 | 100.0 ± 0.0 |" in table
+    setups = plot.by_setup(plot.load(path))
+    assert [plot.setup_label(s) for s in setups] == ["n2048_e40", "n2048_e80"]
+    table = plot.table(next(iter(setups.values())))
+    assert "| nesterov | 64 | – | none | 0 |  | 0,1 | 100.0 ± 0.0 |" in table
     assert "55.5 ± 0.7" in table
-    assert (tmp_path / "r_accuracy_vs_batch.png").stat().st_size > 0
-    assert (tmp_path / "r_large_batch.png").stat().st_size > 0
+    assert "50.0" not in table  # the 80-epoch runs are not mixed into the 40-epoch table
+    for stem in ("r_n2048_e40", "r_n2048_e80"):
+        assert (tmp_path / f"{stem}_accuracy_vs_batch.png").stat().st_size > 0
+    assert (tmp_path / "r_n2048_e40_large_batch.png").stat().st_size > 0
+    assert "**n2048_e80**" in plot.tables(plot.load(path))
