@@ -22,6 +22,10 @@ the sweep first establishes one, then measures mixing inside it:
    test set.
 3. ``seeds``: the small and large plain runs and the chosen stddev of each
    noise, on the other seeds.
+4. ``curve`` (not part of ``all``): accuracy against the batch size, as in
+   the paper's Figures 1-3: plain and each noise at the stddev chosen at
+   ``--large-batch`` (unchanged, not re-selected), at every batch size of
+   ``--curve-batches``, for each of ``--seeds``.
 
 Every finished run appends one JSON line to ``--results`` (config, seed,
 train/val/test accuracy and loss, steps, wall time, gamma-bar, and log Tr(G)
@@ -57,7 +61,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results"
-PHASES = ("gap", "select", "seeds", "all")
+PHASES = ("gap", "select", "seeds", "all", "curve")
 
 #: Flags of examples/cifar_resnet18.py shared by every run of the sweep.
 #: Fixed, class-balanced 2048-image training subset, 1000 validation images
@@ -159,6 +163,7 @@ def parse_args(argv=None):
     p.add_argument("--noises", nargs="+", default=["gaussian", "rademacher"], choices=("gaussian", "rademacher"))
     p.add_argument("--select-seed", type=int, default=0, help="seed of the stddev selection runs")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the gap and seeds phases")
+    p.add_argument("--curve-batches", type=int, nargs="+", default=None, help="phase curve: the batch sizes")
     p.add_argument("--ggn-size", type=int, default=None, help="cifar10: training examples for log Tr(G) after each run (default 128, 0: off)")
     p.add_argument("--gap-threshold", type=float, default=0.01, help="phase all: go on only if small-batch test acc exceeds large-batch by this much")
     p.add_argument("--fit-threshold", type=float, default=0.95, help="phase all: ... and the large batch reaches this train acc")
@@ -263,6 +268,23 @@ def chosen_stddevs(args, results):
             # Ties go to the smaller stddev (less noise).
             chosen[noise] = max(sorted(scores), key=lambda sd: scores[sd])
     return chosen
+
+
+def curve_configs(args, results):
+    """Plain and each noise's chosen stddev (chosen at ``--large-batch``) at every ``--curve-batches``."""
+    chosen = chosen_stddevs(args, results)
+    missing = [n for n in args.noises if n not in chosen]
+    if missing:
+        raise SystemExit(
+            f"Phase curve needs the stddev chosen at --large-batch {args.large_batch} for "
+            f"{', '.join(missing)}: run --phase select first."
+        )
+    return [
+        make_config(args, b, noise, chosen.get(noise, 0.0), s, role="curve" if noise != "none" else "plain")
+        for s in args.seeds
+        for b in args.curve_batches
+        for noise in ("none", *args.noises)
+    ]
 
 
 def seed_configs(args, results):
@@ -477,6 +499,10 @@ def main(argv=None):
         return
     if args.phase in ("select", "all"):
         run_configs(args, select_configs(args), "select")
+    if args.phase == "curve":
+        if not args.curve_batches:
+            raise SystemExit("--phase curve needs --curve-batches (e.g. --curve-batches 64 256 1024)")
+        run_configs(args, curve_configs(args, load_results(args.results)), "curve")
     if args.phase in ("seeds", "all"):
         results = load_results(args.results)
         if args.dry_run and not chosen_stddevs(args, results):

@@ -250,6 +250,16 @@ def test_sweep_resumes_and_chooses_stddev_on_validation(tmp_path):
     assert [c["stddev"] for c in seeds if c["noise"] == "gaussian"] == [1.0]
     sweep.main(["--results", str(args.results), "--dry-run", "--phase", "all"])  # prints the plan only
     assert len(sweep.load_results(args.results)) == len(records) - 1
+    # The curve phase reuses the stddev chosen at the large batch at other batch sizes.
+    curve_args = _sweep_args(tmp_path, "--phase", "curve", "--curve-batches", "64", "1024", "--seeds", "0")
+    curve = sweep.curve_configs(curve_args, results)
+    assert [(c["batch_size"], c["noise"], c["stddev"]) for c in curve] == [
+        (64, "none", 0.0), (64, "gaussian", 1.0), (64, "rademacher", chosen["rademacher"]),
+        (1024, "none", 0.0), (1024, "gaussian", 1.0), (1024, "rademacher", chosen["rademacher"]),
+    ]
+    assert sweep.pending(curve_args, curve)[0]["batch_size"] == 64 and len(sweep.pending(curve_args, curve)) == 5
+    with pytest.raises(SystemExit, match="run --phase select first"):
+        sweep.curve_configs(_sweep_args(tmp_path, "--large-batch", "256"), results)
 
 
 def test_plot_table_and_figures(tmp_path):
