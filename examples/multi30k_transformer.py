@@ -343,6 +343,7 @@ def run(args):
     fit_start = time.perf_counter()
     history = model.fit(
         train_ds, epochs=args.epochs, validation_data=val_ds, verbose=args.verbose,
+        shuffle=False,  # the dataset shuffles itself, seeded (Keras would warn)
         callbacks=[
             keras.callbacks.BackupAndRestore(str(out / "backup")),
             keras.callbacks.CSVLogger(str(out / "log.csv"), append=True),
