@@ -4,7 +4,9 @@ Runs are grouped by *setup* (everything but the optimizer, batch size, noise,
 stddev and seed: training-set size, epochs, augmentation, model) and, within
 a setup, by configuration. Per setup it prints a markdown table (mean ± std
 over seeds of train, validation and test accuracy, BLEU for Multi30k,
-gamma-bar, log Tr(G), wall time; one row per configuration) and saves two
+gamma-bar, log Tr(G), wall time; one row per configuration; for each noise
+the test-accuracy difference to the plain run of the same batch size and
+seed, which shares its initial weights and batch order) and saves two
 figures next to the JSONL (or under ``--out``), ``<label>`` naming the setup
 (e.g. ``n2048_e40``):
 
@@ -79,9 +81,17 @@ def group_key(record):
     return (c["optimizer"], c["batch_size"], c["noise"], c["stddev"])
 
 
+NOISE_ORDER = {"none": 0, "gaussian": 1, "rademacher": 2}
+
+
 def groups(records):
+    """``{(optimizer, batch, noise, stddev): runs}``, plain before the noises."""
+    def order(record):
+        opt, batch, noise, stddev = group_key(record)
+        return (opt, batch, NOISE_ORDER.get(noise, 3), noise, stddev, record["seed"])
+
     found = collections.OrderedDict()
-    for r in sorted(records, key=lambda r: (group_key(r), r["seed"])):
+    for r in sorted(records, key=order):
         found.setdefault(group_key(r), []).append(r)
     return found
 
@@ -99,8 +109,8 @@ def table(records):
     """One markdown table (the runs of one setup)."""
     bleu = any("val_bleu" in r for r in records)
     ggn = any(r.get("log_ggn_trace") is not None for r in records)
-    head = "| optimizer | batch | steps | noise | stddev | chosen on val | seeds | train acc % | val acc % | test acc % | train − test |"
-    rule = "|---|---:|---:|---|---:|:---:|---:|---:|---:|---:|---:|"
+    head = "| optimizer | batch | steps | noise | stddev | chosen on val | seeds | train acc % | val acc % | test acc % | Δ test vs plain, paired | train − test |"
+    rule = "|---|---:|---:|---|---:|:---:|---:|---:|---:|---:|---:|---:|"
     if bleu:
         head, rule = head + " val BLEU | test BLEU |", rule + "---:|---:|"
     head, rule = head + " gamma-bar |", rule + "---:|"
@@ -108,13 +118,17 @@ def table(records):
         head, rule = head + " log Tr(G) |", rule + "---:|"
     lines = [head + " wall min/run |", rule + "---:|"]
     best = chosen(records)
-    for (opt, batch, noise, stddev), runs in groups(records).items():
+    grouped = groups(records)
+    for (opt, batch, noise, stddev), runs in grouped.items():
         gap = [r["train_acc"] - r["test_acc"] for r in runs]
+        plain = {r["seed"]: r for r in grouped.get((opt, batch, "none", 0.0), [])}
+        paired = [r["test_acc"] - plain[r["seed"]]["test_acc"] for r in runs if r["seed"] in plain]
+        delta = "" if noise == "none" else mean_std(paired, 100) + (f" (n={len(paired)})" if paired else "")
         mark = "" if noise == "none" else ("yes" if best[(opt, batch, noise)] == stddev else "no")
         line = (
             f"| {opt} | {batch} | {runs[0].get('steps', '–')} | {noise} | {stddev:g} | {mark} | {','.join(str(r['seed']) for r in runs)} | "
             f"{mean_std([r['train_acc'] for r in runs], 100)} | {mean_std([r['val_acc'] for r in runs], 100)} | "
-            f"{mean_std([r['test_acc'] for r in runs], 100)} | {mean_std(gap, 100)} |"
+            f"{mean_std([r['test_acc'] for r in runs], 100)} | {delta} | {mean_std(gap, 100)} |"
         )
         if bleu:
             line += f" {mean_std([r.get('val_bleu') for r in runs], 1, 2)} | {mean_std([r.get('test_bleu') for r in runs], 1, 2)} |"

@@ -278,6 +278,7 @@ def test_plot_table_and_figures(tmp_path):
     assert [plot.setup_label(s) for s in setups] == ["n2048_e40", "n2048_e80"]
     table = plot.table(next(iter(setups.values())))
     assert "| nesterov | 64 | – | none | 0 |  | 0,1 | 100.0 ± 0.0 |" in table
+    assert "| 60.0 | 5.0 (n=1) |" in table  # selection run vs the plain seed-0 run (55%)
     assert "55.5 ± 0.7" in table
     assert "50.0" not in table  # the 80-epoch runs are not mixed into the 40-epoch table
     for stem in ("r_n2048_e40", "r_n2048_e80"):
