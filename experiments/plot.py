@@ -41,7 +41,7 @@ def load(path):
 
 
 #: Config entries that vary within a setup (and the label-only ``role``).
-PER_RUN = ("optimizer", "batch_size", "noise", "stddev", "seed", "role", "ggn_size")
+PER_RUN = ("optimizer", "base_lr", "batch_size", "noise", "stddev", "seed", "role", "ggn_size")
 
 
 def setup_of(record):
@@ -77,8 +77,10 @@ def by_setup(records):
 
 
 def group_key(record):
+    """``(optimizer, batch, noise, stddev)``; a non-recipe rate shows in the optimizer, e.g. ``lamb@0.01``."""
     c = record["config"]
-    return (c["optimizer"], c["batch_size"], c["noise"], c["stddev"])
+    optimizer = c["optimizer"] if c.get("base_lr") is None else f"{c['optimizer']}@{c['base_lr']:g}"
+    return (optimizer, c["batch_size"], c["noise"], c["stddev"])
 
 
 NOISE_ORDER = {"none": 0, "gaussian": 1, "rademacher": 2}

@@ -22,6 +22,10 @@ the sweep first establishes one, then measures mixing inside it:
    test set.
 3. ``seeds``: the small and large plain runs and the chosen stddev of each
    noise, on the other seeds.
+0. ``lr`` (cifar10, not part of ``all``): plain runs at the large batch for
+   each of ``--base-lrs``, on the selection seed; pick the rate with the best
+   *validation* accuracy (printed) and pass it as ``--base-lr`` to the other
+   phases.
 4. ``curve`` (not part of ``all``): accuracy against the batch size, as in
    the paper's Figures 1-3: plain and each noise at the stddev chosen at
    ``--large-batch`` (unchanged, not re-selected), at every batch size of
@@ -61,7 +65,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results"
-PHASES = ("gap", "select", "seeds", "all", "curve")
+PHASES = ("lr", "gap", "select", "seeds", "all", "curve")
 
 #: Flags of examples/cifar_resnet18.py shared by every run of the sweep.
 #: Fixed, class-balanced 2048-image training subset, 1000 validation images
@@ -140,7 +144,7 @@ TASKS = {
     ),
 }
 #: Flags that only the CIFAR example has.
-CIFAR_ONLY = ("val_size", "test_size", "augment", "widths", "ggn_size")
+CIFAR_ONLY = ("val_size", "test_size", "augment", "widths", "ggn_size", "base_lr")
 
 _lock = threading.Lock()
 
@@ -158,6 +162,8 @@ def parse_args(argv=None):
     p.add_argument("--test-size", type=int, default=None, help="cifar10: test images (default all)")
     p.add_argument("--augment", action="store_true", default=None, help="cifar10: flip + crop (default off)")
     p.add_argument("--optimizer", default=None, choices=("nesterov", "lars", "adam", "lamb"), help="default: nesterov (cifar10), adam (multi30k)")
+    p.add_argument("--base-lr", type=float, default=None, help="cifar10: learning rate at batch 200, scaled linearly (default: the optimizer's recipe, e.g. 0.1 for nesterov, 1e-3 for lamb)")
+    p.add_argument("--base-lrs", type=float, nargs="+", default=None, help="phase lr: the candidate --base-lr values")
     p.add_argument("--widths", type=int, nargs=3, default=None, help="cifar10: ResNet-8 stage widths (default 16 32 64)")
     p.add_argument("--stddevs", type=float, nargs="+", default=[0.5, 1.0], help="candidates besides the noise-equivalent one")
     p.add_argument("--noises", nargs="+", default=["gaussian", "rademacher"], choices=("gaussian", "rademacher"))
@@ -207,6 +213,8 @@ def common(args):
         config.update(
             val_size=args.val_size, test_size=args.test_size, augment=bool(args.augment), widths=list(args.widths)
         )
+        if args.base_lr is not None:  # only when given, so that earlier runs keep their keys
+            config["base_lr"] = args.base_lr
     return config
 
 
@@ -268,6 +276,22 @@ def chosen_stddevs(args, results):
             # Ties go to the smaller stddev (less noise).
             chosen[noise] = max(sorted(scores), key=lambda sd: scores[sd])
     return chosen
+
+
+def lr_configs(args):
+    """Plain large-batch runs, one per ``--base-lrs`` value, on the selection seed."""
+    configs = []
+    for rate in args.base_lrs:
+        config = make_config(args, args.large_batch, seed=args.select_seed, role="lr")
+        config["base_lr"] = rate
+        configs.append(config)
+    return configs
+
+
+def best_base_lr(args, results):
+    """The ``--base-lrs`` value with the best validation accuracy (None before any run)."""
+    scores = {c["base_lr"]: results[key_of(c)]["val_acc"] for c in lr_configs(args) if key_of(c) in results}
+    return max(sorted(scores), key=lambda rate: scores[rate]) if scores else None
 
 
 def curve_configs(args, results):
@@ -499,6 +523,16 @@ def main(argv=None):
         return
     if args.phase in ("select", "all"):
         run_configs(args, select_configs(args), "select")
+    if args.phase == "lr":
+        if args.task != "cifar10" or not args.base_lrs:
+            raise SystemExit("--phase lr needs --task cifar10 and --base-lrs (e.g. --base-lrs 0.01 0.03)")
+        run_configs(args, lr_configs(args), "lr")
+        results = load_results(args.results)
+        for config in lr_configs(args):
+            found = results.get(key_of(config))
+            if found:
+                print(f"  base lr {config['base_lr']:g}: train {100 * found['train_acc']:.1f}% val {100 * found['val_acc']:.1f}%", flush=True)
+        print(f"Best on validation: --base-lr {best_base_lr(args, results)}", flush=True)
     if args.phase == "curve":
         if not args.curve_batches:
             raise SystemExit("--phase curve needs --curve-batches (e.g. --curve-batches 64 256 1024)")

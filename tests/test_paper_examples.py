@@ -268,6 +268,10 @@ def test_plot_table_and_figures(tmp_path):
     records += [_record(c, 0.9, 0.62, 0.6) for c in sweep.select_configs(args)]
     path = tmp_path / "r.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    # A LAMB run at a non-recipe rate (phase lr) is its own row, in the same table.
+    lamb = _sweep_args(tmp_path, "--optimizer", "lamb", "--phase", "lr", "--base-lrs", "0.01")
+    records += [_record(c, 0.9, 0.5, 0.5) for c in sweep.lr_configs(lamb)]
+    assert sweep.best_base_lr(lamb, {r["key"]: r for r in records}) == 0.01
     # A second setup (80 epochs) gets its own table and figures.
     longer = _sweep_args(tmp_path, "--epochs", "80")
     records += [_record(c, 1.0, 0.5, 0.5) for c in sweep.gap_configs(longer, [0])]
@@ -280,7 +284,10 @@ def test_plot_table_and_figures(tmp_path):
     assert "| nesterov | 64 | – | none | 0 |  | 0,1 | 100.0 ± 0.0 |" in table
     assert "| 60.0 | 5.0 (n=1) |" in table  # selection run vs the plain seed-0 run (55%)
     assert "55.5 ± 0.7" in table
-    assert "50.0" not in table  # the 80-epoch runs are not mixed into the 40-epoch table
+    assert "| lamb@0.01 | 512 | – | none | 0 |  | 0 | 90.0 | 50.0 | 50.0 |" in table
+    # The 80-epoch runs (seed 0, test 50%) are in their own table, not averaged in here.
+    longer_table = plot.table(list(setups.values())[1])
+    assert len(longer_table.splitlines()) == 4 and "| 0 | 100.0 | 50.0 | 50.0 |" in longer_table
     for stem in ("r_n2048_e40", "r_n2048_e80"):
         assert (tmp_path / f"{stem}_accuracy_vs_batch.png").stat().st_size > 0
     assert (tmp_path / "r_n2048_e40_large_batch.png").stat().st_size > 0
