@@ -374,12 +374,19 @@ def run_minutes(args, config):
 
 
 def run_name(args, config):
+    """The run's folder name: unique per configuration (a folder holds its backup, which a rerun resumes)."""
     size = f"n{config['train_size']}" if config["train_size"] else "nall"
     prefix = "" if args.task == "cifar10" else f"{args.task}_"
-    return (
+    rate = "" if config.get("base_lr") is None else f"_lr{config['base_lr']:g}"
+    name = (
         f"{prefix}b{config['batch_size']}_{config['noise']}{config['stddev']:g}_s{config['seed']}"
-        f"_{config['optimizer']}_{size}_e{config['epochs']}"
+        f"_{config['optimizer']}{rate}_{size}_e{config['epochs']}"
     )
+    defaults = TASKS[args.task]["common"]
+    # Any other departure from the task's shared flags (widths, augmentation, ...).
+    others = sorted(k for k in defaults if k not in ("epochs", "train_size", "optimizer") and config.get(k) != defaults[k])
+    suffix = "".join(f"_{k}{config[k]}" for k in others)
+    return name + suffix.replace(" ", "").replace(",", "-").replace("[", "").replace("]", "")
 
 
 #: Result fields copied from the example's JSON into the sweep's record.

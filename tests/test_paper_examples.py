@@ -272,6 +272,12 @@ def test_plot_table_and_figures(tmp_path):
     lamb = _sweep_args(tmp_path, "--optimizer", "lamb", "--phase", "lr", "--base-lrs", "0.01")
     records += [_record(c, 0.9, 0.5, 0.5) for c in sweep.lr_configs(lamb)]
     assert sweep.best_base_lr(lamb, {r["key"]: r for r in records}) == 0.01
+    # Every configuration gets its own run folder (a folder's backup is resumed by a rerun).
+    probes = sweep.lr_configs(_sweep_args(tmp_path, "--optimizer", "lamb", "--base-lrs", "0.01", "0.03"))
+    names = {sweep.run_name(lamb, c) for c in probes + sweep.select_configs(args) + sweep.gap_configs(args, [0, 1])}
+    assert len(names) == 2 + 6 + 4
+    wide = _sweep_args(tmp_path, "--widths", "8", "16", "32")
+    assert sweep.run_name(wide, sweep.make_config(wide, 64)) == "b64_none0_s0_nesterov_n2048_e40_widths8-16-32"
     # A second setup (80 epochs) gets its own table and figures.
     longer = _sweep_args(tmp_path, "--epochs", "80")
     records += [_record(c, 1.0, 0.5, 0.5) for c in sweep.gap_configs(longer, [0])]
