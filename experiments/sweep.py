@@ -10,7 +10,11 @@ The paper claims that GradientMix improves test accuracy at large batch
 sizes. A regularizer can only help where there is a generalization gap, so
 the sweep first establishes one, then measures mixing inside it:
 
-1. ``gap``: plain SGD + Nesterov at a small and a large batch, same epochs,
+0. ``lr`` (cifar10, not part of ``all``): plain runs at the large batch for
+   each of ``--base-lrs``, on the selection seed; pick the rate with the best
+   *validation* accuracy (printed) and pass it as ``--base-lr`` to the other
+   phases.
+1. ``gap``: plain training (``--optimizer``, default SGD + Nesterov) at a small and a large batch, same epochs,
    the paper's §5.1 schedule (linear LR scaling from batch 200, warmup for
    10% of the run, quadratic decay). Both must fit the training subset
    (train accuracy near 100%) and the large batch must test worse.
@@ -22,10 +26,6 @@ the sweep first establishes one, then measures mixing inside it:
    test set.
 3. ``seeds``: the small and large plain runs and the chosen stddev of each
    noise, on the other seeds.
-0. ``lr`` (cifar10, not part of ``all``): plain runs at the large batch for
-   each of ``--base-lrs``, on the selection seed; pick the rate with the best
-   *validation* accuracy (printed) and pass it as ``--base-lr`` to the other
-   phases.
 4. ``curve`` (not part of ``all``): accuracy against the batch size, as in
    the paper's Figures 1-3: plain and each noise at the stddev chosen at
    ``--large-batch`` (unchanged, not re-selected), at every batch size of
@@ -39,7 +39,10 @@ is still usable by ``experiments/plot.py``.
 
 The plan is printed in run-minutes before anything starts (``--dry-run``
 prints only the plan); ``--images-per-second`` is the training throughput
-of the model (DESIGN.md §5: ~1,100 for the ResNet-8 on a free 2-core machine).
+of the whole machine (DESIGN.md §5: ~1,100 images/s for the ResNet-8 in one
+process on a free 2-core machine; measured here with ``--jobs 2 --threads 1``
+and ``--validation-freq 10``: ~550 images/s, and ~180 sentence pairs/s for
+the sweep's Transformer).
 
 Usage::
 
@@ -48,6 +51,9 @@ Usage::
     python experiments/sweep.py --phase select              # step 2
     python experiments/sweep.py --phase seeds --seeds 0 1   # step 3
     python experiments/sweep.py --phase all                 # 1-3, stops if no gap
+    python experiments/sweep.py --optimizer lamb --phase lr --base-lrs 0.01 0.03
+    python experiments/sweep.py --phase curve --curve-batches 64 256 1024 --seeds 0
+    python experiments/sweep.py --task multi30k --phase gap
     python experiments/plot.py                              # tables and figures
 """
 
@@ -175,7 +181,7 @@ def parse_args(argv=None):
     p.add_argument("--fit-threshold", type=float, default=0.95, help="phase all: ... and the large batch reaches this train acc")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (each with --threads)")
     p.add_argument("--threads", type=int, default=None, help="TensorFlow threads per run")
-    p.add_argument("--images-per-second", type=float, default=None, help="training examples/s of the whole machine, for the plan (default 1100 images/s for cifar10, 180 sentence pairs/s for multi30k)")
+    p.add_argument("--images-per-second", type=float, default=None, help="training examples/s of the whole machine, for the plan (default: measured here with --jobs 2 --threads 1, 550 images/s for cifar10, 180 sentence pairs/s for multi30k)")
     p.add_argument("--overhead-seconds", type=float, default=20.0, help="per run, for the plan (start, evaluation, Tr(G) or BLEU)")
     p.add_argument("--run-dir", type=Path, default=REPO / "runs" / "sweep", help="logs and backups of each run (not committed)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for the example (e.g. --extra --quick)")
@@ -192,7 +198,7 @@ def parse_args(argv=None):
     defaults = dict(
         results=task["results"], small_batch=task["small_batch"], large_batch=task["large_batch"],
         epochs=common["epochs"], train_size=common["train_size"], optimizer=common["optimizer"],
-        images_per_second=1100.0 if args.task == "cifar10" else 180.0,
+        images_per_second=550.0 if args.task == "cifar10" else 180.0,
     )
     if args.task == "cifar10":
         defaults.update(val_size=COMMON["val_size"], augment=COMMON["augment"], widths=COMMON["widths"], ggn_size=128)
