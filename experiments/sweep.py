@@ -172,6 +172,7 @@ def parse_args(argv=None):
     p.add_argument("--base-lrs", type=float, nargs="+", default=None, help="phase lr: the candidate --base-lr values")
     p.add_argument("--widths", type=int, nargs=3, default=None, help="cifar10: ResNet-8 stage widths (default 16 32 64)")
     p.add_argument("--stddevs", type=float, nargs="+", default=[0.5, 1.0], help="candidates besides the noise-equivalent one")
+    p.add_argument("--no-noise-equivalent", dest="noise_equivalent", action="store_false", help="select among --stddevs only (default: also sqrt(B_large / B_small - 1))")
     p.add_argument("--noises", nargs="+", default=["gaussian", "rademacher"], choices=("gaussian", "rademacher"))
     p.add_argument("--select-seed", type=int, default=0, help="seed of the stddev selection runs")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the gap and seeds phases")
@@ -247,7 +248,8 @@ def key_of(config):
 
 def candidate_stddevs(args):
     values = [float(s) for s in args.stddevs]
-    values.append(noise_equivalent_stddev(args.large_batch, args.small_batch))
+    if args.noise_equivalent:
+        values.append(noise_equivalent_stddev(args.large_batch, args.small_batch))
     return sorted({round(v, 6) for v in values})
 
 

@@ -229,6 +229,7 @@ def test_sweep_resumes_and_chooses_stddev_on_validation(tmp_path):
     args = _sweep_args(tmp_path)
     assert sweep.noise_equivalent_stddev(1024, 128) == pytest.approx(math.sqrt(7))
     assert sweep.candidate_stddevs(args) == [0.5, 1.0, round(math.sqrt(512 / 64 - 1), 6)]
+    assert sweep.candidate_stddevs(_sweep_args(tmp_path, "--stddevs", "1", "--no-noise-equivalent")) == [1.0]
     select = sweep.select_configs(args)
     assert len(select) == 6 and {c["batch_size"] for c in select} == {512}
     gap = sweep.gap_configs(args, [0])
