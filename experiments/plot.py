@@ -41,7 +41,8 @@ def load(path):
 
 
 #: Config entries that vary within a setup (and the label-only ``role``).
-PER_RUN = ("optimizer", "base_lr", "batch_size", "noise", "stddev", "seed", "role", "ggn_size")
+#: (``lr`` and ``warmup_steps`` of the Multi30k sweep follow the batch size.)
+PER_RUN = ("optimizer", "base_lr", "batch_size", "noise", "stddev", "seed", "role", "ggn_size", "lr", "warmup_steps")
 
 
 def setup_of(record):

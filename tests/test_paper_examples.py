@@ -225,6 +225,18 @@ def test_sweep_multi30k_flags_reach_the_example(tmp_path):
         _sweep_args(tmp_path, "--task", "multi30k", "--optimizer", "nesterov")
 
 
+def test_plot_keeps_a_multi30k_sweep_in_one_setup(tmp_path):
+    # Its rate and warmup follow the batch size, yet both batches are one setup.
+    args = _sweep_args(tmp_path, "--task", "multi30k")
+    records = [_record(c, 0.6, 0.55, 0.55) for c in sweep.gap_configs(args, [0])]
+    for r, bleu in zip(records, (20.0, 14.0)):
+        r.update(val_bleu=bleu, test_bleu=bleu - 1, log_ggn_trace=None)
+    assert len(plot.by_setup(records)) == 1
+    table = plot.table(records)
+    assert "val BLEU | test BLEU |" in table and "log Tr(G)" not in table
+    assert "| 20.00 | 19.00 |" in table and "| 14.00 | 13.00 |" in table
+
+
 def test_sweep_resumes_and_chooses_stddev_on_validation(tmp_path):
     args = _sweep_args(tmp_path)
     assert sweep.noise_equivalent_stddev(1024, 128) == pytest.approx(math.sqrt(7))
