@@ -55,6 +55,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cifar10  # noqa: E402
+import threads  # noqa: E402
 
 OPTIMIZERS = ("nesterov", "lars", "adam", "lamb")
 NOISES = ("none", "gaussian", "rademacher")
@@ -309,11 +310,7 @@ def log_ggn_trace(args, model, x, y):
 
 def run(args):
     """Trains once and returns the result as a JSON-ready dict."""
-    if args.threads:
-        import tensorflow as tf
-
-        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    threads.limit_threads(args.threads)
     import keras
     import tf_gradmix as gm
 

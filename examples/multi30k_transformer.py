@@ -56,6 +56,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import multi30k  # noqa: E402
+import threads  # noqa: E402
 
 SIZES = {
     # layers (encoder = decoder), d_model, heads, FFN width, dropout
@@ -297,11 +298,7 @@ def bleu(model, src_sentences, references, src_vocab, tgt_vocab, max_len, limit=
 
 
 def run(args):
-    if args.threads:
-        import tensorflow as tf
-
-        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    threads.limit_threads(args.threads)
     import keras
     import tf_gradmix as gm
 
