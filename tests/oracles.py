@@ -51,6 +51,30 @@ def recover_weights(update, per_example):
     return w
 
 
+#: Unit roundoff of float32, the precision of every model under test.
+FLOAT32_EPS = float(np.finfo(np.float32).eps)
+
+
+def assert_float32_close(actual, expected, ulps=32):
+    """``actual`` (float32 training) equals the float64 ``expected`` to rounding.
+
+    A float32 forward and backward pass rounds at every operation, so each
+    element carries an absolute error of a few ulps of the largest values it
+    was computed from, not of its own (possibly cancelled, tiny) value. The
+    tolerance is therefore ``ulps * eps32`` relative to each element plus the
+    same relative to the largest element of ``expected``: 3.8e-6 of the
+    largest gradient entry at the default ``ulps``. A plausible bug (a wrong
+    or missing weight on one example of a batch of 16) moves entries by about
+    ``|w_b g_b| / B``, percents of the largest entry, far outside it.
+    """
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    tolerance = ulps * FLOAT32_EPS
+    np.testing.assert_allclose(
+        actual, expected, rtol=tolerance, atol=tolerance * np.max(np.abs(expected))
+    )
+
+
 def relative_error(actual, expected):
     """``max |actual - expected| / max |expected|`` in float64."""
     return np.max(np.abs(np.asarray(actual, np.float64) - expected)) / np.max(np.abs(expected))

@@ -14,6 +14,7 @@ import tensorflow as tf
 
 import tf_gradmix as gm
 from oracles import (
+    assert_float32_close,
     flat,
     per_example_gradients,
     recover_weights,
@@ -105,7 +106,7 @@ def test_fit_update_equals_per_example_mix(kind, noise):
     grads = per_example_gradients(ref, x, y, keras.losses.SparseCategoricalCrossentropy())
     w = opt.example_weights(B, step=0, replica_id=0).numpy().astype(np.float64)
     expected = grads.T @ (w / B) + regularization_gradient(ref, x)
-    np.testing.assert_allclose(update, expected, rtol=1e-5, atol=2e-7)
+    assert_float32_close(update, expected)
 
     if noise == "rademacher":
         recovered = recover_weights(update - regularization_gradient(ref, x), grads)
@@ -252,7 +253,7 @@ def test_masked_sequence_loss_mixes_whole_sequences():
     assert shares.sum() == pytest.approx(plain_loss, rel=1e-5)  # oracle sanity
     assert history.history["loss"][0] == pytest.approx(plain_loss, rel=1e-6)
     w = opt.example_weights(B, step=0, replica_id=0).numpy()
-    np.testing.assert_allclose(update, grads.T @ w, rtol=1e-5, atol=2e-7)
+    assert_float32_close(update, grads.T @ w)
 
 
 @pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum", "mean_with_sample_weight"])
@@ -271,7 +272,7 @@ def test_every_reduction_is_mixed_exactly_with_user_sample_weights(reduction):
     grads = per_example_gradients(ref, x, y, keras.losses.SparseCategoricalCrossentropy())
     denominator = {"sum_over_batch_size": B, "sum": 1.0, "mean_with_sample_weight": s.sum()}[reduction]
     w = opt.example_weights(B, step=0, replica_id=0).numpy().astype(np.float64)
-    np.testing.assert_allclose(update, grads.T @ (s * w) / denominator, rtol=1e-5, atol=2e-7)
+    assert_float32_close(update, grads.T @ (s * w) / denominator)
 
 
 def test_several_outputs_and_losses():
@@ -309,7 +310,7 @@ def test_several_outputs_and_losses():
             loss = ce(y[b : b + 1], out["cls"]) + 0.5 * mse(y2[b : b + 1], out["reg"])
         rows.append(flat(tape.gradient(loss, ref.trainable_variables)))
     w = opt.example_weights(B, step=0, replica_id=0).numpy()
-    np.testing.assert_allclose(update, np.stack(rows).T @ w / B, rtol=1e-5, atol=2e-7)
+    assert_float32_close(update, np.stack(rows).T @ w / B)
     for key, value in plain.items():  # every loss log is the plain value
         assert history.history[key][0] == pytest.approx(value, rel=1e-5), key
 
@@ -330,7 +331,7 @@ def test_gradient_accumulation_draws_fresh_weights_per_micro_batch():
         grads = per_example_gradients(ref, x[part], y[part], loss_fn)
         w = opt.example_weights(16, step=step, replica_id=0).numpy()
         expected = expected + grads.T @ w / 16 / 2
-    np.testing.assert_allclose(update, expected, rtol=1e-5, atol=2e-7)
+    assert_float32_close(update, expected)
     assert int(opt.raw_step.numpy()) == 2 and int(opt.iterations.numpy()) == 1
 
 
