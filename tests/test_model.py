@@ -95,7 +95,7 @@ def one_step_update(model, optimizer, x, y, **fit_kwargs):
 @pytest.mark.parametrize(
     "kind", ["gm.Model", "gm.Sequential", "enable(functional)", "enable(Sequential)", "enable(subclassed)"]
 )
-@pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("noise", ["gaussian", "rademacher", "bernoulli"])
 def test_fit_update_equals_per_example_mix(kind, noise):
     x, y = data()
     model = build(kind)

@@ -1,6 +1,7 @@
 """Weight distributions, stateless seeding and the noise-equivalent batch."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -90,3 +91,87 @@ def test_mixed_gradient_covariance_matches_noise_equivalent_batch():
     measured = np.trace(deviations.T @ deviations) / trials
     expected = stddev**2 / batch**2 * np.sum(grads**2)
     assert measured == pytest.approx(expected, rel=0.06)
+
+
+# -- Bernoulli (Poisson sampling) weights ------------------------------------
+
+
+@pytest.mark.parametrize("stddev", [0.5, 1.0, 3.0])
+def test_bernoulli_weights_levels_mean_and_variance(stddev):
+    n = 200_000
+    w = noise.mixing_weights(noise.get("bernoulli"), stddev, [n], tf.constant([3, 4])).numpy().astype(np.float64)
+    scale = 1.0 + stddev**2  # 1 / p
+    p = 1.0 / scale
+    assert set(np.unique(w)) == {0.0, np.float64(np.float32(scale))}
+    # 5 standard errors of the sample mean, of the kept share and of the
+    # mean square deviation from the true mean 1 (its variance uses the
+    # fourth central moment of the two-point distribution; 0 at stddev 1).
+    assert abs(w.mean() - 1.0) < 5 * stddev / math.sqrt(n)
+    assert abs(np.mean(w > 0) - p) < 5 * math.sqrt(p * (1 - p) / n)
+    fourth = p * (scale - 1.0) ** 4 + (1 - p)
+    assert abs(np.mean((w - 1.0) ** 2) - stddev**2) <= 5 * math.sqrt((fourth - stddev**4) / n) + 1e-12
+
+
+def test_bernoulli_stddev_zero_keeps_every_unit_and_draws_are_pure():
+    seed = noise.step_seed(7, 3, noise.SAMPLE_STREAM, 1)
+    bernoulli = noise.Bernoulli()
+    np.testing.assert_array_equal(noise.mixing_weights(bernoulli, 0.0, [1000], seed).numpy(), np.ones(1000))
+    a = noise.mixing_weights(bernoulli, 2.0, [64], seed).numpy()
+    np.testing.assert_array_equal(a, noise.mixing_weights(bernoulli, 2.0, [64], seed).numpy())
+    other = noise.step_seed(7, 4, noise.SAMPLE_STREAM, 1)
+    assert not np.array_equal(a, noise.mixing_weights(bernoulli, 2.0, [64], other).numpy())
+    # A tensor stddev (a schedule's value) gives the same draw as a float.
+    np.testing.assert_array_equal(a, noise.mixing_weights(bernoulli, tf.constant(2.0), [64], seed).numpy())
+    with pytest.raises(NotImplementedError, match="weights"):
+        bernoulli.sample([4], seed)
+
+
+def test_bernoulli_serializes_by_name_and_config():
+    assert noise.get("bernoulli") == noise.Bernoulli()
+    assert noise.serialize(noise.Bernoulli()) == "bernoulli"
+    config = __import__("keras").saving.serialize_keras_object(noise.Bernoulli())
+    assert noise.get(config) == noise.Bernoulli()
+
+
+def test_custom_location_scale_noise_only_implements_sample():
+    class Uniform(noise.Noise):  # xi uniform on [-sqrt(3), sqrt(3)]: variance 1
+        def sample(self, shape, seed):
+            return tf.random.stateless_uniform(shape, seed=seed, minval=-math.sqrt(3), maxval=math.sqrt(3))
+
+    seed = tf.constant([5, 6])
+    w = noise.mixing_weights(Uniform(), 0.5, [16], seed).numpy()
+    np.testing.assert_allclose(w, 1.0 + 0.5 * Uniform().sample([16], seed).numpy(), rtol=1e-7)
+
+
+# -- the temperature rule -------------------------------------------------------
+
+
+def test_stddev_for_temperature_values():
+    # Full batch N = 1024 at the rate of a batch-32 run: sqrt(N / b - 1).
+    assert noise.stddev_for_temperature(1024, 0.05, 32, 0.05) == pytest.approx(math.sqrt(31))
+    # Linear scaling keeps lr / B: no noise lost, exactly 0 despite rounding.
+    assert noise.stddev_for_temperature(4096, 1.6, 256, 0.1) == 0.0
+    assert noise.stddev_for_temperature(3000, 0.3, 1000, 0.1) == 0.0
+    # Square-root scaling (4x batch, 2x rate) halves lr / B: sigma = 1.
+    assert noise.stddev_for_temperature(1024, 0.2, 256, 0.1) == pytest.approx(1.0)
+    # The mixed temperature lr (1 + sigma^2) / B equals the reference's.
+    sigma = noise.stddev_for_temperature(8192, 0.8, 256, 0.1)
+    assert 0.8 * (1 + sigma**2) / 8192 == pytest.approx(0.1 / 256)
+
+
+@pytest.mark.parametrize(
+    "index, arg",
+    [(0, "batch_size"), (1, "learning_rate"), (2, "reference_batch_size"), (3, "reference_learning_rate")],
+)
+@pytest.mark.parametrize("bad", [0, -1.5, float("nan"), float("inf"), True, "0.1"])
+def test_stddev_for_temperature_rejects_bad_input_by_name(index, arg, bad):
+    args = [1024, 0.05, 32, 0.05]
+    args[index] = bad
+    with pytest.raises(ValueError, match=rf"argument `{arg}`: {re.escape(repr(bad))}"):
+        noise.stddev_for_temperature(*args)
+
+
+def test_stddev_for_temperature_refuses_a_run_hotter_than_the_reference():
+    # Batch 32 at rate 0.1 is hotter than batch 1024 at 0.05: mixing cannot cool it.
+    with pytest.raises(ValueError, match=r"`batch_size`=32 and `learning_rate`=0.1.*already above"):
+        noise.stddev_for_temperature(32, 0.1, 1024, 0.05)

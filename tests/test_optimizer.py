@@ -60,6 +60,24 @@ def test_device_level_update_is_the_replica_mix(mirrored_strategy, wrapping):
         assert error < 1e-2 and effect > 10 * error, (error, effect)
 
 
+def test_device_level_bernoulli_keeps_a_random_subset_of_replicas(mirrored_strategy):
+    x, y = data(16)
+    with mirrored_strategy.scope():
+        model = functional(keras.Model)
+        opt = mixer("bernoulli", level="device", stddev=1.0, seed=3)
+        model.compile(opt, SCCE)
+    ref = plain_copy(model)
+    update, _ = fit_one_step(model, x, y)
+
+    w = opt.device_weights(K, step=0).numpy().astype(np.float64)
+    assert set(np.unique(w)) <= {0.0, 2.0} and 0 < np.count_nonzero(w) < K  # seed 3: a strict subset
+    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+    per_replica = [
+        mean_gradient(ref, x[s], y[s], loss_fn) + regularization_gradient(ref, x[s]) for s in replica_slices(16)
+    ]
+    assert_float32_close(update, sum(w[k] / K * per_replica[k] for k in range(K)))
+
+
 def test_sample_level_under_mirrored_strategy_is_the_global_batch_mix(mirrored_strategy):
     x, y = data(16)
     with mirrored_strategy.scope():
@@ -211,6 +229,17 @@ def test_config_round_trip_keeps_every_argument():
     assert restored.inner_optimizer.get_config() == opt.inner_optimizer.get_config()
     via_keras = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
     assert isinstance(via_keras, gm.GradientMix) and via_keras.get_config() == opt.get_config()
+
+
+@pytest.mark.parametrize("noise", ["bernoulli", gm.noise.Bernoulli()])
+def test_bernoulli_round_trips_by_name(noise):
+    opt = mixer(noise, stddev=2.0, seed=8)
+    assert opt.get_config()["noise"] == "bernoulli"
+    restored = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
+    assert restored.noise == gm.noise.Bernoulli()
+    w = restored.example_weights(32, step=3, replica_id=0).numpy()
+    np.testing.assert_array_equal(w, opt.example_weights(32, step=3, replica_id=0).numpy())
+    assert set(np.unique(w)) <= {0.0, 5.0}
 
 
 def test_seed_none_draws_a_seed_kept_in_the_config():

@@ -34,12 +34,14 @@ __all__ = [
     "Noise",
     "Gaussian",
     "Rademacher",
+    "Bernoulli",
     "get",
     "serialize",
     "mixing_weights",
     "gamma",
     "stddev_for_noise_batch_size",
     "noise_batch_size",
+    "stddev_for_temperature",
     "step_seed",
 ]
 
@@ -50,15 +52,32 @@ DEVICE_STREAM = 0xD3
 
 
 class Noise:
-    """A distribution of ``xi`` with mean 0 and variance 1.
+    """A distribution of mixing weights ``w`` with mean 1 and standard deviation ``stddev``.
 
-    Subclasses implement :meth:`sample`, which must be a pure function of
-    ``shape`` and ``seed`` (use ``tf.random.stateless_*``), and are registered
-    with ``keras.saving.register_keras_serializable`` so a ``GradientMix``
-    using them survives ``model.save``.
+    Most distributions are a location-scale family, ``w = 1 + stddev * xi``
+    with ``xi`` of mean 0 and variance 1: such subclasses implement only
+    :meth:`sample` (``xi``), which must be a pure function of ``shape`` and
+    ``seed`` (use ``tf.random.stateless_*``). A distribution whose shape
+    depends on ``stddev`` (:class:`Bernoulli`) overrides :meth:`weights`
+    instead. Register subclasses with
+    ``keras.saving.register_keras_serializable`` so a ``GradientMix`` using
+    them survives ``model.save``.
     """
 
     name = None
+
+    def weights(self, shape, seed, stddev):
+        """Draws the weights ``w`` (float32, mean 1, standard deviation ``stddev``).
+
+        The default is ``1 + stddev * self.sample(shape, seed)``.
+
+        Args:
+            shape: 1-D shape, e.g. ``[batch_size]``.
+            seed: int32 tensor of shape ``[2]``, as for
+                ``tf.random.stateless_normal``.
+            stddev: float32 scalar tensor ``sigma >= 0``.
+        """
+        return 1.0 + stddev * self.sample(shape, seed)
 
     def sample(self, shape, seed):
         """Draws ``xi`` of ``shape`` (float32) from the stateless ``seed``.
@@ -118,7 +137,40 @@ class Rademacher(Noise):
         return tf.cast(2 * bits - 1, tf.float32)
 
 
-_BY_NAME = {"gaussian": Gaussian, "rademacher": Rademacher}
+@keras.saving.register_keras_serializable(package="tf_gradmix")
+class Bernoulli(Noise):
+    r"""Poisson sampling: ``w = b / p`` with ``b ~ Bernoulli(p)``, ``p = 1 / (1 + stddev^2)``.
+
+    .. math::
+
+        w_n = b_n / p \in \{0,\ 1 + \sigma^2\}, \qquad
+        b_n \sim \mathrm{Bernoulli}(p), \qquad p = \frac{1}{1 + \sigma^2},
+
+    so ``E[w] = 1`` and ``Var[w] = (1 - p) / p = sigma^2``. The mixed gradient
+    ``(1/N) sum_n w_n g_n`` is the gradient of a random subset of expected
+    size ``p N`` (each unit kept independently), reweighted to stay
+    unbiased: exactly mini-batch sampling noise, at the cost of the full
+    batch. ``stddev = sqrt(N / b - 1)`` gives the sampling noise of a
+    mini-batch of expected size ``b``. ``stddev = 0`` keeps every unit
+    (``w = 1``): plain training. No weight is negative.
+    """
+
+    name = "bernoulli"
+
+    def sample(self, shape, seed):
+        raise NotImplementedError(
+            "Bernoulli weights are not 1 + stddev * xi with a fixed xi; "
+            "use Bernoulli().weights(shape, seed, stddev)."
+        )
+
+    def weights(self, shape, seed, stddev):
+        stddev = tf.cast(stddev, tf.float32)
+        scale = 1.0 + tf.square(stddev)  # 1 / p
+        uniform = tf.random.stateless_uniform(shape, seed=seed, dtype=tf.float32)
+        return tf.where(uniform * scale < 1.0, scale, tf.zeros_like(uniform))
+
+
+_BY_NAME = {"gaussian": Gaussian, "rademacher": Rademacher, "bernoulli": Bernoulli}
 
 
 def get(identifier):
@@ -171,7 +223,7 @@ def step_seed(seed, step, stream, replica_id=0):
 
 
 def mixing_weights(noise, stddev, shape, seed):
-    """``w = 1 + stddev * xi``: mean 1, standard deviation ``stddev``.
+    """Weights ``w`` of mean 1 and standard deviation ``stddev`` (``1 + stddev * xi`` for most noises).
 
     Args:
         noise: a :class:`Noise`.
@@ -182,8 +234,7 @@ def mixing_weights(noise, stddev, shape, seed):
     Returns:
         float32 tensor of ``shape``. Divide by ``N`` to get the paper's ``pi``.
     """
-    xi = noise.sample(shape, seed)
-    return 1.0 + tf.cast(stddev, tf.float32) * xi
+    return noise.weights(shape, seed, tf.cast(stddev, tf.float32))
 
 
 def gamma(weights):
@@ -229,3 +280,86 @@ def stddev_for_noise_batch_size(batch_size, noise_batch_size):
 def noise_batch_size(batch_size, stddev):
     """The inverse of :func:`stddev_for_noise_batch_size`: ``B / (1 + sigma^2)``."""
     return batch_size / (1.0 + float(stddev) ** 2)
+
+
+def stddev_for_temperature(
+    batch_size, learning_rate, reference_batch_size, reference_learning_rate
+):
+    r"""The ``stddev`` that gives a run the SGD temperature of a reference run.
+
+    SGD's gradient noise enters its dynamics through the temperature
+    ``lr / B`` (Smith & Le 2018; Jastrzebski et al. 2017). Mixing multiplies
+    the gradient covariance by about ``1 + stddev^2``, so a mixed run has
+    temperature ``lr (1 + stddev^2) / B``. Equating it with the reference's
+    ``lr_ref / B_ref``:
+
+    .. math::
+
+        \sigma = \sqrt{\frac{B\,\eta_{ref}}{B_{ref}\,\eta} - 1},
+
+    with ``B`` = ``batch_size``, ``eta`` = ``learning_rate``, ``B_ref`` =
+    ``reference_batch_size`` and ``eta_ref`` = ``reference_learning_rate``.
+    Under linear learning-rate scaling (``eta / B = eta_ref / B_ref``) the
+    large batch loses no noise and this is 0. It is positive where the rate
+    could not keep up with the batch (beyond the largest stable rate, or at a
+    fixed rate): e.g. full-batch descent on ``N`` examples at the rate of a
+    batch-``b`` run gets ``sqrt(N / b - 1)``.
+
+    The rule is derived for SGD with or without momentum (momentum changes
+    both runs' temperature by the same factor). For Adam-type optimizers the
+    SDE analysis of Malladi et al. (2022) gives square-root scaling
+    (``eta ∝ sqrt(B)``) instead, under which this formula does not apply; we
+    have not measured mixing under that rule.
+
+    Args:
+        batch_size: the (global) batch size ``B`` of the run to mix.
+        learning_rate: its learning rate ``eta``.
+        reference_batch_size: the batch size ``B_ref`` of the reference run.
+        reference_learning_rate: its learning rate ``eta_ref``.
+
+    Returns:
+        float ``stddev >= 0``.
+
+    Raises:
+        ValueError: an argument is not a positive finite number, or the run is
+            already hotter than the reference (``eta / B > eta_ref / B_ref``):
+            mixing can only add noise.
+
+    References:
+        Smith & Le, "A Bayesian perspective on generalization and stochastic
+        gradient descent", ICLR 2018. Jastrzebski et al., "Three factors
+        influencing minima in SGD", 2017. Malladi et al., "On the SDEs and
+        scaling rules for adaptive gradient algorithms", NeurIPS 2022.
+    """
+    arguments = (
+        ("batch_size", batch_size),
+        ("learning_rate", learning_rate),
+        ("reference_batch_size", reference_batch_size),
+        ("reference_learning_rate", reference_learning_rate),
+    )
+    for arg, value in arguments:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or not value > 0
+        ):
+            raise ValueError(
+                f"Invalid value for argument `{arg}`: {value!r}. Expected a "
+                "positive finite number."
+            )
+    ratio = (batch_size * reference_learning_rate) / (reference_batch_size * learning_rate)
+    # Linear scaling gives ratio 1 up to rounding; within 1e-9 it is exactly 1.
+    if ratio < 1.0 - 1e-9:
+        raise ValueError(
+            f"Invalid values for arguments `batch_size`={batch_size!r} and "
+            f"`learning_rate`={learning_rate!r}: their temperature "
+            f"learning_rate / batch_size = {learning_rate / batch_size:.4g} is "
+            "already above the reference's reference_learning_rate / "
+            f"reference_batch_size = {reference_learning_rate / reference_batch_size:.4g} "
+            f"(`reference_batch_size`={reference_batch_size!r}, "
+            f"`reference_learning_rate`={reference_learning_rate!r}). Mixing "
+            "only adds noise, so no stddev lowers it; use a smaller rate or a "
+            "larger batch instead."
+        )
+    return math.sqrt(max(ratio - 1.0, 0.0))
