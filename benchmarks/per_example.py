@@ -6,9 +6,9 @@ Three ways to run one sample-level GradientMix step, each compiled as one
 * ``reweight``: ``tf_gradmix.Model`` + ``GradientMix`` (the default path: one
   backward pass, each example's gradient weighted through the loss);
 * ``pe_step``: the exact per-example mixing mode,
-  ``tf_gradmix.diagnostics.per_example_train_step`` (batched forward for the
+  ``tf_gradmix.per_example.train_step`` (batched forward for the
   loss and metrics + vectorised per-example forward/backward + mixing);
-* ``pe_grads``: ``tf_gradmix.diagnostics.per_example_gradients`` alone (no
+* ``pe_grads``: ``tf_gradmix.per_example.per_example_gradients`` alone (no
   update; reduced to the sum of squared norms inside the graph), what the
   diagnostics pay per batch.
 

@@ -1,0 +1,299 @@
+"""Equal rate, equal steps: full-batch descent against small-batch SGD on CIFAR-10.
+
+The cleanest test of what GradientMix can give back (Zhu et al. 2019; Wu et
+al. 2020). At a fixed learning rate ``lr`` and a fixed number of steps, SGD
+with batch ``b`` runs at the temperature ``lr / b``; full-batch gradient
+descent (GD) on ``N`` examples at ``lr / N``: it has lost the sampling noise.
+GradientMix on the full batch at
+``stddev = noise.stddev_for_temperature(N, lr, b, lr) = sqrt(N / b - 1)``
+restores the temperature of the small batch, with the structure of the
+gradient covariance (its noise is a random combination of the per-example
+gradients). One run of this script trains one arm:
+
+* ``--batch-size 32 --noise none``: plain SGD, reshuffled every epoch;
+* ``--batch-size 0 --noise none``: plain GD (every step sees all ``N``);
+* ``--batch-size 0 --noise gaussian|rademacher|bernoulli``: GD + GradientMix
+  (``tf_gradmix.Model`` + ``tf_gradmix.GradientMix``, real ``fit``);
+* ``--batch-size 0 --noise isotropic``: the control: GD plus Gaussian noise
+  whose norm each step equals that of the Gaussian mixing noise
+  ``g_mix - g_mean`` of the same batch, in a uniformly random direction of
+  parameter space (same size, no structure).
+
+``--stddev`` (default: the temperature rule against ``--reference-batch-size``)
+is scaled by ``--stddev-factor`` (e.g. 0.5 for the half-stddev arm).
+
+Setup: a fixed class-balanced subset of ``--train-size`` training images, no
+augmentation; ``--val-size`` more images held out of training for choosing
+the rate; the 10,000 test images; a two-layer strided CNN without
+BatchNorm (16 and 32 filters, about 21k parameters); plain SGD at a fixed
+rate. The same ``--seed`` gives the same initial weights in every arm and the
+same batch order to the small batch.
+
+Prints one JSON object (and writes it to ``--out``): final train / val / test
+accuracy and cross-entropy, the validation curve, the mean of ``w^2``
+(gamma-bar), and log Tr(G) of the trained model on the training subset.
+
+    python examples/gd_vs_sgd.py --batch-size 32 --seed 0
+    python examples/gd_vs_sgd.py --batch-size 0 --noise gaussian --seed 0
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cifar10  # noqa: E402
+import threads  # noqa: E402
+
+NOISES = ("none", "gaussian", "rademacher", "bernoulli", "isotropic")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--data-dir", default=None, help="CIFAR-10 JPEG copy (default: $TF_GRADMIX_DATA, then ../shared/data)")
+    p.add_argument("--cache-dir", default=None, help="decoded-array cache (default: $TF_GRADMIX_CACHE or ~/.cache/tf_gradmix)")
+    p.add_argument("--train-size", type=int, default=1024, help="N, the fixed class-balanced training subset")
+    p.add_argument("--val-size", type=int, default=1000, help="held out of training, for choosing the rate")
+    p.add_argument("--test-size", type=int, default=None, help="first n test images (default: all 10,000)")
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--filters", type=int, nargs=2, default=(16, 32))
+    p.add_argument("--batch-size", type=int, default=0, help="b; 0 = full batch (GD)")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--eval-every", type=int, default=200, help="steps between validation evaluations")
+    p.add_argument("--noise", choices=NOISES, default="none")
+    p.add_argument("--stddev", type=float, default=None, help="default: stddev_for_temperature(N, lr, reference b, lr)")
+    p.add_argument("--reference-batch-size", type=int, default=32)
+    p.add_argument("--stddev-factor", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="initial weights, batch order and noise stream")
+    p.add_argument("--ggn-size", type=int, default=512, help="training examples for log Tr(G); 0 skips it")
+    p.add_argument("--threads", type=int, default=None, help="cap TensorFlow's thread pools")
+    p.add_argument("--out", default=None, help="write the JSON result here too")
+    args = p.parse_args(argv)
+    for name in ("train_size", "val_size", "steps", "eval_every", "reference_batch_size"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.batch_size < 0 or args.batch_size > args.train_size:
+        p.error(f"--batch-size must be in [0, --train-size={args.train_size}], got {args.batch_size}")
+    if args.noise != "none" and args.batch_size not in (0, args.train_size):
+        p.error("--noise is for the full batch (--batch-size 0) in this study")
+    if args.lr <= 0 or not math.isfinite(args.lr):
+        p.error(f"--lr must be a positive number, got {args.lr}")
+    return args
+
+
+def stddev_of(args, n):
+    """The arm's stddev: the temperature rule unless given, times the factor."""
+    if args.noise == "none":
+        return 0.0
+    from tf_gradmix import noise
+
+    base = args.stddev
+    if base is None:
+        base = noise.stddev_for_temperature(n, args.lr, args.reference_batch_size, args.lr)
+    return base * args.stddev_factor
+
+
+def build_model(args, cls):
+    import keras
+
+    keras.utils.set_random_seed(args.seed)  # the same initial weights in every arm
+    f1, f2 = args.filters
+    return cls(
+        [
+            keras.Input(cifar10.IMAGE_SHAPE),
+            keras.layers.Conv2D(f1, 3, strides=2, padding="same", activation="relu"),
+            keras.layers.Conv2D(f2, 3, strides=2, padding="same", activation="relu"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(len(cifar10.CLASSES)),
+        ]
+    )
+
+
+def isotropic_model_class():
+    """A Sequential whose train step adds isotropic noise of the mixing noise's norm."""
+    import keras
+    import tensorflow as tf
+
+    from tf_gradmix import noise as noise_lib
+
+    class IsotropicNoise(keras.Sequential):
+        def configure_noise(self, stddev, seed):
+            self.noise_stddev = float(stddev)
+            self.noise_seed = int(seed)
+
+        def train_step(self, data):
+            x, y = data
+            variables = self.trainable_variables
+            step = self.optimizer.iterations
+            w = noise_lib.mixing_weights(
+                noise_lib.Gaussian(), self.noise_stddev, [tf.shape(x)[0]],
+                noise_lib.step_seed(self.noise_seed, step, noise_lib.SAMPLE_STREAM),
+            )
+            with tf.GradientTape(persistent=True) as tape:
+                logits = self(x, training=True)
+                losses = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+                mean_loss = tf.reduce_mean(losses)
+                mixing_noise = tf.reduce_mean((w - 1.0) * losses)  # g_mix - g_mean, by linearity
+            grads = tape.gradient(mean_loss, variables)
+            noise_norm = tf.linalg.global_norm(tape.gradient(mixing_noise, variables))
+            del tape
+            direction_seed = noise_lib.step_seed(self.noise_seed, step, noise_lib.DEVICE_STREAM)
+            directions = [
+                tf.random.stateless_normal(tf.shape(v), tf.random.experimental.stateless_fold_in(direction_seed, i))
+                for i, v in enumerate(variables)
+            ]
+            scale = noise_norm / tf.linalg.global_norm(directions)  # uniform on the sphere of that radius
+            self.optimizer.apply([g + scale * d for g, d in zip(grads, directions)], variables)
+            for metric in self.metrics:
+                if metric.name == "loss":
+                    metric.update_state(mean_loss)
+            return self.compute_metrics(x, y, logits)
+
+    return IsotropicNoise
+
+
+def load_data(args):
+    (x_all, y_all), (x_test, y_test) = cifar10.load_cifar10(args.data_dir, args.cache_dir, verbose=False)
+    (x_pool, y_pool), (x_val, y_val) = cifar10.train_val_split(x_all, y_all, args.val_size, seed=args.data_seed)
+    x_train, y_train = cifar10.subset(x_pool, y_pool, args.train_size, seed=args.data_seed + 1)
+    if args.test_size:
+        x_test, y_test = x_test[: args.test_size], y_test[: args.test_size]
+    return (x_train, y_train), (x_val, y_val), (x_test, y_test)
+
+
+def training_dataset(args, x, y, batch):
+    import tensorflow as tf
+
+    if batch == len(y):  # GD: every step is the whole, fixed subset
+        images = cifar10.normalize(tf.constant(x))
+        return tf.data.Dataset.from_tensors((images, tf.constant(y, tf.int64))).repeat()
+    return cifar10.make_dataset(x, y, batch, training=True, seed=args.seed, augment=False).repeat()
+
+
+def log_ggn_trace(args, model, x, y):
+    import keras
+    import tensorflow as tf
+
+    from tf_gradmix import diagnostics
+
+    n = min(args.ggn_size, len(y))
+    images = cifar10.normalize(tf.constant(x[:n])).numpy()
+    estimate = diagnostics.ggn_trace(
+        model, images, y[:n], keras.losses.SparseCategoricalCrossentropy(from_logits=True), batch_size=64
+    )
+    return {"ggn_examples": int(n), "log_ggn_trace": float(estimate.log_trace), "ggn_trace": float(estimate.trace)}
+
+
+def run(args):
+    threads.limit_threads(args.threads)
+    import keras
+
+    import tf_gradmix as gm
+
+    (x_train, y_train), (x_val, y_val), (x_test, y_test) = load_data(args)
+    n = len(y_train)
+    batch = args.batch_size or n
+    stddev = stddev_of(args, n)
+    sgd = keras.optimizers.SGD(args.lr, momentum=args.momentum)
+    if args.noise in ("none",):
+        model, optimizer = build_model(args, keras.Sequential), sgd
+    elif args.noise == "isotropic":
+        model, optimizer = build_model(args, isotropic_model_class()), sgd
+        model.configure_noise(stddev, args.seed)
+    else:
+        model = build_model(args, gm.Sequential)
+        optimizer = gm.GradientMix(sgd, noise=args.noise, stddev=stddev, seed=args.seed)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
+
+    def evaluate(x, y):
+        result = model.evaluate(cifar10.make_dataset(x, y, 1000, training=False), verbose=0, return_dict=True)
+        return float(result["accuracy"]), float(result["loss"])
+
+    if args.steps % args.eval_every:
+        raise SystemExit(f"--steps ({args.steps}) must be a multiple of --eval-every ({args.eval_every})")
+    # One fit: Keras keeps the iterator of the repeated dataset across its
+    # epochs, so the small batch's order runs on through the whole run.
+    started = time.perf_counter()
+    logs = model.fit(
+        training_dataset(args, x_train, y_train, batch),
+        steps_per_epoch=args.eval_every,
+        epochs=args.steps // args.eval_every,
+        validation_data=cifar10.make_dataset(x_val, y_val, 1000, training=False),
+        callbacks=[keras.callbacks.TerminateOnNaN()],
+        verbose=0,
+    ).history
+    fit_seconds = time.perf_counter() - started
+    done = args.eval_every * len(logs["loss"])
+    history = {
+        "step": [args.eval_every * (i + 1) for i in range(len(logs["loss"]))],
+        "val_acc": [float(v) for v in logs["val_accuracy"]],
+        "train_loss": [float(v) for v in logs["loss"]],
+    }
+    gammas = logs.get("gradmix_gamma")
+
+    train_acc, train_loss = evaluate(x_train, y_train)
+    val_acc, val_loss = evaluate(x_val, y_val)
+    test_acc, test_loss = evaluate(x_test, y_test)
+    result = {
+        "arm": arm_name(args),
+        "noise": args.noise,
+        "batch_size": batch,
+        "train_size": n,
+        "lr": args.lr,
+        "momentum": args.momentum,
+        "steps": done,
+        "stddev": stddev,
+        "seed": args.seed,
+        "train_acc": train_acc,
+        "train_loss": train_loss,
+        "val_acc": val_acc,
+        "val_loss": val_loss,
+        "test_acc": test_acc,
+        "test_loss": test_loss,
+        "gamma_bar": float(np.mean(gammas)) if gammas else None,
+        "history": history,
+        "parameters": int(model.count_params()),
+        "fit_seconds": fit_seconds,
+    }
+    if args.ggn_size and math.isfinite(train_loss):
+        result.update(log_ggn_trace(args, model, x_train, y_train))
+    return result
+
+
+def arm_name(args):
+    """A short label: ``sgd32``, ``gd``, ``gd+gaussian``, ``gd+gaussian x0.5``."""
+    if args.batch_size and args.batch_size != args.train_size:
+        return f"sgd{args.batch_size}"
+    if args.noise == "none":
+        return "gd"
+    factor = "" if args.stddev_factor == 1.0 else f" x{args.stddev_factor:g}"
+    given = "" if args.stddev is None else f" s={args.stddev:g}"
+    return f"gd+{args.noise}{given}{factor}"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    result = run(args)
+    text = json.dumps(result)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

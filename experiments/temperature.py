@@ -1,0 +1,194 @@
+"""Regime A sweep: equal rate, equal steps; GD vs small-batch SGD vs GD + GradientMix.
+
+Runs ``examples/gd_vs_sgd.py`` once per configuration, in priority order,
+and appends one JSON line per finished run (with its exact command) to
+``--results``. A configuration already in that file is skipped, so the
+sweep resumes where it stopped: kill it at any time and start it again.
+
+Phases, in the order they run (``--phase all`` runs them in turn):
+
+1. ``rate``: seed 0, plain small batch and plain GD at each of ``--rates``.
+   The rate is chosen on the validation split (never on test): among the
+   rates at which *both* arms reach ``--fit-threshold`` training accuracy,
+   the one where the small batch has the best validation accuracy.
+2. ``gap``: plain small batch and plain GD at the chosen rate, every seed:
+   the gap must show here before the noise arms mean anything.
+3. ``arms``: GD + GradientMix at the temperature rule
+   ``stddev = sqrt(N / b - 1)`` with Gaussian, Bernoulli, Rademacher noise,
+   the isotropic control of the same norm, and Gaussian at half the stddev;
+   arm by arm, each over every seed, in that order of priority.
+
+    python experiments/temperature.py --threads 1 --parallel 1
+    python experiments/temperature.py --phase rate --rates 0.05 0.1 0.2
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+EXAMPLE = "examples/gd_vs_sgd.py"
+DEFAULT_RESULTS = HERE / "results" / "cifar10_gd_vs_sgd.jsonl"
+
+# (noise, stddev factor) of the noise arms, in priority order.
+NOISE_ARMS = (
+    ("gaussian", 1.0),
+    ("isotropic", 1.0),
+    ("bernoulli", 1.0),
+    ("rademacher", 1.0),
+    ("gaussian", 0.5),
+)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--phase", choices=("rate", "gap", "arms", "all"), default="all")
+    p.add_argument("--rates", type=float, nargs="+", default=(0.05, 0.1, 0.2))
+    p.add_argument("--lr", type=float, default=None, help="skip the rate phase and use this rate")
+    p.add_argument("--seeds", type=int, nargs="+", default=(0, 1, 2))
+    p.add_argument("--batch-size", type=int, default=32, help="b, the small batch")
+    p.add_argument("--train-size", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--fit-threshold", type=float, default=0.99)
+    p.add_argument("--threads", type=int, default=1, help="TensorFlow threads per run")
+    p.add_argument("--parallel", type=int, default=1, help="runs at a time")
+    p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more arguments for every run")
+    return p.parse_args(argv)
+
+
+def base_args(args, lr, seed):
+    return [
+        "--train-size", str(args.train_size),
+        "--steps", str(args.steps),
+        "--momentum", f"{args.momentum:g}",
+        "--lr", f"{lr:g}",
+        "--seed", str(seed),
+        "--reference-batch-size", str(args.batch_size),
+    ] + list(args.extra)
+
+
+def small_batch(args, lr, seed):
+    return base_args(args, lr, seed) + ["--batch-size", str(args.batch_size)]
+
+
+def full_batch(args, lr, seed, noise="none", factor=1.0):
+    run = base_args(args, lr, seed) + ["--batch-size", "0", "--noise", noise]
+    return run + (["--stddev-factor", f"{factor:g}"] if factor != 1.0 else [])
+
+
+def key_of(run_args):
+    """The configuration's identity: its arguments, order-free."""
+    pairs = {}
+    it = iter(run_args)
+    for flag in it:
+        pairs[flag] = next(it)
+    return json.dumps(pairs, sort_keys=True)
+
+
+def load_results(path):
+    results = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                results[record["key"]] = record
+    return results
+
+
+def run_one(args, run_args, phase):
+    command = [sys.executable, EXAMPLE] + run_args + ["--threads", str(args.threads)]
+    shown = " ".join(["python", EXAMPLE] + run_args)
+    started = time.time()
+    print(f"[{time.strftime('%H:%M:%S')}] {shown}", flush=True)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(done.stderr[-3000:], file=sys.stderr, flush=True)
+        raise RuntimeError(f"run failed ({done.returncode}): {shown}")
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    record.update(
+        key=key_of(run_args),
+        phase=phase,
+        command=shown,
+        elapsed_seconds=time.time() - started,
+        finished_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        machine={"cpus": os.cpu_count(), "parallel_runs": args.parallel, "threads_per_run": args.threads},
+    )
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.results, "a") as f:  # one short append per run: resumable
+        f.write(json.dumps(record) + "\n")
+    print(
+        f"    {record['arm']:<22} lr={record['lr']:g} seed={record['seed']} "
+        f"train {record['train_acc']:.3f} val {record['val_acc']:.3f} test {record['test_acc']:.3f} "
+        f"({record['elapsed_seconds']:.0f} s)",
+        flush=True,
+    )
+    return record
+
+
+def run_all(args, runs, phase):
+    done = load_results(args.results)
+    todo = [r for r in runs if key_of(r) not in done]
+    print(f"phase {phase}: {len(runs) - len(todo)} of {len(runs)} runs already done", flush=True)
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        list(pool.map(lambda r: run_one(args, r, phase), todo))
+    done = load_results(args.results)
+    return [done[key_of(r)] for r in runs]
+
+
+def choose_rate(args, records):
+    """The rate with the best small-batch validation accuracy where both arms fit."""
+    by_rate = {}
+    for record in records:
+        by_rate.setdefault(record["lr"], {})[record["arm"]] = record
+    fitting = []
+    for lr, arms in sorted(by_rate.items()):
+        small, gd = arms[f"sgd{args.batch_size}"], arms["gd"]
+        fits = min(small["train_acc"], gd["train_acc"]) >= args.fit_threshold
+        print(
+            f"  lr {lr:g}: sgd{args.batch_size} train {small['train_acc']:.3f} val {small['val_acc']:.3f}; "
+            f"gd train {gd['train_acc']:.3f} val {gd['val_acc']:.3f}{'' if fits else '  (does not fit)'}"
+        )
+        if fits:
+            fitting.append((small["val_acc"], lr))
+    if not fitting:
+        raise SystemExit(
+            f"No rate in {list(args.rates)} lets both arms reach {args.fit_threshold:.0%} training "
+            "accuracy: raise --steps or try other --rates."
+        )
+    lr = max(fitting)[1]
+    print(f"chosen rate (validation): {lr:g}", flush=True)
+    return lr
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    lr = args.lr
+    if lr is None:
+        if args.phase not in ("rate", "all"):
+            raise SystemExit("--phase gap/arms need --lr (or run --phase rate first)")
+        runs = [run for rate in args.rates for run in (small_batch(args, rate, 0), full_batch(args, rate, 0))]
+        lr = choose_rate(args, run_all(args, runs, "rate"))
+        if args.phase == "rate":
+            return
+    if args.phase in ("gap", "all"):
+        runs = [run for seed in args.seeds for run in (small_batch(args, lr, seed), full_batch(args, lr, seed))]
+        run_all(args, runs, "gap")
+    if args.phase in ("arms", "all"):
+        runs = [
+            full_batch(args, lr, seed, noise, factor)
+            for noise, factor in NOISE_ARMS
+            for seed in args.seeds
+        ]
+        run_all(args, runs, "arms")
+
+
+if __name__ == "__main__":
+    main()
