@@ -1,0 +1,129 @@
+"""The equal-rate, equal-steps study: its isotropic control, rate choice and report."""
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from oracles import flat, per_example_gradients, weights_of
+from tf_gradmix import noise
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "examples"))
+sys.path.insert(0, str(REPO / "experiments"))
+
+import cifar10  # noqa: E402
+import gd_vs_sgd  # noqa: E402
+import real_data  # noqa: E402
+import temperature  # noqa: E402
+import temperature_report  # noqa: E402
+
+
+def test_default_stddev_is_the_temperature_rule():
+    args = gd_vs_sgd.parse_args(["--noise", "gaussian", "--lr", "0.1", "--reference-batch-size", "32"])
+    assert gd_vs_sgd.stddev_of(args, 1024) == pytest.approx(math.sqrt(31))
+    half = gd_vs_sgd.parse_args(["--noise", "gaussian", "--stddev-factor", "0.5"])
+    assert gd_vs_sgd.stddev_of(half, 1024) == pytest.approx(math.sqrt(31) / 2)
+    assert gd_vs_sgd.stddev_of(gd_vs_sgd.parse_args([]), 1024) == 0.0
+    with pytest.raises(SystemExit):
+        gd_vs_sgd.parse_args(["--batch-size", "32", "--noise", "gaussian"])  # noise is for GD only
+
+
+def test_isotropic_control_has_the_mixing_noise_norm_in_a_random_direction():
+    """One SGD(1.0) step: update = g_mean + r u with r = ||g_mix - g_mean||, u random."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 32, 32, 3)).astype("float32")
+    y = rng.integers(0, 10, 16)
+    args = gd_vs_sgd.parse_args(["--noise", "isotropic", "--seed", "3", "--filters", "2", "4"])
+    model = gd_vs_sgd.build_model(args, gd_vs_sgd.isotropic_model_class())
+    model.configure_noise(2.0, seed=3)
+    ref = gd_vs_sgd.build_model(args, keras.Sequential)  # same seed: same weights
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(keras.optimizers.SGD(1.0), loss, metrics=["accuracy"])
+    before = flat(weights_of(model))
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    update = before - flat(weights_of(model))
+
+    grads = per_example_gradients(ref, x, y, loss)  # float64 [B, P]
+    w = noise.mixing_weights(
+        noise.Gaussian(), 2.0, [16], noise.step_seed(3, 0, noise.SAMPLE_STREAM)
+    ).numpy().astype(np.float64)
+    g_mean = grads.mean(0)
+    mixing_noise = grads.T @ (w - 1.0) / 16
+    added = update - g_mean
+    # float32 rounding of the update is a few ulps of its largest entry per
+    # element; over P elements the norm moves by at most sqrt(P) times that.
+    tolerance = 64 * np.finfo(np.float32).eps * np.max(np.abs(update)) * math.sqrt(update.size)
+    assert abs(np.linalg.norm(added) - np.linalg.norm(mixing_noise)) <= tolerance
+    cosine = added @ mixing_noise / (np.linalg.norm(added) * np.linalg.norm(mixing_noise))
+    assert abs(cosine) < 0.2  # random direction: about 1/sqrt(P); mixing's own would give 1
+
+
+def _rate_records(values):
+    return [
+        {"lr": lr, "arm": arm, "train_acc": train, "val_acc": val}
+        for lr, arm, train, val in values
+    ]
+
+
+def test_rate_choice_uses_validation_among_rates_where_both_arms_fit():
+    args = argparse.Namespace(batch_size=32, fit_threshold=0.99, rates=(0.05, 0.1, 0.2))
+    records = _rate_records(
+        [
+            (0.05, "sgd32", 1.0, 0.31), (0.05, "gd", 1.0, 0.33),
+            (0.1, "sgd32", 1.0, 0.34), (0.1, "gd", 1.0, 0.32),
+            (0.2, "sgd32", 1.0, 0.36), (0.2, "gd", 0.95, 0.30),  # best val, but GD does not fit
+        ]
+    )
+    assert temperature.choose_rate(args, records) == 0.1
+    unfit = _rate_records([(0.05, "sgd32", 0.9, 0.3), (0.05, "gd", 1.0, 0.3)])
+    with pytest.raises(SystemExit, match="No rate"):
+        temperature.choose_rate(args, unfit)
+
+
+def test_sweep_keys_ignore_argument_order():
+    a = ["--lr", "0.1", "--seed", "0", "--batch-size", "0"]
+    b = ["--batch-size", "0", "--lr", "0.1", "--seed", "0"]
+    assert temperature.key_of(a) == temperature.key_of(b)
+    assert temperature.key_of(a) != temperature.key_of(a[:-1] + ["32"])
+
+
+def test_report_pairs_seeds_and_computes_the_recovered_share():
+    def run(arm, seed, acc):
+        return {"arm": arm, "seed": seed, "test_acc": acc, "test_loss": 2.0, "train_acc": 1.0,
+                "stddev": 5.57 if "+" in arm else 0.0, "log_ggn_trace": 5.0}
+
+    runs = {}
+    for seed, (small, gd, mixed) in enumerate([(0.40, 0.30, 0.35), (0.44, 0.32, 0.41)]):
+        for arm, acc in (("sgd32", small), ("gd", gd), ("gd+gaussian", mixed)):
+            runs[(arm, seed)] = run(arm, seed, acc)
+    rows = {line.split("|")[1].strip(): line for line in temperature_report.table(runs).splitlines()[2:]}
+    cells = [c.strip() for c in rows["gd+gaussian"].split("|")]
+    # Δ vs GD: +5, +9 -> 7.0 ± 2.8; vs small: -5, -3; recovered 50% and 75%.
+    assert cells[5] == "+7.0 ± 2.8" and cells[6] == "-4.0 ± 1.4" and cells[7] == "62 ± 18 %"
+
+
+def test_one_arm_runs_end_to_end_on_real_cifar10(tmp_path):
+    if cifar10.find_cifar10() is None:
+        real_data.missing("CIFAR-10 JPEG")
+    out = tmp_path / "arm.json"
+    command = [
+        sys.executable, str(REPO / "examples" / "gd_vs_sgd.py"),
+        "--train-size", "100", "--val-size", "100", "--test-size", "200",
+        "--steps", "4", "--eval-every", "2", "--noise", "bernoulli", "--ggn-size", "16",
+        "--out", str(out),
+    ]
+    subprocess.run(command, check=True, cwd=REPO, capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert result["arm"] == "gd+bernoulli" and result["batch_size"] == 100 and result["steps"] == 4
+    assert result["stddev"] == pytest.approx(math.sqrt(100 / 32 - 1))
+    # Bernoulli weights are 0 or 1 + stddev^2, so mean(w^2) = (1 + s^2) * kept share.
+    assert 0 < result["gamma_bar"] <= (1 + result["stddev"] ** 2) ** 2
+    assert result["history"]["step"] == [2, 4] and len(result["history"]["val_acc"]) == 2
+    assert math.isfinite(result["log_ggn_trace"]) and result["ggn_examples"] == 16
