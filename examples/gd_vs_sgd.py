@@ -65,7 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", default=None, help="decoded-array cache (default: $TF_GRADMIX_CACHE or ~/.cache/tf_gradmix)")
     p.add_argument("--train-size", type=int, default=1024, help="N, the fixed class-balanced training subset")
     p.add_argument("--val-size", type=int, default=1000, help="held out of training, for choosing the rate")
-    p.add_argument("--test-size", type=int, default=None, help="first n test images (default: all 10,000)")
+    p.add_argument("--test-size", type=int, default=None, help="class-balanced subset of the test images (default: all 10,000)")
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--filters", type=int, nargs=2, default=(16, 32))
     p.add_argument("--batch-size", type=int, default=0, help="b; 0 = full batch (GD)")
@@ -170,7 +170,8 @@ def load_data(args):
     (x_pool, y_pool), (x_val, y_val) = cifar10.train_val_split(x_all, y_all, args.val_size, seed=args.data_seed)
     x_train, y_train = cifar10.subset(x_pool, y_pool, args.train_size, seed=args.data_seed + 1)
     if args.test_size:
-        x_test, y_test = x_test[: args.test_size], y_test[: args.test_size]
+        # The JPEG copy is sorted by class: take a class-balanced subset.
+        x_test, y_test = cifar10.subset(x_test, y_test, args.test_size, seed=args.data_seed)
     return (x_train, y_train), (x_val, y_val), (x_test, y_test)
 
 

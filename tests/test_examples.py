@@ -294,19 +294,18 @@ def test_demo_quick_runs_end_to_end(cifar, tmp_path):
         timeout=600,  # a hang guard, not a timing check
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "| run | stddev | gamma-bar | train acc | test acc" in proc.stdout
-    assert "not evidence for or against the paper" in proc.stdout
-    assert "decoded cache" in proc.stdout  # reused the cache, no second decode
+    assert "| run | batch | stddev | temperature lr(1+s²)/B | train acc | test acc" in proc.stdout
+    assert "One seed at CPU scale" in proc.stdout
 
     results = json.loads((out / "results.json").read_text())["results"]
-    assert [r["run"] for r in results] == [
-        "plain SGD",
-        "GradientMix gaussian",
-        "GradientMix rademacher",
-    ]
-    assert [r["gamma_logged"] for r in results] == [False, True, True]
+    assert [r["run"] for r in results] == ["small batch", "full batch (GD)", "GD + GradientMix (gaussian)"]
+    assert [r["batch_size"] for r in results] == [32, 100, 100]  # --quick: N = 100
+    # Equal rate and steps; the mixed full batch has the small batch's temperature.
+    assert len({r["lr"] for r in results}) == 1 and {r["steps"] for r in results} == {4}
+    temperatures = [r["lr"] * (1 + r["stddev"] ** 2) / r["batch_size"] for r in results]
+    assert temperatures[2] == pytest.approx(temperatures[0]) and temperatures[1] < temperatures[0]
+    assert [r["gamma_bar"] is not None for r in results] == [False, False, True]
     for r in results:
-        assert len(r["history"]["loss"]) == 2  # --quick: 2 epochs
-        assert all(np.isfinite(r[k]) for k in ("train_acc", "test_acc", "train_xent", "test_xent"))
-    assert "plain SGD" in (out / "results.md").read_text()
+        assert all(np.isfinite(r[k]) for k in ("train_acc", "test_acc", "train_loss", "test_loss"))
+    assert "full batch (GD)" in (out / "results.md").read_text()
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
