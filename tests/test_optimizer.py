@@ -362,3 +362,97 @@ def test_gradient_accumulation_across_replicas(mirrored_strategy, level):
     assert_float32_close(update, expected)
     assert int(opt.raw_step.numpy()) == 3 and int(opt.iterations.numpy()) == 1
     assert int(opt.inner_optimizer._iterations.numpy()) == 3  # Keras's micro-step count
+
+
+def accumulation_terms(opt, ref, x, y, level, steps, micro_batch=16):
+    """``terms[s][k]``: what replica ``k`` adds at micro-step ``s`` (float64).
+
+    Keras weighs replica ``k``'s examples by ``1 / (K B_k)`` and adds the
+    regularizer once per replica's loss, scaled by ``1 / K``; GradientMix
+    multiplies by ``w_b`` (sample level) or by ``w_k`` (device level: the
+    replica's whole loss).
+    """
+    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+    regularization = regularization_gradient(ref, x)
+    size = micro_batch // K
+    terms = []
+    for step in range(steps):
+        device = opt.device_weights(K, step=step).numpy()
+        row = []
+        for k in range(K):
+            s = slice(micro_batch * step + size * k, micro_batch * step + size * (k + 1))
+            grads = per_example_gradients(ref, x[s], y[s], loss_fn)
+            if level == "sample":
+                w = opt.example_weights(size, step=step, replica_id=k).numpy()
+                row.append(grads.T @ w / (K * size) + regularization / K)
+            else:
+                w = np.full(size, device[k])
+                row.append(grads.T @ w / (K * size) + device[k] * regularization / K)
+        terms.append(row)
+    return terms
+
+
+def local_accumulators(strategy, optimizer):
+    """Each replica's own copy of the inner optimizer's accumulators, flat."""
+    accumulators = optimizer.inner_optimizer._accumulated_gradients
+    return [
+        flat([strategy.experimental_local_results(a.value)[k] for a in accumulators])
+        for k in range(K)
+    ]
+
+
+@pytest.mark.parametrize("level", ["sample", "device"])
+def test_accumulators_hold_per_replica_values_until_the_update(mirrored_strategy, level, tmp_path):
+    """Across replicas each replica accumulates on its own (no all-reduce per
+    micro-batch); the update sums the replicas once and is exact. A weights
+    file saved mid-window holds the sum over replicas; loading it gives each
+    replica a 1/K share, so the resumed update equals the uninterrupted one
+    to float32 rounding."""
+    x, y = data(48)
+    with mirrored_strategy.scope():
+        inner = keras.optimizers.SGD(1.0, gradient_accumulation_steps=3)
+        model = functional(gm.Model)
+        opt = mixer(level=level, stddev=0.6, seed=3, inner=inner)
+        model.compile(opt, SCCE)
+        opt.build(model.trainable_variables)
+    ref = plain_copy(model)
+    accumulators = inner._accumulated_gradients
+    assert all(gm.compat.is_per_replica(a) for a in accumulators)
+    assert [a.path for a in accumulators] == [
+        f"{inner.name}/{v.path.replace('/', '_')}_gradient_accumulator" for v in model.trainable_variables
+    ]
+    assert sum(any(a is v for v in inner.variables) for a in accumulators) == len(accumulators)
+    terms = accumulation_terms(opt, ref, x, y, level, steps=3)
+
+    before = flat(weights_of(model))
+    model.fit(x[:32], y[:32], batch_size=16, epochs=1, shuffle=False, verbose=0)
+    # Two micro-steps of three: no update, and each replica holds its own sum.
+    np.testing.assert_array_equal(flat(weights_of(model)), before)
+    local = local_accumulators(mirrored_strategy, opt)
+    for k in range(K):
+        assert_float32_close(local[k], terms[0][k] + terms[1][k])
+    assert not np.allclose(local[0], local[1])
+    total = sum(terms[0][k] + terms[1][k] for k in range(K))
+    assert_float32_close(flat([a.numpy() for a in accumulators]), total)  # read: the sum
+    weights_file = tmp_path / "mid_window.weights.h5"
+    model.save_weights(weights_file)
+
+    model.fit(x[32:], y[32:], batch_size=16, epochs=1, shuffle=False, verbose=0)
+    update = before - flat(weights_of(model))
+    assert_float32_close(update, sum(sum(row) for row in terms) / 3)
+    for k in range(K):
+        np.testing.assert_array_equal(local_accumulators(mirrored_strategy, opt)[k], 0.0)
+    assert int(opt.raw_step.numpy()) == 3 and int(opt.iterations.numpy()) == 1
+
+    # Restart from the mid-window file: each replica gets 1/K of the sum.
+    with mirrored_strategy.scope():
+        restarted_inner = keras.optimizers.SGD(1.0, gradient_accumulation_steps=3)
+        restarted = functional(gm.Model)
+        restarted_opt = mixer(level=level, stddev=0.6, seed=3, inner=restarted_inner)
+        restarted.compile(restarted_opt, SCCE)
+        restarted_opt.build(restarted.trainable_variables)
+    restarted.load_weights(weights_file)
+    for k in range(K):
+        assert_float32_close(local_accumulators(mirrored_strategy, restarted_opt)[k], total / K)
+    restarted.fit(x[32:], y[32:], batch_size=16, epochs=1, shuffle=False, verbose=0)
+    assert_float32_close(before - flat(weights_of(restarted)), update)

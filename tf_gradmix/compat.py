@@ -231,49 +231,109 @@ def loss_tracker(model):
 
 # -- Gradient accumulation under a tf.distribute strategy (keras-team/keras#20582)
 #
-# Called by GradientMix.apply in replica context when the inner optimizer
-# accumulates and there is more than one replica. Uses the inner optimizer's
-# private accumulators, raw counter and variable index.
+# Keras 3.15 runs the accumulated update, whose cross-replica sum is a
+# `merge_call`, inside an `ops.cond` in replica context, which tf.distribute
+# forbids: `gradient_accumulation_steps` fails under every strategy
+# (https://github.com/keras-team/keras/issues/20582, open;
+# `tests/test_distribute.py` notices an upstream fix). GradientMix.build calls
+# `use_per_replica_accumulators` and GradientMix.apply calls
+# `apply_accumulated_across_replicas` instead of `inner.apply` when the inner
+# optimizer accumulates and there is more than one replica. Both use the inner
+# optimizer's private accumulators (`_accumulated_gradients`), variable list,
+# raw counter (`_iterations`) and variable index.
+
+ACCUMULATION_ISSUE = "https://github.com/keras-team/keras/issues/20582"
+
+
+def is_per_replica(variable):
+    """Whether a Keras variable has one independent copy per replica."""
+    value = getattr(variable, "value", variable)
+    return getattr(value, "synchronization", None) == tf.VariableSynchronization.ON_READ
+
+
+def use_per_replica_accumulators(inner):
+    """Gives each replica its own gradient accumulators (``SyncOnRead``, sum).
+
+    Keras builds the accumulators of ``gradient_accumulation_steps`` as
+    mirrored variables, one value shared by the replicas. Under a strategy
+    with more than one replica (the current one, at build time) this replaces
+    each by a variable of the same name, shape and dtype and at the same place
+    in ``inner.variables``, created with ``synchronization="on_read"`` and
+    ``aggregation="sum"``: a replica reads and writes its own copy without
+    communicating, and a read in cross-replica context (saving a checkpoint
+    or weights file) returns the sum over all replicas, the same quantity the
+    single-device accumulator holds. Restoring assigns each replica ``1/K`` of
+    the saved sum (TensorFlow's rule for summed ``SyncOnRead`` variables), so
+    the sum is kept whatever the number of replicas. Does nothing without
+    accumulation, with one replica, or when already done.
+    """
+    strategy = tf.distribute.get_strategy()
+    if not inner.gradient_accumulation_steps or strategy.num_replicas_in_sync < 2:
+        return
+    for i, old in enumerate(inner._accumulated_gradients):
+        if old is None or is_per_replica(old):
+            continue
+        with keras.name_scope(inner.name, caller=inner):
+            new = keras.Variable(
+                initializer="zeros",
+                shape=old.shape,
+                dtype=old.dtype,
+                trainable=False,
+                aggregation="sum",
+                synchronization="on_read",
+                name=old.name,
+            )
+        position = next(j for j, v in enumerate(inner._variables) if v is old)
+        inner._variables[position] = new
+        inner._accumulated_gradients[i] = new
 
 
 def apply_accumulated_across_replicas(inner, grads, trainable_variables):
     """``inner.apply`` with its ``gradient_accumulation_steps`` under replicas.
 
-    Keras 3.15 runs the accumulated update, whose cross-replica sum is a
-    ``merge_call``, inside an ``ops.cond`` in replica context, which
-    ``tf.distribute`` forbids (keras-team/keras#20582): accumulation
-    fails under every strategy. Here each micro-batch's gradients are
-    summed across replicas at once and accumulated (the same on every
-    replica); the conditional update runs in cross-replica context, as
-    ``LossScaleOptimizer`` does, calling the inner optimizer on every
-    replica with its own accumulation off and ``accumulated / (n K)``,
-    which its cross-replica sum turns into the mean of the ``n``
-    micro-batch gradients, as Keras computes on one device. The inner
-    raw counter advances every micro-batch, so ``iterations`` and
-    learning-rate schedules keep Keras's micro-step semantics. Clipping
-    set on the inner optimizer then acts on that mean (divided by ``K``
-    per replica), once per update.
+    Called in replica context, once per micro-batch, with this replica's
+    (already weighted) gradients. Each replica adds them to its own
+    accumulators (see :func:`use_per_replica_accumulators`): no communication.
+    The conditional update runs in cross-replica context, as
+    ``LossScaleOptimizer`` does, and calls the inner optimizer on every
+    replica with its own accumulation off and the replica's
+    ``accumulated / n``; the inner optimizer's cross-replica sum, the one
+    all-reduce of the update, turns these into the mean of the ``n``
+    micro-batch gradients of all replicas, as Keras computes on one device.
+    The inner raw counter advances every micro-batch, so ``iterations`` and
+    learning-rate schedules keep Keras's micro-step semantics. Clipping set
+    on the inner optimizer acts once per update, per replica, on that
+    replica's accumulated ``accumulated / n`` (before the sum), where Keras
+    clips each replica's gradients without accumulation.
     """
     steps = inner.gradient_accumulation_steps
     context = tf.distribute.get_replica_context()
-    replicas = context.num_replicas_in_sync
     if trainable_variables is None:
         variables = list(inner._trainable_variables)
     else:
         variables = list(trainable_variables)
     pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
-    summed = context.all_reduce(
-        tf.distribute.ReduceOp.SUM, [tf.convert_to_tensor(g) for g, _ in pairs]
-    )
     accumulators = [
         inner._accumulated_gradients[inner._get_variable_index(v)] for _, v in pairs
     ]
-    totals = [a + g for a, g in zip(accumulators, summed)]
+    if not all(is_per_replica(a) for a in accumulators):
+        raise RuntimeError(
+            "GradientMix accumulates across replicas in per-replica variables, "
+            f"but the inner optimizer {inner.name!r} was built without them. "
+            "Build the GradientMix (not only its inner optimizer) under the "
+            "strategy's scope, e.g. by compiling the model there."
+        )
+    # In replica context a SyncOnRead variable reads and writes this
+    # replica's own copy.
+    totals = [
+        a.value + tf.cast(tf.convert_to_tensor(g), a.dtype)
+        for a, (g, _) in zip(accumulators, pairs)
+    ]
     for accumulator, total in zip(accumulators, totals):
-        accumulator.assign(total)  # identical on every replica
+        accumulator.assign(total)
     is_update = (inner._iterations + 1) % steps == 0
     update_variables = [v for _, v in pairs]
-    scale = 1.0 / (steps * replicas)
+    scale = 1.0 / steps
 
     def update_on_each_replica(totals):
         inner.gradient_accumulation_steps = None  # read while tracing
@@ -281,14 +341,16 @@ def apply_accumulated_across_replicas(inner, grads, trainable_variables):
             inner.apply([t * tf.cast(scale, t.dtype) for t in totals], update_variables)
         finally:
             inner.gradient_accumulation_steps = steps
+        # In replica context: this replica's copy, no communication (in
+        # cross-replica context assigning reads back the sum across replicas).
+        for accumulator in accumulators:
+            accumulator.assign(tf.zeros(accumulator.shape, accumulator.dtype))
 
     def cross_replica(strategy, totals):
         def update():
             strategy.extended.call_for_each_replica(
                 update_on_each_replica, args=(totals,)
             )
-            for accumulator in accumulators:
-                accumulator.assign(tf.zeros_like(accumulator))
             return tf.constant(True)
 
         return tf.cond(is_update, update, lambda: tf.constant(False))

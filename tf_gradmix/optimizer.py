@@ -338,6 +338,9 @@ class GradientMix(keras.optimizers.Optimizer):
 
     def build(self, var_list):
         self.inner_optimizer.build(var_list)
+        # Accumulation across replicas (keras-team/keras#20582): each replica
+        # accumulates in its own variables, see `apply`.
+        compat.use_per_replica_accumulators(self.inner_optimizer)
         super().build(var_list)
 
     @property
