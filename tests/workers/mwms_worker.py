@@ -11,9 +11,9 @@ Tasks:
   (keras-team/keras#20585) - the error messages are recorded; (2) several
   tf_gradmix models are trained with ``fit`` from the same initial weights on
   explicit per-worker shards; the final weights of each case are written.
-* ``fault``: a run with ``keras.callbacks.BackupAndRestore``; with
-  ``pause_at`` (epoch, batch) this process stops after that batch, writes
-  ``marker`` and waits to be killed.
+* ``fault``: a run with ``keras.callbacks.BackupAndRestore`` (sample level,
+  or ``level``, e.g. ``"sample-acc3"``); with ``pause_at`` (epoch, batch) this
+  process stops after that batch, writes ``marker`` and waits to be killed.
 """
 
 import json
@@ -217,7 +217,7 @@ def fault(strategy, out):
     with strategy.scope():
         keras.utils.set_random_seed(0)
         model = build("model")
-        model.compile(optimizer("sample", momentum=0.9), "mse")
+        model.compile(optimizer(SPEC.get("level", "sample"), momentum=0.9), "mse")
     callbacks = [
         keras.callbacks.BackupAndRestore(SPEC["backup_dir"], save_freq="epoch"),
     ]
