@@ -41,6 +41,8 @@ to a strategy.
   ``sum over the logical batch of (w / N) grad l`` with ``N = k * K * b``.
   Keras calls learning-rate schedules (and a ``stddev`` schedule) with the
   raw micro-step count: express them in micro-steps (:func:`micro_steps`).
+  Across replicas each replica accumulates on its own and the gradients are
+  all-reduced once per update, not once per micro-batch.
 """
 
 

@@ -133,7 +133,13 @@ class GradientMix(keras.optimizers.Optimizer):
 
     Gradient clipping set on the inner optimizer (``clipnorm``, ...) acts per
     replica on the already weighted gradients, like Keras's own clipping
-    under a distribution strategy.
+    under a distribution strategy; under ``gradient_accumulation_steps``
+    once per update, on the replica's accumulated mean.
+
+    With ``gradient_accumulation_steps`` on the inner optimizer and more than
+    one replica, each replica accumulates its weighted micro-batch gradients
+    in its own variables and the update sums them across replicas once
+    (Keras alone cannot accumulate under a strategy, keras-team/keras#20582).
 
     Args:
         inner_optimizer: the ``keras.optimizers.Optimizer`` that makes the

@@ -1,0 +1,304 @@
+"""Time per update of gradient accumulation across two workers (issue 12).
+
+Two ``MultiWorkerMirroredStrategy`` worker processes on 127.0.0.1 (one CPU
+replica each) train the same 4.7M-parameter MLP (784-2048-1536-10) with
+sample-level ``GradientMix`` over ``SGD``. Configurations, all from the same
+initial weights:
+
+* ``k=1``: micro-batch ``--micro-batch`` (8) per worker, no accumulation: one
+  update per micro-batch;
+* ``k=8``, ``k=32``: the same micro-batch with ``gradient_accumulation_steps=k``
+  on the inner ``SGD``: one update per ``k`` micro-batches;
+* ``whole k``: the logical batch of ``k=8`` / ``k=32`` (``k`` micro-batches per
+  worker) fed at once, no accumulation: the anchor, one all-reduce of the
+  gradients per update, the least communication an update can have (the same
+  sample-level GradientMix, so only the accumulation differs).
+
+What is measured is the time per *update*: ``k`` micro-steps and their one
+update for ``k > 1``. With accumulation every worker adds its micro-batch
+gradients to its own accumulators and the gradients cross the network once
+per update; before issue 12 every micro-batch was all-reduced, ``k + 1``
+all-reduces an update.
+
+**Time**: both workers build every configuration, warm each up (trace plus
+``--warmup-updates`` updates), then run ``--rounds`` rounds; a round runs one
+block of ``--updates`` updates of every configuration, in an order that rotates
+from round to round (the same order on both workers: their collectives must
+match). A block is one real ``fit(..., steps_per_epoch=updates * k,
+verbose=0)`` on a repeated in-memory batch, timed with ``time.perf_counter``
+from ``on_epoch_begin`` to ``on_epoch_end``. Reported (worker 0; worker 1 is
+in the JSON): the median time per update over the rounds, the ratios of
+medians to ``k=1`` and to the anchor of the same logical batch, and the
+interquartile range of the per-round ratios (each block over the same
+round's ``k=1`` block: pairs configurations under the same machine load).
+One run of this script gives every number of the table.
+
+Timings are never asserted anywhere: this script only reports.
+
+Usage::
+
+    python benchmarks/accumulation_comm.py                  # ~3 min on 2 idle cores
+    python benchmarks/accumulation_comm.py --rounds 3 --updates 2
+    python benchmarks/accumulation_comm.py --table-from runs/benchmarks/accumulation_comm.json
+"""
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "runs" / "benchmarks" / "accumulation_comm.json"
+LAYERS = (784, 2048, 1536, 10)
+WORKERS = 2
+
+
+# -- parent ----------------------------------------------------------------
+
+
+def free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def run_workers(args):
+    ports = free_ports(WORKERS)
+    tmp = Path(tempfile.mkdtemp(prefix="accumulation_comm_"))
+    processes = []
+    for index in range(WORKERS):
+        spec = dict(vars(args), ports=ports, index=index, result=str(tmp / f"worker{index}.json"))
+        spec.pop("table_from", None)
+        spec["out"] = str(spec["out"])
+        spec_path = tmp / f"worker{index}.spec.json"
+        spec_path.write_text(json.dumps(spec))
+        log = open(tmp / f"worker{index}.log", "w")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
+        env.pop("TF_CONFIG", None)
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, __file__, "--worker", str(spec_path)],
+                stdout=log, stderr=subprocess.STDOUT, env=env,
+            )
+        )
+    deadline = time.monotonic() + args.timeout
+    try:
+        for p in processes:
+            p.wait(timeout=max(1, deadline - time.monotonic()))
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for index, p in enumerate(processes):
+        if p.returncode != 0:
+            log = (tmp / f"worker{index}.log").read_text()[-4000:]
+            raise SystemExit(f"worker {index} failed (exit {p.returncode}):\n{log}")
+    return [json.loads((tmp / f"worker{i}.json").read_text()) for i in range(WORKERS)]
+
+
+def configurations(ks, micro_batch):
+    """``(name, per-worker batch per micro-step, micro-steps per update)``."""
+    configs = []
+    for k in ks:
+        configs.append((f"k={k}", micro_batch, k))
+    for k in ks:
+        if k > 1:
+            configs.append((f"whole k={k}", micro_batch * k, 1))
+    return configs
+
+
+def summarize(worker_result, ks, micro_batch):
+    per_update = worker_result["per_update_seconds"]  # name -> list over rounds
+    median = {name: statistics.median(times) for name, times in per_update.items()}
+    rows = []
+    for name, batch, steps in configurations(ks, micro_batch):
+        k = steps if not name.startswith("whole") else int(name.split("=")[1])
+        base = "k=1" if "k=1" in per_update else None
+        anchor = f"whole k={k}" if k > 1 else "k=1"
+        paired = [t / b for t, b in zip(per_update[name], per_update[base])] if base else []
+        q = statistics.quantiles(paired, n=4) if len(paired) >= 2 else [float("nan")] * 3
+        rows.append(
+            {
+                "config": name,
+                "per_worker_batch": batch,
+                "micro_steps_per_update": steps,
+                "logical_batch": batch * steps * WORKERS,
+                "median_ms_per_update": 1000 * median[name],
+                "ratio_to_k1": median[name] / median[base] if base else None,
+                "ratio_to_k1_iqr": [q[0], q[2]],
+                "ratio_to_whole_batch": median[name] / median[anchor],
+            }
+        )
+    return rows
+
+
+def print_table(result):
+    print(
+        "| configuration | per-worker batch × micro-steps | logical batch (2 workers) "
+        "| median ms / update | ratio to k=1 (IQR of per-round ratios) | ratio to the whole batch at once |"
+    )
+    print("|---|---:|---:|---:|---|---:|")
+    for row in result["rows"]:
+        iqr = row["ratio_to_k1_iqr"]
+        print(
+            f"| {row['config']} | {row['per_worker_batch']} × {row['micro_steps_per_update']} "
+            f"| {row['logical_batch']} | {row['median_ms_per_update']:.0f} "
+            f"| {row['ratio_to_k1']:.2f} ({iqr[0]:.2f}–{iqr[1]:.2f}) "
+            f"| {row['ratio_to_whole_batch']:.2f} |"
+        )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ks", default="1,8,32", help="accumulation steps (1 first)")
+    parser.add_argument("--micro-batch", type=int, default=8, help="examples per worker and micro-step")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--updates", type=int, default=3, help="updates per timed block")
+    parser.add_argument("--warmup-updates", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="TF intra-op threads per worker")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds for the whole run")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--table-from", type=Path, help="re-print the table of a saved run")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(json.loads(Path(args.worker).read_text()))
+    if args.table_from:
+        print_table(json.loads(args.table_from.read_text()))
+        return None
+    ks = [int(k) for k in args.ks.split(",")]
+    if ks[0] != 1 or any(k < 1 for k in ks):
+        parser.error(f"Invalid value for --ks: {args.ks!r}; expected 1 first, then integers >= 2.")
+    started = time.time()
+    workers = run_workers(args)
+    result = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "load_before": workers[0]["load_before"], "load_after": os.getloadavg()},
+        "versions": workers[0]["versions"],
+        "wall_seconds": time.time() - started,
+        "rows": summarize(workers[0], ks, args.micro_batch),
+        "rows_worker1": summarize(workers[1], ks, args.micro_batch),
+        "workers": workers,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print_table(result)
+    print(f"\nwall {result['wall_seconds']:.0f} s; written to {args.out}")
+    return result
+
+
+# -- worker ----------------------------------------------------------------
+
+
+def worker(spec):
+    os.environ["TF_CONFIG"] = json.dumps(
+        {
+            "cluster": {"worker": [f"127.0.0.1:{p}" for p in spec["ports"]]},
+            "task": {"type": "worker", "index": spec["index"]},
+        }
+    )
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    load_before = os.getloadavg()
+    import numpy as np
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(spec["threads"])
+    tf.config.threading.set_inter_op_parallelism_threads(spec["threads"])
+    import keras
+
+    import tf_gradmix as gm
+
+    strategy = gm.distribute.multi_worker_strategy()
+    ks = [int(k) for k in spec["ks"].split(",")]
+    configs = configurations(ks, spec["micro_batch"])
+    rng = np.random.default_rng(0)
+    largest = max(batch for _, batch, _ in configs)
+    x = rng.normal(size=(largest, LAYERS[0])).astype("float32")
+    y = rng.integers(0, LAYERS[-1], size=largest)
+
+    def mlp():
+        layers = [keras.Input((LAYERS[0],))]
+        layers += [keras.layers.Dense(n, activation="relu") for n in LAYERS[1:-1]]
+        layers += [keras.layers.Dense(LAYERS[-1])]
+        return gm.Sequential(layers)
+
+    models, datasets, init = {}, {}, None
+    for name, batch, steps in configs:
+        with strategy.scope():
+            keras.utils.set_random_seed(0)
+            model = mlp()
+            if init is None:
+                init = model.get_weights()
+            model.set_weights(init)
+            inner = keras.optimizers.SGD(
+                0.01, gradient_accumulation_steps=steps if steps > 1 else None
+            )
+            model.compile(
+                gm.GradientMix(inner, level="sample", stddev=1.0, seed=0),
+                keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            )
+        models[name] = model
+
+        def dataset_fn(context, batch=batch):
+            return tf.data.Dataset.from_tensors((x[:batch], y[:batch])).repeat()
+
+        datasets[name] = gm.distribute.distribute_dataset(strategy, dataset_fn)
+    parameters = int(sum(np.prod(w.shape) for w in init))
+
+    class BlockTimer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds = time.perf_counter() - self.start
+
+    def block(name, updates):
+        _, _, steps = next(c for c in configs if c[0] == name)
+        timer = BlockTimer()
+        models[name].fit(
+            datasets[name], epochs=1, steps_per_epoch=updates * steps, verbose=0,
+            callbacks=[timer],
+        )
+        return timer.seconds / updates
+
+    names = [c[0] for c in configs]
+    for name in names:
+        print("warm-up", name, flush=True)
+        block(name, spec["warmup_updates"])
+    per_update = {name: [] for name in names}
+    for r in range(spec["rounds"]):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            per_update[name].append(block(name, spec["updates"]))
+        print("round", r, {n: round(1000 * per_update[n][-1]) for n in names}, flush=True)
+    for name in names:  # every configuration trained the same number of updates
+        mixer = gm.optimizer.find_gradient_mix(models[name].optimizer)
+        assert int(mixer.iterations.numpy()) == spec["warmup_updates"] + spec["rounds"] * spec["updates"]
+    result = {
+        "per_update_seconds": per_update,
+        "parameters": parameters,
+        "load_before": load_before,
+        "tf_gradmix_file": gm.__file__,
+        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
+                     "python": platform.python_version()},
+    }
+    Path(spec["result"]).write_text(json.dumps(result))
+    return None
+
+
+if __name__ == "__main__":
+    main()
