@@ -405,9 +405,9 @@ def local_accumulators(strategy, optimizer):
 def test_accumulators_hold_per_replica_values_until_the_update(mirrored_strategy, level, tmp_path):
     """Across replicas each replica accumulates on its own (no all-reduce per
     micro-batch); the update sums the replicas once and is exact. A weights
-    file saved mid-window holds the sum over replicas; loading it gives each
-    replica a 1/K share, so the resumed update equals the uninterrupted one
-    to float32 rounding."""
+    file or checkpoint saved mid-window holds the sum over replicas; loading it
+    gives each replica a 1/K share, so the resumed update equals the
+    uninterrupted one to float32 rounding."""
     x, y = data(48)
     with mirrored_strategy.scope():
         inner = keras.optimizers.SGD(1.0, gradient_accumulation_steps=3)
@@ -435,7 +435,8 @@ def test_accumulators_hold_per_replica_values_until_the_update(mirrored_strategy
     total = sum(terms[0][k] + terms[1][k] for k in range(K))
     assert_float32_close(flat([a.numpy() for a in accumulators]), total)  # read: the sum
     weights_file = tmp_path / "mid_window.weights.h5"
-    model.save_weights(weights_file)
+    model.save_weights(weights_file)  # what BackupAndRestore writes
+    checkpoint = tf.train.Checkpoint(optimizer=opt).write(str(tmp_path / "mid_window"))
 
     model.fit(x[32:], y[32:], batch_size=16, epochs=1, shuffle=False, verbose=0)
     update = before - flat(weights_of(model))
@@ -451,8 +452,12 @@ def test_accumulators_hold_per_replica_values_until_the_update(mirrored_strategy
         restarted_opt = mixer(level=level, stddev=0.6, seed=3, inner=restarted_inner)
         restarted.compile(restarted_opt, SCCE)
         restarted_opt.build(restarted.trainable_variables)
-    restarted.load_weights(weights_file)
-    for k in range(K):
-        assert_float32_close(local_accumulators(mirrored_strategy, restarted_opt)[k], total / K)
+    for restore in (
+        lambda: tf.train.Checkpoint(optimizer=restarted_opt).read(checkpoint).assert_consumed(),
+        lambda: restarted.load_weights(weights_file),
+    ):
+        restore()
+        for k in range(K):
+            assert_float32_close(local_accumulators(mirrored_strategy, restarted_opt)[k], total / K)
     restarted.fit(x[32:], y[32:], batch_size=16, epochs=1, shuffle=False, verbose=0)
     assert_float32_close(before - flat(weights_of(restarted)), update)

@@ -236,11 +236,11 @@ def loss_tracker(model):
 # forbids: `gradient_accumulation_steps` fails under every strategy
 # (https://github.com/keras-team/keras/issues/20582, open;
 # `tests/test_distribute.py` notices an upstream fix). GradientMix.build calls
-# `use_per_replica_accumulators` and GradientMix.apply calls
+# `build_with_per_replica_accumulators` and GradientMix.apply calls
 # `apply_accumulated_across_replicas` instead of `inner.apply` when the inner
 # optimizer accumulates and there is more than one replica. Both use the inner
-# optimizer's private accumulators (`_accumulated_gradients`), variable list,
-# raw counter (`_iterations`) and variable index.
+# optimizer's private accumulators (`_accumulated_gradients`), variable
+# tracking (`_track_variable`), raw counter (`_iterations`) and variable index.
 
 ACCUMULATION_ISSUE = "https://github.com/keras-team/keras/issues/20582"
 
@@ -251,41 +251,61 @@ def is_per_replica(variable):
     return getattr(value, "synchronization", None) == tf.VariableSynchronization.ON_READ
 
 
-def use_per_replica_accumulators(inner):
-    """Gives each replica its own gradient accumulators (``SyncOnRead``, sum).
+def build_with_per_replica_accumulators(inner, var_list):
+    """``inner.build(var_list)``, each replica with its own gradient accumulators.
 
-    Keras builds the accumulators of ``gradient_accumulation_steps`` as
-    mirrored variables, one value shared by the replicas. Under a strategy
-    with more than one replica (the current one, at build time) this replaces
-    each by a variable of the same name, shape and dtype and at the same place
-    in ``inner.variables``, created with ``synchronization="on_read"`` and
-    ``aggregation="sum"``: a replica reads and writes its own copy without
-    communicating, and a read in cross-replica context (saving a checkpoint
-    or weights file) returns the sum over all replicas, the same quantity the
+    Keras builds the accumulators of ``gradient_accumulation_steps`` (in
+    ``BaseOptimizer.build``, through ``add_variable_from_reference(v,
+    name="gradient_accumulator")``) as mirrored variables, one value shared by
+    the replicas. Under a strategy with more than one replica (the current
+    one) they are created here instead with ``synchronization="on_read"`` and
+    ``aggregation="sum"``, with the same names, shapes, dtypes and order in
+    ``inner.variables``: a replica reads and writes its own copy without
+    communicating, and a read in cross-replica context (saving a checkpoint or
+    a weights file) returns the sum over all replicas, the same quantity the
     single-device accumulator holds. Restoring assigns each replica ``1/K`` of
     the saved sum (TensorFlow's rule for summed ``SyncOnRead`` variables), so
-    the sum is kept whatever the number of replicas. Does nothing without
-    accumulation, with one replica, or when already done.
+    the sum is kept whatever the number of replicas. Anything else is built as
+    Keras builds it; an optimizer built already is left alone.
     """
     strategy = tf.distribute.get_strategy()
-    if not inner.gradient_accumulation_steps or strategy.num_replicas_in_sync < 2:
+    if (
+        inner.built
+        or not inner.gradient_accumulation_steps
+        or strategy.num_replicas_in_sync < 2
+    ):
+        inner.build(var_list)
         return
-    for i, old in enumerate(inner._accumulated_gradients):
-        if old is None or is_per_replica(old):
-            continue
+    keras_add_variable_from_reference = inner.add_variable_from_reference
+
+    def add_variable_from_reference(reference_variable, name=None, initializer="zeros"):
+        if name != "gradient_accumulator":
+            return keras_add_variable_from_reference(
+                reference_variable, name=name, initializer=initializer
+            )
+        # Keras's naming (BaseOptimizer.add_variable_from_reference).
+        if hasattr(reference_variable, "path"):
+            name = f"{reference_variable.path.replace('/', '_')}_{name}"
+        else:
+            name = f"{str(reference_variable.name).replace('/', '_').replace(':', '_')}_{name}"
         with keras.name_scope(inner.name, caller=inner):
-            new = keras.Variable(
-                initializer="zeros",
-                shape=old.shape,
-                dtype=old.dtype,
+            variable = keras.Variable(
+                initializer=initializer,
+                shape=reference_variable.shape,
+                dtype=reference_variable.dtype,
                 trainable=False,
                 aggregation="sum",
                 synchronization="on_read",
-                name=old.name,
+                name=name,
             )
-        position = next(j for j, v in enumerate(inner._variables) if v is old)
-        inner._variables[position] = new
-        inner._accumulated_gradients[i] = new
+        inner._track_variable(variable)
+        return variable
+
+    inner.add_variable_from_reference = add_variable_from_reference
+    try:
+        inner.build(var_list)
+    finally:
+        del inner.add_variable_from_reference
 
 
 def apply_accumulated_across_replicas(inner, grads, trainable_variables):
@@ -293,7 +313,8 @@ def apply_accumulated_across_replicas(inner, grads, trainable_variables):
 
     Called in replica context, once per micro-batch, with this replica's
     (already weighted) gradients. Each replica adds them to its own
-    accumulators (see :func:`use_per_replica_accumulators`): no communication.
+    accumulators (see :func:`build_with_per_replica_accumulators`): no
+    communication.
     The conditional update runs in cross-replica context, as
     ``LossScaleOptimizer`` does, and calls the inner optimizer on every
     replica with its own accumulation off and the replica's

@@ -343,10 +343,9 @@ class GradientMix(keras.optimizers.Optimizer):
     # -- the update ----------------------------------------------------------
 
     def build(self, var_list):
-        self.inner_optimizer.build(var_list)
         # Accumulation across replicas (keras-team/keras#20582): each replica
         # accumulates in its own variables, see `apply`.
-        compat.use_per_replica_accumulators(self.inner_optimizer)
+        compat.build_with_per_replica_accumulators(self.inner_optimizer, var_list)
         super().build(var_list)
 
     @property
