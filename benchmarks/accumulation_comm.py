@@ -148,7 +148,8 @@ def summarize(worker_result, ks, micro_batch):
 def print_table(result):
     print(
         "| configuration | per-worker batch × micro-steps | logical batch (2 workers) "
-        "| median ms / update | ratio to k=1 (IQR of per-round ratios) | ratio to the whole batch at once |"
+        "| median ms / update | ratio to k=1 (IQR of per-round ratios) "
+        "| ratio to the whole batch at once |"
     )
     print("|---|---:|---:|---:|---|---:|")
     for row in result["rows"]:
@@ -164,7 +165,9 @@ def print_table(result):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ks", default="1,8,32", help="accumulation steps (1 first)")
-    parser.add_argument("--micro-batch", type=int, default=8, help="examples per worker and micro-step")
+    parser.add_argument(
+        "--micro-batch", type=int, default=8, help="examples per worker and micro-step"
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--updates", type=int, default=3, help="updates per timed block")
     parser.add_argument("--warmup-updates", type=int, default=1)
@@ -287,7 +290,8 @@ def worker(spec):
         print("round", r, {n: round(1000 * per_update[n][-1]) for n in names}, flush=True)
     for name in names:  # every configuration trained the same number of updates
         mixer = gm.optimizer.find_gradient_mix(models[name].optimizer)
-        assert int(mixer.iterations.numpy()) == spec["warmup_updates"] + spec["rounds"] * spec["updates"]
+        updates = spec["warmup_updates"] + spec["rounds"] * spec["updates"]
+        assert int(mixer.iterations.numpy()) == updates, (name, int(mixer.iterations.numpy()))
     result = {
         "per_update_seconds": per_update,
         "parameters": parameters,
