@@ -461,3 +461,28 @@ def test_accumulators_hold_per_replica_values_until_the_update(mirrored_strategy
             assert_float32_close(local_accumulators(mirrored_strategy, restarted_opt)[k], total / K)
     restarted.fit(x[32:], y[32:], batch_size=16, epochs=1, shuffle=False, verbose=0)
     assert_float32_close(before - flat(weights_of(restarted)), update)
+
+
+def test_clipping_under_accumulation_acts_per_replica_on_the_accumulated_mean(mirrored_strategy):
+    """``clipvalue`` on the inner optimizer: once per update, on each replica's
+    accumulated mean (its share of the update), before the sum across
+    replicas; as without accumulation, where Keras clips each replica's
+    gradients."""
+    x, y = data(48)
+    clip = 0.01
+    with mirrored_strategy.scope():
+        inner = keras.optimizers.SGD(1.0, clipvalue=clip, gradient_accumulation_steps=3)
+        model = functional(gm.Model)
+        opt = mixer(level="sample", stddev=0.6, seed=3, inner=inner)
+        model.compile(opt, SCCE)
+    ref = plain_copy(model)
+    terms = accumulation_terms(opt, ref, x, y, "sample", steps=3)
+    before = flat(weights_of(model))
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    update = before - flat(weights_of(model))
+    means = [sum(terms[s][k] for s in range(3)) / 3 for k in range(K)]
+    assert np.mean([np.mean(np.abs(m) > clip) for m in means]) > 0.2  # clipping acts
+    expected = sum(np.clip(m, -clip, clip) for m in means)
+    assert_float32_close(update, expected)
+    # Not the same as clipping the summed update.
+    assert np.max(np.abs(np.clip(sum(means), -clip, clip) - expected)) > 1e-3
