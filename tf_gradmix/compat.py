@@ -240,7 +240,10 @@ def loss_tracker(model):
 # `apply_accumulated_across_replicas` instead of `inner.apply` when the inner
 # optimizer accumulates and there is more than one replica. Both use the inner
 # optimizer's private accumulators (`_accumulated_gradients`), variable
-# tracking (`_track_variable`), raw counter (`_iterations`) and variable index.
+# tracking (`_track_variable`), raw counter (`_iterations`) and variable index,
+# as in the Keras versions of TESTED_KERAS (`tests/test_compat.py`). Not
+# switched off by version: it does not depend on the bug being present, and
+# it keeps each replica's partial sums apart and saves their sum.
 
 ACCUMULATION_ISSUE = "https://github.com/keras-team/keras/issues/20582"
 
@@ -342,7 +345,8 @@ def apply_accumulated_across_replicas(inner, grads, trainable_variables):
             "GradientMix accumulates across replicas in per-replica variables, "
             f"but the inner optimizer {inner.name!r} was built without them. "
             "Build the GradientMix (not only its inner optimizer) under the "
-            "strategy's scope, e.g. by compiling the model there."
+            "strategy's scope, e.g. by compiling the model there "
+            f"(Keras cannot accumulate under a strategy: {ACCUMULATION_ISSUE})."
         )
     # In replica context a SyncOnRead variable reads and writes this
     # replica's own copy.
