@@ -486,3 +486,14 @@ def test_clipping_under_accumulation_acts_per_replica_on_the_accumulated_mean(mi
     assert_float32_close(update, expected)
     # Not the same as clipping the summed update.
     assert np.max(np.abs(np.clip(sum(means), -clip, clip) - expected)) > 1e-3
+
+
+def test_inner_optimizer_built_before_the_wrapper_fails_clearly_under_accumulation(mirrored_strategy):
+    x, y = data(48)
+    with mirrored_strategy.scope():
+        inner = keras.optimizers.SGD(1.0, gradient_accumulation_steps=3)
+        model = functional(gm.Model)
+        inner.build(model.trainable_variables)  # mirrored accumulators, Keras's
+        model.compile(mixer(inner=inner), SCCE)
+    with pytest.raises(RuntimeError, match="per-replica variables.*strategy's scope.*20582"):
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
