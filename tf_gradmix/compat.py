@@ -317,8 +317,7 @@ def apply_accumulated_across_replicas(inner, grads, trainable_variables):
     Called in replica context, once per micro-batch, with this replica's
     (already weighted) gradients. Each replica adds them to its own
     accumulators (see :func:`build_with_per_replica_accumulators`): no
-    communication.
-    The conditional update runs in cross-replica context, as
+    communication. The conditional update runs in cross-replica context, as
     ``LossScaleOptimizer`` does, and calls the inner optimizer on every
     replica with its own accumulation off and the replica's
     ``accumulated / n``; the inner optimizer's cross-replica sum, the one
@@ -327,8 +326,8 @@ def apply_accumulated_across_replicas(inner, grads, trainable_variables):
     The inner raw counter advances every micro-batch, so ``iterations`` and
     learning-rate schedules keep Keras's micro-step semantics. Clipping set
     on the inner optimizer acts once per update, per replica, on that
-    replica's accumulated ``accumulated / n`` (before the sum), where Keras
-    clips each replica's gradients without accumulation.
+    replica's ``accumulated / n`` (before the sum), where Keras clips each
+    replica's gradients without accumulation.
     """
     steps = inner.gradient_accumulation_steps
     context = tf.distribute.get_replica_context()
