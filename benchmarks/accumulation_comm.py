@@ -37,7 +37,7 @@ Timings are never asserted anywhere: this script only reports.
 
 Usage::
 
-    python benchmarks/accumulation_comm.py                  # ~3 min on 2 idle cores
+    python benchmarks/accumulation_comm.py                  # ~1.5 min on 2 shared cores
     python benchmarks/accumulation_comm.py --rounds 3 --updates 2
     python benchmarks/accumulation_comm.py --table-from runs/benchmarks/accumulation_comm.json
 """
