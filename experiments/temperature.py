@@ -15,8 +15,9 @@ Phases, in the order they run (``--phase all`` runs them in turn):
    the gap must show here before the noise arms mean anything.
 3. ``arms``: GD + GradientMix at the temperature rule
    ``stddev = sqrt(N / b - 1)`` with Gaussian, Bernoulli, Rademacher noise,
-   the isotropic control of the same norm, and Gaussian at half the stddev;
-   arm by arm, each over every seed, in that order of priority.
+   the isotropic control of the same norm, and Gaussian at half, twice and
+   a quarter of the stddev; arm by arm, each over every seed, in that order
+   of priority.
 
     python experiments/temperature.py --threads 1 --parallel 1
     python experiments/temperature.py --phase rate --rates 0.05 0.1 0.2
@@ -43,6 +44,9 @@ NOISE_ARMS = (
     ("bernoulli", 1.0),
     ("rademacher", 1.0),
     ("gaussian", 0.5),
+    # Beyond the rule: does more noise than the small batch's help further?
+    ("gaussian", 2.0),
+    ("gaussian", 0.25),
 )
 
 
