@@ -57,7 +57,8 @@ def fmt(values, scale=1.0, digits=1, signed=False):
 
 
 def arm_order(arm):
-    order = ["sgd", "gd", "gd+gaussian", "gd+bernoulli", "gd+rademacher", "gd+gaussian x0.5", "gd+isotropic"]
+    order = ["sgd", "gd", "gd+gaussian", "gd+bernoulli", "gd+rademacher", "gd+gaussian x0.25", "gd+gaussian x0.5",
+             "gd+gaussian x2", "gd+isotropic"]
     for i, prefix in enumerate(order):
         if arm == prefix or (prefix == "sgd" and arm.startswith("sgd")):
             return i
