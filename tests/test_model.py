@@ -431,6 +431,66 @@ def test_callbacks_checkpoint_backup_and_tensorboard(tmp_path):
     assert any((tmp_path / "tb").rglob("*tfevents*"))
 
 
+def test_default_seed_survives_backup_and_restore(tmp_path):
+    """``seed=None``: the restored run continues the interrupted run's stream.
+
+    The restarted process rebuilds the optimizer from code, so it draws a new
+    seed; the backup must bring back the old one (the seed is a variable).
+    """
+    x, y = data(64)
+    backup = str(tmp_path / "backup")
+
+    def run(seed, fail_at=None):
+        model = functional(gm.Model)
+        model.compile(mixer(seed=seed, stddev=1.0), SCCE)
+
+        class Interrupt(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                if epoch == fail_at:
+                    raise RuntimeError("interrupted")
+
+        callbacks = [keras.callbacks.BackupAndRestore(backup), Interrupt()]
+        try:
+            model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0, callbacks=callbacks)
+        except RuntimeError:
+            pass
+        return model
+
+    interrupted = run(None, fail_at=2)
+    seed = interrupted.optimizer.seed
+    assert int(interrupted.optimizer.raw_step.numpy()) == 8
+    resumed = run(None)
+    assert resumed.optimizer.seed == seed
+    np.testing.assert_array_equal(
+        resumed.optimizer.example_weights(8, step=9, replica_id=0),
+        interrupted.optimizer.example_weights(8, step=9, replica_id=0),
+    )
+    reference = functional(gm.Model)
+    reference.compile(mixer(seed=seed, stddev=1.0), SCCE)
+    reference.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
+    for a, b in zip(reference.get_weights(), resumed.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_default_seed_survives_a_keras_file(tmp_path):
+    x, y = data(48)
+    first = functional(gm.Model)
+    first.compile(mixer(seed=None, stddev=1.0), SCCE)
+    first.fit(x[:24], y[:24], batch_size=8, epochs=1, shuffle=False, verbose=0)  # 3 steps
+    seed = first.optimizer.seed
+    path = os.path.join(tmp_path, "m.keras")
+    first.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.optimizer.seed == seed
+    loaded.fit(x[24:], y[24:], batch_size=8, epochs=1, shuffle=False, verbose=0)  # 3 more
+
+    straight = functional(gm.Model)
+    straight.compile(mixer(seed=seed, stddev=1.0), SCCE)
+    straight.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)  # 6 steps
+    for a, b in zip(straight.get_weights(), loaded.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_keras_application_model_is_mixed():
     x = np.random.default_rng(0).uniform(size=(4, 32, 32, 3)).astype("float32")
     y = np.array([0, 1, 2, 3])

@@ -207,7 +207,8 @@ def step_seed(seed, step, stream, replica_id=0):
     """The stateless seed of one draw: a pure function of its arguments.
 
     Args:
-        seed: Python int, the ``GradientMix`` seed.
+        seed: the ``GradientMix`` seed: a Python int or an integer scalar
+            tensor or variable (the optimizer's saved seed).
         step: scalar integer tensor, the raw optimizer step.
         stream: :data:`SAMPLE_STREAM` or :data:`DEVICE_STREAM`.
         replica_id: scalar integer, the global replica id (sample level).
@@ -215,7 +216,7 @@ def step_seed(seed, step, stream, replica_id=0):
     Returns:
         int32 tensor of shape ``[2]``.
     """
-    key = tf.constant([seed, stream], dtype=tf.int32)
+    key = tf.stack([tf.cast(seed, tf.int32), tf.constant(stream, tf.int32)])
     key = tf.random.experimental.stateless_fold_in(key, tf.cast(step, tf.int64))
     return tf.random.experimental.stateless_fold_in(
         key, tf.cast(replica_id, tf.int64)

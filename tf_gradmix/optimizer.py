@@ -116,8 +116,8 @@ class GradientMix(keras.optimizers.Optimizer):
 
     Wraps any Keras 3 optimizer like ``keras.optimizers.LossScaleOptimizer``
     does: ``learning_rate`` and ``iterations`` are the inner optimizer's, and
-    ``variables`` are this wrapper's own (its raw step counter) followed by
-    the inner optimizer's.
+    ``variables`` are this wrapper's own (its raw step counter and its seed)
+    followed by the inner optimizer's.
 
     The weights of one step are ``pi_n = w_n / N`` with
     ``w_n = 1 + stddev * xi_n`` (paper Eq. 12 with ``kappa = stddev / N``):
@@ -156,8 +156,11 @@ class GradientMix(keras.optimizers.Optimizer):
             a noise-equivalent batch size use
             :meth:`GradientMix.for_noise_batch_size` or
             :func:`tf_gradmix.noise.stddev_for_noise_batch_size`.
-        seed: int seed of the stateless noise stream; ``None`` draws one now
-            (stored in the config, so saved models continue the stream).
+        seed: int seed of the stateless noise stream; ``None`` draws one
+            now. Either way the seed is kept in a variable of this optimizer
+            (and in its config), so a ``.keras`` reload and a
+            ``BackupAndRestore`` restore continue the same stream, and all
+            workers of a ``MultiWorkerMirroredStrategy`` use the chief's.
         name: optimizer name, default ``"gradient_mix"``.
 
     Example:
@@ -207,9 +210,9 @@ class GradientMix(keras.optimizers.Optimizer):
             )
         noise = noise_lib.get(noise)
         stddev = self._validate_stddev(stddev)
-        if seed is None:
-            seed = secrets.randbelow(2**31 - 1)
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31
+        ):
             raise ValueError(
                 f"Invalid value for argument `seed`: {seed!r}. Expected None "
                 "or an int in [0, 2**31)."
@@ -218,7 +221,7 @@ class GradientMix(keras.optimizers.Optimizer):
         self.level = level
         self.noise = noise
         self.stddev = stddev
-        self.seed = seed
+        self._seed_variable = self._create_seed_variable(seed)
         self.inner_optimizer = inner_optimizer
         self._warned_single_replica = False
         # Set when a step asks for the sample-level weights: the model hook
@@ -229,6 +232,29 @@ class GradientMix(keras.optimizers.Optimizer):
         self._device_weight_in_loss = False
 
     # -- construction helpers ------------------------------------------------
+
+    def _create_seed_variable(self, seed):
+        """The seed as a variable: saved and restored with the optimizer.
+
+        ``seed=None`` draws the seed here. Keeping it in a variable (not only
+        in the config) makes a ``BackupAndRestore`` restore, which rebuilds
+        the optimizer from code with ``seed=None`` again, load the seed of
+        the interrupted run. Under ``MultiWorkerMirroredStrategy`` the
+        initial value of a mirrored variable is the chief's, broadcast to
+        every worker, so all workers share one seed.
+        """
+        if seed is None:
+            seed = secrets.randbelow(2**31 - 1)
+        with keras.name_scope(self.name, caller=self):
+            variable = keras.Variable(
+                seed,
+                name="seed",
+                dtype="int",
+                trainable=False,
+                aggregation="only_first_replica",
+            )
+        self._track_variable(variable)
+        return variable
 
     @staticmethod
     def _check_inner_only_kwargs(kwargs):
@@ -278,6 +304,11 @@ class GradientMix(keras.optimizers.Optimizer):
     # -- the noise -----------------------------------------------------------
 
     @property
+    def seed(self):
+        """The seed of the noise stream (int), as held in the saved state."""
+        return int(self._seed_variable.numpy())
+
+    @property
     def raw_step(self):
         """This wrapper's step counter: one per ``apply`` (per micro-batch)."""
         return self._iterations
@@ -315,7 +346,9 @@ class GradientMix(keras.optimizers.Optimizer):
         step = self.raw_step if step is None else step
         if replica_id is None:
             replica_id = _replica_context().replica_id_in_sync_group
-        seed = noise_lib.step_seed(self.seed, step, noise_lib.SAMPLE_STREAM, replica_id)
+        seed = noise_lib.step_seed(
+            self._seed_variable, step, noise_lib.SAMPLE_STREAM, replica_id
+        )
         return noise_lib.mixing_weights(
             self.noise, self.current_stddev(step), [batch_size], seed
         )
@@ -335,7 +368,7 @@ class GradientMix(keras.optimizers.Optimizer):
         if num_replicas is None:
             num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
         step = self.raw_step if step is None else step
-        seed = noise_lib.step_seed(self.seed, step, noise_lib.DEVICE_STREAM)
+        seed = noise_lib.step_seed(self._seed_variable, step, noise_lib.DEVICE_STREAM)
         return noise_lib.mixing_weights(
             self.noise, self.current_stddev(step), [num_replicas], seed
         )
