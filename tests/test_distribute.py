@@ -123,7 +123,7 @@ def per_example_gradients(model, x, y):
     return grads
 
 
-def mixed_sgd(init, x, y, shards, level):
+def mixed_sgd(init, x, y, shards, level, seed=SEED):
     """SGD(LR) on the global-batch mix, with weights from GradientMix's API.
 
     ``shards[k][s]``: the rows replica ``k`` sees at step ``s``. Keras weighs
@@ -131,7 +131,7 @@ def mixed_sgd(init, x, y, shards, level):
     that by ``w_b`` (sample) or ``w_k`` (device); a replica without examples
     adds nothing.
     """
-    mixer = gm.GradientMix(keras.optimizers.SGD(LR), level="sample", seed=SEED)
+    mixer = gm.GradientMix(keras.optimizers.SGD(LR), level="sample", seed=seed)
     level, _, accumulate = level.partition("-acc")
     accumulate = int(accumulate) if accumulate else 1  # micro-batches an update
     model = oracle_model(init)
@@ -205,6 +205,7 @@ def cluster_results(data, tmp_path_factory):
         "shards": EVEN,
         "uneven": UNEVEN,
         "learning_rate": LR,
+        "default_seed": True,
     }
     return run_cluster(spec, tmp_path, "fit")
 
@@ -261,6 +262,25 @@ def test_multi_worker_fit_equals_global_batch_mix(case, cluster_results, data):
         # The mix is not plain training: it moved the weights differently.
         plain = mixed_sgd(init, x, y, shards, "plain")
         assert not np.allclose(first[f"{case}/w0"], plain[0], rtol=1e-4, atol=1e-5)
+
+
+def test_default_seed_is_the_chiefs_on_every_worker(cluster_results, data):
+    """``seed=None``: each worker draws its own seed, and all use the chief's."""
+    _, x, y = data
+    chief, other = cluster_results
+    assert len(chief["seed_none/local_draw"]) == len(other["seed_none/local_draw"]) == 1
+    # Two independent draws from [0, 2**31 - 1) collide with chance 5e-10.
+    assert chief["seed_none/local_draw"][0] != other["seed_none/local_draw"][0]
+    assert int(chief["seed_none/seed"]) == int(other["seed_none/seed"]) == chief["seed_none/local_draw"][0]
+    for key in ("example_weights", "device_weights"):
+        np.testing.assert_array_equal(chief[f"seed_none/{key}"], other[f"seed_none/{key}"])
+    # The fit used that seed on both workers' replicas: the global-batch mix
+    # with the chief's seed (a worker on its own seed would draw other weights).
+    init = [chief[f"seed_none/init{i}"] for i in range(4)]
+    expected = mixed_sgd(init, x, y, EVEN, "sample", seed=int(chief["seed_none/seed"]))
+    for i in range(4):
+        np.testing.assert_array_equal(chief[f"seed_none/w{i}"], other[f"seed_none/w{i}"])
+        np.testing.assert_allclose(chief[f"seed_none/w{i}"], expected[i], rtol=2e-5, atol=2e-6)
 
 
 def test_sample_noise_differs_per_replica_and_device_weights_span_workers():

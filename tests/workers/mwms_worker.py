@@ -11,6 +11,8 @@ Tasks:
   (keras-team/keras#20585) - the error messages are recorded; (2) several
   tf_gradmix models are trained with ``fit`` from the same initial weights on
   explicit per-worker shards; the final weights of each case are written.
+  With ``default_seed``, also records what ``GradientMix(seed=None)`` draws
+  and uses on each worker, and the weights after a fit with it.
 * ``fault``: a run with ``keras.callbacks.BackupAndRestore`` (sample level,
   or ``level``, e.g. ``"sample-acc3"``); with ``pause_at`` (epoch, batch) this
   process stops after that batch, writes ``marker`` and waits to be killed.
@@ -150,10 +152,54 @@ def keras_split(strategy):
     return ds.batch(8, drop_remainder=False).with_options(options)
 
 
+def default_seed(strategy, results):
+    """``GradientMix(seed=None)`` on every worker: all use the chief's seed.
+
+    Each process draws its own seed at construction (recorded here); the
+    seed variable's initial value is the chief's, broadcast as for every
+    mirrored variable. A sample-level fit with that optimizer is recorded
+    too, for the parent's oracle.
+    """
+    from tf_gradmix import optimizer as optimizer_lib
+
+    draws = []
+    secrets_module = optimizer_lib.secrets
+
+    class RecordingSecrets:
+        @staticmethod
+        def randbelow(n):
+            draws.append(secrets_module.randbelow(n))
+            return draws[-1]
+
+    optimizer_lib.secrets = RecordingSecrets
+    try:
+        with strategy.scope():
+            model = build("model")
+            keras.utils.set_random_seed(0)
+            init = [v.numpy() for v in build("stock").weights]
+            model.set_weights(init)
+            mixer = gm.GradientMix(
+                keras.optimizers.SGD(SPEC.get("learning_rate", 0.1)), stddev=1.0, seed=None
+            )
+            model.compile(mixer, "mse")
+    finally:
+        optimizer_lib.secrets = secrets_module
+    results["seed_none/local_draw"] = np.array(draws)
+    results["seed_none/seed"] = np.array(mixer.seed)
+    results["seed_none/example_weights"] = mixer.example_weights(8, step=3, replica_id=0).numpy()
+    results["seed_none/device_weights"] = mixer.device_weights(2, step=3).numpy()
+    model.fit(shards(strategy, SPEC["shards"]), epochs=1, verbose=0)
+    for i, (w0, w) in enumerate(zip(init, model.get_weights())):
+        results[f"seed_none/init{i}"] = w0
+        results[f"seed_none/w{i}"] = w
+
+
 def fit_cases(strategy, out):
     results = {}
     if not SPEC.get("skip_stock"):
         stock_checks(strategy, results)
+    if SPEC.get("default_seed"):
+        default_seed(strategy, results)
 
     # 2. tf_gradmix models, same initial weights, same data.
     init = None
