@@ -168,11 +168,45 @@ def test_logged_loss_is_the_plain_loss_and_gamma_the_mean_of_w_squared():
     assert history.history["gradmix_gamma"][0] == pytest.approx(np.mean(gammas), rel=1e-6)
 
 
+def record_draws(model, optimizer):
+    """Records every request for mixing weights, with the step kind asking.
+
+    Mixing needs weights: a step that never asks for them cannot mix. The
+    requests happen while Keras traces the step functions, in Python, so a
+    recording wrapper around the optimizer's two public methods sees them.
+    """
+    draws, kind = [], ["train"]
+    for name in ("example_weights", "device_weights"):
+        original = getattr(optimizer, name)
+
+        def recording(*args, _original=original, _name=name, **kwargs):
+            draws.append((kind[0], _name))
+            return _original(*args, **kwargs)
+
+        setattr(optimizer, name, recording)
+    for name in ("test_step", "predict_step"):
+        original = getattr(model, name)
+
+        def step(data, _original=original, _kind=name):
+            kind[0] = _kind
+            try:
+                return _original(data)
+            finally:
+                kind[0] = "train"
+
+        setattr(model, name, step)
+    return draws
+
+
 def test_evaluate_predict_and_validation_never_mix():
+    """"Never mix" is observed three ways: evaluation and prediction steps
+    draw no mixing weights (the cost), leave the noise counter alone, and do
+    not touch the gamma metric; their values equal plain Keras's."""
     x, y = data(32)
     xv, yv = data(24, seed=1)
     model = functional(gm.Model)
     model.compile(mixer(stddev=2.0), SCCE, metrics=["accuracy"])
+    draws = record_draws(model, model.optimizer)
     history = model.fit(x, y, batch_size=16, epochs=2, validation_data=(xv, yv), verbose=0)
     steps = int(model.optimizer.raw_step.numpy())
 
@@ -186,6 +220,11 @@ def test_evaluate_predict_and_validation_never_mix():
     assert not any(k.startswith("val_gradmix") for k in history.history)
     np.testing.assert_array_equal(model.predict(xv, verbose=0), ref.predict(xv, verbose=0))
     assert int(model.optimizer.raw_step.numpy()) == steps == 4
+    # evaluate() resets every metric first; a mixing test step would count.
+    assert int(model._gradmix_gamma.count.numpy()) == 0
+    kinds = {kind for kind, _ in draws}
+    assert ("train", "example_weights") in draws  # the recorder sees training
+    assert kinds == {"train"}, draws  # validation, evaluate, predict: no draw
 
 
 def test_plain_optimizer_on_gm_model_trains_like_keras():
