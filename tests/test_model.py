@@ -14,11 +14,14 @@ import tensorflow as tf
 
 import tf_gradmix as gm
 from oracles import (
+    FLOAT32_EPS,
+    UNROLLED_ULPS,
     assert_float32_close,
     flat,
     per_example_gradients,
     recover_weights,
     regularization_gradient,
+    relative_error,
     weights_of,
 )
 
@@ -114,6 +117,113 @@ def test_fit_update_equals_per_example_mix(kind, noise):
         assert set(np.round(recovered, 3)) == {0.3, 1.7}  # exactly 1 -+ 0.7
 
 
+class InferenceBatchNorm(keras.layers.BatchNormalization):
+    """BatchNorm that always normalises with its moving statistics.
+
+    (A functional ``BatchNormalization()(h, training=False)`` does not stay
+    in inference mode under ``fit`` in Keras 3.15; ``trainable=False`` would
+    freeze the scale and offset too.) The scale and offset still train.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        return super().call(inputs, training=False, mask=mask)
+
+
+def bn_cnn(model_class):
+    """Conv + BatchNorm (inference mode: examples independent) + pooling."""
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((6, 6, 2))
+    h = inputs
+    for filters, strides in ((4, 1), (6, 2)):
+        h = keras.layers.Conv2D(filters, 3, strides=strides, padding="same")(h)
+        h = InferenceBatchNorm()(h)
+        h = keras.layers.Activation("relu")(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    model = model_class(inputs, keras.layers.Dense(3)(h))
+    rng = np.random.default_rng(1)  # non-trivial moving statistics
+    for v in model.non_trainable_variables:
+        if "moving_mean" in v.path:
+            v.assign(rng.normal(0.0, 0.3, v.shape).astype("float32"))
+        else:
+            v.assign(rng.uniform(0.5, 1.5, v.shape).astype("float32"))
+    return model
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
+def test_batchnorm_cnn_update_equals_per_example_mix(noise):
+    """A convolutional BatchNorm model against the per-example loop.
+
+    BatchNorm runs in inference mode (moving statistics), so each example's
+    gradient is its own and the loop is an exact oracle; the scale and offset
+    of every BatchNorm layer are trained and mixed like any weight.
+    """
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(B, 6, 6, 2)).astype("float32")
+    y = rng.integers(0, 3, B)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model, ref = bn_cnn(gm.Model), bn_cnn(keras.Model)
+    opt = mixer(noise, stddev=0.8, seed=17)
+    model.compile(opt, loss_fn)
+    before = flat(weights_of(model))
+    model.fit(x, y, batch_size=B, epochs=1, shuffle=False, verbose=0)
+    update = before - flat(weights_of(model))
+
+    grads = per_example_gradients(ref, x, y, loss_fn)
+    assert np.linalg.matrix_rank(grads) == B  # so least squares gives every w_b
+    w = opt.example_weights(B, step=0, replica_id=0).numpy().astype(np.float64)
+    assert_float32_close(update, grads.T @ w / B)
+    recovered = recover_weights(update, grads)
+    np.testing.assert_allclose(recovered, w, atol=1e-4)
+    assert len([v for v in model.trainable_variables if "batch_norm" in v.path]) == 4
+    for a, b in zip(model.non_trainable_weights, ref.non_trainable_weights):
+        np.testing.assert_array_equal(a, b)  # moving statistics untouched
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
+def test_weights_fit_applies_have_mean_one_and_std_stddev(noise):
+    """The weights recovered from ``fit``'s updates, not from the API.
+
+    A linear model with a loss linear in the output, ``l_b = y_b . f(x_b)``,
+    has per-example gradients that do not depend on the weights, so each
+    step's update ``sum_b w_b g_b / B`` (SGD, rate 1) gives back every
+    ``w_b`` by least squares. 64 steps of 16 examples = 1024 weights.
+    """
+    stddev, steps = 0.6, 64
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(steps * B, 16)).astype("float32")
+    y = rng.normal(size=(steps * B, 8)).astype("float32")
+    model = gm.Sequential([keras.Input((16,)), keras.layers.Dense(8)])
+    model.compile(mixer(noise, stddev=stddev, seed=23), loss=lambda t, p: tf.reduce_sum(t * p, axis=-1))
+    snapshots = []
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_begin=lambda batch, logs: snapshots.append(flat(weights_of(model))),
+        on_train_end=lambda logs: snapshots.append(flat(weights_of(model))),
+    )
+    model.fit(x, y, batch_size=B, epochs=1, shuffle=False, verbose=0, callbacks=[record])
+    assert len(snapshots) == steps + 1
+    recovered = []
+    for step in range(steps):
+        part = slice(step * B, (step + 1) * B)
+        # kernel gradient x_b y_b^T, bias gradient y_b (variables' order).
+        grads = np.concatenate(
+            [np.einsum("bi,bj->bij", x[part], y[part]).reshape(B, -1), y[part]], axis=1
+        ).astype(np.float64)
+        recovered.append(recover_weights(snapshots[step] - snapshots[step + 1], grads))
+    w = np.concatenate(recovered)
+    n = w.size
+    # 4 standard errors: the mean's is stddev/sqrt(n) = 0.019, the standard
+    # deviation's about stddev/sqrt(2n) = 0.013 (0.018 for Rademacher's exact
+    # two-point law it is lower). Wrong rules this rejects: stddev^2 as the
+    # spread (0.36), weights pi = w/B (mean 1/16), w - 1 (mean 0).
+    assert abs(w.mean() - 1.0) < 4 * stddev / np.sqrt(n)
+    assert abs(w.std(ddof=1) - stddev) < 4 * stddev / np.sqrt(2 * n)
+    if noise == "rademacher":
+        np.testing.assert_allclose(np.abs(w - 1.0), stddev, atol=1e-3)  # w = 1 +- stddev
+    # Fresh weights every step: consecutive steps' weights are uncorrelated.
+    corr = np.corrcoef(np.stack(recovered[:-1]).ravel(), np.stack(recovered[1:]).ravel())[0, 1]
+    assert abs(corr) < 4 / np.sqrt(n)
+
+
 def test_weights_are_redrawn_every_step():
     x, y = data()
     model = build("gm.Model")
@@ -162,7 +272,12 @@ def test_logged_loss_is_the_plain_loss_and_gamma_the_mean_of_w_squared():
     model_1 = functional(gm.Model)
     model_1.compile(mixer(stddev=1.5), SCCE)
     first = model_1.fit(x[:16], y[:16], batch_size=16, epochs=1, verbose=0)
-    assert first.history["loss"][0] == pytest.approx(plain_loss, rel=1e-6)
+    assert first.history["loss"][0] == pytest.approx(plain_loss, rel=1e-6)  # vs evaluate()
+    # Bit for bit the loss plain `fit` logs for the same step.
+    plain_fit = plain_copy(functional(gm.Model))
+    plain_fit.compile(keras.optimizers.SGD(1.0), SCCE)
+    plain_first = plain_fit.fit(x[:16], y[:16], batch_size=16, epochs=1, verbose=0)
+    assert first.history["loss"][0] == plain_first.history["loss"][0]
 
     gammas = [np.mean(opt.example_weights(16, step=s, replica_id=0).numpy() ** 2) for s in (0, 1)]
     assert history.history["gradmix_gamma"][0] == pytest.approx(np.mean(gammas), rel=1e-6)
@@ -530,34 +645,55 @@ def test_default_seed_survives_a_keras_file(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_keras_application_model_is_mixed():
-    x = np.random.default_rng(0).uniform(size=(4, 32, 32, 3)).astype("float32")
-    y = np.array([0, 1, 2, 3])
+def weighted_batch_gradient(model, x, y, w, loss_fn):
+    """Gradient of ``mean_b w_b l_b`` (+ layer losses) on the whole batch.
 
-    def run(stddev):
+    The oracle where examples interact (BatchNorm in training mode): Eq. 4's
+    ``sum_b pi_b grad l_b`` is then the gradient of the weighted batch loss,
+    with every example's loss seen through the batch statistics.
+    """
+    with tf.GradientTape() as tape:
+        per_example = loss_fn(y, model(x, training=True))
+        loss = tf.reduce_mean(per_example * tf.constant(w, per_example.dtype))
+        if model.losses:
+            loss = loss + tf.add_n(model.losses)
+    return flat(tape.gradient(loss, model.trainable_variables))
+
+
+def test_keras_application_model_is_mixed_exactly():
+    """MobileNetV3Small (BatchNorm in training mode, hard-swish, SE blocks)."""
+    x = np.random.default_rng(0).uniform(size=(8, 32, 32, 3)).astype("float32")
+    y = np.arange(8) % 4
+
+    def application():
         keras.utils.set_random_seed(0)
-        model = keras.applications.MobileNetV3Small(
-            input_shape=(32, 32, 3), weights=None, classes=4, include_preprocessing=False
+        return keras.applications.MobileNetV3Small(
+            input_shape=(32, 32, 3), weights=None, classes=4, include_preprocessing=False,
+            dropout_rate=0.0,
         )
-        gm.enable(model)
-        model.compile(mixer(stddev=stddev, seed=1, inner=keras.optimizers.SGD(0.1)), SCCE)
-        history = model.fit(x, y, batch_size=4, epochs=1, verbose=0)
-        return model.get_weights(), history.history
 
-    keras.utils.set_random_seed(0)
-    plain = keras.applications.MobileNetV3Small(
-        input_shape=(32, 32, 3), weights=None, classes=4, include_preprocessing=False
-    )
+    plain = application()
     plain.compile(keras.optimizers.SGD(0.1), SCCE)
-    plain_history = plain.fit(x, y, batch_size=4, epochs=1, verbose=0).history
-    zero, zero_history = run(0.0)
-    mixed, mixed_history = run(1.0)
-    for a, b in zip(plain.get_weights(), zero):
+    plain_history = plain.fit(x, y, batch_size=8, epochs=1, verbose=0).history
+    zero = gm.enable(application())
+    zero.compile(mixer(stddev=0.0, seed=1, inner=keras.optimizers.SGD(0.1)), SCCE)
+    zero_history = zero.fit(x, y, batch_size=8, epochs=1, verbose=0).history
+    for a, b in zip(plain.get_weights(), zero.get_weights()):
         np.testing.assert_array_equal(a, b)
     assert zero_history["loss"] == plain_history["loss"]
-    assert mixed_history["loss"] == pytest.approx(plain_history["loss"], rel=1e-6)
-    assert np.isfinite(mixed_history["gradmix_gamma"][0])
-    assert any(not np.array_equal(a, b) for a, b in zip(zero, mixed))
+
+    model, ref = gm.enable(application()), application()
+    opt = mixer(stddev=1.0, seed=1, inner=keras.optimizers.SGD(1.0))
+    update, history = one_step_update(model, opt, x, y)
+    w = opt.example_weights(8, step=0, replica_id=0).numpy().astype(np.float64)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(reduction=None)
+    expected = weighted_batch_gradient(ref, x, y, w, loss_fn)
+    assert_float32_close(update, expected, ulps=UNROLLED_ULPS)
+    unmixed = weighted_batch_gradient(ref, x, y, np.ones(8), loss_fn)
+    assert relative_error(unmixed, expected) > 0.05  # the weights matter
+    # The loss value is the plain one up to float32 rounding of the forward
+    # pass (the mixed step's graph differs; 1 ulp measured, 8 allowed).
+    assert history.history["loss"][0] == pytest.approx(plain_history["loss"][0], rel=8 * FLOAT32_EPS)
 
 
 def test_enable_rejects_non_models_and_is_idempotent():
