@@ -8,7 +8,15 @@ import pytest
 import tensorflow as tf
 
 import tf_gradmix as gm
-from oracles import assert_float32_close, flat, mean_gradient, per_example_gradients, regularization_gradient, weights_of
+from oracles import (
+    assert_float32_close,
+    flat,
+    mean_gradient,
+    per_example_gradients,
+    regularization_gradient,
+    relative_error,
+    weights_of,
+)
 from test_model import SCCE, data, functional, mixer, plain_copy
 
 K = 4  # logical CPU replicas (conftest)
@@ -150,10 +158,32 @@ def test_wraps_any_keras_optimizer(name):
     for a, b in zip(plain.get_weights(), zero.get_weights()):
         np.testing.assert_array_equal(a, b)  # stddev=0 is plain training
     mixed = functional(gm.Model)
-    mixed.compile(mixer(inner=INNER[name](), stddev=1.0), SCCE)
+    init = flat(weights_of(mixed))
+    opt = mixer(inner=INNER[name](), stddev=1.0)
+    mixed.compile(opt, SCCE)
     history = mixed.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
-    assert any(not np.array_equal(a, b) for a, b in zip(plain.get_weights(), mixed.get_weights()))
+
+    # Oracle: a fresh inner optimizer fed, step by step, the gradient of the
+    # explicitly weighted loss (no GradientMix in the loop).
+    ref = functional(keras.Model)
+    inner = INNER[name]()
+    per_example_loss = keras.losses.SparseCategoricalCrossentropy(reduction=None)
+    for step, part in enumerate(replica_slices(32, 2) * 2):
+        w = opt.example_weights(16, step=step, replica_id=0)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(per_example_loss(y[part], ref(x[part], training=True)) * w)
+            loss = loss + tf.add_n(ref.losses)
+        inner.apply_gradients(zip(tape.gradient(loss, ref.trainable_variables), ref.trainable_variables))
+    inner.finalize_variable_values(ref.trainable_variables)  # EMA, as fit does
+    # Compared: the weights themselves (each step rounds them to float32, so
+    # the error scales with the weights, not with the smaller updates).
+    expected = flat(weights_of(ref))
+    assert_float32_close(flat(weights_of(mixed)), expected)
+    # A wrong weight moves the result by a share of the update: the updates
+    # with and without mixing differ by more than 5%.
+    plain_update = init - flat(weights_of(plain))
+    assert relative_error(plain_update, init - expected) > 0.05
 
 
 def test_learning_rate_iterations_and_variables_are_forwarded():
