@@ -112,6 +112,52 @@ def test_sample_level_under_mirrored_strategy_is_the_global_batch_mix(mirrored_s
     assert history.history["gradmix_gamma"][0] == pytest.approx(gamma, rel=1e-5)
 
 
+def replica_gradients(model, x, y):
+    """Per-variable gradients (float64) of the replica loss: mean loss + layer losses."""
+    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+    with tf.GradientTape() as tape:
+        loss = loss_fn(y, model(x, training=True)) + tf.add_n(model.losses)
+    return [g.numpy().astype(np.float64) for g in tape.gradient(loss, model.trainable_variables)]
+
+
+def clip(grads, kind, limit):
+    """Keras's clipping rules in float64: per tensor, or by the global norm."""
+    if kind == "clipnorm":
+        return [g * limit / max(np.linalg.norm(g), limit) for g in grads]
+    norm = np.sqrt(sum(np.sum(g**2) for g in grads))
+    return [g * limit / max(norm, limit) for g in grads]
+
+
+@pytest.mark.parametrize("kind", ["clipnorm", "global_clipnorm"])
+def test_inner_clipping_acts_per_replica_after_the_device_weights(mirrored_strategy, kind):
+    """README: clipping acts "per replica, on that replica's gradients, after
+    the device weights": replica k contributes clip(w_k g_k / K)."""
+    x, y = data(16)
+    with mirrored_strategy.scope():
+        model = functional(keras.Model)
+    ref = plain_copy(model)
+    w = mixer(level="device", stddev=0.9, seed=2).device_weights(K, step=0).numpy().astype(np.float64)
+    replica = [[w[k] * g / K for g in replica_gradients(ref, x[s], y[s])] for k, s in enumerate(replica_slices(16))]
+    # A limit that clips some replicas (or tensors) and not others.
+    norms = [np.linalg.norm(g) for r in replica for g in r] if kind == "clipnorm" else [
+        np.sqrt(sum(np.sum(g**2) for g in r)) for r in replica
+    ]
+    limit = float(np.median(norms))
+    with mirrored_strategy.scope():
+        opt = mixer(level="device", stddev=0.9, seed=2, inner=keras.optimizers.SGD(1.0, **{kind: limit}))
+        model.compile(opt, SCCE)
+    update, _ = fit_one_step(model, x, y)
+
+    expected = flat(sum(np.array(c, dtype=object) for c in (clip(r, kind, limit) for r in replica)))
+    assert_float32_close(update, expected)
+    # The other orders are far from it: clipping before the weights, or the sum.
+    unweighted = [[g / K for g in replica_gradients(ref, x[s], y[s])] for s in replica_slices(16)]
+    before = flat(sum(np.array([w[k] * g for g in clip(r, kind, limit)], dtype=object) for k, r in enumerate(unweighted)))
+    summed = flat(clip(list(sum(np.array(r, dtype=object) for r in replica)), kind, limit))
+    for other in (before, summed):
+        assert relative_error(other, expected) > 0.01
+
+
 def test_gamma_logger_reports_device_gamma_bar(mirrored_strategy):
     x, y = data(64)
     with mirrored_strategy.scope():
@@ -199,7 +245,43 @@ def test_learning_rate_iterations_and_variables_are_forwarded():
     assert int(opt.raw_step.numpy()) == 4 and int(opt.iterations.numpy()) == 2
     own = {id(v) for v in opt.variables[: len(opt.variables) - len(inner.variables)]}
     assert id(opt.raw_step) in own
+    assert id(opt._seed_variable) in own and opt.seed == 5  # the seed is saved state
     assert [id(v) for v in opt.variables[-len(inner.variables):]] == [id(v) for v in inner.variables]
+
+
+def test_reduce_lr_on_plateau_reaches_the_inner_optimizer():
+    """ReduceLROnPlateau reads and sets ``optimizer.learning_rate``; the
+    reduced rate must be the one the inner optimizer updates with."""
+    x, y = data(32)
+
+    def run(model, optimizer):
+        # min_delta so large that no epoch improves: halve after every epoch
+        # but the first (which sets the best value).
+        plateau = keras.callbacks.ReduceLROnPlateau(monitor="loss", factor=0.5, patience=0, min_delta=1e9)
+        model.compile(optimizer, SCCE)
+        return model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0, callbacks=[plateau])
+
+    inner = keras.optimizers.SGD(0.1, momentum=0.9)
+    mixed = functional(gm.Model)
+    history = run(mixed, mixer(inner=inner, stddev=0.0))
+    assert float(inner.learning_rate.numpy()) == pytest.approx(0.025)
+    # The rate each epoch ran at; halved at the end of epochs 2 and 3.
+    assert history.history["learning_rate"] == pytest.approx([0.1, 0.1, 0.05])
+    plain = functional(keras.Model)
+    run(plain, keras.optimizers.SGD(0.1, momentum=0.9))
+    for a, b in zip(plain.get_weights(), mixed.get_weights()):
+        np.testing.assert_array_equal(a, b)  # the same rates were applied
+
+
+def test_sample_and_device_streams_are_separate():
+    """Same seed and step: the two levels' weights are independent draws."""
+    opt = mixer(stddev=1.0, seed=31)
+    steps = 256
+    sample = np.stack([opt.example_weights(K, step=s, replica_id=0).numpy() for s in range(steps)])
+    device = np.stack([opt.device_weights(K, step=s).numpy() for s in range(steps)])
+    assert not np.any(sample == device)
+    # Independent N(1, 1) pairs: |correlation| < 4 / sqrt(n) (4 standard errors).
+    assert abs(np.corrcoef(sample.ravel(), device.ravel())[0, 1]) < 4 / np.sqrt(sample.size)
 
 
 def test_custom_training_loop_gets_the_same_noise_as_fit():
