@@ -3,10 +3,12 @@
 import math
 import re
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import tf_gradmix as gm
 from tf_gradmix import noise
 
 
@@ -54,9 +56,42 @@ def test_get_rejects_unknown_noise_with_the_value():
         noise.get(3)
 
 
-def test_serialize_round_trip_of_builtin_and_custom_noise():
+@keras.saving.register_keras_serializable(package="tf_gradmix_tests")
+class TwoPoint(noise.Noise):
+    """A user's noise with an argument: ``xi = a`` with probability ``p``,
+    else ``-b``; ``a = sqrt((1-p)/p)``, ``b = sqrt(p/(1-p))`` (mean 0, variance 1)."""
+
+    def __init__(self, p=0.5):
+        self.p = p
+
+    def sample(self, shape, seed):
+        hit = tf.random.stateless_uniform(shape, seed=seed) < self.p
+        a, b = math.sqrt((1 - self.p) / self.p), math.sqrt(self.p / (1 - self.p))
+        return tf.where(hit, a, -b)
+
+    def get_config(self):
+        return {"p": self.p}
+
+
+def test_serialize_round_trip_of_builtin_and_custom_noise(tmp_path):
     assert noise.get(noise.serialize(noise.Gaussian())) == noise.Gaussian()
     assert noise.get(noise.serialize(noise.Rademacher())) == noise.Rademacher()
+    custom = TwoPoint(0.2)
+    assert noise.get(noise.serialize(custom)) == custom != TwoPoint(0.5)
+
+    # A custom noise inside a GradientMix survives a .keras file.
+    x = np.random.default_rng(0).normal(size=(16, 3)).astype("float32")
+    model = gm.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(gm.GradientMix(keras.optimizers.SGD(0.1), noise=custom, stddev=0.7, seed=3), "mse")
+    model.fit(x, x[:, :1], batch_size=8, verbose=0)
+    path = str(tmp_path / "custom_noise.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.optimizer.noise == custom
+    w = loaded.optimizer.example_weights(64, step=2, replica_id=0).numpy()
+    np.testing.assert_array_equal(w, model.optimizer.example_weights(64, step=2, replica_id=0).numpy())
+    a, b = math.sqrt(0.8 / 0.2), math.sqrt(0.2 / 0.8)
+    np.testing.assert_allclose(np.unique(w), [1 - 0.7 * b, 1 + 0.7 * a], rtol=1e-6)
 
 
 def test_noise_equivalent_batch_size():
