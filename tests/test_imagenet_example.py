@@ -20,10 +20,22 @@ def example():
     return module
 
 
-def test_pipeline_shards_per_worker_and_batches_per_replica(example):
+def test_pipeline_shards_per_worker_and_batches_per_replica(example, monkeypatch):
     context = tf.distribute.InputContext(
         num_input_pipelines=2, input_pipeline_id=1, num_replicas_in_sync=4
     )
+    # TFDS shards the files per worker from `read_config.input_context`.
+    # Its mock data generates examples in code and ignores the read config,
+    # so the split itself cannot be observed offline: record what the
+    # example hands to `tfds.load` instead (the real load, mocked by TFDS).
+    loads = []
+    real_load = tfds.load
+
+    def recording_load(*args, **kwargs):
+        loads.append(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(tfds, "load", recording_load)
     with tfds.testing.mock_data(num_examples=12):
         ds = example.make_dataset("train", 8, 16, True, input_context=context)
         images, labels = next(iter(ds))
@@ -33,6 +45,9 @@ def test_pipeline_shards_per_worker_and_batches_per_replica(example):
         np.testing.assert_allclose(labels.numpy().sum(1), 1.0)
         validation = example.make_dataset("validation", 8, 16, False, input_context=context)
         assert next(iter(validation))[0].shape[1:] == (16, 16, 3)
+    assert [kw["split"] for kw in loads] == ["train", "validation"]
+    for kw in loads:
+        assert kw["read_config"].input_context is context
 
 
 def test_a_few_training_steps(example):
