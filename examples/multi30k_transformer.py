@@ -199,6 +199,17 @@ def build_model(args, src_vocab_size, tgt_vocab_size):
     return model_class([src, tgt], logits, name="transformer")
 
 
+def make_loss():
+    """Token cross-entropy averaged over the non-padding target tokens.
+
+    Under GradientMix (``gm.Model``) every token of sentence ``b`` is weighted
+    by the sentence's ``w_b``: one weight per sentence.
+    """
+    import keras
+
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=multi30k.PAD)
+
+
 class MaskedTokenAccuracy:
     """Factory of a Keras metric: accuracy over the non-padding target tokens."""
 
@@ -323,7 +334,7 @@ def run(args):
     optimizer, peak, warmup = build_optimizer(args)
     model.compile(
         optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=multi30k.PAD),
+        loss=make_loss(),
         metrics=[MaskedTokenAccuracy.create()],
     )
     print(

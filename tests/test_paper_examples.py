@@ -179,6 +179,52 @@ def test_multi30k_transformer_quick_run(tmp_path, multi30k_folder):
     assert abs(result["gamma_bar"] - 2.0) < 0.6
 
 
+def test_multi30k_transformer_mixes_one_weight_per_sentence():
+    """The example's model and loss under GradientMix: every token of sentence
+    b weighs w_b (gamma alone cannot tell per-sentence from per-token weights).
+
+    One SGD(1.0) step on synthetic padded sentences against the gradient of
+    ``sum_b w_b sum_t ce_bt / (valid tokens)``, computed by hand.
+    """
+    import keras
+    import tensorflow as tf
+
+    import multi30k_transformer as mt
+    import tf_gradmix as gm
+    from oracles import assert_float32_close, flat, weights_of
+
+    args = mt.parse_args(["--quick", "--noise", "gaussian", "--stddev", "1"])
+    keras.utils.set_random_seed(0)
+    model = mt.build_model(args, 30, 30)
+    assert isinstance(model, gm.Model)
+    ref = mt.build_model(mt.parse_args(["--quick"]), 30, 30)  # --noise none: a keras.Model
+    ref.set_weights(model.get_weights())
+
+    rng = np.random.default_rng(0)
+    batch, length = 8, 6
+    src = np.zeros((batch, length), "int32")
+    tgt_in = np.zeros((batch, length), "int32")
+    tgt_out = np.zeros((batch, length), "int32")
+    for b, n in enumerate(rng.integers(2, length + 1, batch)):  # ragged sentences
+        src[b, :n] = rng.integers(4, 30, n)
+        tgt_in[b, :n] = rng.integers(4, 30, n)
+        tgt_out[b, :n] = rng.integers(4, 30, n)
+    optimizer = gm.GradientMix(keras.optimizers.SGD(1.0), stddev=1.0, seed=4)
+    model.compile(optimizer, loss=mt.make_loss())
+    before = flat(weights_of(model))
+    model.fit((src, tgt_in), tgt_out, batch_size=batch, epochs=1, shuffle=False, verbose=0)
+    update = before - flat(weights_of(model))
+
+    w = optimizer.example_weights(batch, step=0, replica_id=0).numpy()
+    valid = (tgt_out != multi30k.PAD).astype("float32")
+    with tf.GradientTape() as tape:
+        logits = ref((src, tgt_in), training=True)
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tgt_out, logits=logits)
+        loss = tf.reduce_sum(ce * valid * w[:, None]) / valid.sum()
+    expected = flat(tape.gradient(loss, ref.trainable_variables))
+    assert_float32_close(update, expected)
+
+
 # --------------------------------------------------------------------------
 # experiments/sweep.py and experiments/plot.py (no training)
 
