@@ -206,6 +206,7 @@ def cluster_results(data, tmp_path_factory):
         "uneven": UNEVEN,
         "learning_rate": LR,
         "default_seed": True,
+        "compat_off": True,
     }
     return run_cluster(spec, tmp_path, "fit")
 
@@ -222,6 +223,17 @@ def test_stock_keras_fit_still_fails_under_multi_worker(cluster_results):
     )
     assert distribute.multi_worker_fit_supported()
     assert not compat.multi_worker_fit_workaround_applies((3, 16))
+
+
+def test_workaround_switches_itself_off_with_a_warning_on_newer_keras(cluster_results):
+    """README: "off with a warning on newer versions". Each worker simulates
+    a Keras one minor version past the guard: one warning naming the issue,
+    then fit fails exactly as stock Keras does (nothing silently patched)."""
+    for result in cluster_results:
+        messages = result["compat_off/warnings"].tolist()
+        assert len(messages) == 1, messages
+        assert "is off for Keras" in messages[0] and compat.MULTI_WORKER_FIT_ISSUE in messages[0]
+        assert "Attempt to convert a value (PerReplica" in str(result["compat_off/fit_error"])
 
 
 def test_cluster_has_one_replica_per_worker(cluster_results):
@@ -538,4 +550,18 @@ def test_stock_gradient_accumulation_still_fails_under_a_strategy(mirrored_strat
         model.compile(keras.optimizers.SGD(LR, gradient_accumulation_steps=3), "mse")
     ds = tf.data.Dataset.from_tensor_slices((x[:24], y[:24])).batch(8)
     with pytest.raises(RuntimeError, match="merge_call"):
+        model.fit(ds, epochs=1, verbose=0)
+
+
+def test_stock_steps_per_execution_still_fails_under_a_strategy(mirrored_strategy, data):
+    """Upstream keras-team/keras#19246, stock Keras only (README "Limitation"):
+    ``steps_per_execution > 1`` under MirroredStrategy fails in graph
+    construction. When this test fails, upstream fixed it: drop the
+    limitation from the README and test GradientMix with it."""
+    _, x, y = data
+    with mirrored_strategy.scope():
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+        model.compile(keras.optimizers.SGD(LR), "mse", steps_per_execution=2)
+    ds = tf.data.Dataset.from_tensor_slices((x[:24], y[:24])).batch(8)
+    with pytest.raises(Exception, match="You must feed a value for placeholder tensor"):
         model.fit(ds, epochs=1, verbose=0)

@@ -11,7 +11,8 @@ Tasks:
   (keras-team/keras#20585) - the error messages are recorded; (2) several
   tf_gradmix models are trained with ``fit`` from the same initial weights on
   explicit per-worker shards; the final weights of each case are written.
-  With ``default_seed``, also records what ``GradientMix(seed=None)`` draws
+  With ``compat_off``, records the warning and the fit error when the
+  workaround is off (a newer Keras simulated). With ``default_seed``, also records what ``GradientMix(seed=None)`` draws
   and uses on each worker, and the weights after a fit with it.
 * ``fault``: a run with ``keras.callbacks.BackupAndRestore`` (sample level,
   or ``level``, e.g. ``"sample-acc3"``); with ``pause_at`` (epoch, batch) this
@@ -194,10 +195,44 @@ def default_seed(strategy, results):
         results[f"seed_none/w{i}"] = w
 
 
+def compat_off(strategy, results):
+    """On a Keras newer than the guard covers, the multi-worker workaround
+    switches itself off with a warning, and fit fails as stock Keras does.
+
+    A newer Keras is simulated by the version ``compat`` reads.
+    """
+    import warnings
+
+    from tf_gradmix import compat
+
+    real_version = compat.keras_version
+    compat.keras_version = lambda: (3, compat.MULTI_WORKER_FIT_BROKEN[1][1] + 1)
+    compat._warned_unguarded_version = False
+    try:
+        with strategy.scope():
+            model = build("model")
+            model.compile(optimizer("sample"), "mse")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                model.fit(shards(strategy, SPEC["shards"]), epochs=1, verbose=0)
+                error = ""
+            except Exception as e:  # noqa: BLE001 - recorded for the parent
+                error = f"{type(e).__name__}: {e}"
+    finally:
+        compat.keras_version = real_version
+    results["compat_off/warnings"] = np.array(
+        [str(w.message) for w in caught if "workaround" in str(w.message)]
+    )
+    results["compat_off/fit_error"] = np.array(error)
+
+
 def fit_cases(strategy, out):
     results = {}
     if not SPEC.get("skip_stock"):
         stock_checks(strategy, results)
+    if SPEC.get("compat_off"):
+        compat_off(strategy, results)
     if SPEC.get("default_seed"):
         default_seed(strategy, results)
 
