@@ -262,6 +262,62 @@ def test_empirical_fisher_and_gradient_noise_scale():
     assert relative_error(four.b_simple, expected) <= 1e-3
 
 
+def test_two_batch_noise_scale_with_batchnorm_in_training_mode():
+    """README: ``method="two_batch"`` works with BatchNorm (training mode).
+
+    Oracle in float64: each small batch's gradient through its own batch
+    statistics, their mean as the large-batch gradient (data-parallel
+    replicas with per-replica BatchNorm), and McCandlish et al.'s formulas.
+    """
+    model = build(cnn, batchnorm=True)
+    x, y = data(12, shape=(6, 6, 2))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model64 = float64_copy(cnn, model, batchnorm=True)
+    statistics = [v.numpy().copy() for v in model.non_trainable_variables]
+
+    def b_simple(training):
+        grads = []
+        for start in (0, 4, 8):
+            with tf.GradientTape() as tape:
+                out = model64(tf.constant(x[start : start + 4], tf.float64), training=training)
+                value = loss(y[start : start + 4], out)
+            grads.append(flat([t.numpy() for t in tape.gradient(value, model64.trainable_variables)]))
+        grads = np.stack(grads)
+        s_small, big = np.mean(np.sum(grads**2, axis=1)), grads.mean(axis=0)
+        s_big = big @ big
+        return (s_small - s_big) / (1 / 4 - 1 / 12) / ((12 * s_big - 4 * s_small) / 8)
+
+    expected = b_simple(training=True)
+    est = diag.gradient_noise_scale(model, x, y, loss, method="two_batch", small_batch_size=4, training=True)
+    # B_simple is a ratio of differences of squared norms: float32 cancellation.
+    assert relative_error(est.b_simple, expected) <= 1e-3, (est.b_simple, expected)
+    assert relative_error(b_simple(training=False), expected) > 0.05  # the mode matters
+    for before, v in zip(statistics, model.non_trainable_variables):
+        np.testing.assert_array_equal(v.numpy(), before)  # measuring leaves the model alone
+
+
+def test_log_stderr_is_the_delta_method():
+    """``log_stderr = total_stderr / trace`` (delta method for log), checked
+    against the dense per-example traces and against a bootstrap."""
+    model = build(mlp)
+    x, y = data(64)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    J, z = dense_jacobians(float64_copy(mlp, model), x)
+    traces = np.einsum("bdp,bde,bep->b", J, hessian_ce_logits(z), J)  # Tr(J_i^T H_i J_i)
+    est = diag.ggn_trace(model, x, y, loss, batch_size=16)
+    data_stderr = traces.std(ddof=1) / np.sqrt(64)
+    assert relative_error(est.data_stderr, data_stderr) <= 1e-4
+    assert relative_error(est.log_stderr, data_stderr / traces.mean()) <= 1e-4
+    # The spread of log(trace) over bootstrap resamples of the examples.
+    rng = np.random.default_rng(0)
+    boot = [np.log(traces[rng.integers(0, 64, 64)].mean()) for _ in range(4000)]
+    assert relative_error(np.std(boot), est.log_stderr) <= 0.1
+    # With probes, both errors count.
+    probed = diag.ggn_trace(model, x, y, loss, num_probes=16, seed=1, batch_size=16)
+    assert probed.stderr > 0 and probed.data_stderr > 0
+    assert probed.log_stderr == pytest.approx(np.hypot(probed.stderr, probed.data_stderr) / probed.trace, rel=1e-12)
+
+
 # -- the per-example mixing mode ----------------------------------------------------
 
 

@@ -921,16 +921,23 @@ def gradient_noise_scale(
 
     total, sq_sum, count = None, 0.0, 0
     n = len(tf.nest.flatten(x)[0])
-    for start in range(0, n - small_batch_size + 1, small_batch_size):
-        sl = slice(start, start + small_batch_size)
-        grads = batch_gradient(
-            tf.nest.map_structure(lambda a: tf.convert_to_tensor(a[sl]), x),
-            tf.convert_to_tensor(y[sl]),
-        )
-        grads = [g.numpy().astype(np.float64) for g in grads]
-        sq_sum += sum(float(np.sum(np.square(g))) for g in grads)
-        total = grads if total is None else [a + b for a, b in zip(total, grads)]
-        count += 1
+    # In training mode BatchNorm updates its moving statistics on every
+    # call; a measurement must leave the model as it found it.
+    state = [(v, v.numpy()) for v in model.non_trainable_variables]
+    try:
+        for start in range(0, n - small_batch_size + 1, small_batch_size):
+            sl = slice(start, start + small_batch_size)
+            grads = batch_gradient(
+                tf.nest.map_structure(lambda a: tf.convert_to_tensor(a[sl]), x),
+                tf.convert_to_tensor(y[sl]),
+            )
+            grads = [g.numpy().astype(np.float64) for g in grads]
+            sq_sum += sum(float(np.sum(np.square(g))) for g in grads)
+            total = grads if total is None else [a + b for a, b in zip(total, grads)]
+            count += 1
+    finally:
+        for variable, value in state:
+            variable.assign(value)
     if count < 2:
         raise ValueError("method='two_batch' needs at least 2 small batches.")
     big_sq = sum(float(np.sum(np.square(t / count))) for t in total)
