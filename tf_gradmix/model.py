@@ -7,9 +7,10 @@ the gradient of the loss with every example's contribution multiplied by
 
 We apply ``w_b`` to the *gradient* of example ``b``'s prediction: in
 ``compute_loss`` each output ``y_pred`` is replaced by an identity whose
-backward pass multiplies row ``b`` by ``w_b``. The loss *value* is bit for
-bit the plain loss (so ``loss`` in the logs compares with unmixed runs and
-every loss metric stays plain), and the gradient is
+backward pass multiplies row ``b`` by ``w_b``. The loss *value* is the
+plain loss, as the forward pass is unchanged (up to float32 rounding where
+TensorFlow compiles the mixed step differently), so ``loss`` in the logs
+compares with unmixed runs and every loss metric stays plain; the gradient is
 
 .. math::
 
@@ -198,7 +199,7 @@ def enable(model, per_example_gradients=False):
         per_example_gradients: if True, each training step materialises the
             per-example gradients with ``tf.vectorized_map`` and mixes them
             (:func:`tf_gradmix.diagnostics.per_example_train_step`) instead of
-            reweighting in one backward pass. Same update (to 1e-5, tested),
+            reweighting in one backward pass. Same update (to float32 rounding, tested),
             2.6-12x the step time and ``B x parameters`` of memory on CPU:
             only for users who process per-example gradients. Models whose
             examples interact in training (BatchNorm, also nested) or that draw

@@ -124,8 +124,9 @@ class Gaussian(Noise):
 class Rademacher(Noise):
     """``xi = +1`` or ``-1`` with probability 1/2 each: ``w = 1 +- stddev``.
 
-    ``stddev=1`` keeps a random half of the units at weight 2 and drops the
-    others: the gradient of a random half batch.
+    ``stddev=1`` keeps each unit at weight 2 or drops it, with probability
+    1/2 each: a random subset of binomial size (half the units on average),
+    at double weight.
     """
 
     name = "rademacher"

@@ -43,8 +43,9 @@ LEVELS = ("sample", "device")
 
 #: Default ``stddev`` of the weights ``w``. The paper never states its kappa
 #: (= stddev / N). 1.0 doubles the gradient covariance of a batch, i.e. about
-#: the noise of half the batch (gamma ~= 2); with Rademacher noise it is
-#: exactly the gradient of a random half of the batch at double weight.
+#: the noise of half the batch (gamma ~= 2); with Rademacher noise it keeps
+#: each example at double weight or drops it, with probability 1/2 each (a
+#: subset of binomial size, half the batch on average).
 DEFAULT_STDDEV = 1.0
 
 # Base-optimizer arguments that belong on the inner optimizer.
