@@ -179,7 +179,7 @@ def test_batchnorm_cnn_update_equals_per_example_mix(noise):
         np.testing.assert_array_equal(a, b)  # moving statistics untouched
 
 
-@pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("noise", ["gaussian", "rademacher", "bernoulli"])
 def test_weights_fit_applies_have_mean_one_and_std_stddev(noise):
     """The weights recovered from ``fit``'s updates, not from the API.
 
@@ -211,14 +211,17 @@ def test_weights_fit_applies_have_mean_one_and_std_stddev(noise):
         recovered.append(recover_weights(snapshots[step] - snapshots[step + 1], grads))
     w = np.concatenate(recovered)
     n = w.size
-    # 4 standard errors: the mean's is stddev/sqrt(n) = 0.019, the standard
-    # deviation's about stddev/sqrt(2n) = 0.013 (0.018 for Rademacher's exact
-    # two-point law it is lower). Wrong rules this rejects: stddev^2 as the
-    # spread (0.36), weights pi = w/B (mean 1/16), w - 1 (mean 0).
+    # 4 standard errors: the mean's is stddev/sqrt(n) = 0.019; the standard
+    # deviation's is stddev * sqrt((kurtosis - 1) / (4n)), at most
+    # stddev/sqrt(2n) = 0.013 for these laws (Gaussian kurtosis 3, the
+    # two-point laws less). Wrong rules this rejects: stddev^2 as the spread
+    # (0.36), weights pi = w/B (mean 1/16), w - 1 (mean 0).
     assert abs(w.mean() - 1.0) < 4 * stddev / np.sqrt(n)
     assert abs(w.std(ddof=1) - stddev) < 4 * stddev / np.sqrt(2 * n)
     if noise == "rademacher":
         np.testing.assert_allclose(np.abs(w - 1.0), stddev, atol=1e-3)  # w = 1 +- stddev
+    if noise == "bernoulli":  # w = b / p: 0 or 1 + stddev^2
+        np.testing.assert_allclose(np.minimum(np.abs(w), np.abs(w - 1 - stddev**2)), 0.0, atol=1e-3)
     # Fresh weights every step: consecutive steps' weights are uncorrelated.
     corr = np.corrcoef(np.stack(recovered[:-1]).ravel(), np.stack(recovered[1:]).ravel())[0, 1]
     assert abs(corr) < 4 / np.sqrt(n)
