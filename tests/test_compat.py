@@ -16,6 +16,18 @@ def test_installed_keras_is_a_tested_version():
     )
 
 
+def test_the_bare_package_does_not_force_a_tensorflow_build():
+    """README: ``pip install tf_gradmix`` leaves the TensorFlow build to the
+    user (CPU, GPU, TPU); ``[cpu]``/``[gpu]`` extras pick one."""
+    from importlib.metadata import requires
+
+    requirements = requires("tf_gradmix")
+    unconditional = [r for r in requirements if "extra ==" not in r]
+    assert not [r for r in unconditional if r.lower().startswith("tensorflow")], unconditional
+    build = {r.split(";")[0].rstrip("<>=.,0123456789"): r.split(";")[1].strip() for r in requirements if ";" in r}
+    assert build["tensorflow-cpu"] == 'extra == "cpu"' and build["tensorflow"] == 'extra == "gpu"', build
+
+
 # Extreme logits: a cross-entropy computed from clipped probabilities differs
 # from the one computed from logits, so a lost annotation shows in the value.
 LOGITS = np.array([[30.0, -30.0, 0.0], [-40.0, 40.0, 1.0]], "float32")
