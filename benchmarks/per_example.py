@@ -60,11 +60,11 @@ def _setup(model_name, batch):
 
     tf.get_logger().setLevel("ERROR")
     import tf_gradmix as gm
-    from tf_gradmix import diagnostics as diag
+    from tf_gradmix import per_example
 
     class PerExampleModel(keras.Model):
         def train_step(self, data):
-            return diag.per_example_train_step(self, data)
+            return per_example.train_step(self, data)
 
     def build(model_class):
         keras.utils.set_random_seed(0)
@@ -97,7 +97,7 @@ def _setup(model_name, batch):
             # Reduced in the graph (sum of squared norms, as for the empirical
             # Fisher) so the timing does not include copying B x P floats out.
             fn = tf.function(lambda x, y: tf.add_n([
-                tf.reduce_sum(tf.square(g)) for g in diag.per_example_gradients(model, x, y, loss)
+                tf.reduce_sum(tf.square(g)) for g in per_example.per_example_gradients(model, x, y, loss)
             ]))
         else:
             fn = tf.function(lambda x, y: model.train_step((x, y)))

@@ -1,7 +1,8 @@
 """Test configuration shared by every test module.
 
 Four logical CPU devices must be configured before TensorFlow initialises its
-runtime, so it happens here, once, at import time (DESIGN.md §2).
+runtime, so it happens here, once, at import time (configured later, TensorFlow
+refuses).
 """
 
 import os

@@ -1,8 +1,10 @@
-"""Independent references for the tests: per-example loops in float64.
+"""Independent references for the tests, and the small models they check.
 
-Nothing here uses tf_gradmix's mixing code; the weights a test compares
-against come from ``GradientMix.example_weights`` / ``device_weights``, whose
-statistics are tested on their own in ``test_noise.py``.
+The references (per-example loops in float64, tolerances) use no
+tf_gradmix code; the weights a test compares against come from
+``GradientMix.example_weights`` / ``device_weights``, whose statistics are
+tested on their own in ``test_noise.py``. The last section builds the small
+models and data several test modules share.
 """
 
 import numpy as np
@@ -118,3 +120,95 @@ def two_dense_layers_variables():
             variable.assign(rng.normal(size=variable.shape).astype("float32"))
     b.bias.assign(np.zeros(3, "float32"))
     return [a.kernel, a.bias, b.kernel, b.bias]
+
+
+# -- small models and data shared by the test modules ---------------------------
+
+NUM_CLASSES = 3
+SCCE = "sparse_categorical_crossentropy"
+
+
+def data(n=16, shape=(5,), seed=0):
+    """``n`` float32 inputs of ``shape`` and integer labels in ``[0, NUM_CLASSES)``."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n,) + tuple(shape)).astype(np.float32)
+    return x, rng.integers(0, NUM_CLASSES, size=n)
+
+
+def mlp_layers(regularizer=True):
+    """Dense(8, tanh, L2) and Dense(3, softmax): the layers of :func:`functional`."""
+    import keras
+
+    reg = keras.regularizers.L2(0.01) if regularizer else None
+    return [
+        keras.layers.Dense(8, activation="tanh", kernel_regularizer=reg),
+        keras.layers.Dense(NUM_CLASSES, activation="softmax"),
+    ]
+
+
+def functional(model_class=None, regularizer=True):
+    """A seeded functional MLP of ``model_class`` (default ``tf_gradmix.Model``)."""
+    import keras
+
+    import tf_gradmix as gm
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5,))
+    h = inputs
+    for layer in mlp_layers(regularizer):
+        h = layer(h)
+    return (model_class or gm.Model)(inputs, h)
+
+
+def plain_copy(model):
+    """A plain keras.Model with the architecture of :func:`functional` and ``model``'s weights."""
+    import keras
+
+    ref = functional(keras.Model)
+    ref.set_weights(model.get_weights())
+    return ref
+
+
+def mixer(noise="gaussian", stddev=0.7, seed=5, inner=None, **kwargs):
+    """A seeded ``GradientMix`` around ``SGD(1.0)`` (the update is the gradient)."""
+    import keras
+
+    import tf_gradmix as gm
+
+    inner = inner or keras.optimizers.SGD(1.0)
+    return gm.GradientMix(inner, noise=noise, stddev=stddev, seed=seed, **kwargs)
+
+
+def mlp(activation=None, outputs=NUM_CLASSES, regularizer=None, model_class=None):
+    """Dense(8, tanh) then Dense(outputs, activation) on 5 inputs."""
+    import keras
+
+    inputs = keras.Input((5,))
+    h = keras.layers.Dense(8, activation="tanh", kernel_regularizer=regularizer)(inputs)
+    out = keras.layers.Dense(outputs, activation=activation)(h)
+    return (model_class or keras.Model)(inputs, out)
+
+
+def cnn(activation=None, batchnorm=False):
+    """Conv2D(4, 3) (+ BatchNorm) then Dense(3) on 6x6x2 inputs."""
+    import keras
+
+    inputs = keras.Input((6, 6, 2))
+    h = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+    if batchnorm:
+        h = keras.layers.BatchNormalization()(h)
+    h = keras.layers.Flatten()(h)
+    out = keras.layers.Dense(NUM_CLASSES, activation=activation)(h)
+    return keras.Model(inputs, out)
+
+
+def build_model(builder, seed=0, **kwargs):
+    """``builder(**kwargs)`` seeded, with non-trivial BatchNorm statistics."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    model = builder(**kwargs)
+    # Non-trivial BatchNorm statistics, so inference mode matters.
+    for v in model.non_trainable_variables:
+        v.assign(np.random.default_rng(1).uniform(0.5, 1.5, v.shape).astype(np.float32))
+    return model

@@ -84,3 +84,10 @@ def test_keras_still_decides_the_training_argument_once_per_model():
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     assert model._compute_loss_has_training_arg is True
     assert hasattr(model._tracker, "locked")
+
+
+def test_an_untested_keras_version_is_warned_about():
+    assert compat.warn_if_untested() is False  # the installed, tested version
+    with pytest.warns(UserWarning, match=r"tested with Keras 3\.15.*version-guarded workarounds are off"):
+        assert compat.warn_if_untested((3, 99)) is True
+    assert not compat.multi_worker_fit_workaround_applies((3, 99))

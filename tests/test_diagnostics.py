@@ -21,37 +21,12 @@ import tensorflow as tf
 import tf_gradmix as gm
 from tf_gradmix import diagnostics as diag
 
+from oracles import NUM_CLASSES, build_model, cnn, data, flat, mlp, relative_error
+
 REPO = Path(__file__).resolve().parents[1]
-NUM_CLASSES = 3
 
 
-# -- models and float64 references ---------------------------------------------
-
-
-def mlp(activation=None, outputs=NUM_CLASSES, regularizer=None, model_class=keras.Model):
-    inputs = keras.Input((5,))
-    h = keras.layers.Dense(8, activation="tanh", kernel_regularizer=regularizer)(inputs)
-    out = keras.layers.Dense(outputs, activation=activation)(h)
-    return model_class(inputs, out)
-
-
-def cnn(activation=None, batchnorm=False):
-    inputs = keras.Input((6, 6, 2))
-    h = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
-    if batchnorm:
-        h = keras.layers.BatchNormalization()(h)
-    h = keras.layers.Flatten()(h)
-    out = keras.layers.Dense(NUM_CLASSES, activation=activation)(h)
-    return keras.Model(inputs, out)
-
-
-def build(builder, seed=0, **kwargs):
-    keras.utils.set_random_seed(seed)
-    model = builder(**kwargs)
-    # Non-trivial BatchNorm statistics, so inference mode matters.
-    for v in model.non_trainable_variables:
-        v.assign(np.random.default_rng(1).uniform(0.5, 1.5, v.shape).astype(np.float32))
-    return model
+# -- float64 references -----------------------------------------------------------
 
 
 def float64_copy(builder, model, **kwargs):
@@ -62,13 +37,6 @@ def float64_copy(builder, model, **kwargs):
         keras.config.set_dtype_policy("float32")
     copy.set_weights([w.astype(np.float64) for w in model.get_weights()])
     return copy
-
-
-def data(n=12, shape=(5,), seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n,) + shape).astype(np.float32)
-    y = rng.integers(0, NUM_CLASSES, size=n)
-    return x, y
 
 
 def dense_jacobians(model64, x):
@@ -97,57 +65,11 @@ def hessian_ce_logits(z):
     return np.stack([np.diag(pi) - np.outer(pi, pi) for pi in p])
 
 
-def relative_error(a, b):
-    return abs(a - b) / abs(b)
-
-
-def flat(grads):
-    return np.concatenate([np.reshape(g, [-1]) for g in grads])
-
-
-# -- 1. per-example gradients ----------------------------------------------------
-
-
-@pytest.mark.parametrize("builder,shape", [(mlp, (5,)), (cnn, (6, 6, 2))])
-def test_per_example_gradients_match_gradient_tape_loop(builder, shape):
-    model = build(builder)
-    x, y = data(8, shape)
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    grads = diag.per_example_gradients(model, x, y, loss)
-    assert [tuple(g.shape) for g in grads] == [(8,) + tuple(v.shape) for v in model.trainable_variables]
-    worst = 0.0
-    for i in range(8):
-        with tf.GradientTape() as tape:
-            value = loss(y[i : i + 1], model(x[i : i + 1], training=True))
-        expected = tape.gradient(value, model.trainable_variables)
-        for g, e in zip(grads, expected):
-            worst = max(worst, float(np.max(np.abs(g[i].numpy() - e.numpy()))))
-    assert worst <= 1e-5, worst
-
-
-def test_per_example_gradients_refuse_batchnorm_and_random_layers():
-    x, y = data(4, (6, 6, 2))
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    bn = build(cnn, batchnorm=True)
-    with pytest.raises(ValueError, match="BatchNormalization"):
-        diag.per_example_gradients(bn, x, y, loss)
-    nested = keras.Sequential([keras.Input((6, 6, 2)), bn])
-    with pytest.raises(ValueError, match="BatchNormalization"):
-        diag.per_example_gradients(nested, x, y, loss)
-    # In inference mode BatchNorm does not couple examples.
-    assert len(diag.per_example_gradients(bn, x, y, loss, training=False)) == 6
-    dropout = keras.Sequential(
-        [keras.Input((5,)), keras.layers.Dense(4), keras.layers.Dropout(0.5), keras.layers.Dense(3)]
-    )
-    with pytest.raises(ValueError, match="random mask"):
-        diag.per_example_gradients(dropout, *data(4), loss)
-
-
 # -- 2./3. GGN trace against dense math --------------------------------------------
 
 
 def test_ggn_trace_exact_softmax_cross_entropy_on_logits():
-    model = build(mlp)
+    model = build_model(mlp)
     x, y = data(12)
     J, z = dense_jacobians(float64_copy(mlp, model), x)
     expected = np.trace(dense_ggn(J, hessian_ce_logits(z)))
@@ -161,7 +83,7 @@ def test_ggn_trace_exact_softmax_cross_entropy_on_logits():
 
 
 def test_ggn_trace_exact_conv_batchnorm_inference_mode():
-    model = build(cnn, batchnorm=True)
+    model = build_model(cnn, batchnorm=True)
     x, y = data(10, (6, 6, 2))
     J, z = dense_jacobians(float64_copy(cnn, model, batchnorm=True), x)
     expected = np.trace(dense_ggn(J, hessian_ce_logits(z)))
@@ -171,7 +93,7 @@ def test_ggn_trace_exact_conv_batchnorm_inference_mode():
 
 
 def test_ggn_trace_exact_mean_squared_error():
-    model = build(mlp, outputs=4)
+    model = build_model(mlp, outputs=4)
     x = data(12)[0]
     y = np.random.default_rng(3).normal(size=(12, 4)).astype(np.float32)
     J, _ = dense_jacobians(float64_copy(mlp, model, outputs=4), x)
@@ -182,7 +104,7 @@ def test_ggn_trace_exact_mean_squared_error():
 
 
 def test_ggn_trace_probability_cross_entropy_output_and_logit_splits():
-    model = build(mlp, activation="softmax")
+    model = build_model(mlp, activation="softmax")
     x, y = data(12)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=False)
     # Output split: H_i is the Hessian of -log(p_y / sum p) in p.
@@ -205,11 +127,11 @@ def test_ggn_trace_probability_cross_entropy_output_and_logit_splits():
     assert relative_error(est_logits.trace, expected_logits) <= 1e-4
     assert abs(expected_output - expected_logits) > 0.05 * expected_logits  # the splits differ
     with pytest.raises(ValueError, match="softmax or sigmoid"):
-        diag.ggn_trace(build(mlp), x, y, loss, split="logits")
+        diag.ggn_trace(build_model(mlp), x, y, loss, split="logits")
 
 
 def test_hutchinson_within_ten_percent_and_ggn_vector_product():
-    model = build(mlp)
+    model = build_model(mlp)
     x, y = data(16)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     J, z = dense_jacobians(float64_copy(mlp, model), x)
@@ -230,7 +152,7 @@ def test_hutchinson_within_ten_percent_and_ggn_vector_product():
 
 
 def test_empirical_fisher_and_gradient_noise_scale():
-    model = build(mlp)
+    model = build_model(mlp)
     x, y = data(12)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model64 = float64_copy(mlp, model)
@@ -269,7 +191,7 @@ def test_two_batch_noise_scale_with_batchnorm_in_training_mode():
     statistics, their mean as the large-batch gradient (data-parallel
     replicas with per-replica BatchNorm), and McCandlish et al.'s formulas.
     """
-    model = build(cnn, batchnorm=True)
+    model = build_model(cnn, batchnorm=True)
     x, y = data(12, shape=(6, 6, 2))
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model64 = float64_copy(cnn, model, batchnorm=True)
@@ -299,7 +221,7 @@ def test_two_batch_noise_scale_with_batchnorm_in_training_mode():
 def test_log_stderr_is_the_delta_method():
     """``log_stderr = total_stderr / trace`` (delta method for log), checked
     against the dense per-example traces and against a bootstrap."""
-    model = build(mlp)
+    model = build_model(mlp)
     x, y = data(64)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     J, z = dense_jacobians(float64_copy(mlp, model), x)
@@ -318,98 +240,14 @@ def test_log_stderr_is_the_delta_method():
     assert probed.log_stderr == pytest.approx(np.hypot(probed.stderr, probed.data_stderr) / probed.trace, rel=1e-12)
 
 
-# -- the per-example mixing mode ----------------------------------------------------
-
-
-class PerExampleModel(keras.Model):
-    def train_step(self, data):
-        return diag.per_example_train_step(self, data)
-
-
-class PerExampleGMModel(gm.Model):
-    def train_step(self, data):
-        return diag.per_example_train_step(self, data)
-
-
-def _fit(model, optimizer, loss, x, y, sample_weight=None, epochs=1, batch_size=8):
-    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
-    history = model.fit(
-        x, y, sample_weight=sample_weight, batch_size=batch_size, epochs=epochs,
-        shuffle=False, verbose=0,
-    )
-    return history.history, model.get_weights()
-
-
-def _max_diff(a, b):
-    return max(float(np.max(np.abs(u - v))) for u, v in zip(a, b))
-
-
-@pytest.mark.parametrize("activation", [None, "softmax"])
-def test_per_example_train_step_equals_reweighting(activation):
-    """3 steps with sample weights and an L2 regulariser; logits and softmax outputs."""
-    x, y = data(24)
-    sw = np.random.default_rng(2).uniform(0.2, 2.0, 24).astype(np.float32)
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=activation is None)
-
-    def mixer():
-        return gm.GradientMix(keras.optimizers.SGD(0.5), stddev=1.0, seed=7)
-
-    def run(model_class, optimizer):
-        keras.utils.set_random_seed(0)
-        model = mlp(activation, regularizer=keras.regularizers.L2(0.01), model_class=model_class)
-        return _fit(model, optimizer, loss, x, y, sample_weight=sw)
-
-    logs_ref, w_ref = run(gm.Model, mixer())  # the reweighting path
-    logs_pe, w_pe = run(PerExampleModel, mixer())
-    assert _max_diff(w_pe, w_ref) <= 1e-5
-    np.testing.assert_allclose(logs_pe["loss"], logs_ref["loss"], rtol=1e-5)
-    if activation is not None:
-        return
-    # A model with the sample-level hook is mixed once, not twice.
-    logs_gm, w_gm = run(PerExampleGMModel, mixer())
-    assert _max_diff(w_gm, w_ref) <= 1e-5
-    np.testing.assert_allclose(logs_gm["gradmix_gamma"], logs_ref["gradmix_gamma"], rtol=1e-6)
-    # With a plain optimizer it is plain averaging.
-    _, w_plain = run(keras.Model, keras.optimizers.SGD(0.5))
-    _, w_pe_plain = run(PerExampleModel, keras.optimizers.SGD(0.5))
-    assert _max_diff(w_pe_plain, w_plain) <= 1e-5
-    assert _max_diff(w_pe, w_plain) > 1e-3  # the mixing did something
-
-
-def test_per_example_train_step_mirrored(mirrored_strategy):
-    x, y = data(32)
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-    def run(model_class):
-        with mirrored_strategy.scope():
-            keras.utils.set_random_seed(0)
-            model = mlp(model_class=model_class)
-            optimizer = gm.GradientMix(keras.optimizers.SGD(0.5), stddev=1.0, seed=3)
-        return _fit(model, optimizer, loss, x, y, batch_size=16)
-
-    logs_ref, w_ref = run(gm.Model)
-    logs_pe, w_pe = run(PerExampleModel)
-    assert _max_diff(w_pe, w_ref) <= 1e-5
-    np.testing.assert_allclose(logs_pe["loss"], logs_ref["loss"], rtol=1e-5)
-
-
-def test_per_example_train_step_refuses_batchnorm():
-    inputs = keras.Input((5,))
-    h = keras.layers.BatchNormalization()(keras.layers.Dense(4)(inputs))
-    model = PerExampleModel(inputs, keras.layers.Dense(3)(h))
-    model.compile(optimizer="sgd", loss="mse")
-    with pytest.raises(ValueError, match="BatchNormalization"):
-        model.fit(np.zeros((4, 5)), np.zeros((4, 3)), verbose=0)
-
-
 # -- callback ----------------------------------------------------------------------------
 
 
 def test_diagnostics_logger_every_n_epochs():
-    model = build(mlp)
+    model = build_model(mlp)
     x, y = data(16)
     model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    logger = diag.DiagnosticsLogger(x[:8], y[:8], every_n_epochs=2, batch_size=4)
+    logger = gm.DiagnosticsLogger(x[:8], y[:8], every_n_epochs=2, batch_size=4)
     history = model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[logger])
     assert [h["epoch"] for h in logger.history] == [1]
     assert history.history["ggn_trace"] == [logger.history[0]["ggn_trace"]]

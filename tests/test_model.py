@@ -13,12 +13,19 @@ import pytest
 import tensorflow as tf
 
 import tf_gradmix as gm
+
 from oracles import (
     FLOAT32_EPS,
+    SCCE,
     UNROLLED_ULPS,
     assert_float32_close,
+    data,
     flat,
+    functional,
+    mixer,
+    mlp_layers,
     per_example_gradients,
+    plain_copy,
     recover_weights,
     regularization_gradient,
     relative_error,
@@ -26,29 +33,6 @@ from oracles import (
 )
 
 B = 16
-SCCE = "sparse_categorical_crossentropy"
-
-
-def data(n=B, seed=0):
-    rng = np.random.default_rng(seed)
-    return rng.normal(size=(n, 5)).astype("float32"), rng.integers(0, 3, n)
-
-
-def mlp_layers(regularizer=True):
-    reg = keras.regularizers.L2(0.01) if regularizer else None
-    return [
-        keras.layers.Dense(8, activation="tanh", kernel_regularizer=reg),
-        keras.layers.Dense(3, activation="softmax"),
-    ]
-
-
-def functional(model_class=gm.Model, regularizer=True):
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((5,))
-    h = inputs
-    for layer in mlp_layers(regularizer):
-        h = layer(h)
-    return model_class(inputs, h)
 
 
 class Subclassed(keras.Model):
@@ -75,17 +59,6 @@ def build(kind):
         model(np.zeros((1, 5), "float32"))
         return gm.enable(model)
     raise AssertionError(kind)
-
-
-def plain_copy(model):
-    """A plain keras.Model with the same architecture and weights."""
-    ref = functional(keras.Model)
-    ref.set_weights(model.get_weights())
-    return ref
-
-
-def mixer(noise="gaussian", stddev=0.7, seed=5, inner=None, **kwargs):
-    return gm.GradientMix(inner or keras.optimizers.SGD(1.0), noise=noise, stddev=stddev, seed=seed, **kwargs)
 
 
 def one_step_update(model, optimizer, x, y, **fit_kwargs):

@@ -106,7 +106,7 @@ def test_noise_equivalent_batch_size():
 
 
 def test_mixed_gradient_covariance_matches_noise_equivalent_batch():
-    """Monte Carlo check of DESIGN.md §1 on synthetic per-example gradients.
+    """Monte Carlo check of the noise-equivalent batch on synthetic per-example gradients.
 
     The extra covariance of g_mix around the minibatch mean is
     (stddev^2 / B^2) sum_b g_b g_b^T; its trace is compared with the exact

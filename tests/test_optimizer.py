@@ -9,15 +9,19 @@ import tensorflow as tf
 
 import tf_gradmix as gm
 from oracles import (
+    SCCE,
     assert_float32_close,
+    data,
     flat,
+    functional,
     mean_gradient,
+    mixer,
     per_example_gradients,
+    plain_copy,
     regularization_gradient,
     relative_error,
     weights_of,
 )
-from test_model import SCCE, data, functional, mixer, plain_copy
 
 K = 4  # logical CPU replicas (conftest)
 

@@ -5,13 +5,22 @@ Mixes per-example (or per-replica) gradients with random weights of mean
 paper's schedules and recipes for large-batch training.
 """
 
-from tf_gradmix import noise, optimizers, recipes, schedules
-from tf_gradmix.callbacks import GammaLogger
+__version__ = "0.1.0"
+
+from tf_gradmix import (
+    callbacks,
+    diagnostics,
+    distribute,
+    noise,
+    optimizers,
+    per_example,
+    recipes,
+    residual,
+    schedules,
+)
+from tf_gradmix.callbacks import DiagnosticsLogger, GammaLogger
 from tf_gradmix.model import Model, Sequential, enable
 from tf_gradmix.optimizer import GradientMix
-from tf_gradmix import diagnostics, distribute  # noqa: E402  (they use the model hook)
-
-__version__ = "0.1.0"
 
 __all__ = [
     "GradientMix",
@@ -19,10 +28,14 @@ __all__ = [
     "Sequential",
     "enable",
     "GammaLogger",
+    "DiagnosticsLogger",
+    "callbacks",
     "noise",
     "optimizers",
+    "per_example",
     "schedules",
     "recipes",
+    "residual",
     "diagnostics",
     "distribute",
     "__version__",

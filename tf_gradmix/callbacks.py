@@ -1,13 +1,21 @@
-"""Keras callbacks of tf_gradmix."""
+"""Keras callbacks of tf_gradmix.
+
+* :class:`GammaLogger`: the paper's noise amount gamma-bar for device-level
+  GradientMix on a stock model.
+* :class:`DiagnosticsLogger`: curvature and gradient-noise measurements
+  (:mod:`tf_gradmix.diagnostics`) every N epochs.
+"""
 
 import keras
 import tensorflow as tf
 
+from tf_gradmix import diagnostics, per_example, validation
 from tf_gradmix import noise as noise_lib
+from tf_gradmix.diagnostics import curvature
 from tf_gradmix.model import GAMMA_METRIC
 from tf_gradmix.optimizer import find_gradient_mix
 
-__all__ = ["GammaLogger"]
+__all__ = ["GammaLogger", "DiagnosticsLogger"]
 
 
 class GammaLogger(keras.callbacks.Callback):
@@ -54,3 +62,99 @@ class GammaLogger(keras.callbacks.Callback):
             fn_output_signature=tf.float32,
         )
         logs[GAMMA_METRIC] = float(tf.reduce_mean(gammas))
+
+
+class DiagnosticsLogger(keras.callbacks.Callback):
+    """Logs curvature and noise diagnostics every ``every_n_epochs`` epochs.
+
+    Measured on a fixed sample ``(x, y)`` (e.g. 512 training examples), in
+    inference mode, at the end of epochs ``every_n_epochs - 1``,
+    ``2 * every_n_epochs - 1``, ... . Adds to the epoch's logs (so
+    ``History`` and later callbacks see them; put it before them):
+
+    * ``ggn_trace``, ``log_ggn_trace``, ``log_ggn_trace_stderr`` (:func:`tf_gradmix.diagnostics.ggn_trace`);
+    * ``empirical_fisher_trace`` (:func:`tf_gradmix.diagnostics.empirical_fisher_trace`);
+    * ``gradient_noise_scale`` (``B_simple``, :func:`tf_gradmix.diagnostics.gradient_noise_scale`).
+
+    ``self.history`` keeps ``{"epoch": e, **values}`` for each measured epoch.
+
+    Args:
+        x: inputs of the fixed sample.
+        y: its targets.
+        loss: a Keras loss; default the model's compiled loss.
+        every_n_epochs: measure every N epochs.
+        num_probes: ``None`` for the exact GGN trace, else Hutchinson probes.
+        seed: seed of the probes.
+        batch_size: examples per computation.
+        split: GGN split, ``"output"`` or ``"logits"`` (see :func:`tf_gradmix.diagnostics.ggn_trace`).
+        ggn: log the GGN trace.
+        empirical_fisher: log the empirical Fisher trace.
+        noise_scale: log ``B_simple``; ``"per_example"``, ``"two_batch"``
+            (with ``small_batch_size``), or ``False``.
+        small_batch_size: for ``noise_scale="two_batch"``.
+        prefix: prepended to every log name.
+    """
+
+    def __init__(
+        self,
+        x,
+        y,
+        loss=None,
+        every_n_epochs=1,
+        num_probes=None,
+        seed=0,
+        batch_size=diagnostics.DEFAULT_BATCH_SIZE,
+        split="output",
+        ggn=True,
+        empirical_fisher=True,
+        noise_scale="per_example",
+        small_batch_size=None,
+        prefix="",
+    ):
+        super().__init__()
+        every_n_epochs = validation.integer("every_n_epochs", every_n_epochs, low=1)
+        curvature.check_split(split)
+        self.x, self.y = x, y
+        self.loss = loss
+        self.every_n_epochs = every_n_epochs
+        self.num_probes = num_probes
+        self.seed = seed
+        self.batch_size = batch_size
+        self.split = split
+        self.ggn = ggn
+        self.empirical_fisher = empirical_fisher
+        self.noise_scale = noise_scale
+        self.small_batch_size = small_batch_size
+        self.prefix = prefix
+        self.history = []
+
+    def measure(self):
+        """The diagnostics of the current model, as a dict of floats."""
+        loss = per_example.get_loss(self.loss, self.model)
+        values = {}
+        if self.ggn:
+            est = diagnostics.ggn_trace(
+                self.model, self.x, self.y, loss, num_probes=self.num_probes,
+                seed=self.seed, batch_size=self.batch_size, split=self.split,
+            )
+            values["ggn_trace"] = est.trace
+            values["log_ggn_trace"] = est.log_trace
+            values["log_ggn_trace_stderr"] = est.log_stderr
+        if self.empirical_fisher:
+            values["empirical_fisher_trace"] = diagnostics.empirical_fisher_trace(
+                self.model, self.x, self.y, loss, batch_size=self.batch_size
+            ).trace
+        if self.noise_scale:
+            values["gradient_noise_scale"] = diagnostics.gradient_noise_scale(
+                self.model, self.x, self.y, loss, method=self.noise_scale,
+                small_batch_size=self.small_batch_size, batch_size=self.batch_size,
+            ).b_simple
+        return {self.prefix + k: v for k, v in values.items()}
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every_n_epochs:
+            return
+        values = self.measure()
+        self.history.append({"epoch": epoch, **values})
+        if logs is not None:
+            logs.update(values)

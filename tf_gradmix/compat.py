@@ -12,6 +12,9 @@ Everything here is tied to the Keras versions we test (3.15) and is checked by
   must carry the same annotations, or the loss changes value.
 """
 
+import types
+import warnings
+
 import keras
 import tensorflow as tf
 
@@ -22,7 +25,25 @@ _PROBABILITY_OPS = {"Softmax": tf.nn.softmax, "Sigmoid": tf.math.sigmoid}
 
 
 def keras_version():
+    """``(major, minor)`` of the installed Keras."""
     return tuple(int(p) for p in keras.__version__.split(".")[:2])
+
+
+def warn_if_untested(version=None):
+    """Warns (and returns True) when Keras is not a version this module was tested with."""
+    version = keras_version() if version is None else tuple(version[:2])
+    if version in TESTED_KERAS:
+        return False
+    warnings.warn(
+        f"tf_gradmix was tested with Keras {', '.join('.'.join(map(str, v)) for v in TESTED_KERAS)}, "
+        f"not {keras.__version__}: the Keras internals it relies on (tf_gradmix/compat.py) may "
+        "have changed. Its version-guarded workarounds are off.",
+        stacklevel=2,
+    )
+    return True
+
+
+warn_if_untested()
 
 
 def transform_output(y_pred, transform):
@@ -48,6 +69,24 @@ def transform_output(y_pred, transform):
     if mask is not None:
         result._keras_mask = mask
     return result
+
+
+def probability_logits(y_pred):
+    """``(logits, link)`` behind a softmax or sigmoid output, or ``None``.
+
+    ``link`` is ``"softmax"`` or ``"sigmoid"``. The logits are the ones
+    Keras's activations attach (``_keras_logits``), else the input of the
+    raw ``Softmax``/``Sigmoid`` op, the two ways Keras's losses recognise a
+    probability output.
+    """
+    op = getattr(y_pred, "op", None)
+    op_type = getattr(op, "type", None)
+    if op_type not in _PROBABILITY_OPS:
+        return None
+    logits = getattr(y_pred, "_keras_logits", None)
+    if logits is None:
+        logits = op.inputs[0]
+    return logits, op_type.lower()
 
 
 def set_compute_loss(model, compute_loss):
@@ -120,8 +159,6 @@ def _needs_workaround(model):
         return True
     if not _warned_unguarded_version:
         _warned_unguarded_version = True
-        import warnings
-
         warnings.warn(
             f"tf_gradmix's MultiWorkerMirroredStrategy fit workaround is "
             f"tested on Keras {MULTI_WORKER_FIT_BROKEN[1]} and is off for Keras "
@@ -182,7 +219,6 @@ class MultiWorkerFitMixin:
 
 def install_multi_worker_fit(model):
     """The same as :class:`MultiWorkerFitMixin`, for one existing model."""
-    import types
 
     if isinstance(model, MultiWorkerFitMixin) or getattr(
         model, "_gradmix_multi_worker_fit", False
@@ -201,6 +237,15 @@ def install_multi_worker_fit(model):
     model._make_function = types.MethodType(make_function, model)
     model._gradmix_multi_worker_fit = True
     return model
+
+
+def optimizer_trainable_variables(optimizer):
+    """The variables a built optimizer updates, in its own order.
+
+    Keras keeps them in ``Optimizer._trainable_variables`` (set by
+    ``build``); ``apply`` without ``trainable_variables`` uses that list.
+    """
+    return optimizer._trainable_variables
 
 
 def track_metric(model, attribute, metric):
@@ -332,7 +377,7 @@ def apply_accumulated_across_replicas(inner, grads, trainable_variables):
     steps = inner.gradient_accumulation_steps
     context = tf.distribute.get_replica_context()
     if trainable_variables is None:
-        variables = list(inner._trainable_variables)
+        variables = list(optimizer_trainable_variables(inner))
     else:
         variables = list(trainable_variables)
     pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]

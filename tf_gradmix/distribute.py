@@ -45,10 +45,9 @@ to a strategy.
   all-reduced once per update, not once per micro-batch.
 """
 
-
 import tensorflow as tf
 
-from tf_gradmix import compat
+from tf_gradmix import compat, validation
 
 __all__ = [
     "replica_id",
@@ -103,10 +102,12 @@ def worker_index(strategy=None):
 def per_replica_batch_size(global_batch_size, strategy=None):
     """``global_batch_size // K``; raises if it does not divide evenly."""
     replicas = num_replicas(strategy)
+    global_batch_size = validation.integer("global_batch_size", global_batch_size, low=1)
     if global_batch_size % replicas:
-        raise ValueError(
-            f"Invalid value for argument `global_batch_size`: {global_batch_size} "
-            f"is not divisible by the {replicas} replicas in sync."
+        raise validation.invalid(
+            "global_batch_size",
+            global_batch_size,
+            f"a multiple of the {replicas} replicas in sync",
         )
     return global_batch_size // replicas
 
@@ -160,10 +161,13 @@ def accumulation_steps(logical_batch_size, micro_batch_size):
         micro_batch_size: examples per ``fit`` step across all replicas
             (the global batch of the dataset).
     """
-    if micro_batch_size <= 0 or logical_batch_size % micro_batch_size:
-        raise ValueError(
-            f"Invalid value for argument `logical_batch_size`: {logical_batch_size} "
-            f"is not a positive multiple of micro_batch_size={micro_batch_size}."
+    micro_batch_size = validation.integer("micro_batch_size", micro_batch_size, low=1)
+    logical_batch_size = validation.integer("logical_batch_size", logical_batch_size, low=1)
+    if logical_batch_size % micro_batch_size:
+        raise validation.invalid(
+            "logical_batch_size",
+            logical_batch_size,
+            f"a multiple of micro_batch_size={micro_batch_size}",
         )
     return logical_batch_size // micro_batch_size
 

@@ -1,4 +1,4 @@
-"""Sample-level GradientMix inside Keras ``fit``: the model hook.
+r"""Sample-level GradientMix inside Keras ``fit``: the model hook.
 
 The sample level (paper Eq. 4) mixes per-example gradients,
 ``g = sum_b pi_b grad l_b`` with ``pi_b = w_b / B``. By linearity this is
@@ -14,7 +14,7 @@ compares with unmixed runs and every loss metric stays plain; the gradient is
 
 .. math::
 
-    \\nabla_\\theta L = \\frac{1}{D} \\sum_b s_b\\, w_b\\, \\nabla_\\theta \\ell_b ,
+    \nabla_\theta L = \frac{1}{D} \sum_b s_b\, w_b\, \nabla_\theta \ell_b ,
 
 exactly what multiplying the user's sample weights ``s_b`` by ``w_b`` would
 give for Keras's default ``sum_over_batch_size`` reduction (``D = B``
@@ -36,7 +36,7 @@ import types
 import keras
 import tensorflow as tf
 
-from tf_gradmix import compat
+from tf_gradmix import compat, per_example
 from tf_gradmix import noise as noise_lib
 from tf_gradmix.optimizer import find_gradient_mix, require_tensorflow_backend
 
@@ -127,6 +127,8 @@ class _Hook:
 class _SampleMixing(compat.MultiWorkerFitMixin):
     """Mixin: ``compute_loss`` applies the sample-level weights when training."""
 
+    _gradmix_enabled = True  # per_example.SAMPLE_HOOK_FLAG
+
     def __init__(self, *args, **kwargs):
         require_tensorflow_backend(f"tf_gradmix.{type(self).__name__}")
         super().__init__(*args, **kwargs)
@@ -173,7 +175,7 @@ class Sequential(_SampleMixing, keras.Sequential):
 
 def is_enabled(model):
     """Whether ``model`` applies GradientMix's sample-level weights."""
-    return isinstance(model, _SampleMixing) or getattr(model, "_gradmix_enabled", False)
+    return per_example.has_sample_hook(model)
 
 
 def enable(model, per_example_gradients=False):
@@ -198,7 +200,7 @@ def enable(model, per_example_gradients=False):
             ``per_example_gradients``).
         per_example_gradients: if True, each training step materialises the
             per-example gradients with ``tf.vectorized_map`` and mixes them
-            (:func:`tf_gradmix.diagnostics.per_example_train_step`) instead of
+            (:func:`tf_gradmix.per_example.train_step`) instead of
             reweighting in one backward pass. Same update (to float32 rounding, tested),
             2.6-12x the step time and ``B x parameters`` of memory on CPU:
             only for users who process per-example gradients. Models whose
@@ -215,9 +217,7 @@ def enable(model, per_example_gradients=False):
             f"{model!r} of type {type(model).__name__}."
         )
     if per_example_gradients:
-        from tf_gradmix import diagnostics  # diagnostics imports this module
-
-        diagnostics.check_per_example_safe(model)
+        per_example.check_per_example_safe(model)
     if not is_enabled(model):
         _install_hook(model)
     if per_example_gradients and not getattr(model, "_gradmix_per_example", False):
@@ -249,14 +249,12 @@ def _install_hook(model):
     compat.set_compute_loss(model, types.MethodType(compute_loss, model))
     model.train_step = types.MethodType(train_step, model)
     model.test_step = types.MethodType(test_step, model)
-    model._gradmix_enabled = True
+    setattr(model, per_example.SAMPLE_HOOK_FLAG, True)
 
 
 def _install_per_example_step(model):
-    from tf_gradmix import diagnostics
-
     def train_step(self, data):
-        return _Hook.train_logs(self, diagnostics.per_example_train_step(self, data))
+        return _Hook.train_logs(self, per_example.train_step(self, data))
 
     model.train_step = types.MethodType(train_step, model)
     model._gradmix_per_example = True

@@ -1,4 +1,4 @@
-"""Mixing-weight distributions and their stateless sampling.
+r"""Mixing-weight distributions and their stateless sampling.
 
 GradientMix replaces the fixed averaging weights ``1/N`` of ``N`` units
 (examples or replicas) by random weights ``pi`` with ``E[pi] = 1/N`` and
@@ -6,8 +6,8 @@ GradientMix replaces the fixed averaging weights ``1/N`` of ``N`` units
 
 .. math::
 
-    \\pi_n = w_n / N, \\qquad w_n = 1 + \\sigma\\,\\xi_n,
-    \\qquad \\mathbb{E}[\\xi_n] = 0,\\ \\mathrm{Var}[\\xi_n] = 1,
+    \pi_n = w_n / N, \qquad w_n = 1 + \sigma\,\xi_n,
+    \qquad \mathbb{E}[\xi_n] = 0,\ \mathrm{Var}[\xi_n] = 1,
 
 so ``kappa = sigma / N`` with ``sigma`` the ``stddev`` argument and ``xi``
 drawn from a :class:`Noise` distribution. ``w`` does not depend on ``N``, so
@@ -17,8 +17,8 @@ The noise amount of the paper's Theorem 1 is
 
 .. math::
 
-    \\gamma = N \\sum_n \\pi_n^2 = \\operatorname{mean}(w^2)
-    \\approx 1 + \\sigma^2 .
+    \gamma = N \sum_n \pi_n^2 = \operatorname{mean}(w^2)
+    \approx 1 + \sigma^2 .
 
 Every draw is a pure function of ``(seed, step, level, replica)``
 (``tf.random.stateless_*``), so a resumed run continues the same stream and
@@ -29,6 +29,8 @@ import math
 
 import keras
 import tensorflow as tf
+
+from tf_gradmix import validation
 
 __all__ = [
     "Noise",
@@ -246,14 +248,15 @@ def gamma(weights):
 
 
 def stddev_for_noise_batch_size(batch_size, noise_batch_size):
-    """The ``stddev`` whose gradient noise matches a smaller batch.
+    r"""The ``stddev`` whose gradient noise matches a smaller batch.
 
     Mixing gives ``g_mix = g_bar + (sigma / B) sum_b xi_b g_b``: the gradient
     covariance grows by about ``sigma^2 / B * E[g g^T]``, roughly the noise of
-    a plain batch of ``B / (1 + sigma^2)`` (DESIGN.md §1; our derivation, not
-    the paper's). Solving for ``sigma``:
+    a plain batch of ``B / (1 + sigma^2)`` (our derivation, not the paper's;
+    a Monte Carlo check on synthetic gradients matches it). Solving for
+    ``sigma``:
 
-    .. math:: \\sigma = \\sqrt{B / B_{noise} - 1}.
+    .. math:: \sigma = \sqrt{B / B_{noise} - 1}.
 
     This is the covariance at a fixed learning rate, not a claim about the
     training dynamics. Example: ``stddev_for_noise_batch_size(32768, 4096)``
@@ -264,17 +267,15 @@ def stddev_for_noise_batch_size(batch_size, noise_batch_size):
         noise_batch_size: the batch size ``B_noise <= B`` whose gradient
             noise the mixed gradient should have.
     """
-    for arg, value in (("batch_size", batch_size), ("noise_batch_size", noise_batch_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(
-                f"Invalid value for argument `{arg}`: {value!r}. Expected a "
-                "positive number."
-            )
+    batch_size = validation.number("batch_size", batch_size, low=0.0, low_open=True)
+    noise_batch_size = validation.number(
+        "noise_batch_size", noise_batch_size, low=0.0, low_open=True
+    )
     if noise_batch_size > batch_size:
-        raise ValueError(
-            f"Invalid value for argument `noise_batch_size`: {noise_batch_size!r}. "
-            f"Mixing only adds noise, so it must be at most `batch_size` "
-            f"({batch_size!r})."
+        raise validation.invalid(
+            "noise_batch_size",
+            noise_batch_size,
+            f"at most `batch_size` ({batch_size!r}): mixing only adds noise",
         )
     return math.sqrt(batch_size / noise_batch_size - 1.0)
 

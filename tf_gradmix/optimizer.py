@@ -1,4 +1,4 @@
-"""The ``GradientMix`` optimizer wrapper.
+r"""The ``GradientMix`` optimizer wrapper.
 
 Plain data-parallel training averages gradients with fixed weights ``1/N``.
 GradientMix mixes them with random weights ``pi = w / N`` redrawn every step
@@ -6,9 +6,9 @@ GradientMix mixes them with random weights ``pi = w / N`` redrawn every step
 
 .. math::
 
-    g = \\sum_{b=1}^{B} \\pi_b \\nabla \\ell_b \\quad\\text{(sample level)},
-    \\qquad
-    g = \\sum_{k=1}^{K} \\pi_k g_k \\quad\\text{(device level)},
+    g = \sum_{b=1}^{B} \pi_b \nabla \ell_b \quad\text{(sample level)},
+    \qquad
+    g = \sum_{k=1}^{K} \pi_k g_k \quad\text{(device level)},
 
 with ``B`` the examples of the global batch, ``l_b`` the loss of example
 ``b``, ``K`` the replicas and ``g_k`` the mean gradient of replica ``k``.
@@ -27,14 +27,13 @@ raw step is this wrapper's own counter, which advances on every call of
 ``apply`` (every micro-batch under ``gradient_accumulation_steps``).
 """
 
-import math
 import secrets
 import warnings
 
 import keras
 import tensorflow as tf
 
-from tf_gradmix import compat
+from tf_gradmix import compat, validation
 from tf_gradmix import noise as noise_lib
 
 __all__ = ["GradientMix", "find_gradient_mix", "DEFAULT_STDDEV", "LEVELS"]
@@ -204,20 +203,11 @@ class GradientMix(keras.optimizers.Optimizer):
                 f"{inner_optimizer!r} is (or wraps) a GradientMix already; "
                 "mixing twice is not supported. Wrap the base optimizer once."
             )
-        if level not in LEVELS:
-            raise ValueError(
-                f"Invalid value for argument `level`: {level!r}. Expected "
-                f"one of {LEVELS}."
-            )
+        validation.one_of("level", level, LEVELS)
         noise = noise_lib.get(noise)
         stddev = self._validate_stddev(stddev)
-        if seed is not None and (
-            isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31
-        ):
-            raise ValueError(
-                f"Invalid value for argument `seed`: {seed!r}. Expected None "
-                "or an int in [0, 2**31)."
-            )
+        if seed is not None:
+            seed = validation.integer("seed", seed, low=0, high=2**31 - 1)
         super().__init__(learning_rate=0.0, name=name or "gradient_mix", **kwargs)
         self.level = level
         self.noise = noise
@@ -276,18 +266,7 @@ class GradientMix(keras.optimizers.Optimizer):
     def _validate_stddev(stddev):
         if isinstance(stddev, keras.optimizers.schedules.LearningRateSchedule):
             return stddev
-        if isinstance(stddev, bool) or not isinstance(stddev, (int, float)):
-            raise TypeError(
-                f"Invalid value for argument `stddev`: {stddev!r}. Expected a "
-                "non-negative float or a "
-                "keras.optimizers.schedules.LearningRateSchedule."
-            )
-        if not math.isfinite(stddev) or stddev < 0:
-            raise ValueError(
-                f"Invalid value for argument `stddev`: {stddev!r}. Expected a "
-                "finite number >= 0."
-            )
-        return float(stddev)
+        return validation.number("stddev", stddev, low=0.0, error=TypeError)
 
     @classmethod
     def for_noise_batch_size(
@@ -446,7 +425,9 @@ class GradientMix(keras.optimizers.Optimizer):
 
     def _apply_device_weights(self, grads, trainable_variables):
         weight = self._replica_device_weight()
-        variables = trainable_variables or self.inner_optimizer._trainable_variables
+        variables = trainable_variables or compat.optimizer_trainable_variables(
+            self.inner_optimizer
+        )
         return [
             g if getattr(v, "overwrite_with_gradient", False) else _scale_gradient(g, weight)
             for g, v in zip(grads, variables)

@@ -1,143 +1,54 @@
-"""Per-example gradients and curvature diagnostics.
+r"""Per-example gradients and the opt-in exact per-example mixing mode.
 
-Everything here measures a model ``f(x; theta)`` with a loss ``loss``; the
-symbols used throughout:
+Symbols: ``x_i, y_i`` example ``i`` of a batch of ``B``; ``l_i`` the value
+``loss`` returns for a batch made of example ``i`` alone (averaged if it
+returns per-element values); ``g_i = grad_theta l_i`` its gradient.
 
-* ``x_i, y_i``: example ``i`` of the data (``x``, ``y`` arguments), ``n`` of them;
-* ``z_i = f(x_i)``: the model output for example ``i`` (flattened to ``D`` values);
-* ``l_i = loss(y_i, z_i)``: the value ``loss`` returns for a batch made of
-  example ``i`` alone (averaged if it returns per-element values), so that
-  ``L = (1/n) sum_i l_i`` is the mean loss (Keras's ``sum_over_batch_size``);
-* ``g_i = grad_theta l_i``: the per-example gradient (:func:`per_example_gradients`);
-* ``J_i = d z_i / d theta`` (``D x P``) and ``H_i = d^2 l_i / d z_i^2`` (``D x D``).
+* :func:`per_example_gradients`: every ``g_i`` at once with
+  ``tf.vectorized_map``. Each example runs through the model as a batch of
+  one, so layers whose training-mode output for one example depends on the
+  others (BatchNormalization) or that draw one random mask for the whole
+  vectorised batch (Dropout and other random layers: every example would
+  share one mask) would give wrong results; they are refused with a clear
+  error (:func:`check_per_example_safe`). In inference mode every layer is
+  per example. Memory grows as ``B x`` the number of parameters.
+* :func:`train_step`: one Keras train step that mixes
+  ``g = sum_b w_b g_b / B`` from materialised per-example gradients instead
+  of reweighting the loss (what :func:`tf_gradmix.enable` installs with
+  ``per_example_gradients=True``). The same update as the reweighting path
+  up to float rounding, at 2-12x the step time on CPU.
 
-Diagnostics (all return plain Python floats, computed in batches of
-``batch_size`` examples, layer losses such as weight regularisers excluded):
-
-* :func:`ggn_trace`: ``Tr G`` with ``G = (1/n) sum_i J_i^T H_i J_i``, the
-  generalised Gauss-Newton matrix of ``L`` (the paper's Table 1; its Eq. 5
-  sums over the data set, ``n`` times larger: compare differences of natural
-  logs, not values). Exact, or Hutchinson's estimator.
-* :func:`empirical_fisher_trace`: ``Tr F_emp = (1/n) sum_i |g_i|^2``, what the
-  paper's Eq. 10-11 contain; it equals the GGN only in special cases
-  (Kunstner et al., 2019).
-* :func:`gradient_noise_scale`: ``B_simple = tr(Sigma) / |G|^2`` (McCandlish
-  et al., 2018), from per-example gradients or from gradient norms at two
-  batch sizes (:func:`noise_scale_from_gradient_norms`).
-* :class:`DiagnosticsLogger`: a Keras callback logging these every N epochs.
-
-Per-example gradients use ``tf.vectorized_map``: each example runs through
-the model as a batch of one, so layers whose training-mode output for one
-example depends on the others (BatchNormalization) or that draw one random
-mask for the whole vectorised batch (Dropout and other random layers: every
-example would share one mask) give wrong results; they are refused with a
-clear error (:func:`check_per_example_safe`). The curvature functions run the
-model in inference mode, where BatchNorm models are fine.
-
-:func:`per_example_train_step` is the opt-in exact per-example mixing mode:
-one Keras train step that mixes ``g = sum_b w_b g_b / B`` from materialised
-per-example gradients instead of reweighting the loss.
-
-References:
-    McCandlish, Kaplan, Amodei et al. (2018). An Empirical Model of
-    Large-Batch Training. arXiv:1812.06162.
-    Kunstner, Hennig, Balles (2019). Limitations of the empirical Fisher
-    approximation for natural gradient descent. NeurIPS.
-    Hutchinson (1989). A stochastic estimator of the trace of the influence
-    matrix for Laplacian smoothing splines.
-    Schraudolph (2002). Fast curvature matrix-vector products for
-    second-order gradient descent. Neural Computation.
+The measurements built on per-example gradients (empirical Fisher, gradient
+noise scale) are in :mod:`tf_gradmix.diagnostics`.
 """
 
-import math
-from typing import NamedTuple
-
 import keras
-import numpy as np
 import tensorflow as tf
 
 from tf_gradmix import compat
 from tf_gradmix import noise as noise_lib
-from tf_gradmix.model import is_enabled
 from tf_gradmix.optimizer import find_gradient_mix
 
 __all__ = [
     "per_example_gradients",
     "check_per_example_safe",
-    "per_example_train_step",
-    "ggn_trace",
-    "ggn_vector_product",
-    "empirical_fisher_trace",
-    "gradient_noise_scale",
-    "noise_scale_from_gradient_norms",
-    "TraceEstimate",
-    "NoiseScale",
-    "DiagnosticsLogger",
+    "train_step",
+    "has_sample_hook",
 ]
-
-DEFAULT_BATCH_SIZE = 64
-SPLITS = ("output", "logits")
 
 _ZERO = tf.UnconnectedGradients.ZERO
 
-
-# -- results ------------------------------------------------------------------
-
-
-class TraceEstimate(NamedTuple):
-    """A trace averaged over examples, with its standard errors.
-
-    Attributes:
-        trace: the estimate of ``Tr M = (1/n) sum_i t_i`` on the given examples.
-        stderr: standard error of ``trace`` from Hutchinson's probes for these
-            examples (``0.0`` when exact).
-        data_stderr: standard error from using ``n`` examples rather than the
-            whole data distribution: ``std_i(t_i) / sqrt(n)`` with ``t_i`` the
-            (estimated) per-example traces (slightly conservative with
-            probes).
-        num_examples: ``n``.
-        num_probes: Hutchinson probes, ``None`` when exact.
-    """
-
-    trace: float
-    stderr: float
-    data_stderr: float
-    num_examples: int
-    num_probes: object = None
-
-    @property
-    def total_stderr(self):
-        """``sqrt(stderr^2 + data_stderr^2)``."""
-        return math.hypot(self.stderr, self.data_stderr)
-
-    @property
-    def log_trace(self):
-        """Natural log of ``trace``."""
-        return math.log(self.trace) if self.trace > 0 else float("nan")
-
-    @property
-    def log_stderr(self):
-        """Standard error of ``log_trace`` (delta method: ``total_stderr / trace``)."""
-        return self.total_stderr / self.trace if self.trace > 0 else float("nan")
+#: Attribute set on models whose ``compute_loss`` already weights each
+#: example (tf_gradmix.Model, tf_gradmix.enable).
+SAMPLE_HOOK_FLAG = "_gradmix_enabled"
 
 
-class NoiseScale(NamedTuple):
-    """The simple gradient noise scale of McCandlish et al. (2018).
-
-    Attributes:
-        b_simple: ``tr(Sigma) / |G|^2``, the critical-batch-size estimate (in
-            examples). Negative or huge when ``|G|^2`` is not resolved.
-        trace_sigma: unbiased ``tr(Sigma)``, the trace of the per-example
-            gradient covariance.
-        grad_sq_norm: unbiased ``|G|^2``, the squared norm of the true gradient.
-    """
-
-    b_simple: float
-    trace_sigma: float
-    grad_sq_norm: float
+def has_sample_hook(model):
+    """Whether ``model`` applies GradientMix's sample-level weights in ``compute_loss``."""
+    return bool(getattr(model, SAMPLE_HOOK_FLAG, False))
 
 
-# -- helpers ------------------------------------------------------------------
+# -- when per-example gradients are right -------------------------------------
 
 
 def _walk_layers(layer, seen=None):
@@ -193,7 +104,7 @@ def check_per_example_safe(model, training=True):
     """
     if not training:
         return
-    coupling = [l.name for l in _walk_layers(model) if _couples_examples(l)]
+    coupling = [layer.name for layer in _walk_layers(model) if _couples_examples(layer)]
     if coupling:
         raise ValueError(
             "Per-example gradients (tf.vectorized_map) are wrong for models "
@@ -205,7 +116,7 @@ def check_per_example_safe(model, training=True):
             "compute diagnostics with training=False, or replace BatchNorm "
             "(e.g. GroupNormalization / LayerNormalization)."
         )
-    random = [l.name for l in _walk_layers(model) if _is_random(l)]
+    random = [layer.name for layer in _walk_layers(model) if _is_random(layer)]
     if random:
         raise ValueError(
             "Per-example gradients (tf.vectorized_map) in training mode would "
@@ -215,7 +126,7 @@ def check_per_example_safe(model, training=True):
         )
 
 
-def _single_output(output):
+def single_output(output):
     flat = tf.nest.flatten(output)
     if len(flat) != 1:
         raise NotImplementedError(
@@ -225,7 +136,7 @@ def _single_output(output):
     return flat[0]
 
 
-def _get_loss(loss, model=None):
+def get_loss(loss, model=None):
     if loss is None:
         loss = getattr(model, "loss", None)
         if loss is None:
@@ -241,100 +152,36 @@ def _get_loss(loss, model=None):
     return loss
 
 
-def _example_loss(loss, y_i, z_i):
+def example_loss(loss, y_i, z_i):
     """``l_i``: ``loss`` on a batch of one, averaged to a scalar."""
     value = loss(y_i[None], z_i[None])
     return tf.reduce_mean(tf.cast(value, z_i.dtype))
 
 
-def _logits_of(output):
-    """The logits and link (``"softmax"``/``"sigmoid"``) of a probability output."""
-    logits = getattr(output, "_keras_logits", None)
-    op = getattr(output, "op", None)
-    op_type = getattr(op, "type", None)
-    if op_type not in ("Softmax", "Sigmoid"):
-        raise ValueError(
-            "split='logits' needs a model whose output is a softmax or sigmoid "
-            f"(a Keras activation or layer); its last op is {op_type!r}. For "
-            "a model that outputs logits already, use split='output'."
-        )
-    if logits is None:
-        logits = op.inputs[0]
-    return logits, op_type.lower()
+def trainable_tensors(model):
+    """The ``tf.Variable`` behind each trainable Keras variable.
 
-
-def _apply_link(link, logits):
-    if link is None:
-        return logits
-    # Keras's activations mark the result with its logits, so Keras's
-    # probability losses take their stable from-logits path.
-    return keras.activations.get(link)(logits)
-
-
-def _batches(x, y, batch_size):
-    """Yields ``(x, y)`` batches of arrays/tensors, or a dataset's elements."""
-    if isinstance(x, tf.data.Dataset):
-        if y is not None:
-            raise ValueError("With a tf.data.Dataset `x`, `y` must be None.")
-        for element in x:
-            if not isinstance(element, (tuple, list)) or len(element) < 2:
-                raise ValueError("The dataset must yield (x, y) batches.")
-            yield element[0], element[1]
-        return
-    n = len(tf.nest.flatten(x)[0])
-    for start in range(0, n, batch_size):
-        sl = slice(start, start + batch_size)
-        yield (
-            tf.nest.map_structure(lambda a: tf.convert_to_tensor(a[sl]), x),
-            tf.convert_to_tensor(y[sl]),
-        )
-
-
-def _variables(model):
-    # The backing tf.Variables: what tapes and ForwardAccumulator understand.
+    What tapes and ``tf.autodiff.ForwardAccumulator`` understand.
+    """
     return [v.value for v in model.trainable_variables]
 
 
-def _vectorized_example_gradients(model, x, y, example_scalar, variables, training):
+def vectorized_example_gradients(model, x, y, example_scalar, variables, training):
     """``[B, *v.shape]`` gradients of ``example_scalar(output_i, y_i)`` for each example."""
 
     def one(args):
         x_i, y_i = args
         x_i = tf.nest.map_structure(lambda t: t[None], x_i)
         with tf.GradientTape() as tape:
-            output = _single_output(model(x_i, training=training))
+            output = single_output(model(x_i, training=training))
             value = example_scalar(output, y_i)
         return tape.gradient(value, variables, unconnected_gradients=_ZERO)
 
     return tf.vectorized_map(one, (x, y), fallback_to_while_loop=True)
 
 
-def _batch_function(fn, batches):
-    """``fn`` as one ``tf.function`` for every batch size (traced once).
-
-    Returns the function and the batches (an iterator whose first element was
-    read to find the signature).
-    """
-    batches = iter(batches)
-    try:
-        first = next(batches)
-    except StopIteration:
-        raise ValueError("No examples given.") from None
-
-    def spec(t):
-        return tf.TensorSpec([None] + list(t.shape[1:]), t.dtype)
-
-    signature = tf.nest.map_structure(spec, first)
-    function = tf.function(fn, input_signature=list(signature))
-
-    def all_batches():
-        yield first
-        yield from batches
-
-    return function, all_batches()
-
-
-def _maybe_function(fn, *args):
+def maybe_function(fn, *args):
+    """``fn(*args)``, traced as a ``tf.function`` when called eagerly."""
     if tf.executing_eagerly():
         return tf.function(fn)(*args)
     return fn(*args)
@@ -371,16 +218,16 @@ def per_example_gradients(model, x, y, loss, training=True):
             masks across examples.
     """
     check_per_example_safe(model, training=training)
-    loss = _get_loss(loss)
-    variables = _variables(model)
+    loss = get_loss(loss)
+    variables = trainable_tensors(model)
 
     def compute(x, y):
-        return _vectorized_example_gradients(
-            model, x, y, lambda z, y_i: _example_loss(loss, y_i, z[0]), variables, training
+        return vectorized_example_gradients(
+            model, x, y, lambda z, y_i: example_loss(loss, y_i, z[0]), variables, training
         )
 
     x = tf.nest.map_structure(tf.convert_to_tensor, x)
-    return _maybe_function(compute, x, tf.convert_to_tensor(y))
+    return maybe_function(compute, x, tf.convert_to_tensor(y))
 
 
 # -- the exact per-example mixing mode -----------------------------------------
@@ -423,8 +270,8 @@ def _loss_facing(output):
     return found
 
 
-def per_example_train_step(model, data, per_example_fn=None):
-    """One Keras train step that mixes materialised per-example gradients.
+def train_step(model, data, per_example_fn=None):
+    r"""One Keras train step that mixes materialised per-example gradients.
 
     The opt-in exact alternative to loss reweighting. For a batch of ``B``
     examples with predictions ``yhat_b``, Keras's loss ``L`` (the model's own
@@ -433,8 +280,8 @@ def per_example_train_step(model, data, per_example_fn=None):
 
     .. math::
 
-        g_b = J_b^\\top \\frac{\\partial L}{\\partial \\hat y_b},\\qquad
-        g = \\sum_b w_b\\, g_b + \\nabla_\\theta L_{\\text{layers}},
+        g_b = J_b^\top \frac{\partial L}{\partial \hat y_b},\qquad
+        g = \sum_b w_b\, g_b + \nabla_\theta L_{\text{layers}},
 
     where ``g_b`` (computed for all ``b`` with ``tf.vectorized_map``) is example
     ``b``'s gradient of the batch loss: ``s_b grad l_b / B`` for the default
@@ -472,11 +319,11 @@ def per_example_train_step(model, data, per_example_fn=None):
 
         class PerExampleModel(keras.Model):
             def train_step(self, data):
-                return tf_gradmix.diagnostics.per_example_train_step(self, data)
+                return tf_gradmix.per_example.train_step(self, data)
     """
     check_per_example_safe(model, training=True)
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    variables = _variables(model)
+    variables = trainable_tensors(model)
     optimizer = model.optimizer
 
     # 1. Batched forward pass: loss value, dL/dyhat and the layer losses' gradient.
@@ -506,7 +353,7 @@ def per_example_train_step(model, data, per_example_fn=None):
             [tf.reduce_sum(t[0] * tf.cast(c, t.dtype)) for t, c in zip(facing, cotangent_b)]
         )
 
-    per_example = _vectorized_example_gradients(
+    per_example = vectorized_example_gradients(
         model, x, cotangents, contribution, variables, training=True
     )
     if per_example_fn is not None:
@@ -516,7 +363,7 @@ def per_example_train_step(model, data, per_example_fn=None):
     batch_size = tf.shape(tf.nest.flatten(x)[0])[0]
     weights = tf.ones([batch_size])
     mixer = find_gradient_mix(optimizer)
-    if mixer is not None and mixer.level == "sample" and not is_enabled(model):
+    if mixer is not None and mixer.level == "sample" and not has_sample_hook(model):
         weights = mixer.example_weights(batch_size)
         gamma = getattr(model, "_gradmix_gamma", None)
         if gamma is not None:
@@ -528,519 +375,3 @@ def per_example_train_step(model, data, per_example_fn=None):
     if variables:
         optimizer.apply(grads, model.trainable_variables)
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-
-
-# -- GGN ----------------------------------------------------------------------
-
-
-def _check_split(split):
-    if split not in SPLITS:
-        raise ValueError(
-            f"Invalid value for argument `split`: {split!r}. Expected one of {SPLITS}."
-        )
-
-
-def _split_output(model, x, split):
-    """``(z, link)``: the tensor the GGN is split at, and the link to the loss."""
-    output = _single_output(model(x, training=False))
-    if split == "output":
-        return output, None
-    return _logits_of(output)
-
-
-def _output_hessians(loss, z, y, link):
-    """``H_i = d^2 l_i / d z_i^2`` for every example: ``[B, D, D]``."""
-    batch = tf.shape(z)[0]
-    shape = tf.shape(z)[1:]
-    flat = tf.reshape(z, [batch, -1])
-    with tf.GradientTape() as outer:
-        outer.watch(flat)
-        with tf.GradientTape() as inner:
-            inner.watch(flat)
-
-            def one(args):
-                z_i, y_i = args
-                return _example_loss(loss, y_i, _apply_link(link, tf.reshape(z_i, shape)[None])[0])
-
-            total = tf.reduce_sum(
-                tf.vectorized_map(one, (flat, y), fallback_to_while_loop=True)
-            )
-        gradient = inner.gradient(total, flat)
-    return outer.batch_jacobian(gradient, flat)
-
-
-def _exact_chunk(model, loss, split, x, y):
-    """Per-example ``t_i = Tr(J_i^T H_i J_i) = Tr(H_i J_i J_i^T)``: ``[B]``."""
-    variables = _variables(model)
-    z, link = _split_output(model, x, split)
-    hessians = _output_hessians(loss, z, y, link)
-
-    def jacobian_one(x_i):
-        x_i = tf.nest.map_structure(lambda t: t[None], x_i)
-        with tf.GradientTape() as tape:
-            z_i, _ = _split_output(model, x_i, split)
-            z_i = tf.reshape(z_i, [-1])
-        jac = tape.jacobian(z_i, variables, unconnected_gradients=_ZERO)
-        return [tf.reshape(j, [tf.shape(z_i)[0], -1]) for j in jac]
-
-    jacobians = tf.vectorized_map(jacobian_one, x, fallback_to_while_loop=True)
-    gram = tf.add_n([tf.einsum("bdp,bep->bde", j, j) for j in jacobians])
-    return tf.einsum("bde,bde->b", hessians, gram)
-
-
-def _rademacher(variables, seed, probe):
-    key = tf.stack([tf.cast(seed, tf.int64), tf.cast(probe, tf.int64)])
-    out = []
-    for index, v in enumerate(variables):
-        s = tf.random.experimental.stateless_fold_in(key, index)
-        bits = tf.random.stateless_uniform(v.shape, seed=s, minval=0, maxval=2, dtype=tf.int32)
-        out.append(tf.cast(2 * bits - 1, v.dtype))
-    return out
-
-
-def _jvp(model, x, split, tangents):
-    """``(z, J v)`` by forward-mode autodiff (``ForwardAccumulator`` wants ``v.value``)."""
-    variables = _variables(model)
-    with tf.autodiff.ForwardAccumulator(
-        primals=variables, tangents=tangents
-    ) as acc:
-        z, link = _split_output(model, x, split)
-    return z, acc.jvp(z, unconnected_gradients=_ZERO), link
-
-
-def _hutchinson_chunk(model, loss, split, seed, x, y, num_probes):
-    """``q[k, i] = (J_i v_k)^T H_i (J_i v_k)`` for probes ``k``: ``[K, B]``."""
-    variables = _variables(model)
-    z, link = _split_output(model, x, split)
-    hessians = _output_hessians(loss, z, y, link)
-    batch = tf.shape(z)[0]
-
-    def probe(k):
-        _, u, _ = _jvp(model, x, split, _rademacher(variables, seed, k))
-        u = tf.reshape(u, [batch, -1])
-        return tf.einsum("bd,bde,be->b", u, hessians, u)
-
-    return tf.map_fn(probe, tf.range(num_probes), fn_output_signature=z.dtype)
-
-
-def ggn_vector_product(model, x, y, loss, vector, split="output"):
-    """``G v = (1/n) sum_i J_i^T H_i (J_i v)`` on one batch (inference mode).
-
-    Forward mode gives ``J_i v``, the output Hessian ``H_i`` multiplies it, and
-    reverse mode gives ``J_i^T (...)`` (Schraudolph, 2002). ``v^T G v`` needs
-    only the first two steps, which is what :func:`ggn_trace` uses.
-
-    Args:
-        model: a ``keras.Model`` with one output.
-        x: inputs of the ``n`` examples (one batch).
-        y: their targets.
-        loss: a Keras loss (see :func:`ggn_trace`).
-        vector: list of tensors shaped like ``model.trainable_variables``.
-        split: ``"output"`` or ``"logits"`` (see :func:`ggn_trace`).
-
-    Returns:
-        list of tensors shaped like ``model.trainable_variables``.
-    """
-    _check_split(split)
-    loss = _get_loss(loss)
-    variables = _variables(model)
-
-    def compute(x, y, vector):
-        z, u, link = _jvp(model, x, split, vector)
-        hessians = _output_hessians(loss, z, y, link)
-        batch = tf.shape(z)[0]
-        hu = tf.einsum("bde,be->bd", hessians, tf.reshape(u, [batch, -1]))
-        hu = tf.stop_gradient(tf.reshape(hu, tf.shape(z)))
-        with tf.GradientTape() as tape:
-            z, _ = _split_output(model, x, split)
-            inner = tf.reduce_sum(z * hu) / tf.cast(batch, z.dtype)
-        return tape.gradient(inner, variables, unconnected_gradients=_ZERO)
-
-    x = tf.nest.map_structure(tf.convert_to_tensor, x)
-    vector = [tf.convert_to_tensor(v, dtype=w.dtype) for v, w in zip(vector, variables)]
-    return _maybe_function(compute, x, tf.convert_to_tensor(y), vector)
-
-
-def ggn_trace(
-    model,
-    x,
-    y,
-    loss,
-    num_probes=None,
-    seed=0,
-    batch_size=DEFAULT_BATCH_SIZE,
-    split="output",
-):
-    """Trace of the generalised Gauss-Newton matrix of the mean loss.
-
-    .. math::
-
-        \\operatorname{Tr} G,\\qquad G = \\frac{1}{n} \\sum_{i=1}^{n} J_i^\\top H_i J_i,
-
-    with ``J_i`` the Jacobian of the model output ``z_i`` for example ``i``
-    and ``H_i`` the Hessian of ``l_i = loss(y_i, z_i)`` with respect to
-    ``z_i``. The paper's Eq. 5 sums over the data set (``n`` times this):
-    compare differences of (natural) logs with its Table 1, not values.
-
-    The model runs in inference mode (``training=False``), so BatchNorm
-    models use their moving statistics and Dropout is off.
-
-    * ``num_probes=None``: exact. ``Tr(J_i^T H_i J_i) = Tr(H_i J_i J_i^T)``
-      from each example's full Jacobian (``D`` backward passes of one
-      example, vectorised) and ``H_i`` by autodiff of ``loss``.
-    * ``num_probes=K``: Hutchinson's estimator with Rademacher probes
-      ``v_k`` (entries +-1, shared by all examples):
-      ``Tr G ~= (1/K) sum_k v_k^T G v_k`` and
-      ``v^T G v = (1/n) sum_i (J_i v)^T H_i (J_i v)``, ``J_i v`` by
-      forward mode (the reverse half of the GGN-vector product,
-      :func:`ggn_vector_product`, is not needed for the quadratic form).
-      Costs ``K`` forward-mode passes over the data.
-
-    Where the split is taken (``split``): ``"output"`` (default) splits at
-    the model's output, whatever it is. For a model ending in a softmax with
-    a probability loss (cross-entropy with ``from_logits=False``) that makes
-    ``H_i`` the Hessian of ``-log p_y`` in the probabilities, and
-    ``J_i^T H_i J_i = grad log p_y grad log p_y^T``: with hard labels the
-    output-split GGN *is* the empirical Fisher. ``"logits"`` splits before
-    the final softmax/sigmoid (``H_i = diag(p) - p p^T`` for softmax
-    cross-entropy: the usual GGN = Fisher of the predictive distribution); it
-    equals ``"output"`` for a model that outputs logits with a
-    ``from_logits=True`` loss. Use logits (either way) to compare with the paper.
-
-    Args:
-        model: a ``keras.Model`` with one output.
-        x: inputs (array/tensor with the ``n`` examples on axis 0), or a
-            ``tf.data.Dataset`` of ``(x, y)`` batches (then ``y=None``).
-        y: targets, or ``None`` with a dataset.
-        loss: a Keras loss (instance, function or name) called as
-            ``loss(y_true, y_pred)``; it must be twice differentiable in
-            ``y_pred``.
-        num_probes: ``None`` for exact, else the number ``K`` of probes.
-        seed: int seed of the probes.
-        batch_size: examples per computation (memory: the exact mode holds
-            ``batch_size x D x`` parameters floats).
-        split: ``"output"`` or ``"logits"``.
-
-    Returns:
-        :class:`TraceEstimate` (``.trace``, ``.stderr`` from the probes,
-        ``.data_stderr`` from the examples, ``.log_trace``, ``.log_stderr``).
-    """
-    _check_split(split)
-    loss = _get_loss(loss)
-    if num_probes is not None and (int(num_probes) != num_probes or num_probes < 2):
-        raise ValueError(f"Invalid value for argument `num_probes`: {num_probes!r}.")
-    if num_probes is None:
-        chunk = lambda x, y: _exact_chunk(model, loss, split, x, y)  # noqa: E731
-    else:
-        chunk = lambda x, y: _hutchinson_chunk(  # noqa: E731
-            model, loss, split, seed, x, y, int(num_probes)
-        )
-    fn, batches = _batch_function(chunk, _batches(x, y, batch_size))
-    chunks = [fn(xb, yb).numpy().astype(np.float64) for xb, yb in batches]
-    if num_probes is None:
-        per_example = np.concatenate(chunks)
-        n = per_example.size
-        return TraceEstimate(
-            float(per_example.mean()), 0.0, _stderr(per_example), n, None
-        )
-    q = np.concatenate(chunks, axis=1)  # [K, n]
-    n = q.shape[1]
-    return TraceEstimate(
-        float(q.mean()), _stderr(q.mean(axis=1)), _stderr(q.mean(axis=0)), n, int(num_probes)
-    )
-
-
-def _stderr(values):
-    values = np.asarray(values, np.float64)
-    if values.size < 2:
-        return float("nan")
-    return float(values.std(ddof=1) / math.sqrt(values.size))
-
-
-# -- empirical Fisher and noise scale -----------------------------------------
-
-
-def _per_example_stats(model, x, y, loss, batch_size, training):
-    """Yields ``(sum_i g_i, |g_i|^2 for each i)`` per batch."""
-    check_per_example_safe(model, training=training)
-    variables = _variables(model)
-
-    def stats(x, y):
-        grads = _vectorized_example_gradients(
-            model, x, y, lambda z, y_i: _example_loss(loss, y_i, z[0]), variables, training
-        )
-        sq = tf.add_n(
-            [tf.reduce_sum(tf.reshape(tf.square(g), [tf.shape(g)[0], -1]), axis=1) for g in grads]
-        )
-        return [tf.reduce_sum(g, axis=0) for g in grads], sq
-
-    stats, batches = _batch_function(stats, _batches(x, y, batch_size))
-    for xb, yb in batches:
-        sums, sq = stats(xb, yb)
-        yield [s.numpy().astype(np.float64) for s in sums], sq.numpy().astype(np.float64)
-
-
-def empirical_fisher_trace(model, x, y, loss, batch_size=DEFAULT_BATCH_SIZE, training=False):
-    """Trace of the empirical Fisher: the mean squared per-example gradient norm.
-
-    .. math::
-
-        \\operatorname{Tr} F_{\\text{emp}} = \\frac{1}{n} \\sum_{i=1}^{n} \\lVert g_i \\rVert^2,
-        \\qquad g_i = \\nabla_\\theta l_i .
-
-    This is what the paper's Eq. 10-11 contain. It is not the GGN (nor the
-    Fisher): it uses the observed labels instead of the model's predictive
-    distribution, and it includes the mean gradient (Kunstner et al., 2019).
-
-    Args:
-        model: a ``keras.Model`` with one output.
-        x: inputs, or a ``tf.data.Dataset`` of ``(x, y)`` batches.
-        y: targets, or ``None`` with a dataset.
-        loss: a Keras loss called as ``loss(y_true, y_pred)``.
-        batch_size: examples per vectorised computation.
-        training: forward mode (default ``False``; ``True`` refuses BatchNorm
-            and random layers).
-
-    Returns:
-        :class:`TraceEstimate` (exact on these examples: ``stderr = 0``).
-    """
-    loss = _get_loss(loss)
-    sq = np.concatenate([s for _, s in _per_example_stats(model, x, y, loss, batch_size, training)])
-    return TraceEstimate(float(sq.mean()), 0.0, _stderr(sq), sq.size, None)
-
-
-def noise_scale_from_gradient_norms(small_sq_norm, small_batch_size, big_sq_norm, big_batch_size):
-    """``B_simple`` from squared gradient norms at two batch sizes.
-
-    With ``E|G_B|^2 = |G|^2 + tr(Sigma) / B`` (McCandlish et al., 2018, App. A.1):
-
-    .. math::
-
-        |G|^2 \\approx \\frac{B_{big} |G_{B_{big}}|^2 - B_{small} |G_{B_{small}}|^2}{B_{big} - B_{small}},
-        \\qquad
-        \\operatorname{tr}\\Sigma \\approx \\frac{|G_{B_{small}}|^2 - |G_{B_{big}}|^2}{1/B_{small} - 1/B_{big}} .
-
-    Average the squared norms over many batches before calling (the ratio of
-    averages, not the average of ratios). Works with any model (BatchNorm
-    included) and needs no per-example gradients, e.g. the per-replica and
-    the all-reduced gradient of data-parallel training.
-
-    Args:
-        small_sq_norm: mean ``|G_B|^2`` of gradients of batches of ``small_batch_size``.
-        small_batch_size: ``B_small``.
-        big_sq_norm: mean ``|G_B|^2`` at ``big_batch_size``.
-        big_batch_size: ``B_big > B_small``.
-
-    Returns:
-        :class:`NoiseScale`.
-    """
-    b_small, b_big = float(small_batch_size), float(big_batch_size)
-    if not b_big > b_small > 0:
-        raise ValueError(
-            f"Need big_batch_size > small_batch_size > 0, got {big_batch_size}, {small_batch_size}."
-        )
-    grad_sq = (b_big * big_sq_norm - b_small * small_sq_norm) / (b_big - b_small)
-    trace_sigma = (small_sq_norm - big_sq_norm) / (1.0 / b_small - 1.0 / b_big)
-    b_simple = trace_sigma / grad_sq if grad_sq != 0 else float("inf")
-    return NoiseScale(float(b_simple), float(trace_sigma), float(grad_sq))
-
-
-def gradient_noise_scale(
-    model,
-    x,
-    y,
-    loss,
-    method="per_example",
-    small_batch_size=None,
-    batch_size=DEFAULT_BATCH_SIZE,
-    training=False,
-):
-    """The simple gradient noise scale ``B_simple = tr(Sigma) / |G|^2``.
-
-    ``G`` is the gradient of the mean loss and ``Sigma`` the covariance of
-    per-example gradients; ``B_simple`` estimates the critical batch size
-    (McCandlish et al., 2018): batches much smaller than it train almost
-    perfectly data-efficiently, much larger ones waste examples.
-
-    * ``method="per_example"``: from the ``n`` per-example gradients,
-      ``tr(Sigma) = (sum_i |g_i|^2 - n |gbar|^2) / (n - 1)`` and the unbiased
-      ``|G|^2 = |gbar|^2 - tr(Sigma) / n``. Refuses BatchNorm/random layers
-      when ``training=True``.
-    * ``method="two_batch"``: from the mean squared norm of the gradients of
-      the ``n // small_batch_size`` disjoint batches of ``small_batch_size``
-      examples (one ordinary backward pass each, any model, BatchNorm in
-      training mode included) and of their average, the gradient of all
-      ``n' = (n // small_batch_size) * small_batch_size`` examples, through
-      :func:`noise_scale_from_gradient_norms`. With ``small_batch_size=1``
-      it equals ``"per_example"``.
-
-    Args:
-        model: a ``keras.Model`` with one output.
-        x: inputs, or a ``tf.data.Dataset`` of ``(x, y)`` batches (``"per_example"``).
-        y: targets, or ``None`` with a dataset.
-        loss: a Keras loss called as ``loss(y_true, y_pred)``; for
-            ``"two_batch"`` its reduction must average over the batch
-            (Keras's default).
-        method: ``"per_example"`` or ``"two_batch"``.
-        small_batch_size: ``B_small`` for ``"two_batch"``.
-        batch_size: examples per vectorised computation (``"per_example"``).
-        training: forward mode (default ``False``).
-
-    Returns:
-        :class:`NoiseScale`.
-    """
-    loss = _get_loss(loss)
-    if method == "per_example":
-        total, sq_sum, n = None, 0.0, 0
-        for sums, sq in _per_example_stats(model, x, y, loss, batch_size, training):
-            total = sums if total is None else [a + b for a, b in zip(total, sums)]
-            sq_sum += float(sq.sum())
-            n += sq.size
-        if n < 2:
-            raise ValueError("Need at least 2 examples.")
-        mean_sq = sum(float(np.sum(np.square(t / n))) for t in total)
-        return noise_scale_from_gradient_norms(sq_sum / n, 1, mean_sq, n)
-    if method != "two_batch":
-        raise ValueError(
-            f"Invalid value for argument `method`: {method!r}. Expected "
-            "'per_example' or 'two_batch'."
-        )
-    if isinstance(x, tf.data.Dataset):
-        raise ValueError("method='two_batch' takes arrays, not a dataset.")
-    if not small_batch_size or small_batch_size < 1:
-        raise ValueError("method='two_batch' needs `small_batch_size` >= 1.")
-    variables = _variables(model)
-
-    @tf.function(reduce_retracing=True)
-    def batch_gradient(x, y):
-        with tf.GradientTape() as tape:
-            output = _single_output(model(x, training=training))
-            value = tf.cast(loss(y, output), output.dtype)
-            value = tf.reduce_mean(value)
-        return tape.gradient(value, variables, unconnected_gradients=_ZERO)
-
-    total, sq_sum, count = None, 0.0, 0
-    n = len(tf.nest.flatten(x)[0])
-    # In training mode BatchNorm updates its moving statistics on every
-    # call; a measurement must leave the model as it found it.
-    state = [(v, v.numpy()) for v in model.non_trainable_variables]
-    try:
-        for start in range(0, n - small_batch_size + 1, small_batch_size):
-            sl = slice(start, start + small_batch_size)
-            grads = batch_gradient(
-                tf.nest.map_structure(lambda a: tf.convert_to_tensor(a[sl]), x),
-                tf.convert_to_tensor(y[sl]),
-            )
-            grads = [g.numpy().astype(np.float64) for g in grads]
-            sq_sum += sum(float(np.sum(np.square(g))) for g in grads)
-            total = grads if total is None else [a + b for a, b in zip(total, grads)]
-            count += 1
-    finally:
-        for variable, value in state:
-            variable.assign(value)
-    if count < 2:
-        raise ValueError("method='two_batch' needs at least 2 small batches.")
-    big_sq = sum(float(np.sum(np.square(t / count))) for t in total)
-    return noise_scale_from_gradient_norms(
-        sq_sum / count, small_batch_size, big_sq, count * small_batch_size
-    )
-
-
-# -- callback -----------------------------------------------------------------
-
-
-class DiagnosticsLogger(keras.callbacks.Callback):
-    """Logs curvature and noise diagnostics every ``every_n_epochs`` epochs.
-
-    Measured on a fixed sample ``(x, y)`` (e.g. 512 training examples), in
-    inference mode, at the end of epochs ``every_n_epochs - 1``,
-    ``2 * every_n_epochs - 1``, ... . Adds to the epoch's logs (so
-    ``History`` and later callbacks see them; put it before them):
-
-    * ``ggn_trace``, ``log_ggn_trace``, ``log_ggn_trace_stderr`` (:func:`ggn_trace`);
-    * ``empirical_fisher_trace`` (:func:`empirical_fisher_trace`);
-    * ``gradient_noise_scale`` (``B_simple``, :func:`gradient_noise_scale`).
-
-    ``self.history`` keeps ``{"epoch": e, **values}`` for each measured epoch.
-
-    Args:
-        x: inputs of the fixed sample.
-        y: its targets.
-        loss: a Keras loss; default the model's compiled loss.
-        every_n_epochs: measure every N epochs.
-        num_probes: ``None`` for the exact GGN trace, else Hutchinson probes.
-        seed: seed of the probes.
-        batch_size: examples per computation.
-        split: GGN split, ``"output"`` or ``"logits"`` (see :func:`ggn_trace`).
-        ggn: log the GGN trace.
-        empirical_fisher: log the empirical Fisher trace.
-        noise_scale: log ``B_simple``; ``"per_example"``, ``"two_batch"``
-            (with ``small_batch_size``), or ``False``.
-        small_batch_size: for ``noise_scale="two_batch"``.
-        prefix: prepended to every log name.
-    """
-
-    def __init__(
-        self,
-        x,
-        y,
-        loss=None,
-        every_n_epochs=1,
-        num_probes=None,
-        seed=0,
-        batch_size=DEFAULT_BATCH_SIZE,
-        split="output",
-        ggn=True,
-        empirical_fisher=True,
-        noise_scale="per_example",
-        small_batch_size=None,
-        prefix="",
-    ):
-        super().__init__()
-        if every_n_epochs < 1:
-            raise ValueError(f"Invalid value for argument `every_n_epochs`: {every_n_epochs!r}.")
-        _check_split(split)
-        self.x, self.y = x, y
-        self.loss = loss
-        self.every_n_epochs = int(every_n_epochs)
-        self.num_probes = num_probes
-        self.seed = seed
-        self.batch_size = batch_size
-        self.split = split
-        self.ggn = ggn
-        self.empirical_fisher = empirical_fisher
-        self.noise_scale = noise_scale
-        self.small_batch_size = small_batch_size
-        self.prefix = prefix
-        self.history = []
-
-    def measure(self):
-        """The diagnostics of the current model, as a dict of floats."""
-        loss = _get_loss(self.loss, self.model)
-        values = {}
-        if self.ggn:
-            est = ggn_trace(
-                self.model, self.x, self.y, loss, num_probes=self.num_probes,
-                seed=self.seed, batch_size=self.batch_size, split=self.split,
-            )
-            values["ggn_trace"] = est.trace
-            values["log_ggn_trace"] = est.log_trace
-            values["log_ggn_trace_stderr"] = est.log_stderr
-        if self.empirical_fisher:
-            values["empirical_fisher_trace"] = empirical_fisher_trace(
-                self.model, self.x, self.y, loss, batch_size=self.batch_size
-            ).trace
-        if self.noise_scale:
-            values["gradient_noise_scale"] = gradient_noise_scale(
-                self.model, self.x, self.y, loss, method=self.noise_scale,
-                small_batch_size=self.small_batch_size, batch_size=self.batch_size,
-            ).b_simple
-        return {self.prefix + k: v for k, v in values.items()}
-
-    def on_epoch_end(self, epoch, logs=None):
-        if (epoch + 1) % self.every_n_epochs:
-            return
-        values = self.measure()
-        self.history.append({"epoch": epoch, **values})
-        if logs is not None:
-            logs.update(values)

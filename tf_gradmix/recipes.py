@@ -17,18 +17,21 @@ covariance, about the gradient noise of half the batch
 :func:`tf_gradmix.noise.stddev_for_noise_batch_size` (e.g. a 32K batch with
 the noise of a 4K batch needs a stddev near 2.6).
 
-Also here: :func:`set_residual_gamma`, which sets the initial scale
-``gamma_0`` of the final BatchNorm of every residual block.
+Functions live elsewhere: :func:`tf_gradmix.residual.set_residual_gamma`
+sets the initial scale ``gamma_0`` of every residual block's final
+BatchNorm, :func:`tf_gradmix.schedules.inverse_sqrt_warmup_steps` scales the
+warmup of the inverse-square-root schedule (both also reachable here).
 """
 
 import dataclasses
 import math
 import types
 
-import keras
-import numpy as np
-
 from tf_gradmix.optimizer import DEFAULT_STDDEV
+
+# Functions that used to live here, under their old names.
+from tf_gradmix.residual import residual_batch_norms, set_residual_gamma
+from tf_gradmix.schedules import inverse_sqrt_warmup_steps
 
 __all__ = [
     "Setting",
@@ -55,8 +58,8 @@ PAPER_TABLE_3_UNAVAILABLE = (
     "from the paper"
 )
 PAPER_TABLE_3_BN = (
-    "GradientMix paper Table 3 uses BatchNorm momentum 0.9 (per our "
-    "DESIGN.md §5); same as the MLPerf reference resnet_model.py "
+    "GradientMix paper Table 3 uses BatchNorm momentum 0.9 (reported to us "
+    "without the table itself); same as the MLPerf reference resnet_model.py "
     "(_BATCH_NORM_DECAY = 0.9)"
 )
 PAPER_ABSTRACT = "GradientMix paper abstract: ResNet-50 on ImageNet at batch 32K"
@@ -290,25 +293,6 @@ ADAM_LAMB_INVERSE_SQRT = Recipe(
 )
 
 
-def inverse_sqrt_warmup_steps(batch_size, base_warmup_steps=4000, base_batch_size=64):
-    """Warmup steps of :class:`~tf_gradmix.schedules.InverseSqrtWarmup` at ``batch_size``.
-
-    ``round(base_warmup_steps * base_batch_size / batch_size)``, at least 1:
-    the paper's 4000 steps at batch 64 become 8 steps at batch 32K.
-    """
-    for name, value in (
-        ("batch_size", batch_size),
-        ("base_warmup_steps", base_warmup_steps),
-        ("base_batch_size", base_batch_size),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(
-                f"Invalid value for argument `{name}`: {value!r}. Expected an "
-                "integer >= 1."
-            )
-    return max(1, round(base_warmup_steps * base_batch_size / batch_size))
-
-
 def _cifar(name, optimizer, base_learning_rate, extra):
     return Recipe(
         name=name,
@@ -346,163 +330,3 @@ CIFAR_ADAM = _cifar("cifar_adam", "Adam", 1e-3, {})
 CIFAR_LAMB = _cifar(
     "cifar_lamb", "LAMB", 1e-3, {"exclude_1d_variables": Setting(True, OURS_EXCLUDE)}
 )
-
-
-# -- gamma_0 of the residual blocks ----------------------------------------------
-
-
-def _functional_models(model):
-    """``model`` and every functional sub-model in it."""
-    found = []
-    stack = [model]
-    while stack:
-        current = stack.pop()
-        found.append(current)
-        for layer in getattr(current, "layers", []):
-            if isinstance(layer, keras.Model):
-                stack.append(layer)
-    return found
-
-
-def _producers(model):
-    """Maps ``id(output tensor)`` to the layer of ``model`` that produced it."""
-    producers = {}
-    for layer in model.layers:
-        try:
-            outputs = layer.output
-        except (AttributeError, ValueError):
-            continue  # never called, or called more than once (shared)
-        for tensor in keras.tree.flatten(outputs):
-            producers[id(tensor)] = layer
-    return producers
-
-
-def _layer_inputs(layer):
-    try:
-        inputs = layer.input
-    except (AttributeError, ValueError):
-        return []
-    return keras.tree.flatten(inputs)
-
-
-def residual_batch_norms(model):
-    """The BatchNorm layer that ends the residual branch of each residual block.
-
-    Works from the functional graph: for every ``keras.layers.Add`` whose
-    inputs have different depths (longest path from the model inputs), the
-    deepest input is the residual branch and the others are shortcuts
-    (identity or a projection, which may itself end in a BatchNorm, e.g.
-    ``conv2_block1_0_bn`` in ``keras.applications.ResNet50``). The
-    residual branch's producer is followed back through weightless layers
-    (e.g. ``Dropout``) to a ``BatchNormalization``. Residual branches that
-    end in anything else (e.g. a convolution in pre-activation ResNets) are
-    skipped. Functional sub-models are searched too.
-
-    Args:
-        model: a functional ``keras.Model`` (``keras.applications.ResNet50``,
-            the ResNets of ``examples/``, ...).
-
-    Returns:
-        list of ``keras.layers.BatchNormalization``, in model order.
-    """
-    found = []
-    for graph in _functional_models(model):
-        producers = _producers(graph)
-        depths = {}
-
-        def depth(tensor, producers=producers, depths=depths):
-            key = id(tensor)
-            if key in depths:
-                return depths[key]
-            # Iterative longest-path computation (deep nets overflow recursion).
-            stack = [tensor]
-            while stack:
-                current = stack[-1]
-                layer = producers.get(id(current))
-                parents = _layer_inputs(layer) if layer is not None else []
-                parents = [p for p in parents if id(p) != id(current)]
-                pending = [p for p in parents if id(p) not in depths]
-                if pending:
-                    stack.extend(pending)
-                    continue
-                stack.pop()
-                depths[id(current)] = 1 + max(
-                    (depths[id(p)] for p in parents), default=-1
-                )
-            return depths[key]
-
-        for layer in graph.layers:
-            if not isinstance(layer, keras.layers.Add):
-                continue
-            inputs = _layer_inputs(layer)
-            if len(inputs) < 2:
-                continue
-            input_depths = [depth(t) for t in inputs]
-            deepest = max(input_depths)
-            if input_depths.count(deepest) != 1:
-                continue  # no unique residual branch: not a residual block
-            tensor = inputs[input_depths.index(deepest)]
-            producer = producers.get(id(tensor))
-            while producer is not None and not isinstance(
-                producer, keras.layers.BatchNormalization
-            ):
-                parents = _layer_inputs(producer)
-                if producer.weights or len(parents) != 1:
-                    producer = None
-                    break
-                producer = producers.get(id(parents[0]))
-            if producer is not None and producer not in found:
-                found.append(producer)
-    order = {id(layer): i for i, layer in enumerate(_all_layers(model))}
-    return sorted(found, key=lambda layer: order.get(id(layer), len(order)))
-
-
-def _all_layers(model):
-    layers = []
-    for graph in _functional_models(model):
-        layers.extend(graph.layers)
-    return layers
-
-
-def set_residual_gamma(model, gamma_0):
-    """Sets the scale ``gamma`` of every residual block's final BatchNorm to ``gamma_0``.
-
-    ``gamma_0 = 0`` makes every residual block start as the identity
-    (Goyal et al., 2017, "zero gamma"); large-batch recipes tune it. Call it
-    after building the model and before training; the value is stored in
-    the weights, so it survives ``model.save`` (the layer config keeps its
-    ``gamma_initializer``). The layers are found by
-    :func:`residual_batch_norms`.
-
-    Args:
-        model: a functional ``keras.Model`` with residual blocks.
-        gamma_0: float, the initial scale.
-
-    Returns:
-        the list of BatchNormalization layers that were set.
-
-    Raises:
-        ValueError: if ``gamma_0`` is not a finite number, if no residual
-            block ending in a BatchNorm is found, or if such a BatchNorm has
-            ``scale=False``.
-    """
-    if isinstance(gamma_0, bool) or not isinstance(gamma_0, (int, float)) or not math.isfinite(gamma_0):
-        raise ValueError(
-            f"Invalid value for argument `gamma_0`: {gamma_0!r}. Expected a "
-            "finite number."
-        )
-    layers = residual_batch_norms(model)
-    if not layers:
-        raise ValueError(
-            f"Model {model.name!r} has no residual block whose residual branch "
-            "ends in a BatchNormalization (looked for keras.layers.Add layers "
-            "in its functional graph)."
-        )
-    for layer in layers:
-        if layer.gamma is None:
-            raise ValueError(
-                f"BatchNormalization layer {layer.name!r} has scale=False: it "
-                "has no gamma to set."
-            )
-        layer.gamma.assign(np.full(layer.gamma.shape, gamma_0, dtype=layer.gamma.dtype))
-    return layers

@@ -12,63 +12,37 @@ calls per update), so give ``total_steps`` and ``warmup_steps`` in
 micro-steps (``k`` times the number of updates) in that case.
 """
 
-import math
-import numbers
 
 import keras
 from keras import ops
 
-__all__ = ["PolynomialWarmupDecay", "InverseSqrtWarmup", "scaled_learning_rate"]
+from tf_gradmix import validation
 
-
-def _check_float(name, value, low=0.0, low_open=False):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(
-            f"Invalid value for argument `{name}`: {value!r}. Expected a real "
-            "number."
-        )
-    value = float(value)
-    bad = value <= low if low_open else value < low
-    if not math.isfinite(value) or bad:
-        relation = ">" if low_open else ">="
-        raise ValueError(
-            f"Invalid value for argument `{name}`: {value!r}. Expected a "
-            f"finite number {relation} {low}."
-        )
-    return value
-
-
-def _check_int(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(
-            f"Invalid value for argument `{name}`: {value!r}. Expected an "
-            f"integer >= {low}."
-        )
-    if value < low:
-        raise ValueError(
-            f"Invalid value for argument `{name}`: {value!r}. Expected an "
-            f"integer >= {low}."
-        )
-    return int(value)
+__all__ = [
+    "PolynomialWarmupDecay",
+    "InverseSqrtWarmup",
+    "scaled_learning_rate",
+    "inverse_sqrt_warmup_steps",
+]
 
 
 @keras.saving.register_keras_serializable(package="tf_gradmix")
 class PolynomialWarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
-    """Polynomial warmup to a peak, polynomial decay to an end rate.
+    r"""Polynomial warmup to a peak, polynomial decay to an end rate.
 
     The GradientMix paper's Eq. 15, with ``t`` the step Keras passes to the
     schedule, ``T`` = ``total_steps`` and ``T_w`` = ``warmup_steps``:
 
     .. math::
 
-        \\eta_t = \\begin{cases}
-          \\eta_{init} + (\\eta_{peak} - \\eta_{init})
-            \\left(\\frac{t}{T_w}\\right)^{p_w} & t < T_w \\\\
-          \\eta_{end} + (\\eta_{peak} - \\eta_{end})
-            \\left(1 - \\frac{t - T_w}{T - T_w}\\right)^{p_d}
-            & T_w \\le t \\le T \\\\
-          \\eta_{end} & t > T
-        \\end{cases}
+        \eta_t = \begin{cases}
+          \eta_{init} + (\eta_{peak} - \eta_{init})
+            \left(\frac{t}{T_w}\right)^{p_w} & t < T_w \\
+          \eta_{end} + (\eta_{peak} - \eta_{end})
+            \left(1 - \frac{t - T_w}{T - T_w}\right)^{p_d}
+            & T_w \le t \le T \\
+          \eta_{end} & t > T
+        \end{cases}
 
     with ``eta_peak`` = ``peak_learning_rate``, ``eta_init`` =
     ``initial_learning_rate``, ``eta_end`` = ``end_learning_rate``,
@@ -118,20 +92,25 @@ class PolynomialWarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
         decay_power=2.0,
     ):
         super().__init__()
-        self.peak_learning_rate = _check_float("peak_learning_rate", peak_learning_rate)
-        self.total_steps = _check_int("total_steps", total_steps, 1)
-        self.warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
-        if self.warmup_steps > self.total_steps:
-            raise ValueError(
-                f"Invalid value for argument `warmup_steps`: {warmup_steps!r}. "
-                f"Expected an integer in [0, total_steps={self.total_steps}]."
-            )
-        self.initial_learning_rate = _check_float(
-            "initial_learning_rate", initial_learning_rate
+        self.peak_learning_rate = validation.number(
+            "peak_learning_rate", peak_learning_rate, low=0.0
         )
-        self.end_learning_rate = _check_float("end_learning_rate", end_learning_rate)
-        self.warmup_power = _check_float("warmup_power", warmup_power, low_open=True)
-        self.decay_power = _check_float("decay_power", decay_power, low_open=True)
+        self.total_steps = validation.integer("total_steps", total_steps, low=1)
+        self.warmup_steps = validation.integer(
+            "warmup_steps", warmup_steps, low=0, high=self.total_steps
+        )
+        self.initial_learning_rate = validation.number(
+            "initial_learning_rate", initial_learning_rate, low=0.0
+        )
+        self.end_learning_rate = validation.number(
+            "end_learning_rate", end_learning_rate, low=0.0
+        )
+        self.warmup_power = validation.number(
+            "warmup_power", warmup_power, low=0.0, low_open=True
+        )
+        self.decay_power = validation.number(
+            "decay_power", decay_power, low=0.0, low_open=True
+        )
 
     def __call__(self, step):
         t = ops.cast(step, "float32")
@@ -167,12 +146,12 @@ class PolynomialWarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
 
 @keras.saving.register_keras_serializable(package="tf_gradmix")
 class InverseSqrtWarmup(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warmup, then decay as the inverse square root of the step.
+    r"""Linear warmup, then decay as the inverse square root of the step.
 
     .. math::
 
-        \\eta_t = \\eta_{peak} \\min\\left(\\frac{t + 1}{T_w},
-            \\sqrt{\\frac{T_w}{t + 1}}\\right)
+        \eta_t = \eta_{peak} \min\left(\frac{t + 1}{T_w},
+            \sqrt{\frac{T_w}{t + 1}}\right)
 
     with ``eta_peak`` = ``peak_learning_rate`` (reached at ``t + 1 = T_w``)
     and ``T_w`` = ``warmup_steps``; ``t`` is the step Keras passes (the raw
@@ -192,8 +171,10 @@ class InverseSqrtWarmup(keras.optimizers.schedules.LearningRateSchedule):
 
     def __init__(self, peak_learning_rate, warmup_steps):
         super().__init__()
-        self.peak_learning_rate = _check_float("peak_learning_rate", peak_learning_rate)
-        self.warmup_steps = _check_int("warmup_steps", warmup_steps, 1)
+        self.peak_learning_rate = validation.number(
+            "peak_learning_rate", peak_learning_rate, low=0.0
+        )
+        self.warmup_steps = validation.integer("warmup_steps", warmup_steps, low=1)
 
     def __call__(self, step):
         t1 = ops.cast(step, "float32") + 1.0
@@ -228,7 +209,19 @@ def scaled_learning_rate(base_learning_rate, base_batch_size, batch_size):
         - [Goyal et al., 2017. Accurate, large minibatch SGD: training
           ImageNet in 1 hour](https://arxiv.org/abs/1706.02677)
     """
-    base_learning_rate = _check_float("base_learning_rate", base_learning_rate)
-    base_batch_size = _check_int("base_batch_size", base_batch_size, 1)
-    batch_size = _check_int("batch_size", batch_size, 1)
+    base_learning_rate = validation.number("base_learning_rate", base_learning_rate, low=0.0)
+    base_batch_size = validation.integer("base_batch_size", base_batch_size, low=1)
+    batch_size = validation.integer("batch_size", batch_size, low=1)
     return base_learning_rate * batch_size / base_batch_size
+
+
+def inverse_sqrt_warmup_steps(batch_size, base_warmup_steps=4000, base_batch_size=64):
+    """Warmup steps of :class:`InverseSqrtWarmup` at ``batch_size``.
+
+    ``round(base_warmup_steps * base_batch_size / batch_size)``, at least 1:
+    the paper's 4000 steps at batch 64 become 8 steps at batch 32K.
+    """
+    batch_size = validation.integer("batch_size", batch_size, low=1)
+    base_warmup_steps = validation.integer("base_warmup_steps", base_warmup_steps, low=1)
+    base_batch_size = validation.integer("base_batch_size", base_batch_size, low=1)
+    return max(1, round(base_warmup_steps * base_batch_size / batch_size))

@@ -3,12 +3,12 @@
 import keras
 from keras import ops
 
+from tf_gradmix import validation
 from tf_gradmix.optimizers.layerwise import (
-    _EXCLUSION_ARGS_DOC,
     LayerwiseExclusions,
-    check_learning_rate,
-    check_number,
     dense_gradient,
+    document_exclusions,
+    refuse_legacy_arguments,
     trust_ratio,
 )
 
@@ -16,8 +16,9 @@ __all__ = ["LAMB"]
 
 
 @keras.saving.register_keras_serializable(package="tf_gradmix")
+@document_exclusions
 class LAMB(LayerwiseExclusions, keras.optimizers.Optimizer):
-    """Layer-wise Adaptive Moments for Batch training (LAMB).
+    r"""Layer-wise Adaptive Moments for Batch training (LAMB).
 
     Adam moments with bias correction, a coupled weight decay and a per-layer
     trust ratio, as in You et al. (2019) and tensorflow-addons'
@@ -26,16 +27,16 @@ class LAMB(LayerwiseExclusions, keras.optimizers.Optimizer):
 
     .. math::
 
-        m_t &= \\beta_1 m_{t-1} + (1 - \\beta_1)\\, g \\\\
-        v_t &= \\beta_2 v_{t-1} + (1 - \\beta_2)\\, g^2 \\\\
-        \\hat m_t &= m_t / (1 - \\beta_1^t), \\qquad
-            \\hat v_t = v_t / (1 - \\beta_2^t) \\\\
-        r_t &= \\frac{\\hat m_t}{\\sqrt{\\hat v_t} + \\epsilon}
-            + \\lambda_w\\, w \\\\
-        \\rho_t &= \\frac{\\lVert w\\rVert}{\\lVert r_t\\rVert}
-            \\text{ if } w \\text{ is adapted and both norms} > 0,
-            \\text{ else } 1 \\\\
-        w &\\leftarrow w - \\alpha_t\\, \\rho_t\\, r_t
+        m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g \\
+        v_t &= \beta_2 v_{t-1} + (1 - \beta_2)\, g^2 \\
+        \hat m_t &= m_t / (1 - \beta_1^t), \qquad
+            \hat v_t = v_t / (1 - \beta_2^t) \\
+        r_t &= \frac{\hat m_t}{\sqrt{\hat v_t} + \epsilon}
+            + \lambda_w\, w \\
+        \rho_t &= \frac{\lVert w\rVert}{\lVert r_t\rVert}
+            \text{ if } w \text{ is adapted and both norms} > 0,
+            \text{ else } 1 \\
+        w &\leftarrow w - \alpha_t\, \rho_t\, r_t
 
     with ``alpha_t`` = ``learning_rate``, ``beta_1``, ``beta_2``,
     ``epsilon`` the arguments of the same names, and ``lambda_w`` =
@@ -53,7 +54,9 @@ class LAMB(LayerwiseExclusions, keras.optimizers.Optimizer):
             with no arguments.
         beta_1: float in ``[0, 1)``, decay rate of the first moment.
         beta_2: float in ``[0, 1)``, decay rate of the second moment.
-        epsilon: float ``>= 0`` added to ``sqrt(v_hat)``.
+        epsilon: float ``> 0`` added to ``sqrt(v_hat)``. ``0`` is refused:
+            it gives ``0 / 0 = NaN`` for a variable whose gradient is zero
+            (tensorflow-addons silently used 1e-7 instead of 0).
 {exclusion_args}
         name: optimizer name.
         **base_kwargs: the other arguments of
@@ -88,11 +91,20 @@ class LAMB(LayerwiseExclusions, keras.optimizers.Optimizer):
         exclude_1d_variables=False,
         **base_kwargs,
     ):
-        learning_rate = check_learning_rate(learning_rate)
+        learning_rate = validation.learning_rate(learning_rate)
+        refuse_legacy_arguments(base_kwargs)
         super().__init__(learning_rate=learning_rate, name=name, **base_kwargs)
-        self.beta_1 = check_number("beta_1", beta_1, low=0.0, high=1.0, high_open=True)
-        self.beta_2 = check_number("beta_2", beta_2, low=0.0, high=1.0, high_open=True)
-        self.epsilon = check_number("epsilon", epsilon, low=0.0)
+        self.beta_1 = validation.number("beta_1", beta_1, low=0.0, high=1.0, high_open=True)
+        self.beta_2 = validation.number("beta_2", beta_2, low=0.0, high=1.0, high_open=True)
+        self.epsilon = validation.number("epsilon", epsilon, low=0.0)
+        if self.epsilon == 0:
+            raise validation.invalid(
+                "epsilon",
+                epsilon,
+                "a number > 0: with epsilon=0 a variable whose gradient is 0 "
+                "gets the update 0 / 0 = NaN (tensorflow-addons replaced 0 by "
+                "1e-7: pass epsilon=1e-7 for its behaviour)",
+            )
         self._init_exclusions(
             weight_decay,
             exclude_from_weight_decay,
@@ -153,5 +165,3 @@ class LAMB(LayerwiseExclusions, keras.optimizers.Optimizer):
         config.update(self._exclusions_config())
         return config
 
-
-LAMB.__doc__ = LAMB.__doc__.replace("{exclusion_args}", _EXCLUSION_ARGS_DOC)

@@ -7,38 +7,39 @@ The exclusion handling it shares with LAMB is in
 import keras
 from keras import ops
 
+from tf_gradmix import validation
 from tf_gradmix.optimizers.layerwise import (
-    check_number,
-    check_learning_rate,
-    dense_gradient,
-    trust_ratio,
     LayerwiseExclusions,
-    _EXCLUSION_ARGS_DOC,
+    dense_gradient,
+    document_exclusions,
+    refuse_legacy_arguments,
+    trust_ratio,
 )
 
 __all__ = ["LARS"]
 
 
 @keras.saving.register_keras_serializable(package="tf_gradmix")
+@document_exclusions
 class LARS(LayerwiseExclusions, keras.optimizers.Optimizer):
-    """Layer-wise Adaptive Rate Scaling (LARS) with classic momentum.
+    r"""Layer-wise Adaptive Rate Scaling (LARS) with classic momentum.
 
     The update of the MLPerf ResNet-50 reference. For each variable ``w``
     with gradient ``g`` at step ``t``:
 
     .. math::
 
-        \\lambda_w &= \\lambda \\text{ unless } w \\text{ is excluded from
-            weight decay, else } 0 \\\\
-        \\rho_t &= \\eta\\,\\frac{\\lVert w\\rVert}{\\lVert g\\rVert +
-            \\lambda_w \\lVert w\\rVert + \\epsilon}
-            \\text{ if } w \\text{ is adapted and }
-            \\lVert w\\rVert > 0,\\ \\lVert g\\rVert > 0, \\text{ else } 1 \\\\
-        u_t &= g + \\lambda_w\\, w \\\\
-        v_t &= \\mu\\, v_{t-1} + \\alpha_t\\, \\rho_t\\, u_t \\\\
-        w &\\leftarrow w - v_t
-            \\qquad (\\text{Nesterov: } w \\leftarrow w - (\\mu\\, v_t +
-            \\alpha_t\\, \\rho_t\\, u_t))
+        \lambda_w &= \lambda \text{ unless } w \text{ is excluded from
+            weight decay, else } 0 \\
+        \rho_t &= \eta\,\frac{\lVert w\rVert}{\lVert g\rVert +
+            \lambda_w \lVert w\rVert + \epsilon}
+            \text{ if } w \text{ is adapted and }
+            \lVert w\rVert > 0,\ \lVert g\rVert > 0, \text{ else } 1 \\
+        u_t &= g + \lambda_w\, w \\
+        v_t &= \mu\, v_{t-1} + \alpha_t\, \rho_t\, u_t \\
+        w &\leftarrow w - v_t
+            \qquad (\text{Nesterov: } w \leftarrow w - (\mu\, v_t +
+            \alpha_t\, \rho_t\, u_t))
 
     with ``alpha_t`` = ``learning_rate`` (a float or a schedule), ``mu`` =
     ``momentum``, ``lambda`` = ``weight_decay``, ``eta`` =
@@ -55,8 +56,11 @@ class LARS(LayerwiseExclusions, keras.optimizers.Optimizer):
 {exclusion_args}
         trust_coefficient: float ``eta >= 0``; ``eta / lambda`` bounds the
             trust ratio. 0.001 in You et al. and MLPerf.
-        epsilon: float ``>= 0`` added to the trust-ratio denominator (0 in
-            the MLPerf reference runs).
+        epsilon: float ``>= 0`` added to the trust-ratio denominator. ``0``
+            is safe: the ratio is only computed where ``||w|| > 0`` and
+            ``||g|| > 0``, so the denominator is positive. (The MLPerf
+            reference's default 0 silently becomes 1e-7 there; pass 1e-7 for
+            exactly its rule.)
         name: optimizer name.
         **base_kwargs: the other arguments of
             ``keras.optimizers.Optimizer`` (``clipnorm``, ``use_ema``,
@@ -94,19 +98,15 @@ class LARS(LayerwiseExclusions, keras.optimizers.Optimizer):
         exclude_1d_variables=False,
         **base_kwargs,
     ):
-        learning_rate = check_learning_rate(learning_rate)
+        learning_rate = validation.learning_rate(learning_rate)
+        refuse_legacy_arguments(base_kwargs)
         super().__init__(learning_rate=learning_rate, name=name, **base_kwargs)
-        self.momentum = check_number("momentum", momentum, low=0.0, high=1.0, high_open=True)
-        if not isinstance(nesterov, bool):
-            raise ValueError(
-                f"Invalid value for argument `nesterov`: {nesterov!r}. "
-                "Expected True or False."
-            )
-        self.nesterov = nesterov
-        self.trust_coefficient = check_number(
+        self.momentum = validation.number("momentum", momentum, low=0.0, high=1.0, high_open=True)
+        self.nesterov = validation.boolean("nesterov", nesterov)
+        self.trust_coefficient = validation.number(
             "trust_coefficient", trust_coefficient, low=0.0
         )
-        self.epsilon = check_number("epsilon", epsilon, low=0.0)
+        self.epsilon = validation.number("epsilon", epsilon, low=0.0)
         self._init_exclusions(
             weight_decay,
             exclude_from_weight_decay,
@@ -167,5 +167,3 @@ class LARS(LayerwiseExclusions, keras.optimizers.Optimizer):
         config.update(self._exclusions_config())
         return config
 
-
-LARS.__doc__ = LARS.__doc__.replace("{exclusion_args}", _EXCLUSION_ARGS_DOC)

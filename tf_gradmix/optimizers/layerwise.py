@@ -1,92 +1,33 @@
 """Layer-wise exclusions shared by LARS and LAMB.
 
 Exclusion patterns for the coupled weight decay and the layer adaptation
-(trust ratio), matched once per variable path in ``build``; argument
-validation; the config of those arguments.
+(trust ratio), matched once per variable path in ``build``; the trust
+ratio; the config of those arguments.
 """
 
-import math
-import numbers
 import re
 
-import keras
 import tensorflow as tf
 from keras import ops
 
-# -- argument validation (shared with lamb.py) ---------------------------------
+from tf_gradmix import validation
 
 
-def check_number(name, value, low=None, high=None, high_open=False):
-    """Returns ``value`` as a float, or raises a ValueError naming ``name``.
+def refuse_legacy_arguments(base_kwargs):
+    """Raises for the legacy ``decay`` argument instead of ignoring it.
 
-    The accepted range is ``[low, high]`` (``[low, high)`` when
-    ``high_open``); ``None`` bounds are unbounded.
+    tensorflow-addons' LAMB and Model Garden's LARS took ``decay``: the
+    rate is divided by ``1 + decay * t``. Keras 3 only warns and ignores it.
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(
-            f"Invalid value for argument `{name}`: {value!r}. Expected a "
-            "real number."
+    if base_kwargs.get("decay") is not None:
+        raise validation.invalid(
+            "decay",
+            base_kwargs["decay"],
+            "no value: Keras 3 optimizers have no `decay`. For the legacy "
+            "inverse time decay lr / (1 + decay * t) pass learning_rate="
+            "keras.optimizers.schedules.InverseTimeDecay(lr, decay_steps=1, "
+            "decay_rate=decay)",
         )
-    value = float(value)
-    closing = ")" if high_open else "]"
-    interval = (
-        f"[{'-inf' if low is None else low}, "
-        f"{'inf' if high is None else high}{closing}"
-    )
-    out_of_range = (
-        not math.isfinite(value)
-        or (low is not None and value < low)
-        or (high is not None and (value >= high if high_open else value > high))
-    )
-    if out_of_range:
-        raise ValueError(
-            f"Invalid value for argument `{name}`: {value!r}. Expected a "
-            f"finite number in {interval}."
-        )
-    return value
-
-
-def check_learning_rate(learning_rate):
-    """Validates a float learning rate; schedules and callables pass through."""
-    if isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule):
-        return learning_rate
-    if callable(learning_rate):
-        return learning_rate
-    return check_number("learning_rate", learning_rate, low=0.0)
-
-
-def check_patterns(name, patterns):
-    """Validates a list of regular expressions; returns a list or None."""
-    if patterns is None:
-        return None
-    if isinstance(patterns, (str, bytes)):
-        raise ValueError(
-            f"Invalid value for argument `{name}`: {patterns!r}. Expected a "
-            f"list of regular expressions, e.g. `{name}=[{patterns!r}]`, or "
-            "None."
-        )
-    try:
-        patterns = list(patterns)
-    except TypeError:
-        raise ValueError(
-            f"Invalid value for argument `{name}`: {patterns!r}. Expected a "
-            "list of regular expressions or None."
-        ) from None
-    for pattern in patterns:
-        if not isinstance(pattern, str):
-            raise ValueError(
-                f"Invalid value for argument `{name}`: {pattern!r} (in "
-                f"{patterns!r}) is not a string. Expected a list of regular "
-                "expressions."
-            )
-        try:
-            re.compile(pattern)
-        except re.error as error:
-            raise ValueError(
-                f"Invalid value for argument `{name}`: {pattern!r} is not a "
-                f"valid regular expression ({error})."
-            ) from None
-    return patterns
 
 
 def dense_gradient(gradient, dtype):
@@ -141,19 +82,16 @@ class LayerwiseExclusions:
     ):
         if weight_decay is None:
             weight_decay = 0.0
-        self.weight_decay = check_number("weight_decay", weight_decay, low=0.0)
-        self.weight_decay_exclusions = check_patterns(
+        self.weight_decay = validation.number("weight_decay", weight_decay, low=0.0)
+        self.weight_decay_exclusions = validation.patterns(
             "exclude_from_weight_decay", exclude_from_weight_decay
         )
-        self.layer_adaptation_exclusions = check_patterns(
+        self.layer_adaptation_exclusions = validation.patterns(
             "exclude_from_layer_adaptation", exclude_from_layer_adaptation
         )
-        if not isinstance(exclude_1d_variables, bool):
-            raise ValueError(
-                "Invalid value for argument `exclude_1d_variables`: "
-                f"{exclude_1d_variables!r}. Expected True or False."
-            )
-        self.exclude_1d_variables = exclude_1d_variables
+        self.exclude_1d_variables = validation.boolean(
+            "exclude_1d_variables", exclude_1d_variables
+        )
 
     def _match_exclusions(self, var_list):
         """Per-variable (use_weight_decay, use_layer_adaptation) booleans."""
@@ -197,7 +135,7 @@ class LayerwiseExclusions:
         }
 
 
-_EXCLUSION_ARGS_DOC = """        weight_decay: float ``lambda >= 0``, the coupled weight decay added
+EXCLUSION_ARGS_DOC = """        weight_decay: float ``lambda >= 0``, the coupled weight decay added
             to the update direction (and, for LARS, to the trust-ratio
             denominator). Keras's decoupled weight decay is not applied.
         exclude_from_weight_decay: list of regular expressions; a variable
@@ -215,3 +153,14 @@ _EXCLUSION_ARGS_DOC = """        weight_decay: float ``lambda >= 0``, the couple
             to the patterns. This is the usual large-batch default, and the
             only reliable one for ``keras.applications`` models, whose
             BatchNorm layers are named like ``conv2_block1_1_bn``."""
+
+
+def document_exclusions(cls):
+    """Fills ``{exclusion_args}`` in the docstring of ``cls`` with the arguments above.
+
+    ``python -OO`` strips docstrings (``cls.__doc__`` is ``None``): then
+    there is nothing to fill.
+    """
+    if cls.__doc__:
+        cls.__doc__ = cls.__doc__.replace("{exclusion_args}", EXCLUSION_ARGS_DOC)
+    return cls
