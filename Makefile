@@ -1,5 +1,6 @@
 # The two commands: `make test` and `make demo`. Both create .venv if needed
 # and install the pinned dependencies plus this package (editable) first.
+# `make lint` runs ruff (configured in pyproject.toml); CI runs it before the tests.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +10,7 @@ TESTS ?= tests
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: venv test demo clean distclean
+.PHONY: venv lint test demo clean distclean
 
 venv: $(STAMP)
 
@@ -18,8 +19,11 @@ $(STAMP): requirements/ci.txt requirements/constraints.txt setup.py pyproject.to
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -r requirements/ci.txt -c requirements/constraints.txt
-	$(PY) -m pip install --no-deps -e .
+	$(PY) -m pip install --no-deps --no-build-isolation -e .
 	touch $@
+
+lint: venv
+	$(PY) -m ruff check .
 
 # pytest exit code 5 means no test was collected: that is a failure here.
 # Narrow a run with e.g. `make test TESTS=tests/test_examples.py PYTEST_ARGS=-x`.

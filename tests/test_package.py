@@ -1,0 +1,237 @@
+"""The package as a whole: its import graph, Keras internals, ``python -OO``."""
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "tf_gradmix"
+
+# Imports made on first use of an old public name, never while importing:
+# ``tf_gradmix.diagnostics.DiagnosticsLogger`` resolves to the callback in
+# tf_gradmix.callbacks.
+DEFERRED_ALIASES = {("tf_gradmix.diagnostics", "tf_gradmix.callbacks")}
+
+
+def module_name(path):
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def modules():
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imported(tree, known):
+    """The tf_gradmix modules a module's import statements name."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from a import b` imports the module a.b if there is one, else a.
+            names = [
+                f"{node.module}.{alias.name}"
+                if f"{node.module}.{alias.name}" in known
+                else node.module
+                for alias in node.names
+            ]
+        else:
+            continue
+        found.update(name for name in names if name in known)
+    return found
+
+
+def import_graph():
+    known = modules()
+    return {
+        name: {
+            target
+            for target in imported(ast.parse(path.read_text()), known)
+            if (name, target) not in DEFERRED_ALIASES and target != name
+        }
+        for name, path in known.items()
+    }
+
+
+def find_cycle(graph):
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for target in sorted(graph[node]):
+            if state.get(target) == "open":
+                return stack[stack.index(target) :] + [target]
+            if target not in state:
+                cycle = visit(target)
+                if cycle:
+                    return cycle
+        stack.pop()
+        state[node] = "done"
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            cycle = visit(node)
+            if cycle:
+                return cycle
+    return None
+
+
+def test_no_import_cycle_between_tf_gradmix_modules():
+    graph = import_graph()
+    assert "tf_gradmix.per_example" in graph["tf_gradmix.model"]  # the scan sees imports
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_dependency_direction():
+    graph = import_graph()
+    bottom = ["noise", "compat", "schedules", "validation", "optimizers"]
+    for name, targets in graph.items():
+        if name.startswith("tf_gradmix.diagnostics"):
+            assert not targets & {"tf_gradmix.model", "tf_gradmix.optimizer"}, name
+        if any(name == f"tf_gradmix.{b}" or name.startswith(f"tf_gradmix.{b}.") for b in bottom):
+            above = {f"tf_gradmix.{m}" for m in ("model", "optimizer", "per_example", "callbacks")}
+            assert not targets & above, (name, targets & above)
+    assert graph["tf_gradmix.validation"] == set()
+
+
+def private_accesses(tree):
+    """``obj._name`` on another object than ``self``/``cls``, and getattr(obj, "_name")."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            owner = node.value
+            if isinstance(owner, ast.Name) and owner.id in ("self", "cls"):
+                continue
+            found.append((node.lineno, node.attr))
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("getattr", "setattr", "hasattr")
+            and len(node.args) >= 2
+            and isinstance(node.args[1], ast.Constant)
+            and str(node.args[1].value).startswith("_")
+        ):
+            found.append((node.lineno, node.args[1].value))
+    return found
+
+
+def test_keras_private_attributes_only_in_compat():
+    offenders = []
+    for name, path in modules().items():
+        if name == "tf_gradmix.compat":
+            continue
+        for line, attribute in private_accesses(ast.parse(path.read_text())):
+            if attribute.startswith("_gradmix"):
+                continue  # tf_gradmix's own attributes on a model
+            offenders.append(f"{path.relative_to(REPO)}:{line} {attribute}")
+    assert not offenders, offenders
+
+
+def test_imports_under_python_OO():
+    """``-OO`` strips docstrings; nothing may depend on them at import time."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run(
+        [sys.executable, "-OO", "-c", "import tf_gradmix; print(tf_gradmix.optimizers.LAMB.__doc__)"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "None"
+
+
+@pytest.mark.parametrize("name", sorted(modules()))
+def test_docstrings_with_backslashes_are_raw(name):
+    """A math docstring written as ``r\"\"\"...\"\"\"`` reads as it is written."""
+    path = modules()[name]
+    source = path.read_text()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                segment = ast.get_source_segment(source, first.value) or ""
+                if "\\" in segment:
+                    assert segment.startswith("r"), f"{path.name}:{first.lineno}"
+
+
+# -- the wheel ----------------------------------------------------------------------
+
+# What a source checkout needs to build the wheel; nothing else is copied.
+BUILD_INPUTS = ["pyproject.toml", "setup.py", "README.md", "LICENSE", "tf_gradmix"]
+
+ONE_STEP = """
+import pathlib, sys
+import keras, numpy as np
+import tf_gradmix as gm
+assert pathlib.Path(gm.__file__).resolve().is_relative_to(pathlib.Path(sys.prefix).resolve()), gm.__file__
+model = gm.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+model.compile(optimizer=gm.GradientMix(gm.optimizers.LAMB(1e-2), seed=1),
+              loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+history = model.fit(np.ones((8, 4), "float32"), np.arange(8) % 3, batch_size=8, verbose=0)
+print("trained", gm.__version__, history.history["gradmix_gamma"][0])
+"""
+
+
+def run(args, **kwargs):
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, **kwargs)
+    assert result.returncode == 0, (args, result.stdout[-2000:], result.stderr[-3000:])
+    return result
+
+
+def test_wheel_from_a_clean_copy_installs_and_trains_outside_the_source_tree(tmp_path):
+    import shutil
+    import site
+    import zipfile
+
+    import tf_gradmix
+
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in BUILD_INPUTS:
+        path = REPO / name
+        if path.is_dir():
+            shutil.copytree(path, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(path, source / name)
+    # The pinned environment's setuptools builds it, offline.
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+         "--wheel-dir", str(tmp_path / "dist"), str(source)])
+    (wheel,) = (tmp_path / "dist").glob("tf_gradmix-*.whl")
+    assert wheel.name.startswith(f"tf_gradmix-{tf_gradmix.__version__}-py3-none-any")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        license_text = next(archive.read(n) for n in names if n.endswith("licenses/LICENSE"))
+        metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert b"Apache License" in license_text and b"Version 2.0, January 2004" in license_text
+    assert "License-Expression: Apache-2.0" in metadata
+    assert "Requires-Dist: keras>=3.15\n" in metadata  # no upper cap
+    assert not any(n.startswith(("tests/", "examples/")) for n in names)
+
+    # A fresh environment that sees the pinned packages (TensorFlow, Keras)
+    # but not this checkout: the .pth adds their directory without running
+    # its .pth files, so the editable install of the source tree stays out.
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
+    python = venv / "bin" / "python"
+    (purelib,) = {p for p in site.getsitepackages() if "site-packages" in p}
+    fresh = run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
+    pathlib_fresh = Path(fresh.stdout.strip())
+    (pathlib_fresh / "pinned_environment.pth").write_text(purelib + "\n")
+    run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
+         "--no-index", str(wheel)])
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH="")
+    result = run([str(python), "-c", ONE_STEP], cwd=outside, env=env)
+    assert f"trained {tf_gradmix.__version__}" in result.stdout
