@@ -70,36 +70,46 @@ def parse_args(argv=None):
     )
     d = p.add_argument_group("data")
     d.add_argument("--dataset", choices=("cifar10", "cifar100"), default="cifar10")
-    d.add_argument("--data-dir", default=None, help="CIFAR-10 JPEG copy (default $TF_GRADMIX_DATA, then ../shared/data, then TFDS)")
+    d.add_argument("--data-dir", default=None, help="CIFAR-10 JPEG copy (default $TF_GRADMIX_DATA, then "
+                                                    "../shared/data, then TFDS)")
     d.add_argument("--tfds-data-dir", default=None, help="TFDS data_dir when loading through TensorFlow Datasets")
     d.add_argument("--cache-dir", default=None, help="decoded-array cache of the JPEG copy")
-    d.add_argument("--train-size", type=int, default=None, help="fixed class-balanced training subset (default: all that is not validation)")
-    d.add_argument("--val-size", type=int, default=0, help="class-balanced validation split held out of the training set")
+    d.add_argument("--train-size", type=int, default=None, help="fixed class-balanced training subset (default: all "
+                                                                "that is not validation)")
+    d.add_argument("--val-size", type=int, default=0, help="class-balanced validation split held out of the training "
+                                                           "set")
     d.add_argument("--test-size", type=int, default=None, help="class-balanced subset of the test set (default: all)")
-    d.add_argument("--data-seed", type=int, default=0, help="seed of the subset and the validation split (fixed across --seed)")
+    d.add_argument("--data-seed", type=int, default=0, help="seed of the subset and the validation split (fixed across "
+                                                            "--seed)")
     d.add_argument("--no-augment", dest="augment", action="store_false", help="no flip + crop")
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=("resnet18", "resnet8"), default="resnet18")
     m.add_argument("--widths", type=int, nargs=3, default=(16, 32, 64), help="stage widths of --model resnet8")
     m.add_argument("--bn-momentum", type=float, default=0.9)
-    m.add_argument("--weight-decay", type=float, default=5e-4, help="L2 on kernels (nesterov, adam) or decoupled (lars, lamb)")
+    m.add_argument("--weight-decay", type=float, default=5e-4, help="L2 on kernels (nesterov, adam) or decoupled "
+                                                                    "(lars, lamb)")
     o = p.add_argument_group("optimization (the paper's §5.1 schedule)")
     o.add_argument("--optimizer", choices=OPTIMIZERS, default="nesterov")
     o.add_argument("--batch-size", type=int, default=1024)
     o.add_argument("--epochs", type=int, default=200)
     o.add_argument("--base-lr", type=float, default=None, help="rate at --base-batch-size (default: the recipe's)")
     o.add_argument("--base-batch-size", type=int, default=None, help="default: the recipe's (200)")
-    o.add_argument("--warmup-epochs", type=float, default=None, help="default: the recipe's 20 of 200 epochs, scaled to --epochs")
+    o.add_argument("--warmup-epochs", type=float, default=None, help="default: the recipe's 20 of 200 epochs, scaled "
+                                                                     "to --epochs")
     g = p.add_argument_group("GradientMix")
     g.add_argument("--noise", choices=NOISES, default="none")
     g.add_argument("--stddev", type=float, default=1.0, help="stddev of the weights w = 1 + stddev * xi")
-    g.add_argument("--noise-batch-size", type=int, default=None, help="instead of --stddev: stddev = sqrt(B / this - 1)")
+    g.add_argument("--noise-batch-size", type=int, default=None, help="instead of --stddev: stddev = sqrt(B / this - "
+                                                                      "1)")
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=0, help="initial weights, batch order, augmentation, mixing noise")
     r.add_argument("--out", default=None, help="logs, backups and result (default runs/cifar_resnet18/<name>)")
     r.add_argument("--json-out", default=None, help="where to write the result (default <out>/result.json)")
-    r.add_argument("--validation-freq", type=int, default=1, help="evaluate the validation split every this many epochs")
-    r.add_argument("--ggn-size", type=int, default=0, help="after training, log Tr(G) (tf_gradmix.diagnostics.ggn_trace) on this many training examples")
+    r.add_argument("--validation-freq", type=int, default=1, help="evaluate the validation split every this many "
+                                                                  "epochs")
+    r.add_argument("--ggn-size", type=int, default=0, help="after training, log Tr(G) "
+                                                           "(tf_gradmix.diagnostics.ggn_trace) on this many training "
+                                                           "examples")
     r.add_argument("--ggn-probes", type=int, default=None, help="Hutchinson probes for Tr(G) (default: exact)")
     r.add_argument("--threads", type=int, default=None, help="TensorFlow intra-op threads (default: all cores)")
     r.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
@@ -208,6 +218,7 @@ def recipe_for(name):
 def build_model(args, num_classes):
     import keras
     import resnet
+
     import tf_gradmix as gm
 
     # Weight decay: an L2 kernel penalty for SGD/Adam; decoupled (in the
@@ -249,6 +260,7 @@ def schedule_settings(args, steps_per_epoch):
 
 def build_optimizer(args, settings):
     import keras
+
     import tf_gradmix as gm
 
     recipe = recipe_for(args.optimizer)
@@ -289,6 +301,7 @@ def log_ggn_trace(args, model, x, y):
     """log Tr(G) on ``--ggn-size`` fixed training examples (Table 1 analogue)."""
     import keras
     import tensorflow as tf
+
     from tf_gradmix import diagnostics
 
     n = min(args.ggn_size, len(y))
@@ -312,6 +325,7 @@ def run(args):
     """Trains once and returns the result as a JSON-ready dict."""
     threads.limit_threads(args.threads)
     import keras
+
     import tf_gradmix as gm
 
     wall_start = time.perf_counter()

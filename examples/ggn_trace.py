@@ -33,12 +33,12 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import numpy as np  # noqa: E402
-
 import cifar10  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
 import resnet  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
 import tf_gradmix as gm  # noqa: E402
 from tf_gradmix import diagnostics  # noqa: E402
 

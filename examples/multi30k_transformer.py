@@ -67,12 +67,18 @@ SIZES = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     d = p.add_argument_group("data")
-    d.add_argument("--data-dir", default=None, help="folder with multi30k/ (default $TF_GRADMIX_DATA, then ../shared/data)")
-    d.add_argument("--val-source", choices=("auto", "file", "holdout"), default="auto", help="official val files, or a hold-out of the training set")
+    d.add_argument("--data-dir", default=None, help="folder with multi30k/ (default $TF_GRADMIX_DATA, then "
+                                                    "../shared/data)")
+    d.add_argument("--val-source", choices=("auto", "file", "holdout"), default="auto", help="official val files, or a "
+                                                                                             "hold-out of the training "
+                                                                                             "set")
     d.add_argument("--val-size", type=int, default=1000, help="pairs held out of training with --val-source holdout")
-    d.add_argument("--train-size", type=int, default=None, help="use only the first N training pairs (after any hold-out)")
+    d.add_argument("--train-size", type=int, default=None, help="use only the first N training pairs (after any "
+                                                                "hold-out)")
     d.add_argument("--max-len", type=int, default=40, help="tokens per sentence (longer ones are truncated)")
     d.add_argument("--vocab-size", type=int, default=10000)
     d.add_argument("--min-count", type=int, default=2)
@@ -243,6 +249,7 @@ class MaskedTokenAccuracy:
 
 def build_optimizer(args):
     import keras
+
     import tf_gradmix as gm
 
     warmup = args.warmup_steps or gm.recipes.inverse_sqrt_warmup_steps(args.batch_size)
@@ -311,6 +318,7 @@ def bleu(model, src_sentences, references, src_vocab, tgt_vocab, max_len, limit=
 def run(args):
     threads.limit_threads(args.threads)
     import keras
+
     import tf_gradmix as gm
 
     wall_start = time.perf_counter()

@@ -112,7 +112,10 @@ def table(records):
     """One markdown table (the runs of one setup)."""
     bleu = any("val_bleu" in r for r in records)
     ggn = any(r.get("log_ggn_trace") is not None for r in records)
-    head = "| optimizer | batch | steps | noise | stddev | chosen on val | seeds | train acc % | val acc % | test acc % | Δ test vs plain, paired | train − test |"
+    head = (
+        "| optimizer | batch | steps | noise | stddev | chosen on val | seeds | train acc % | val acc % | test acc % "
+        "| Δ test vs plain, paired | train − test |"
+    )
     rule = "|---|---:|---:|---|---:|:---:|---:|---:|---:|---:|---:|---:|"
     if bleu:
         head, rule = head + " val BLEU | test BLEU |", rule + "---:|---:|"
@@ -129,12 +132,16 @@ def table(records):
         delta = "" if noise == "none" else mean_std(paired, 100) + (f" (n={len(paired)})" if paired else "")
         mark = "" if noise == "none" else ("yes" if best[(opt, batch, noise)] == stddev else "no")
         line = (
-            f"| {opt} | {batch} | {runs[0].get('steps', '–')} | {noise} | {stddev:g} | {mark} | {','.join(str(r['seed']) for r in runs)} | "
+            f"| {opt} | {batch} | {runs[0].get('steps', '–')} | {noise} | {stddev:g} | {mark} | "
+            f"{','.join(str(r['seed']) for r in runs)} | "
             f"{mean_std([r['train_acc'] for r in runs], 100)} | {mean_std([r['val_acc'] for r in runs], 100)} | "
             f"{mean_std([r['test_acc'] for r in runs], 100)} | {delta} | {mean_std(gap, 100)} |"
         )
         if bleu:
-            line += f" {mean_std([r.get('val_bleu') for r in runs], 1, 2)} | {mean_std([r.get('test_bleu') for r in runs], 1, 2)} |"
+            line += (
+                f" {mean_std([r.get('val_bleu') for r in runs], 1, 2)} |"
+                f" {mean_std([r.get('test_bleu') for r in runs], 1, 2)} |"
+            )
         line += f" {mean_std([r['gamma_bar'] for r in runs], 1, 3)} |"
         if ggn:
             line += f" {mean_std([r.get('log_ggn_trace') for r in runs], 1, 2)} |"
@@ -197,7 +204,8 @@ def plot(records, out_dir, stem):
                         fmt="-o", color=colors[noise], capsize=3, label=noise,
                     )
             ax.set_xscale("log", base=2)
-            ax.set(title=f"{opt}: log Tr(G) after training (training examples)", xlabel="batch size", ylabel="log Tr(G)")
+            ax.set(title=f"{opt}: log Tr(G) after training (training "
+                         f"examples)", xlabel="batch size", ylabel="log Tr(G)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     for ax, opt in zip(axes[0], optimizers):

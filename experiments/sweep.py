@@ -159,33 +159,54 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=tuple(TASKS), default="cifar10")
     p.add_argument("--phase", choices=PHASES, default="all")
-    p.add_argument("--results", type=Path, default=None, help="JSONL file, appended to (default: the task's file in experiments/results)")
+    p.add_argument("--results", type=Path, default=None, help="JSONL file, appended to (default: the task's file in "
+                                                              "experiments/results)")
     p.add_argument("--small-batch", type=int, default=None, help="default: 64")
     p.add_argument("--large-batch", type=int, default=None, help="default: 512")
     p.add_argument("--epochs", type=int, default=None, help="default: 40 (cifar10), 8 (multi30k)")
     p.add_argument("--train-size", type=int, default=None, help="default: 2048 (cifar10), 10,000 pairs (multi30k)")
-    p.add_argument("--val-size", type=int, default=None, help="cifar10: validation images held out of training (default 1000)")
+    p.add_argument("--val-size", type=int, default=None, help="cifar10: validation images held out of training "
+                                                              "(default 1000)")
     p.add_argument("--test-size", type=int, default=None, help="cifar10: test images (default all)")
     p.add_argument("--augment", action="store_true", default=None, help="cifar10: flip + crop (default off)")
-    p.add_argument("--optimizer", default=None, choices=("nesterov", "lars", "adam", "lamb"), help="default: nesterov (cifar10), adam (multi30k)")
-    p.add_argument("--base-lr", type=float, default=None, help="cifar10: learning rate at batch 200, scaled linearly (default: the optimizer's recipe, e.g. 0.1 for nesterov, 1e-3 for lamb)")
+    p.add_argument("--optimizer", default=None, choices=("nesterov", "lars", "adam", "lamb"), help="default: nesterov "
+                                                                                                   "(cifar10), adam "
+                                                                                                   "(multi30k)")
+    p.add_argument("--base-lr", type=float, default=None, help="cifar10: learning rate at batch 200, scaled linearly "
+                                                               "(default: the optimizer's recipe, e.g. 0.1 for "
+                                                               "nesterov, 1e-3 for lamb)")
     p.add_argument("--base-lrs", type=float, nargs="+", default=None, help="phase lr: the candidate --base-lr values")
-    p.add_argument("--widths", type=int, nargs=3, default=None, help="cifar10: ResNet-8 stage widths (default 16 32 64)")
-    p.add_argument("--stddevs", type=float, nargs="+", default=[0.5, 1.0], help="candidates besides the noise-equivalent one")
-    p.add_argument("--no-noise-equivalent", dest="noise_equivalent", action="store_false", help="select among --stddevs only (default: also sqrt(B_large / B_small - 1))")
+    p.add_argument("--widths", type=int, nargs=3, default=None, help="cifar10: ResNet-8 stage widths (default 16 32 "
+                                                                     "64)")
+    p.add_argument("--stddevs", type=float, nargs="+", default=[0.5, 1.0], help="candidates besides the "
+                                                                                "noise-equivalent one")
+    p.add_argument("--no-noise-equivalent", dest="noise_equivalent", action="store_false", help="select among "
+                                                                                                "--stddevs only "
+                                                                                                "(default: also "
+                                                                                                "sqrt(B_large / "
+                                                                                                "B_small - 1))")
     p.add_argument("--noises", nargs="+", default=["gaussian", "rademacher"], choices=("gaussian", "rademacher"))
     p.add_argument("--select-seed", type=int, default=0, help="seed of the stddev selection runs")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the gap and seeds phases")
     p.add_argument("--curve-batches", type=int, nargs="+", default=None, help="phase curve: the batch sizes")
-    p.add_argument("--ggn-size", type=int, default=None, help="cifar10: training examples for log Tr(G) after each run (default 128, 0: off)")
-    p.add_argument("--gap-threshold", type=float, default=0.01, help="phase all: go on only if small-batch test acc exceeds large-batch by this much")
-    p.add_argument("--fit-threshold", type=float, default=0.95, help="phase all: ... and the large batch reaches this train acc")
+    p.add_argument("--ggn-size", type=int, default=None, help="cifar10: training examples for log Tr(G) after each run "
+                                                              "(default 128, 0: off)")
+    p.add_argument("--gap-threshold", type=float, default=0.01, help="phase all: go on only if small-batch test acc "
+                                                                     "exceeds large-batch by this much")
+    p.add_argument("--fit-threshold", type=float, default=0.95, help="phase all: ... and the large batch reaches this "
+                                                                     "train acc")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (each with --threads)")
     p.add_argument("--threads", type=int, default=None, help="TensorFlow threads per run")
-    p.add_argument("--images-per-second", type=float, default=None, help="training examples/s of the whole machine, for the plan (default: measured here with --jobs 2 --threads 1, 550 images/s for cifar10, 180 sentence pairs/s for multi30k)")
-    p.add_argument("--overhead-seconds", type=float, default=20.0, help="per run, for the plan (start, evaluation, Tr(G) or BLEU)")
-    p.add_argument("--run-dir", type=Path, default=REPO / "runs" / "sweep", help="logs and backups of each run (not committed)")
-    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for the example (e.g. --extra --quick)")
+    p.add_argument("--images-per-second", type=float, default=None, help="training examples/s of the whole machine, "
+                                                                         "for the plan (default: measured here with "
+                                                                         "--jobs 2 --threads 1, 550 images/s for "
+                                                                         "cifar10, 180 sentence pairs/s for multi30k)")
+    p.add_argument("--overhead-seconds", type=float, default=20.0, help="per run, for the plan (start, evaluation, "
+                                                                        "Tr(G) or BLEU)")
+    p.add_argument("--run-dir", type=Path, default=REPO / "runs" / "sweep", help="logs and backups of each run (not "
+                                                                                 "committed)")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for the example (e.g. --extra "
+                                                                         "--quick)")
     p.add_argument("--dry-run", action="store_true", help="print the plan only")
     args = p.parse_args(argv)
     task = TASKS[args.task]
@@ -194,7 +215,8 @@ def parse_args(argv=None):
         if given:
             p.error(f"{', '.join(given)} only apply to --task cifar10, not --task {args.task}")
     if args.optimizer is not None and args.optimizer not in task["optimizers"]:
-        p.error(f"--optimizer {args.optimizer} is not offered by --task {args.task} (choose from {', '.join(task['optimizers'])})")
+        p.error(f"--optimizer {args.optimizer} is not offered by --task {args.task} (choose from "
+                f"{', '.join(task['optimizers'])})")
     common = task["common"]
     defaults = dict(
         results=task["results"], small_batch=task["small_batch"], large_batch=task["large_batch"],
@@ -232,7 +254,8 @@ def noise_equivalent_stddev(large, small):
 
 def make_config(args, batch_size, noise="none", stddev=0.0, seed=0, role=""):
     config = common(args)
-    config.update(batch_size=batch_size, noise=noise, stddev=round(float(stddev), 6) if noise != "none" else 0.0, seed=seed)
+    stddev = round(float(stddev), 6) if noise != "none" else 0.0
+    config.update(batch_size=batch_size, noise=noise, stddev=stddev, seed=seed)
     if args.task == "cifar10":
         config["ggn_size"] = args.ggn_size
     else:
@@ -392,7 +415,9 @@ def run_name(args, config):
     )
     defaults = TASKS[args.task]["common"]
     # Any other departure from the task's shared flags (widths, augmentation, ...).
-    others = sorted(k for k in defaults if k not in ("epochs", "train_size", "optimizer") and config.get(k) != defaults[k])
+    others = sorted(
+        k for k in defaults if k not in ("epochs", "train_size", "optimizer") and config.get(k) != defaults[k]
+    )
     suffix = "".join(f"_{k}{config[k]}" for k in others)
     return name + suffix.replace(" ", "").replace(",", "-").replace("[", "").replace("]", "")
 
@@ -497,7 +522,8 @@ def run_configs(args, configs, label):
         flush=True,
     )
     for c in todo:
-        print(f"  b{c['batch_size']:<5} {c['noise']:<10} stddev {c['stddev']:<8g} seed {c['seed']}  ~{run_minutes(args, c):.1f} min", flush=True)
+        print(f"  b{c['batch_size']:<5} {c['noise']:<10} stddev {c['stddev']:<8g} seed {c['seed']}  "
+              f"~{run_minutes(args, c):.1f} min", flush=True)
     if args.dry_run or not todo:
         return
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -511,14 +537,14 @@ def gap_found(args):
     large = [results.get(key_of(c)) for c in gap_configs(args, [args.select_seed])[1:]]
     if None in small + large:
         return False
-    s, l = small[0], large[0]
+    s, big = small[0], large[0]
     print(
         f"Gap check (seed {args.select_seed}): small batch train {100 * s['train_acc']:.1f}% "
-        f"test {100 * s['test_acc']:.1f}%; large batch train {100 * l['train_acc']:.1f}% "
-        f"test {100 * l['test_acc']:.1f}%.",
+        f"test {100 * s['test_acc']:.1f}%; large batch train {100 * big['train_acc']:.1f}% "
+        f"test {100 * big['test_acc']:.1f}%.",
         flush=True,
     )
-    ok = l["train_acc"] >= args.fit_threshold and s["test_acc"] - l["test_acc"] >= args.gap_threshold
+    ok = big["train_acc"] >= args.fit_threshold and s["test_acc"] - big["test_acc"] >= args.gap_threshold
     print("Generalization gap: " + ("yes" if ok else "NO (mixing runs skipped)"), flush=True)
     return ok
 
@@ -546,7 +572,8 @@ def main(argv=None):
         for config in lr_configs(args):
             found = results.get(key_of(config))
             if found:
-                print(f"  base lr {config['base_lr']:g}: train {100 * found['train_acc']:.1f}% val {100 * found['val_acc']:.1f}%", flush=True)
+                print(f"  base lr {config['base_lr']:g}: train {100 * found['train_acc']:.1f}% val "
+                      f"{100 * found['val_acc']:.1f}%", flush=True)
         print(f"Best on validation: --base-lr {best_base_lr(args, results)}", flush=True)
     if args.phase == "curve":
         if not args.curve_batches:
@@ -557,7 +584,12 @@ def main(argv=None):
         if args.dry_run and not chosen_stddevs(args, results):
             print("Phase seeds (after select): per other seed, small + large plain + the chosen stddev of each noise.")
             configs = gap_configs(args, [s for s in args.seeds if s != args.select_seed])
-            configs += [make_config(args, args.large_batch, n, 1.0, s, "chosen") for n in args.noises for s in args.seeds if s != args.select_seed]
+            configs += [
+                make_config(args, args.large_batch, n, 1.0, s, "chosen")
+                for n in args.noises
+                for s in args.seeds
+                if s != args.select_seed
+            ]
             run_configs(args, configs, "seeds (stddev placeholder)")
         else:
             run_configs(args, seed_configs(args, results), "seeds")

@@ -23,8 +23,9 @@ EXAMPLES = REPO / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 import cifar10  # noqa: E402
-import real_data  # noqa: E402
 import resnet  # noqa: E402
+
+import real_data  # noqa: E402
 
 
 @pytest.fixture(scope="module")

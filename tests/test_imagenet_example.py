@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-
 import tensorflow_datasets as tfds  # a pinned requirement: never skipped
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "imagenet_resnet50.py"

@@ -29,8 +29,9 @@ import cifar10  # noqa: E402
 import cifar_resnet18  # noqa: E402
 import multi30k  # noqa: E402
 import plot  # noqa: E402
-import real_data  # noqa: E402
 import sweep  # noqa: E402
+
+import real_data  # noqa: E402
 
 
 def _run(script, *flags):
@@ -146,6 +147,7 @@ def test_multi30k_loader_and_tokenizer(multi30k_folder):
 
 def test_multi30k_transformer_optimizers_and_schedule():
     import multi30k_transformer as mt
+
     import tf_gradmix as gm
 
     args = mt.parse_args(["--optimizer", "lamb", "--batch-size", "1024", "--noise", "rademacher", "--size", "base"])
