@@ -11,8 +11,9 @@ import keras
 import numpy as np
 import pytest
 
-from oracles import flat, per_example_gradients, weights_of
 from tf_gradmix import noise
+
+from oracles import flat, per_example_gradients, weights_of
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples"))
@@ -20,9 +21,10 @@ sys.path.insert(0, str(REPO / "experiments"))
 
 import cifar10  # noqa: E402
 import gd_vs_sgd  # noqa: E402
-import real_data  # noqa: E402
 import temperature  # noqa: E402
 import temperature_report  # noqa: E402
+
+import real_data  # noqa: E402
 
 
 def test_default_stddev_is_the_temperature_rule():

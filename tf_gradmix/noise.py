@@ -341,16 +341,7 @@ def stddev_for_temperature(
         ("reference_learning_rate", reference_learning_rate),
     )
     for arg, value in arguments:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-            or not value > 0
-        ):
-            raise ValueError(
-                f"Invalid value for argument `{arg}`: {value!r}. Expected a "
-                "positive finite number."
-            )
+        validation.number(arg, value, low=0.0, low_open=True)
     ratio = (batch_size * reference_learning_rate) / (reference_batch_size * learning_rate)
     # Linear scaling gives ratio 1 up to rounding; within 1e-9 it is exactly 1.
     if ratio < 1.0 - 1e-9:

@@ -43,17 +43,15 @@ def number(name, value, low=None, high=None, low_open=False, high_open=False, er
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise invalid(name, value, "a real number", error)
-    value = float(value)
+    number = float(value)
     out_of_range = (
-        not math.isfinite(value)
-        or (low is not None and (value <= low if low_open else value < low))
-        or (high is not None and (value >= high if high_open else value > high))
+        not math.isfinite(number)
+        or (low is not None and (number <= low if low_open else number < low))
+        or (high is not None and (number >= high if high_open else number > high))
     )
-    if out_of_range:
-        raise invalid(
-            name, value, f"a finite number in {_interval(low, high, low_open, high_open)}"
-        )
-    return value
+    if out_of_range:  # the message shows the value as given
+        raise invalid(name, value, f"a finite number in {_interval(low, high, low_open, high_open)}")
+    return number
 
 
 def integer(name, value, low=None, high=None):
