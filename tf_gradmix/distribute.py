@@ -102,13 +102,9 @@ def worker_index(strategy=None):
 def per_replica_batch_size(global_batch_size, strategy=None):
     """``global_batch_size // K``; raises if it does not divide evenly."""
     replicas = num_replicas(strategy)
-    global_batch_size = validation.integer("global_batch_size", global_batch_size, low=1)
-    if global_batch_size % replicas:
-        raise validation.invalid(
-            "global_batch_size",
-            global_batch_size,
-            f"a multiple of the {replicas} replicas in sync",
-        )
+    global_batch_size = validation.multiple(
+        "global_batch_size", global_batch_size, replicas, f"the {replicas} replicas in sync"
+    )
     return global_batch_size // replicas
 
 
@@ -162,13 +158,9 @@ def accumulation_steps(logical_batch_size, micro_batch_size):
             (the global batch of the dataset).
     """
     micro_batch_size = validation.integer("micro_batch_size", micro_batch_size, low=1)
-    logical_batch_size = validation.integer("logical_batch_size", logical_batch_size, low=1)
-    if logical_batch_size % micro_batch_size:
-        raise validation.invalid(
-            "logical_batch_size",
-            logical_batch_size,
-            f"a multiple of micro_batch_size={micro_batch_size}",
-        )
+    logical_batch_size = validation.multiple(
+        "logical_batch_size", logical_batch_size, micro_batch_size, f"micro_batch_size={micro_batch_size}"
+    )
     return logical_batch_size // micro_batch_size
 
 

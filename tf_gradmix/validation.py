@@ -16,6 +16,7 @@ __all__ = [
     "invalid",
     "number",
     "integer",
+    "multiple",
     "boolean",
     "one_of",
     "learning_rate",
@@ -61,6 +62,14 @@ def integer(name, value, low=None, high=None):
     if (low is not None and value < low) or (high is not None and value > high):
         raise invalid(name, value, f"an integer in {_interval(low, high, False, False)}")
     return int(value)
+
+
+def multiple(name, value, divisor, divisor_text):
+    """``value`` as an int ``>= 1`` that ``divisor`` divides (``divisor_text`` names it)."""
+    value = integer(name, value, low=1)
+    if value % divisor:
+        raise invalid(name, value, f"a multiple of {divisor_text}")
+    return value
 
 
 def boolean(name, value):

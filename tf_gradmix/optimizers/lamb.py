@@ -4,13 +4,7 @@ import keras
 from keras import ops
 
 from tf_gradmix import validation
-from tf_gradmix.optimizers.layerwise import (
-    LayerwiseExclusions,
-    dense_gradient,
-    document_exclusions,
-    refuse_legacy_arguments,
-    trust_ratio,
-)
+from tf_gradmix.optimizers.layerwise import LayerwiseExclusions, dense_gradient, document_exclusions, trust_ratio
 
 __all__ = ["LAMB"]
 
@@ -91,9 +85,15 @@ class LAMB(LayerwiseExclusions, keras.optimizers.Optimizer):
         exclude_1d_variables=False,
         **base_kwargs,
     ):
-        learning_rate = validation.learning_rate(learning_rate)
-        refuse_legacy_arguments(base_kwargs)
-        super().__init__(learning_rate=learning_rate, name=name, **base_kwargs)
+        super().__init__(
+            learning_rate,
+            name,
+            weight_decay,
+            exclude_from_weight_decay,
+            exclude_from_layer_adaptation,
+            exclude_1d_variables,
+            **base_kwargs,
+        )
         self.beta_1 = validation.number("beta_1", beta_1, low=0.0, high=1.0, high_open=True)
         self.beta_2 = validation.number("beta_2", beta_2, low=0.0, high=1.0, high_open=True)
         self.epsilon = validation.number("epsilon", epsilon, low=0.0)
@@ -105,12 +105,6 @@ class LAMB(LayerwiseExclusions, keras.optimizers.Optimizer):
                 "gets the update 0 / 0 = NaN (tensorflow-addons replaced 0 by "
                 "1e-7: pass epsilon=1e-7 for its behaviour)",
             )
-        self._init_exclusions(
-            weight_decay,
-            exclude_from_weight_decay,
-            exclude_from_layer_adaptation,
-            exclude_1d_variables,
-        )
 
     def build(self, var_list):
         """Creates the moment slots and matches the exclusion patterns."""
@@ -120,7 +114,6 @@ class LAMB(LayerwiseExclusions, keras.optimizers.Optimizer):
         self._momentums, self._velocities = self.add_optimizer_variables(
             var_list, ["momentum", "velocity"]
         )
-        self._use_decay, self._use_adaptation = self._match_exclusions(var_list)
 
     def update_step(self, gradient, variable, learning_rate):
         """One LAMB step for one variable (see the class docstring)."""
@@ -162,6 +155,5 @@ class LAMB(LayerwiseExclusions, keras.optimizers.Optimizer):
                 "epsilon": self.epsilon,
             }
         )
-        config.update(self._exclusions_config())
         return config
 

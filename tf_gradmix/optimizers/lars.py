@@ -8,13 +8,7 @@ import keras
 from keras import ops
 
 from tf_gradmix import validation
-from tf_gradmix.optimizers.layerwise import (
-    LayerwiseExclusions,
-    dense_gradient,
-    document_exclusions,
-    refuse_legacy_arguments,
-    trust_ratio,
-)
+from tf_gradmix.optimizers.layerwise import LayerwiseExclusions, dense_gradient, document_exclusions, trust_ratio
 
 __all__ = ["LARS"]
 
@@ -98,21 +92,21 @@ class LARS(LayerwiseExclusions, keras.optimizers.Optimizer):
         exclude_1d_variables=False,
         **base_kwargs,
     ):
-        learning_rate = validation.learning_rate(learning_rate)
-        refuse_legacy_arguments(base_kwargs)
-        super().__init__(learning_rate=learning_rate, name=name, **base_kwargs)
+        super().__init__(
+            learning_rate,
+            name,
+            weight_decay,
+            exclude_from_weight_decay,
+            exclude_from_layer_adaptation,
+            exclude_1d_variables,
+            **base_kwargs,
+        )
         self.momentum = validation.number("momentum", momentum, low=0.0, high=1.0, high_open=True)
         self.nesterov = validation.boolean("nesterov", nesterov)
         self.trust_coefficient = validation.number(
             "trust_coefficient", trust_coefficient, low=0.0
         )
         self.epsilon = validation.number("epsilon", epsilon, low=0.0)
-        self._init_exclusions(
-            weight_decay,
-            exclude_from_weight_decay,
-            exclude_from_layer_adaptation,
-            exclude_1d_variables,
-        )
 
     def build(self, var_list):
         """Creates the momentum slots and matches the exclusion patterns."""
@@ -120,7 +114,6 @@ class LARS(LayerwiseExclusions, keras.optimizers.Optimizer):
             return
         super().build(var_list)
         self._momentums = self.add_optimizer_variables(var_list, "momentum")
-        self._use_decay, self._use_adaptation = self._match_exclusions(var_list)
 
     def update_step(self, gradient, variable, learning_rate):
         """One LARS step for one variable (see the class docstring)."""
@@ -164,6 +157,5 @@ class LARS(LayerwiseExclusions, keras.optimizers.Optimizer):
                 "epsilon": self.epsilon,
             }
         )
-        config.update(self._exclusions_config())
         return config
 

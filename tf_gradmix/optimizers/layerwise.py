@@ -70,16 +70,24 @@ class LayerwiseExclusions:
       one meaning;
     * decides once per variable in ``build()`` (by its ``path``) whether it
       gets decay and layer adaptation; ``update_step`` reads the stored
-      booleans by variable index.
+      booleans by variable index;
+    * validates the shared arguments, refuses the legacy ``decay`` and adds
+      the shared arguments to ``get_config``.
     """
 
-    def _init_exclusions(
+    def __init__(
         self,
+        learning_rate,
+        name,
         weight_decay,
         exclude_from_weight_decay,
         exclude_from_layer_adaptation,
         exclude_1d_variables,
+        **base_kwargs,
     ):
+        learning_rate = validation.learning_rate(learning_rate)
+        refuse_legacy_arguments(base_kwargs)
+        super().__init__(learning_rate=learning_rate, name=name, **base_kwargs)
         if weight_decay is None:
             weight_decay = 0.0
         self.weight_decay = validation.number("weight_decay", weight_decay, low=0.0)
@@ -92,6 +100,11 @@ class LayerwiseExclusions:
         self.exclude_1d_variables = validation.boolean(
             "exclude_1d_variables", exclude_1d_variables
         )
+
+    def build(self, var_list):
+        """Builds the base optimizer and matches the exclusion patterns once."""
+        super().build(var_list)
+        self._use_decay, self._use_adaptation = self._match_exclusions(var_list)
 
     def _match_exclusions(self, var_list):
         """Per-variable (use_weight_decay, use_layer_adaptation) booleans."""
@@ -126,13 +139,17 @@ class LayerwiseExclusions:
         # The base class's decoupled decay must never run in addition.
         return
 
-    def _exclusions_config(self):
-        return {
-            "weight_decay": self.weight_decay,
-            "exclude_from_weight_decay": self.weight_decay_exclusions,
-            "exclude_from_layer_adaptation": self.layer_adaptation_exclusions,
-            "exclude_1d_variables": self.exclude_1d_variables,
-        }
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "weight_decay": self.weight_decay,
+                "exclude_from_weight_decay": self.weight_decay_exclusions,
+                "exclude_from_layer_adaptation": self.layer_adaptation_exclusions,
+                "exclude_1d_variables": self.exclude_1d_variables,
+            }
+        )
+        return config
 
 
 EXCLUSION_ARGS_DOC = """        weight_decay: float ``lambda >= 0``, the coupled weight decay added
