@@ -34,7 +34,7 @@ test: venv
 	exit $$status
 
 demo: venv
-	$(PY) examples/demo.py $(DEMO_ARGS)
+	$(PY) -m examples.demo $(DEMO_ARGS)
 
 clean:
 	rm -rf runs build dist .pytest_cache

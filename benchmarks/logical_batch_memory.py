@@ -10,8 +10,8 @@ measured too.
 
 Usage::
 
-    python benchmarks/logical_batch_memory.py            # the table
-    python benchmarks/logical_batch_memory.py --one accumulate 32768
+    python -m benchmarks.logical_batch_memory            # the table
+    python -m benchmarks.logical_batch_memory --one accumulate 32768
 
 Single device: Keras 3.15's gradient accumulation fails under a
 tf.distribute strategy (keras-team/keras#20582), so replicas are not

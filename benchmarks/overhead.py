@@ -50,9 +50,9 @@ Timings are never asserted anywhere: this script only reports.
 
 Usage::
 
-    python benchmarks/overhead.py                 # the full run (~15 min, 2 cores)
-    python benchmarks/overhead.py --quick         # smoke run, < 1 min
-    python benchmarks/overhead.py --models cnn --rounds 9 --steps 10
+    python -m benchmarks.overhead                 # the full run (~15 min, 2 cores)
+    python -m benchmarks.overhead --quick         # smoke run, < 1 min
+    python -m benchmarks.overhead --models cnn --rounds 9 --steps 10
 """
 
 import argparse
@@ -123,8 +123,7 @@ def build_model(name, model_class, quick=False):
         outputs = keras.layers.Dense(10, name="logits")(x)
         return model_class(inputs, outputs, name="bn_cnn")
     if name == "resnet18":
-        sys.path.insert(0, str(ROOT / "examples"))
-        import resnet  # examples/resnet.py
+        from examples import resnet
 
         if quick:  # the same code path, a tiny net
             return resnet.cifar_resnet(
@@ -357,7 +356,7 @@ def memory_child(config, model_name, batch, steps, quick):
 
 
 def run_memory_child(config, model_name, batch, steps, quick):
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", config,
+    cmd = [sys.executable, "-m", "benchmarks.overhead", "--memory-child", config,
            model_name, "--batch", str(batch), "--steps", str(steps)]
     if quick:
         cmd.append("--quick")

@@ -22,8 +22,8 @@ rounds to ``reweight``. Memory: every (model, batch, mode) runs in its own
 process, which reports its peak RSS (``resource.getrusage``) and the peak's
 growth over the RSS after building the model (the step's own memory).
 
-    python benchmarks/per_example.py            # a few minutes; prints a table
-    python benchmarks/per_example.py --rounds 3 --steps 3
+    python -m benchmarks.per_example            # a few minutes; prints a table
+    python -m benchmarks.per_example --rounds 3 --steps 3
 """
 
 import argparse

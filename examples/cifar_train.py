@@ -1,4 +1,7 @@
-"""The paper's CIFAR experiment: ResNet-18 on CIFAR-10/100 with GradientMix.
+"""The CIFAR trainer of the examples: ResNet-18 or ResNet-8 on CIFAR-10/100 with GradientMix.
+
+``make demo`` (``examples/demo.py``) and the Table 1 run
+(``examples/ggn_trace.py``) are presets of this script.
 
 The GradientMix paper (§5.1, Figures 1-2, Table 1) trains the CIFAR ResNet-18
 at large batch sizes with SGD + Nesterov, LARS, Adam or LAMB, with the
@@ -17,7 +20,8 @@ epochs, then decayed (its Eq. 15). This script runs that setup:
 * optimizer: ``--optimizer nesterov|lars|adam|lamb`` with the settings of
   ``tf_gradmix.recipes.CIFAR_SGD/CIFAR_LARS/CIFAR_ADAM/CIFAR_LAMB`` and the
   schedule ``tf_gradmix.schedules.PolynomialWarmupDecay`` (peak rate
-  ``tf_gradmix.schedules.scaled_learning_rate(base, 200, B)``);
+  ``tf_gradmix.schedules.scaled_learning_rate(base, 200, B)``), or with
+  ``--schedule cosine`` the same warmup then Keras's cosine decay;
 * GradientMix: ``--noise none|gaussian|rademacher`` with ``--stddev`` or
   ``--noise-batch-size`` (the stddev whose gradient noise is that of a smaller
   batch, ``sqrt(B / B_noise - 1)``), sample level (paper Eq. 4);
@@ -33,11 +37,14 @@ epochs, then decayed (its Eq. 15). This script runs that setup:
 Examples::
 
     # The paper's setup (accelerator): ResNet-18, batch 8K, Gaussian mixing.
-    python examples/cifar_resnet18.py --batch-size 8192 --noise gaussian --stddev 1
+    python -m examples.cifar_train --batch-size 8192 --noise gaussian --stddev 1
     # CPU scale: ResNet-8 on a 4096-image subset.
-    python examples/cifar_resnet18.py --model resnet8 --train-size 4096 \\
+    python -m examples.cifar_train --model resnet8 --train-size 4096 \\
         --val-size 2000 --batch-size 1024 --epochs 50 --noise rademacher
-    python examples/cifar_resnet18.py --quick     # smoke test, seconds
+    python -m examples.cifar_train --quick     # smoke test, seconds
+
+Run it from the repository root (``python -m`` finds the ``examples``
+package there).
 """
 
 import argparse
@@ -53,11 +60,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import cifar10  # noqa: E402
-import threads  # noqa: E402
+from examples import cifar10, threads  # noqa: E402
 
 OPTIMIZERS = ("nesterov", "lars", "adam", "lamb")
+SCHEDULES = ("eq15", "cosine")
 NOISES = ("none", "gaussian", "rademacher")
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
@@ -92,6 +98,8 @@ def parse_args(argv=None):
     o.add_argument("--optimizer", choices=OPTIMIZERS, default="nesterov")
     o.add_argument("--batch-size", type=int, default=1024)
     o.add_argument("--epochs", type=int, default=200)
+    o.add_argument("--schedule", choices=SCHEDULES, default="eq15",
+                   help="eq15: the paper's polynomial warmup and decay; cosine: linear warmup, cosine decay to 0")
     o.add_argument("--base-lr", type=float, default=None, help="rate at --base-batch-size (default: the recipe's)")
     o.add_argument("--base-batch-size", type=int, default=None, help="default: the recipe's (200)")
     o.add_argument("--warmup-epochs", type=float, default=None, help="default: the recipe's 20 of 200 epochs, scaled "
@@ -103,7 +111,7 @@ def parse_args(argv=None):
                                                                       "1)")
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=0, help="initial weights, batch order, augmentation, mixing noise")
-    r.add_argument("--out", default=None, help="logs, backups and result (default runs/cifar_resnet18/<name>)")
+    r.add_argument("--out", default=None, help="logs, backups and result (default runs/cifar_train/<name>)")
     r.add_argument("--json-out", default=None, help="where to write the result (default <out>/result.json)")
     r.add_argument("--validation-freq", type=int, default=1, help="evaluate the validation split every this many "
                                                                   "epochs")
@@ -217,9 +225,9 @@ def recipe_for(name):
 
 def build_model(args, num_classes):
     import keras
-    import resnet
 
     import tf_gradmix as gm
+    from examples import resnet
 
     # Weight decay: an L2 kernel penalty for SGD/Adam; decoupled (in the
     # optimizer, excluded from 1-D variables) for LARS/LAMB.
@@ -264,13 +272,21 @@ def build_optimizer(args, settings):
     import tf_gradmix as gm
 
     recipe = recipe_for(args.optimizer)
-    schedule = gm.schedules.PolynomialWarmupDecay(
-        peak_learning_rate=settings["peak_learning_rate"],
-        total_steps=settings["total_steps"],
-        warmup_steps=settings["warmup_steps"],
-        warmup_power=settings["warmup_power"],
-        decay_power=settings["decay_power"],
-    )
+    if args.schedule == "cosine":
+        schedule = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0,
+            decay_steps=max(1, settings["total_steps"] - settings["warmup_steps"]),
+            warmup_target=settings["peak_learning_rate"],
+            warmup_steps=settings["warmup_steps"],
+        )
+    else:
+        schedule = gm.schedules.PolynomialWarmupDecay(
+            peak_learning_rate=settings["peak_learning_rate"],
+            total_steps=settings["total_steps"],
+            warmup_steps=settings["warmup_steps"],
+            warmup_power=settings["warmup_power"],
+            decay_power=settings["decay_power"],
+        )
     if args.optimizer == "nesterov":
         optimizer = keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True)
     elif args.optimizer == "adam":
@@ -329,7 +345,7 @@ def run(args):
     import tf_gradmix as gm
 
     wall_start = time.perf_counter()
-    out = Path(args.out or Path("runs") / "cifar_resnet18" / run_name(args))
+    out = Path(args.out or Path("runs") / "cifar_train" / run_name(args))
     out.mkdir(parents=True, exist_ok=True)
     (x_train, y_train), val, (x_test, y_test) = split_data(args, load_arrays(args))
     num_classes = 100 if args.dataset == "cifar100" else 10

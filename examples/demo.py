@@ -17,26 +17,24 @@ table and saves ``results.md``, ``results.json`` and ``demo.png`` under
 ``--out`` (default ``runs/demo/``). About 4–6 minutes on 2 idle cores.
 
 The full study (3 seeds, Bernoulli and Rademacher weights, an isotropic
-control of the same size, half the stddev) is ``experiments/temperature.py``;
-its results are in the README.
+control of the same size, half the stddev) is ``experiments/temperature.py``
+(``python -m experiments.temperature``); its results are in the README.
 
-    python examples/demo.py
-    python examples/demo.py --seed 1 --out runs/demo-seed1
-    python examples/demo.py --quick        # a few steps (smoke test)
+    python -m examples.demo
+    python -m examples.demo --seed 1 --out runs/demo-seed1
+    python -m examples.demo --quick        # a few steps (smoke test)
 """
 
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import gd_vs_sgd  # noqa: E402
+from examples import gd_vs_sgd  # noqa: E402
 
 CAVEAT = (
     "One seed at CPU scale: the study behind this demo (3 seeds, controls) is in the "
@@ -48,8 +46,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--data-dir", default=None, help="CIFAR-10 JPEG copy (default: $TF_GRADMIX_DATA, then ../shared/data, then keras.datasets)")
-    p.add_argument("--cache-dir", default=None, help="decoded-array cache (default: $TF_GRADMIX_CACHE or ~/.cache/tf_gradmix)")
+    p.add_argument("--data-dir", default=None, help="CIFAR-10 JPEG copy (default: $TF_GRADMIX_DATA, then "
+                                                    "../shared/data, then keras.datasets)")
+    p.add_argument("--cache-dir", default=None, help="decoded-array cache (default: $TF_GRADMIX_CACHE or "
+                                                     "~/.cache/tf_gradmix)")
     p.add_argument("--out", default="runs/demo", help="output directory for the table and the plot")
     p.add_argument("--train-size", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=32, help="the small batch b")
@@ -151,8 +151,10 @@ def main(argv=None):
     table = format_table(results)
     wall = time.perf_counter() - started
     print("\n" + table + f"\n\nWall time {wall:.0f} s. {CAVEAT}")
-    (out / "results.md").write_text(f"{table}\n\nSettings: {json.dumps(vars(args))}\nWall time {wall:.0f} s.\n\n{CAVEAT}\n")
-    (out / "results.json").write_text(json.dumps({"settings": vars(args), "wall_seconds": wall, "results": results}, indent=1))
+    (out / "results.md").write_text(f"{table}\n\nSettings: {json.dumps(vars(args))}\nWall time {wall:.0f} "
+                                    f"s.\n\n{CAVEAT}\n")
+    summary = {"settings": vars(args), "wall_seconds": wall, "results": results}
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
     save_plot(results, out / "demo.png")
     print(f"Saved {out / 'results.md'}, {out / 'results.json'} and {out / 'demo.png'}.")
     return results

@@ -33,15 +33,14 @@ Prints one JSON object (and writes it to ``--out``): final train / val / test
 accuracy and cross-entropy, the validation curve, the mean of ``w^2``
 (gamma-bar), and log Tr(G) of the trained model on the training subset.
 
-    python examples/gd_vs_sgd.py --batch-size 32 --seed 0
-    python examples/gd_vs_sgd.py --batch-size 0 --noise gaussian --seed 0
+    python -m examples.gd_vs_sgd --batch-size 32 --seed 0
+    python -m examples.gd_vs_sgd --batch-size 0 --noise gaussian --seed 0
 """
 
 import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -50,9 +49,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import cifar10  # noqa: E402
-import threads  # noqa: E402
+from examples import cifar10, threads  # noqa: E402
 
 NOISES = ("none", "gaussian", "rademacher", "bernoulli", "isotropic")
 
@@ -67,7 +64,8 @@ def parse_args(argv=None):
                                                      "~/.cache/tf_gradmix)")
     p.add_argument("--train-size", type=int, default=1024, help="N, the fixed class-balanced training subset")
     p.add_argument("--val-size", type=int, default=1000, help="held out of training, for choosing the rate")
-    p.add_argument("--test-size", type=int, default=None, help="class-balanced subset of the test images (default: all 10,000)")
+    p.add_argument("--test-size", type=int, default=None, help="class-balanced subset of the test images (default: all "
+                                                               "10,000)")
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--filters", type=int, nargs=2, default=(16, 32))
     p.add_argument("--batch-size", type=int, default=0, help="b; 0 = full batch (GD)")

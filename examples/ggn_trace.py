@@ -1,10 +1,12 @@
 """The paper's Table 1, measured: log Tr(G) after large-batch training.
 
-Trains a small CIFAR ResNet (examples/resnet.py, BatchNorm, logits output) at
-a large batch three times from the same initialisation and data order:
-plain SGD + Nesterov, and with sample-level GradientMix (Gaussian and
-Rademacher weights, same ``stddev``). Then measures on a fixed subset of the
-*training* data (inference mode, so BatchNorm uses its moving statistics):
+A preset of the CIFAR trainer (``examples/cifar_train.py``): a small CIFAR
+ResNet (BatchNorm, logits output) trained at a large batch three times from
+the same initialisation and data order, plain SGD + Nesterov and with
+sample-level GradientMix (Gaussian and Rademacher weights, same
+``stddev``). After training the trainer measures, on a fixed class-balanced
+subset of the *training* data (inference mode, so BatchNorm uses its moving
+statistics):
 
 * ``Tr G``, the trace of the generalised Gauss-Newton matrix of the mean
   cross-entropy, split at the logits (``tf_gradmix.diagnostics.ggn_trace``,
@@ -19,28 +21,19 @@ either); compare the differences from the baseline: -1.66 and -1.29.
 
 Usage::
 
-    python examples/ggn_trace.py              # ~10 CPU-minutes
-    python examples/ggn_trace.py --quick      # smoke test, seconds
+    python -m examples.ggn_trace              # ~10 CPU-minutes
+    python -m examples.ggn_trace --quick      # smoke test, seconds
 """
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import cifar10  # noqa: E402
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import resnet  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-import tf_gradmix as gm  # noqa: E402
-from tf_gradmix import diagnostics  # noqa: E402
+from examples import cifar_train  # noqa: E402
 
 #: Table 1 of the paper (ResNet-18, CIFAR-10, batch 8K).
 PAPER_LOG_TRACE = {"SGD": 5.87, "Gaussian": 4.21, "Rademacher": 4.58}
@@ -61,6 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--cache-dir", default=None)
+    p.add_argument("--out", default="runs/ggn_trace", help="each run's logs and result.json, in a folder of its own")
     args = p.parse_args(argv)
     if args.quick:
         args.train_size, args.test_size, args.measure_size = 100, 100, 16
@@ -69,75 +63,41 @@ def parse_args(argv=None):
     return args
 
 
-def lr_schedule(args):
-    steps = args.epochs * (args.train_size // args.batch_size)
-    warmup = max(1, steps // 10)
-    decay = keras.optimizers.schedules.CosineDecay(
-        0.0, max(1, steps - warmup), warmup_target=args.lr, warmup_steps=warmup
-    )
-    return decay
-
-
-def train(name, args, data):
-    (x_train, y_train), (x_test, y_test) = data
-    keras.utils.set_random_seed(args.seed)  # same initial weights for every run
-    model = resnet.cifar_resnet(stage_widths=tuple(args.widths), model_class=gm.Model)
-    optimizer = keras.optimizers.SGD(lr_schedule(args), momentum=0.9, nesterov=True)
-    if name != "SGD":
-        optimizer = gm.GradientMix(
-            optimizer, level="sample", noise=name.lower(), stddev=args.stddev, seed=args.seed
-        )
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
-    train_ds = cifar10.make_dataset(x_train, y_train, args.batch_size, training=True, seed=args.seed)
-    start = time.time()
-    model.fit(train_ds, epochs=args.epochs, verbose=0)
-    seconds = time.time() - start
-    test_ds = cifar10.make_dataset(x_test, y_test, 500, training=False)
-    train_eval = cifar10.make_dataset(x_train, y_train, 500, training=False)
-    return model, {
-        "train_acc": model.evaluate(train_eval, verbose=0, return_dict=True)["accuracy"],
-        "test_acc": model.evaluate(test_ds, verbose=0, return_dict=True)["accuracy"],
-        "train_seconds": seconds,
-    }
-
-
-def measure(model, args, x_measure, y_measure):
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    x = np.asarray(cifar10.normalize(x_measure))
-    start = time.time()
-    est = diagnostics.ggn_trace(
-        model, x, y_measure, loss, num_probes=args.num_probes, seed=args.seed, batch_size=64
-    )
-    return est, time.time() - start
+def trainer_flags(args, noise, out):
+    """The preset: ``examples/cifar_train.py`` flags of one run (10% warmup, cosine decay)."""
+    flags = [
+        "--model", "resnet8", "--widths", *map(str, args.widths),
+        "--optimizer", "nesterov", "--schedule", "cosine",
+        "--base-lr", str(args.lr), "--base-batch-size", str(args.batch_size),
+        "--warmup-epochs", str(0.1 * args.epochs),
+        "--batch-size", str(args.batch_size), "--epochs", str(args.epochs),
+        "--train-size", str(args.train_size), "--test-size", str(args.test_size),
+        "--data-seed", str(args.seed), "--seed", str(args.seed),
+        "--noise", noise, "--stddev", str(args.stddev),
+        "--ggn-size", str(args.measure_size),
+        "--out", str(out), "--no-tensorboard", "--verbose", "0",
+    ]
+    if args.num_probes:
+        flags += ["--ggn-probes", str(args.num_probes)]
+    for flag, value in (("--data-dir", args.data_dir), ("--cache-dir", args.cache_dir)):
+        if value:
+            flags += [flag, value]
+    return flags
 
 
 def main(argv=None):
     args = parse_args(argv)
-    tf.get_logger().setLevel("ERROR")  # pfor's "uses a while_loop" notes
     wall = time.time()
-    (x_all, y_all), (x_test_all, y_test_all) = cifar10.load_cifar10(
-        args.data_dir, args.cache_dir, verbose=False
-    )
-    x_train, y_train = cifar10.subset(x_all, y_all, args.train_size, seed=args.seed)
-    x_test, y_test = cifar10.subset(x_test_all, y_test_all, args.test_size, seed=args.seed)
-    # The fixed measurement subset: the first examples of the (shuffled,
-    # class-balanced) training subset, i.e. data the model trained on.
-    x_measure, y_measure = x_train[: args.measure_size], y_train[: args.measure_size]
-    data = ((x_train, y_train), (x_test, y_test))
-
     rows = []
     for name in ("SGD", "Gaussian", "Rademacher"):
-        model, stats = train(name, args, data)
-        est, seconds = measure(model, args, x_measure, y_measure)
-        rows.append((name, est, stats, seconds))
-        print(
-            f"# {name}: trained {stats['train_seconds']:.0f} s, Tr G measured in "
-            f"{seconds:.0f} s: {est.trace:.4g}",
-            flush=True,
-        )
+        noise = "none" if name == "SGD" else name.lower()
+        result = cifar_train.run(cifar_train.parse_args(trainer_flags(args, noise, Path(args.out) / noise)))
+        if "ggn_error" in result:
+            raise SystemExit(f"Tr G of the {name} run failed: {result['ggn_error']}")
+        rows.append((name, result))
+        print(f"# {name}: trained {result['fit_seconds']:.0f} s, Tr G {result['ggn_trace']:.4g}", flush=True)
 
-    steps = args.epochs * (args.train_size // args.batch_size)
+    steps = rows[0][1]["steps"]
     mode = "exact" if args.num_probes is None else f"Hutchinson, {args.num_probes} probes"
     print()
     print(
@@ -149,14 +109,14 @@ def main(argv=None):
     print()
     print("| run | log Tr G | SE | Δ vs SGD | paper log Tr G | paper Δ | train acc | test acc |")
     print("|---|---|---|---|---|---|---|---|")
-    base = rows[0][1].log_trace
+    base = rows[0][1]["log_ggn_trace"]
     paper_base = PAPER_LOG_TRACE["SGD"]
-    for name, est, stats, _ in rows:
+    for name, result in rows:
         paper = PAPER_LOG_TRACE[name]
         print(
-            f"| {name} | {est.log_trace:.3f} | {est.log_stderr:.3f} | "
-            f"{est.log_trace - base:+.3f} | {paper:.2f} | {paper - paper_base:+.2f} | "
-            f"{stats['train_acc']:.3f} | {stats['test_acc']:.3f} |"
+            f"| {name} | {result['log_ggn_trace']:.3f} | {result['log_ggn_stderr']:.3f} | "
+            f"{result['log_ggn_trace'] - base:+.3f} | {paper:.2f} | {paper - paper_base:+.2f} | "
+            f"{result['train_acc']:.3f} | {result['test_acc']:.3f} |"
         )
     print()
     print(

@@ -27,7 +27,7 @@ data order is a function of the epoch).
 
 Example (8 hosts, 4 GPUs each: per-replica batch 1024)::
 
-    TF_CONFIG=... python examples/imagenet_resnet50.py --strategy multi_worker \\
+    TF_CONFIG=... python -m examples.imagenet_resnet50 --strategy multi_worker \\
         --recipe lars --data_dir gs://my-bucket/tfds --backup_dir /ckpt
 
 Offline test: ``tests/test_imagenet_example.py`` runs the pipeline and a few

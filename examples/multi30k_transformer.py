@@ -35,10 +35,10 @@ keras-hub):
 
 Examples::
 
-    python examples/multi30k_transformer.py --size base --batch-size 2048 \\
+    python -m examples.multi30k_transformer --size base --batch-size 2048 \\
         --optimizer lamb --noise gaussian --stddev 1
-    python examples/multi30k_transformer.py --size small --epochs 10   # CPU
-    python examples/multi30k_transformer.py --quick                    # smoke test
+    python -m examples.multi30k_transformer --size small --epochs 10   # CPU
+    python -m examples.multi30k_transformer --quick                    # smoke test
 """
 
 import argparse
@@ -54,9 +54,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import multi30k  # noqa: E402
-import threads  # noqa: E402
+from examples import multi30k, threads  # noqa: E402
 
 SIZES = {
     # layers (encoder = decoder), d_model, heads, FFN width, dropout

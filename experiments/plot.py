@@ -21,7 +21,7 @@ validation split; the test column of a chosen stddev is reported, never used.
 
 Usage::
 
-    python experiments/plot.py [experiments/results/cifar10_resnet8_gap.jsonl]
+    python -m experiments.plot [experiments/results/cifar10_resnet8_gap.jsonl]
 """
 
 import argparse

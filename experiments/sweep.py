@@ -1,6 +1,6 @@
 """The CPU-scale reproduction: a resumable sweep of the paper's examples.
 
-``--task cifar10`` (default) sweeps ``examples/cifar_resnet18.py`` (a narrow
+``--task cifar10`` (default) sweeps ``examples/cifar_train.py`` (a narrow
 ResNet on a CIFAR-10 subset); ``--task multi30k`` sweeps
 ``examples/multi30k_transformer.py`` (a small Transformer, Adam or LAMB), where
 "accuracy" is the token accuracy (teacher forcing, padding excluded; train =
@@ -21,7 +21,7 @@ the sweep first establishes one, then measures mixing inside it:
 2. ``select``: at the large batch, Gaussian and Rademacher mixing for each
    ``stddev`` of ``--stddevs`` plus the noise-equivalent setting
    ``sqrt(B_large / B_small - 1)`` (the gradient noise of the small batch,
-   DESIGN.md §1), on the selection seed. The stddev of each noise is chosen
+   ``tf_gradmix.noise.stddev_for_noise_batch_size``), on the selection seed. The stddev of each noise is chosen
    on the **validation split held out of the training set**, never on the
    test set.
 3. ``seeds``: the small and large plain runs and the chosen stddev of each
@@ -39,22 +39,22 @@ is still usable by ``experiments/plot.py``.
 
 The plan is printed in run-minutes before anything starts (``--dry-run``
 prints only the plan); ``--images-per-second`` is the training throughput
-of the whole machine (DESIGN.md §5: ~1,100 images/s for the ResNet-8 in one
+of the whole machine (~1,100 images/s measured for the ResNet-8 in one
 process on a free 2-core machine; measured here with ``--jobs 2 --threads 1``
 and ``--validation-freq 10``: ~550 images/s, and ~180 sentence pairs/s for
 the sweep's Transformer).
 
 Usage::
 
-    python experiments/sweep.py --dry-run                   # the plan
-    python experiments/sweep.py --phase gap                 # step 1
-    python experiments/sweep.py --phase select              # step 2
-    python experiments/sweep.py --phase seeds --seeds 0 1   # step 3
-    python experiments/sweep.py --phase all                 # 1-3, stops if no gap
-    python experiments/sweep.py --optimizer lamb --phase lr --base-lrs 0.01 0.03
-    python experiments/sweep.py --phase curve --curve-batches 64 256 1024 --seeds 0
-    python experiments/sweep.py --task multi30k --phase gap
-    python experiments/plot.py                              # tables and figures
+    python -m experiments.sweep --dry-run                   # the plan
+    python -m experiments.sweep --phase gap                 # step 1
+    python -m experiments.sweep --phase select              # step 2
+    python -m experiments.sweep --phase seeds --seeds 0 1   # step 3
+    python -m experiments.sweep --phase all                 # 1-3, stops if no gap
+    python -m experiments.sweep --optimizer lamb --phase lr --base-lrs 0.01 0.03
+    python -m experiments.sweep --phase curve --curve-batches 64 256 1024 --seeds 0
+    python -m experiments.sweep --task multi30k --phase gap
+    python -m experiments.plot                              # tables and figures
 """
 
 import argparse
@@ -69,11 +69,13 @@ import threading
 import time
 from pathlib import Path
 
+from tf_gradmix.noise import stddev_for_noise_batch_size
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results"
 PHASES = ("lr", "gap", "select", "seeds", "all", "curve")
 
-#: Flags of examples/cifar_resnet18.py shared by every run of the sweep.
+#: Flags of examples/cifar_train.py shared by every run of the sweep.
 #: Fixed, class-balanced 2048-image training subset, 1000 validation images
 #: held out of the rest of the training set, the full 10,000-image test set;
 #: no augmentation, so that both batch sizes can fit the subset in few epochs.
@@ -126,12 +128,13 @@ def multi30k_schedule(batch_size):
     return round(MULTI30K_BASE["lr"] * math.sqrt(ratio), 8), max(1, round(MULTI30K_BASE["warmup_steps"] / ratio))
 
 
-#: Per task: the example, its shared flags, the default results file, the
+#: Per task: the example (a module, run with ``python -m`` from the
+#: repository root), its shared flags, the default results file, the
 #: training-set size when ``train_size`` is None (for the plan), and the
 #: optimizers the example offers.
 TASKS = {
     "cifar10": dict(
-        example=REPO / "examples" / "cifar_resnet18.py",
+        example="examples.cifar_train",
         common=COMMON,
         results=RESULTS / "cifar10_resnet8_gap.jsonl",
         full_train_size=49000,
@@ -140,7 +143,7 @@ TASKS = {
         large_batch=512,
     ),
     "multi30k": dict(
-        example=REPO / "examples" / "multi30k_transformer.py",
+        example="examples.multi30k_transformer",
         common=MULTI30K_COMMON,
         results=RESULTS / "multi30k_transformer.jsonl",
         full_train_size=29000,
@@ -247,11 +250,6 @@ def common(args):
     return config
 
 
-def noise_equivalent_stddev(large, small):
-    """``sqrt(B_large / B_small - 1)``: the gradient noise of the small batch."""
-    return math.sqrt(large / small - 1.0)
-
-
 def make_config(args, batch_size, noise="none", stddev=0.0, seed=0, role=""):
     config = common(args)
     stddev = round(float(stddev), 6) if noise != "none" else 0.0
@@ -272,7 +270,7 @@ def key_of(config):
 def candidate_stddevs(args):
     values = [float(s) for s in args.stddevs]
     if args.noise_equivalent:
-        values.append(noise_equivalent_stddev(args.large_batch, args.small_batch))
+        values.append(stddev_for_noise_batch_size(args.large_batch, args.small_batch))
     return sorted({round(v, 6) for v in values})
 
 
@@ -380,7 +378,7 @@ def append_result(path, record):
 
 
 def flags_of(config):
-    """The command-line flags of the example (cifar_resnet18.py, multi30k_transformer.py) for ``config``."""
+    """The command-line flags of the example (cifar_train.py, multi30k_transformer.py) for ``config``."""
     flags = []
     for key, value in config.items():
         if key in ("role",) or value is None:
@@ -455,7 +453,7 @@ def record_of(args, config, result):
             val_acc_history=history.get("val_token_acc"),
             train_loss_history=history.get("loss"),
         )
-    example = TASKS[args.task]["example"].relative_to(REPO)
+    example = TASKS[args.task]["example"]
     return {
         "key": key_of(config),
         "config": config,
@@ -464,7 +462,7 @@ def record_of(args, config, result):
         **fields,
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "parallel_runs": args.jobs, "threads_per_run": args.threads},
-        "command": " ".join(["python", str(example), *flags_of(config)]),
+        "command": " ".join(["python", "-m", example, *flags_of(config)]),
     }
 
 
@@ -475,7 +473,7 @@ def run_one(args, config):
     fd, json_out = tempfile.mkstemp(suffix=".json", dir=run_dir)
     os.close(fd)
     command = [
-        sys.executable, str(TASKS[args.task]["example"]), *flags_of(config), "--out", str(run_dir),
+        sys.executable, "-m", TASKS[args.task]["example"], *flags_of(config), "--out", str(run_dir),
         "--json-out", json_out, "--verbose", "2",
     ]
     if args.task == "cifar10":
@@ -555,7 +553,7 @@ def main(argv=None):
         f"Sweep {args.task}: {args.optimizer}, batch {args.small_batch} vs {args.large_batch}, "
         f"{args.epochs} epochs on {args.train_size or 'all'} training examples; stddev candidates "
         f"{candidate_stddevs(args)} (noise-equivalent "
-        f"{noise_equivalent_stddev(args.large_batch, args.small_batch):.3f}); results {args.results}",
+        f"{stddev_for_noise_batch_size(args.large_batch, args.small_batch):.3f}); results {args.results}",
         flush=True,
     )
     if args.phase in ("gap", "all"):

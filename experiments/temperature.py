@@ -19,8 +19,8 @@ Phases, in the order they run (``--phase all`` runs them in turn):
    a quarter of the stddev; arm by arm, each over every seed, in that order
    of priority.
 
-    python experiments/temperature.py --threads 1 --parallel 1
-    python experiments/temperature.py --phase rate --rates 0.05 0.1 0.2
+    python -m experiments.temperature --threads 1 --parallel 1
+    python -m experiments.temperature --phase rate --rates 0.05 0.1 0.2
 """
 
 import argparse
@@ -34,7 +34,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-EXAMPLE = "examples/gd_vs_sgd.py"
+EXAMPLE = "examples.gd_vs_sgd"  # run as `python -m` from the repository root
 DEFAULT_RESULTS = HERE / "results" / "cifar10_gd_vs_sgd.jsonl"
 
 # (noise, stddev factor) of the noise arms, in priority order.
@@ -108,8 +108,8 @@ def load_results(path):
 
 
 def run_one(args, run_args, phase):
-    command = [sys.executable, EXAMPLE] + run_args + ["--threads", str(args.threads)]
-    shown = " ".join(["python", EXAMPLE] + run_args)
+    command = [sys.executable, "-m", EXAMPLE] + run_args + ["--threads", str(args.threads)]
+    shown = " ".join(["python", "-m", EXAMPLE] + run_args)
     started = time.time()
     print(f"[{time.strftime('%H:%M:%S')}] {shown}", flush=True)
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)

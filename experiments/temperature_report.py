@@ -8,7 +8,7 @@ Reads the JSONL results and writes, for the runs at one rate:
   then mean ± std), training accuracy and log Tr(G);
 * ``--figure``: test accuracy per arm with every seed's point.
 
-    python experiments/temperature_report.py --lr 0.1 --figure experiments/figures/gd_vs_sgd.png
+    python -m experiments.temperature_report --lr 0.1 --figure experiments/figures/gd_vs_sgd.png
 """
 
 import argparse

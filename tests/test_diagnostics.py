@@ -262,12 +262,12 @@ def test_diagnostics_logger_every_n_epochs():
 # -- the example ---------------------------------------------------------------------------
 
 
-def test_ggn_trace_example_quick():
+def test_ggn_trace_example_quick(tmp_path):
     # About 40 s of CPU (mostly tracing three ResNets); the timeout leaves room
     # for a loaded machine.
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
     result = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "ggn_trace.py"), "--quick"],
+        [sys.executable, "-m", "examples.ggn_trace", "--quick", "--out", str(tmp_path / "runs")],
         capture_output=True, text=True, timeout=240, env=env, cwd=REPO,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -17,15 +17,12 @@ import pytest
 import tensorflow as tf
 
 import tf_gradmix
+from examples import cifar10, resnet
+from tf_gradmix import residual
+
+import real_data
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLES = REPO / "examples"
-sys.path.insert(0, str(EXAMPLES))
-
-import cifar10  # noqa: E402
-import resnet  # noqa: E402
-
-import real_data  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +228,7 @@ def _check_residual_naming(model):
         bn = model.get_layer(f"{block}_2_bn")
         assert isinstance(bn, keras.layers.BatchNormalization)
         assert any(t is bn.output for t in add.input), f"{bn.name} does not feed {add.name}"
-        assert resnet.residual_bns(model)[add.name] is bn
+        assert bn in residual.residual_batch_norms(model)
         conv = model.get_layer(f"{block}_2_conv")
         assert bn.input is conv.output
     return adds
@@ -240,7 +237,7 @@ def _check_residual_naming(model):
 def test_resnet8_size_and_naming():
     model = resnet.cifar_resnet(model_class=tf_gradmix.Model)
     assert isinstance(model, tf_gradmix.Model)
-    # By hand: convs 76,720 + BN 4 x 336 + dense 650 (DESIGN.md §5: ~79k).
+    # By hand: convs 76,720 + BN 4 x 336 + dense 650 (~79k).
     assert model.count_params() == 78_714
     adds = _check_residual_naming(model)
     assert [a.name for a in adds] == ["conv2_block1_add", "conv3_block1_add", "conv4_block1_add"]
@@ -279,7 +276,8 @@ def test_demo_quick_runs_end_to_end(cifar, tmp_path):
     proc = subprocess.run(
         [
             sys.executable,
-            str(EXAMPLES / "demo.py"),
+            "-m",
+            "examples.demo",
             "--quick",
             "--data-dir",
             str(source),
@@ -288,7 +286,7 @@ def test_demo_quick_runs_end_to_end(cifar, tmp_path):
             "--out",
             str(out),
         ],
-        cwd=tmp_path,
+        cwd=REPO,  # python -m examples.demo, as the README says
         env=env,
         capture_output=True,
         text=True,

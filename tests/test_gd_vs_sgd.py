@@ -11,20 +11,14 @@ import keras
 import numpy as np
 import pytest
 
+from examples import cifar10, gd_vs_sgd
+from experiments import temperature, temperature_report
 from tf_gradmix import noise
 
+import real_data
 from oracles import flat, per_example_gradients, weights_of
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "examples"))
-sys.path.insert(0, str(REPO / "experiments"))
-
-import cifar10  # noqa: E402
-import gd_vs_sgd  # noqa: E402
-import temperature  # noqa: E402
-import temperature_report  # noqa: E402
-
-import real_data  # noqa: E402
 
 
 def test_default_stddev_is_the_temperature_rule():
@@ -116,7 +110,7 @@ def test_one_arm_runs_end_to_end_on_real_cifar10(tmp_path):
         real_data.missing("CIFAR-10 JPEG")
     out = tmp_path / "arm.json"
     command = [
-        sys.executable, str(REPO / "examples" / "gd_vs_sgd.py"),
+        sys.executable, "-m", "examples.gd_vs_sgd",
         "--train-size", "100", "--val-size", "100", "--test-size", "200",
         "--steps", "4", "--eval-every", "2", "--noise", "bernoulli", "--ggn-size", "16",
         "--out", str(out),

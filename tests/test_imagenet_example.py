@@ -1,22 +1,16 @@
 """The ImageNet ResNet-50 example, offline: TFDS mock data at a tiny size."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds  # a pinned requirement: never skipped
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "imagenet_resnet50.py"
-
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("imagenet_resnet50", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from examples import imagenet_resnet50
+
+    return imagenet_resnet50
 
 
 def test_pipeline_shards_per_worker_and_batches_per_replica(example, monkeypatch):

@@ -235,3 +235,36 @@ def test_wheel_from_a_clean_copy_installs_and_trains_outside_the_source_tree(tmp
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH="")
     result = run([str(python), "-c", ONE_STEP], cwd=outside, env=env)
     assert f"trained {tf_gradmix.__version__}" in result.stdout
+
+
+# -- the repository around the package --------------------------------------------
+
+
+def python_files(*folders):
+    return [p for folder in folders for p in sorted((REPO / folder).rglob("*.py"))]
+
+
+def test_no_test_module_imports_another():
+    """Shared test helpers live in conftest.py and oracles.py, not in test modules."""
+    tests = {p.stem for p in (REPO / "tests").glob("test_*.py")}
+    offenders = []
+    for path in python_files("tests"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.name} imports {n}" for n in names if n.split(".")[0] in tests]
+    assert not offenders, offenders
+
+
+def test_examples_experiments_benchmarks_and_tests_never_edit_sys_path():
+    """Shared example code is imported as the ``examples`` package (``python -m``)."""
+    edits = ("sys.path.insert", "sys.path.append")
+    offenders = [
+        str(path.relative_to(REPO))
+        for path in python_files("examples", "experiments", "benchmarks", "tests")
+        if path != Path(__file__).resolve() and any(edit in path.read_text() for edit in edits)
+    ]
+    assert not offenders, offenders

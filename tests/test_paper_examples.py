@@ -1,6 +1,6 @@
 """Smoke tests of the paper's examples and of the reproduction sweep.
 
-* ``examples/cifar_resnet18.py --quick`` and
+* ``examples/cifar_train.py --quick`` and
   ``examples/multi30k_transformer.py --quick`` run a few steps on tiny
   settings in a subprocess, on the real data in ``$TF_GRADMIX_DATA`` or
   ``../shared/data`` (skipped only when there is none; nothing downloads);
@@ -19,25 +19,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from examples import cifar10, cifar_train, multi30k
+from experiments import plot, sweep
+
+import real_data
+
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLES = REPO / "examples"
-EXPERIMENTS = REPO / "experiments"
-sys.path.insert(0, str(EXAMPLES))
-sys.path.insert(0, str(EXPERIMENTS))
-
-import cifar10  # noqa: E402
-import cifar_resnet18  # noqa: E402
-import multi30k  # noqa: E402
-import plot  # noqa: E402
-import sweep  # noqa: E402
-
-import real_data  # noqa: E402
 
 
-def _run(script, *flags):
+def _run(module, *flags):
+    """Runs ``python -m module`` from the repository root, as the README says."""
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
     done = subprocess.run(
-        [sys.executable, str(script), *flags], cwd=REPO, env=env,
+        [sys.executable, "-m", module, *flags], cwd=REPO, env=env,
         capture_output=True, text=True,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -53,16 +47,16 @@ def multi30k_folder():
 
 
 # --------------------------------------------------------------------------
-# examples/cifar_resnet18.py
+# examples/cifar_train.py
 
 
-def test_cifar_resnet18_quick_run(tmp_path):
+def test_cifar_train_quick_run(tmp_path):
     if cifar10.find_cifar10() is None:
         real_data.missing("CIFAR-10 JPEG")
     out = tmp_path / "run"
     result_path = tmp_path / "result.json"
     stdout = _run(
-        EXAMPLES / "cifar_resnet18.py", "--quick", "--noise", "rademacher",
+        "examples.cifar_train", "--quick", "--noise", "rademacher",
         "--stddev", "0.5", "--ggn-size", "8", "--ggn-probes", "2", "--verbose", "0",
         "--out", str(out), "--json-out", str(result_path),
     )
@@ -88,36 +82,36 @@ def test_cifar_resnet18_quick_run(tmp_path):
     assert not any((out / "backup").rglob("*.weights.h5"))
 
 
-def test_cifar_resnet18_flags_and_schedule():
-    args = cifar_resnet18.parse_args(
+def test_cifar_train_flags_and_schedule():
+    args = cifar_train.parse_args(
         ["--batch-size", "8192", "--noise", "gaussian", "--noise-batch-size", "1024", "--epochs", "200"]
     )
     assert args.stddev == pytest.approx(math.sqrt(8192 / 1024 - 1))
-    settings = cifar_resnet18.schedule_settings(args, steps_per_epoch=6)
+    settings = cifar_train.schedule_settings(args, steps_per_epoch=6)
     assert settings["peak_learning_rate"] == pytest.approx(0.1 * 8192 / 200)
     assert settings["total_steps"] == 1200 and settings["warmup_steps"] == 120
     for name, base in (("lars", 0.1), ("adam", 1e-3), ("lamb", 1e-3)):
-        a = cifar_resnet18.parse_args(["--optimizer", name, "--batch-size", "400", "--epochs", "10"])
-        assert cifar_resnet18.schedule_settings(a, 5)["peak_learning_rate"] == pytest.approx(2 * base)
-    assert cifar_resnet18.parse_args(["--stddev", "3"]).stddev == 0.0  # --noise none
+        a = cifar_train.parse_args(["--optimizer", name, "--batch-size", "400", "--epochs", "10"])
+        assert cifar_train.schedule_settings(a, 5)["peak_learning_rate"] == pytest.approx(2 * base)
+    assert cifar_train.parse_args(["--stddev", "3"]).stddev == 0.0  # --noise none
 
 
-def test_cifar_resnet18_tfds_path_with_mock_data():
+def test_cifar_train_tfds_path_with_mock_data():
     """CIFAR-100 goes through TFDS (mocked here: nothing downloads)."""
     import tensorflow_datasets as tfds
 
-    args = cifar_resnet18.parse_args(["--dataset", "cifar100", "--batch-size", "16"])
+    args = cifar_train.parse_args(["--dataset", "cifar100", "--batch-size", "16"])
     with tfds.testing.mock_data(num_examples=40):
-        arrays = cifar_resnet18.load_arrays(args)
+        arrays = cifar_train.load_arrays(args)
     (x, y), (x_test, y_test) = arrays
     assert x.shape == (40, 32, 32, 3) and x.dtype == np.uint8 and x_test.shape == (40, 32, 32, 3)
     assert y.dtype == np.int64 and 0 <= y.min() and y.max() < 100
-    (x_tr, y_tr), val, test = cifar_resnet18.split_data(args, arrays)
+    (x_tr, y_tr), val, test = cifar_train.split_data(args, arrays)
     assert val is None and len(y_tr) == 40 and len(test[1]) == 40
-    images, labels = next(iter(cifar_resnet18.make_dataset(args, x_tr, y_tr, 16, training=True)))
+    images, labels = next(iter(cifar_train.make_dataset(args, x_tr, y_tr, 16, training=True)))
     assert images.shape == (16, 32, 32, 3) and images.dtype.name == "float32"
     with pytest.raises(SystemExit):
-        cifar_resnet18.parse_args(["--dataset", "cifar100", "--data-dir", "/nonexistent"])
+        cifar_train.parse_args(["--dataset", "cifar100", "--data-dir", "/nonexistent"])
 
 
 # --------------------------------------------------------------------------
@@ -146,9 +140,8 @@ def test_multi30k_loader_and_tokenizer(multi30k_folder):
 
 
 def test_multi30k_transformer_optimizers_and_schedule():
-    import multi30k_transformer as mt
-
     import tf_gradmix as gm
+    from examples import multi30k_transformer as mt
 
     args = mt.parse_args(["--optimizer", "lamb", "--batch-size", "1024", "--noise", "rademacher", "--size", "base"])
     optimizer, peak, warmup = mt.build_optimizer(args)
@@ -164,7 +157,7 @@ def test_multi30k_transformer_optimizers_and_schedule():
 def test_multi30k_transformer_quick_run(tmp_path, multi30k_folder):
     result_path = tmp_path / "result.json"
     _run(
-        EXAMPLES / "multi30k_transformer.py", "--quick", "--noise", "gaussian",
+        "examples.multi30k_transformer", "--quick", "--noise", "gaussian",
         "--stddev", "1", "--verbose", "0", "--out", str(tmp_path / "run"),
         "--json-out", str(result_path),
     )
@@ -247,7 +240,7 @@ def _record(config, train, val, test):
 def test_sweep_flags_reach_the_example(tmp_path):
     args = _sweep_args(tmp_path)
     config = sweep.make_config(args, 512, "rademacher", 2.5, seed=1, role="select")
-    parsed = cifar_resnet18.parse_args(sweep.flags_of(config))
+    parsed = cifar_train.parse_args(sweep.flags_of(config))
     assert (parsed.batch_size, parsed.noise, parsed.stddev, parsed.seed) == (512, "rademacher", 2.5, 1)
     assert (parsed.train_size, parsed.val_size, parsed.model, parsed.augment) == (2048, 1000, "resnet8", False)
     assert parsed.epochs == 40 and parsed.test_size is None
@@ -257,7 +250,7 @@ def test_sweep_flags_reach_the_example(tmp_path):
 def test_sweep_multi30k_flags_reach_the_example(tmp_path):
     args = _sweep_args(tmp_path, "--task", "multi30k", "--optimizer", "lamb")
     config = sweep.make_config(args, 1024, "gaussian", 1.5, seed=2, role="select")
-    import multi30k_transformer
+    from examples import multi30k_transformer
 
     parsed = multi30k_transformer.parse_args(sweep.flags_of(config))
     assert (parsed.batch_size, parsed.noise, parsed.stddev, parsed.seed) == (1024, "gaussian", 1.5, 2)
@@ -287,7 +280,6 @@ def test_plot_keeps_a_multi30k_sweep_in_one_setup(tmp_path):
 
 def test_sweep_resumes_and_chooses_stddev_on_validation(tmp_path):
     args = _sweep_args(tmp_path)
-    assert sweep.noise_equivalent_stddev(1024, 128) == pytest.approx(math.sqrt(7))
     assert sweep.candidate_stddevs(args) == [0.5, 1.0, round(math.sqrt(512 / 64 - 1), 6)]
     assert sweep.candidate_stddevs(_sweep_args(tmp_path, "--stddevs", "1", "--no-noise-equivalent")) == [1.0]
     select = sweep.select_configs(args)
