@@ -1,7 +1,8 @@
 """The CIFAR trainer of the examples: ResNet-18 or ResNet-8 on CIFAR-10/100 with GradientMix.
 
-``make demo`` (``examples/demo.py``) and the Table 1 run
-(``examples/ggn_trace.py``) are presets of this script.
+The Table 1 run (``examples/ggn_trace.py``) is a preset of this script.
+(``make demo``, ``examples/demo.py``, is a preset of the equal-rate study's
+trainer, ``examples/gd_vs_sgd.py``.)
 
 The GradientMix paper (§5.1, Figures 1-2, Table 1) trains the CIFAR ResNet-18
 at large batch sizes with SGD + Nesterov, LARS, Adam or LAMB, with the
