@@ -13,11 +13,11 @@ subset without augmentation, SGD + Nesterov, the paper's §5.1 schedule
   ``noise.stddev_for_temperature(B, lr_B, b, lr_b)`` (``sqrt(3)`` for
   1024 vs 64), which restores the small batch's temperature.
 
-Each run is one ``examples/cifar_resnet18.py`` process; one JSON line per
+Each run is one ``examples/cifar_train.py`` process (``python -m``); one JSON line per
 finished run (with its command) goes to ``--results``; finished runs are
 skipped, so the sweep resumes where it stopped.
 
-    python experiments/capped_rate.py --parallel 2 --threads 1
+    python -m experiments.capped_rate --parallel 2 --threads 1
 """
 
 import argparse
@@ -31,15 +31,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from experiments.temperature import key_of, load_results
+from tf_gradmix import noise
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
-from tf_gradmix import noise  # noqa: E402
-
-sys.path.insert(0, str(HERE))
-from temperature import key_of, load_results  # noqa: E402
-
-EXAMPLE = "examples/cifar_resnet18.py"
+EXAMPLE = "examples.cifar_train"  # run as `python -m` from the repository root
 DEFAULT_RESULTS = HERE / "results" / "cifar10_resnet8_capped_rate.jsonl"
 RECIPE_RATE, RECIPE_BATCH = 0.1, 200  # paper §5.1 (gm.recipes.CIFAR_NESTEROV)
 
@@ -83,12 +80,12 @@ def arms(args, seed):
 
 
 def run_one(args, label, run_args):
-    shown = " ".join(["python", EXAMPLE] + run_args)
+    shown = " ".join(["python", "-m", EXAMPLE] + run_args)
     print(f"[{time.strftime('%H:%M:%S')}] {shown}", flush=True)
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        command = [sys.executable, EXAMPLE] + run_args + [
+        command = [sys.executable, "-m", EXAMPLE] + run_args + [
             "--threads", str(args.threads), "--out", tmp, "--json-out", str(out)
         ]
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)

@@ -23,8 +23,9 @@ import pytest
 import tensorflow as tf
 
 import tf_gradmix as gm
-from oracles import assert_float32_close
 from tf_gradmix import compat, distribute
+
+from oracles import assert_float32_close
 
 WORKER = Path(__file__).parent / "workers" / "mwms_worker.py"
 SEED = 1234  # as in the worker script

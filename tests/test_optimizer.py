@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 import tf_gradmix as gm
+
 from oracles import (
     SCCE,
     assert_float32_close,
@@ -156,7 +157,9 @@ def test_inner_clipping_acts_per_replica_after_the_device_weights(mirrored_strat
     assert_float32_close(update, expected)
     # The other orders are far from it: clipping before the weights, or the sum.
     unweighted = [[g / K for g in replica_gradients(ref, x[s], y[s])] for s in replica_slices(16)]
-    before = flat(sum(np.array([w[k] * g for g in clip(r, kind, limit)], dtype=object) for k, r in enumerate(unweighted)))
+    before = flat(
+        sum(np.array([w[k] * g for g in clip(r, kind, limit)], dtype=object) for k, r in enumerate(unweighted))
+    )
     summed = flat(clip(list(sum(np.array(r, dtype=object) for r in replica)), kind, limit))
     for other in (before, summed):
         assert relative_error(other, expected) > 0.01

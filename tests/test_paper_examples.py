@@ -182,10 +182,11 @@ def test_multi30k_transformer_mixes_one_weight_per_sentence():
     ``sum_b w_b sum_t ce_bt / (valid tokens)``, computed by hand.
     """
     import keras
+    import multi30k_transformer as mt
     import tensorflow as tf
 
-    import multi30k_transformer as mt
     import tf_gradmix as gm
+
     from oracles import assert_float32_close, flat, weights_of
 
     args = mt.parse_args(["--quick", "--noise", "gaussian", "--stddev", "1"])
