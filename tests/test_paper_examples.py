@@ -182,10 +182,10 @@ def test_multi30k_transformer_mixes_one_weight_per_sentence():
     ``sum_b w_b sum_t ce_bt / (valid tokens)``, computed by hand.
     """
     import keras
-    import multi30k_transformer as mt
     import tensorflow as tf
 
     import tf_gradmix as gm
+    from examples import multi30k_transformer as mt
 
     from oracles import assert_float32_close, flat, weights_of
 
