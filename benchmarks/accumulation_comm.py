@@ -37,9 +37,9 @@ Timings are never asserted anywhere: this script only reports.
 
 Usage::
 
-    python benchmarks/accumulation_comm.py                  # ~1.5 min on 2 shared cores
-    python benchmarks/accumulation_comm.py --rounds 3 --updates 2
-    python benchmarks/accumulation_comm.py --table-from runs/benchmarks/accumulation_comm.json
+    python -m benchmarks.accumulation_comm                  # ~1.5 min on 2 shared cores
+    python -m benchmarks.accumulation_comm --rounds 3 --updates 2
+    python -m benchmarks.accumulation_comm --table-from runs/benchmarks/accumulation_comm.json
 """
 
 import argparse
