@@ -14,10 +14,10 @@ which solution generalizes. At the same rate GD runs at ``32x`` lower
 temperature than the small batch and tests worse; mixing the full batch's
 per-example gradients with random weights brings the noise back. It prints a
 table and saves ``results.md``, ``results.json`` and ``demo.png`` under
-``--out`` (default ``runs/demo/``). About 4–6 minutes on 2 idle cores.
+``--out`` (default ``runs/demo/``). About 2 minutes on 2 idle cores.
 
 The full study (3 seeds, Bernoulli and Rademacher weights, an isotropic
-control of the same size, half the stddev) is ``experiments/temperature.py``
+control of the same size, other stddevs) is ``experiments/temperature.py``
 (``python -m experiments.temperature``); its results are in the README.
 
     python -m examples.demo
