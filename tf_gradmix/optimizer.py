@@ -147,8 +147,9 @@ class GradientMix(keras.optimizers.Optimizer):
             ...). Learning rate, clipping, weight decay, EMA and
             ``gradient_accumulation_steps`` are set on it.
         level: ``"sample"`` or ``"device"``.
-        noise: ``"gaussian"``, ``"rademacher"`` or a
-            :class:`tf_gradmix.noise.Noise` instance: the distribution of xi.
+        noise: ``"gaussian"``, ``"rademacher"``, ``"bernoulli"`` (Poisson
+            sampling, ``w = b / p`` with ``p = 1 / (1 + stddev^2)``) or a
+            :class:`tf_gradmix.noise.Noise` instance: the distribution of ``w``.
         stddev: the standard deviation ``sigma >= 0`` of ``w``, a float or a
             ``keras.optimizers.schedules.LearningRateSchedule`` called with
             the raw step (to anneal the noise). ``0`` reproduces plain
