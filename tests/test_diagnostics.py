@@ -272,3 +272,11 @@ def test_ggn_trace_example_quick(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "log Tr G" in result.stdout and "Rademacher" in result.stdout
+
+
+def test_the_moved_callback_name_says_where_it_went():
+    import tf_gradmix as gm
+
+    with pytest.raises(AttributeError, match=r"moved to tf_gradmix\.callbacks\.DiagnosticsLogger"):
+        gm.diagnostics.DiagnosticsLogger  # noqa: B018
+    assert gm.DiagnosticsLogger.__module__ == "tf_gradmix.callbacks"

@@ -11,10 +11,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "tf_gradmix"
 
-# Imports made on first use of an old public name, never while importing:
-# ``tf_gradmix.diagnostics.DiagnosticsLogger`` resolves to the callback in
-# tf_gradmix.callbacks.
-DEFERRED_ALIASES = {("tf_gradmix.diagnostics", "tf_gradmix.callbacks")}
 
 
 def module_name(path):
@@ -54,7 +50,7 @@ def import_graph():
         name: {
             target
             for target in imported(ast.parse(path.read_text()), known)
-            if (name, target) not in DEFERRED_ALIASES and target != name
+            if target != name
         }
         for name, path in known.items()
     }

@@ -14,8 +14,6 @@ optimizer or model classes, so they work on any ``keras.Model``.
   measurements during ``fit`` is :class:`tf_gradmix.callbacks.DiagnosticsLogger`.
 """
 
-import warnings
-
 from tf_gradmix.diagnostics.curvature import (
     SPLITS,
     TraceEstimate,
@@ -49,15 +47,12 @@ __all__ = [
 
 
 def __getattr__(name):
-    # The callback moved to tf_gradmix.callbacks; the old name keeps working.
+    # The callback moved to tf_gradmix.callbacks (which imports this package,
+    # so no alias here: that would be an import cycle). Say where it went.
     if name == "DiagnosticsLogger":
-        warnings.warn(
+        raise AttributeError(
             "tf_gradmix.diagnostics.DiagnosticsLogger moved to "
-            "tf_gradmix.callbacks.DiagnosticsLogger (also tf_gradmix.DiagnosticsLogger).",
-            DeprecationWarning,
-            stacklevel=2,
+            "tf_gradmix.callbacks.DiagnosticsLogger (also tf_gradmix.DiagnosticsLogger): "
+            "the diagnostics only measure; the callback that logs them is a callback."
         )
-        from tf_gradmix.callbacks import DiagnosticsLogger
-
-        return DiagnosticsLogger
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

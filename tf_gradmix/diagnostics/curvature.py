@@ -38,8 +38,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import tf_gradmix.diagnostics.sample as sample
 from tf_gradmix import compat, per_example, validation
-from tf_gradmix.diagnostics import sample
 from tf_gradmix.diagnostics.sample import DEFAULT_BATCH_SIZE
 
 __all__ = [
