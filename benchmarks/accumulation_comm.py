@@ -46,7 +46,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -63,19 +62,10 @@ WORKERS = 2
 # -- parent ----------------------------------------------------------------
 
 
-def free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def run_workers(args):
-    ports = free_ports(WORKERS)
+    from tf_gradmix import distribute
+
+    ports = distribute.free_local_ports(WORKERS)
     tmp = Path(tempfile.mkdtemp(prefix="accumulation_comm_"))
     processes = []
     for index in range(WORKERS):

@@ -11,7 +11,6 @@ use the 4 logical CPUs of the pytest process (``conftest.py``).
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,17 +34,6 @@ COLLECTIVE_TIMEOUT = 20  # seconds: a survivor of a killed peer gives up
 
 
 # -- process helpers ---------------------------------------------------------
-
-
-def free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def start(spec, tmp_path, name):
@@ -94,7 +82,7 @@ def wait_all(processes, timeout=PROCESS_TIMEOUT):
 
 
 def run_cluster(spec, tmp_path, name, workers=2):
-    ports = free_ports(workers)
+    ports = distribute.free_local_ports(workers)
     processes = [
         start(dict(spec, ports=ports, index=i, out=str(tmp_path / f"{name}{i}.npz")), tmp_path, f"{name}{i}")
         for i in range(workers)
@@ -338,7 +326,7 @@ def fault_spec(data, tmp_path, name, workers, shards, **extra):
 
 
 def start_group(spec, tmp_path, name, workers, backup_root):
-    ports = free_ports(workers) if workers > 1 else None
+    ports = distribute.free_local_ports(workers) if workers > 1 else None
     processes = []
     for i in range(workers):
         worker_spec = dict(
@@ -566,3 +554,15 @@ def test_stock_steps_per_execution_still_fails_under_a_strategy(mirrored_strateg
     ds = tf.data.Dataset.from_tensor_slices((x[:24], y[:24])).batch(8)
     with pytest.raises(Exception, match="You must feed a value for placeholder tensor"):
         model.fit(ds, epochs=1, verbose=0)
+
+
+def test_free_local_ports_are_distinct_and_bindable():
+    import socket
+
+    ports = distribute.free_local_ports(3)
+    assert len(set(ports)) == 3
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # released again: a worker can take it
+    with pytest.raises(ValueError, match=r"argument `n`: 0"):
+        distribute.free_local_ports(0)

@@ -45,6 +45,8 @@ to a strategy.
   all-reduced once per update, not once per micro-batch.
 """
 
+import socket
+
 import tensorflow as tf
 
 from tf_gradmix import compat, validation
@@ -118,6 +120,25 @@ def distribute_dataset(strategy, dataset_fn):
     happens; each worker reads only its shard).
     """
     return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def free_local_ports(n):
+    """``n`` TCP ports free on 127.0.0.1, for a multi-worker cluster on one machine.
+
+    Each port is bound once (so the ``n`` differ) and released before
+    returning; put them in each worker's ``TF_CONFIG`` ``cluster.worker`` as
+    ``"127.0.0.1:PORT"`` to try ``MultiWorkerMirroredStrategy`` with ``n``
+    local processes.
+    """
+    validation.integer("n", n, low=1)
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def multi_worker_strategy(collective_timeout=None, cluster_resolver=None):
