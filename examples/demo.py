@@ -34,7 +34,7 @@ from pathlib import Path
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from examples import gd_vs_sgd  # noqa: E402
+from examples import cifar10, gd_vs_sgd  # noqa: E402
 
 CAVEAT = (
     "One seed at CPU scale: the study behind this demo (3 seeds, controls) is in the "
@@ -46,10 +46,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--data-dir", default=None, help="CIFAR-10 JPEG copy (default: $TF_GRADMIX_DATA, then "
-                                                    "../shared/data, then keras.datasets)")
-    p.add_argument("--cache-dir", default=None, help="decoded-array cache (default: $TF_GRADMIX_CACHE or "
-                                                     "~/.cache/tf_gradmix)")
+    cifar10.add_data_arguments(p)
     p.add_argument("--out", default="runs/demo", help="output directory for the table and the plot")
     p.add_argument("--train-size", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=32, help="the small batch b")

@@ -58,10 +58,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--data-dir", default=None, help="CIFAR-10 JPEG copy (default: $TF_GRADMIX_DATA, then "
-                                                    "../shared/data)")
-    p.add_argument("--cache-dir", default=None, help="decoded-array cache (default: $TF_GRADMIX_CACHE or "
-                                                     "~/.cache/tf_gradmix)")
+    cifar10.add_data_arguments(p)
     p.add_argument("--train-size", type=int, default=1024, help="N, the fixed class-balanced training subset")
     p.add_argument("--val-size", type=int, default=1000, help="held out of training, for choosing the rate")
     p.add_argument("--test-size", type=int, default=None, help="class-balanced subset of the test images (default: all "
