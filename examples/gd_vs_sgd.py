@@ -52,6 +52,7 @@ import numpy as np  # noqa: E402
 from examples import cifar10, threads  # noqa: E402
 
 NOISES = ("none", "gaussian", "rademacher", "bernoulli", "isotropic")
+OPTIMIZERS = ("sgd", "adam")
 
 
 def parse_args(argv=None):
@@ -66,8 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--filters", type=int, nargs=2, default=(16, 32))
     p.add_argument("--batch-size", type=int, default=0, help="b; 0 = full batch (GD)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="the same in every arm")
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--momentum", type=float, default=0.0, help="SGD only")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--eval-every", type=int, default=200, help="steps between validation evaluations")
     p.add_argument("--noise", choices=NOISES, default="none")
@@ -88,6 +90,8 @@ def parse_args(argv=None):
         p.error("--noise is for the full batch (--batch-size 0) in this study")
     if args.lr <= 0 or not math.isfinite(args.lr):
         p.error(f"--lr must be a positive number, got {args.lr}")
+    if args.momentum and args.optimizer != "sgd":
+        p.error(f"--momentum is for --optimizer sgd, got --momentum {args.momentum} with --optimizer {args.optimizer}")
     return args
 
 
@@ -101,6 +105,15 @@ def stddev_of(args, n):
     if base is None:
         base = noise.stddev_for_temperature(n, args.lr, args.reference_batch_size, args.lr)
     return base * args.stddev_factor
+
+
+def make_optimizer(args):
+    """The optimizer of every arm: plain SGD (``--momentum``) or Adam (Keras defaults but the rate)."""
+    import keras
+
+    if args.optimizer == "adam":
+        return keras.optimizers.Adam(args.lr)
+    return keras.optimizers.SGD(args.lr, momentum=args.momentum)
 
 
 def build_model(args, cls):
@@ -205,15 +218,15 @@ def run(args):
     n = len(y_train)
     batch = args.batch_size or n
     stddev = stddev_of(args, n)
-    sgd = keras.optimizers.SGD(args.lr, momentum=args.momentum)
+    inner = make_optimizer(args)
     if args.noise in ("none",):
-        model, optimizer = build_model(args, keras.Sequential), sgd
+        model, optimizer = build_model(args, keras.Sequential), inner
     elif args.noise == "isotropic":
-        model, optimizer = build_model(args, isotropic_model_class()), sgd
+        model, optimizer = build_model(args, isotropic_model_class()), inner
         model.configure_noise(stddev, args.seed)
     else:
         model = build_model(args, gm.Sequential)
-        optimizer = gm.GradientMix(sgd, noise=args.noise, stddev=stddev, seed=args.seed)
+        optimizer = gm.GradientMix(inner, noise=args.noise, stddev=stddev, seed=args.seed)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
 
@@ -251,6 +264,7 @@ def run(args):
         "noise": args.noise,
         "batch_size": batch,
         "train_size": n,
+        "optimizer": args.optimizer,
         "lr": args.lr,
         "momentum": args.momentum,
         "steps": done,
