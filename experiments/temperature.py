@@ -19,11 +19,17 @@ Phases, in the order they run (``--phase all`` runs them in turn):
    the isotropic control of the same norm, and Gaussian at half, twice and
    a quarter of the stddev; arm by arm, each over every seed, in that order
    of priority.
+4. ``penalty`` (only when asked): GD + the gradient-norm penalty
+   ``λ (1/m) Σ_k ||∇L_k||²`` over blocks of ``b`` (SGD's implicit
+   regularizer, Smith et al. 2021): each of ``--penalty-factors`` times
+   ``lr/4`` on the first seed, then ``λ = lr/4`` and the larger factor with
+   the best validation accuracy on every seed.
 
     python -m experiments.temperature --threads 1 --parallel 1
     python -m experiments.temperature --phase rate --rates 0.05 0.1 0.2
     python -m experiments.temperature --optimizer adam --rates 1e-4 3e-4 1e-3 3e-3 --lazy-gd \
         --noises gaussian bernoulli isotropic --seed-major
+    python -m experiments.temperature --phase penalty --lr 0.1
 """
 
 import argparse
@@ -56,7 +62,8 @@ NOISE_ARMS = (
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--phase", choices=("rate", "gap", "arms", "all"), default="all")
+    p.add_argument("--phase", choices=("rate", "gap", "arms", "penalty", "all"), default="all",
+                   help="all = rate, gap, arms; penalty runs only when asked")
     p.add_argument("--rates", type=float, nargs="+", default=(0.05, 0.1, 0.2))
     p.add_argument("--lr", type=float, default=None, help="skip the rate phase and use this rate")
     p.add_argument("--lazy-gd", action="store_true",
@@ -74,6 +81,9 @@ def parse_args(argv=None):
                    help=f"default: {DEFAULT_RESULTS.name}, or {ADAM_RESULTS.name} with --optimizer adam")
     p.add_argument("--noises", nargs="+", default=None, choices=sorted({n for n, _ in NOISE_ARMS}),
                    help="the noise arms to run, at the rule's stddev, in this order (default: all of NOISE_ARMS)")
+    p.add_argument("--penalty-factors", type=float, nargs="+", default=(1.0, 4.0, 16.0),
+                   help="penalty phase: λ = factor · lr/4 tried on seed 0; 1 and the best larger one on validation "
+                        "then run every seed")
     p.add_argument("--seed-major", action="store_true",
                    help="run the noise arms seed by seed (every arm of seed 0 first) instead of arm by arm")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more arguments for every run")
@@ -112,6 +122,10 @@ def small_batch(args, lr, seed):
 def full_batch(args, lr, seed, noise="none", factor=1.0):
     run = base_args(args, lr, seed) + ["--batch-size", "0", "--noise", noise]
     return run + (["--stddev-factor", f"{factor:g}"] if factor != 1.0 else [])
+
+
+def penalized(args, lr, seed, factor):
+    return base_args(args, lr, seed) + ["--batch-size", "0", "--penalty-factor", f"{factor:g}"]
 
 
 def key_of(run_args):
@@ -222,12 +236,31 @@ def search_rate(args):
     return choose_rate(args, records)
 
 
+def choose_penalty_factor(records):
+    """The factor above 1 (``λ / (lr/4)``) with the best validation accuracy, or None."""
+    factors = [(r["val_acc"], -r["penalty_weight"] / (r["lr"] / 4)) for r in records
+               if r["penalty_weight"] / (r["lr"] / 4) > 1 + 1e-9]
+    if not factors:
+        return None
+    factor = -max(factors)[1]  # ties: the smaller factor
+    print(f"chosen larger penalty (validation): {factor:g} x lr/4", flush=True)
+    return factor
+
+
+def run_penalty(args, lr):
+    """GD + the gradient-norm penalty: every factor on seed 0, then λ = lr/4 and the chosen one on every seed."""
+    factors = sorted(set(args.penalty_factors) | {1.0})
+    records = run_all(args, [penalized(args, lr, args.seeds[0], f) for f in factors], "penalty")
+    chosen = [1.0] + [f for f in [choose_penalty_factor(records)] if f is not None]
+    run_all(args, [penalized(args, lr, seed, f) for seed in args.seeds for f in chosen], "penalty")
+
+
 def main(argv=None):
     args = parse_args(argv)
     lr = args.lr
     if lr is None:
         if args.phase not in ("rate", "all"):
-            raise SystemExit("--phase gap/arms need --lr (or run --phase rate first)")
+            raise SystemExit("--phase gap/arms/penalty need --lr (or run --phase rate first)")
         lr = search_rate(args)
         if args.phase == "rate":
             return
@@ -240,6 +273,8 @@ def main(argv=None):
             pairs = [(arm, seed) for seed in args.seeds for arm in noise_arms(args)]
         runs = [full_batch(args, lr, seed, noise, factor) for (noise, factor), seed in pairs]
         run_all(args, runs, "arms")
+    if args.phase == "penalty":
+        run_penalty(args, lr)
 
 
 if __name__ == "__main__":
