@@ -142,8 +142,8 @@ def tagger():
 def tagged_sequences(n=B, seed=0):
     rng = np.random.default_rng(seed)
     lengths = rng.integers(2, T + 1, n)
-    tokens = np.zeros((n, T), np.int32)
-    tags = np.full((n, T), -1, np.int64)
+    tokens = np.zeros((n, T), np.int32)  # 0: padding, hidden by the Embedding's mask
+    tags = np.zeros((n, T), np.int64)  # a valid class under the padding
     for b, length in enumerate(lengths):
         tokens[b, :length] = rng.integers(1, VOCAB, length)
         tags[b, :length] = rng.integers(0, TAGS, length)
