@@ -17,10 +17,12 @@ initial weights:
 What is measured is the time per *update*: ``k`` micro-steps and their one
 update for ``k > 1``. With accumulation every worker adds its micro-batch
 gradients to its own accumulators and the gradients cross the network once
-per update. ``ms_per_extra_micro_step`` is ``(t_k - t_1) / (k - 1)``: what
-one micro-step without update costs (its forward and backward pass, the
-local add, and ``fit``'s per-step work, which includes reducing the step's
-logs across the workers).
+per update (an earlier implementation all-reduced every micro-batch, ``k + 1``
+all-reduces an update; ``docs/performance.md`` compares the two).
+``ms_per_extra_micro_step`` is ``(t_k - t_1) / (k - 1)``: what one
+micro-step without update costs (its forward and backward pass, the local
+add, and ``fit``'s per-step work, which includes reducing the step's logs
+across the workers).
 
 **Time**: both workers build every configuration, warm each up (trace plus
 ``--warmup-updates`` updates), then run ``--rounds`` rounds; a round runs one
@@ -52,7 +54,7 @@ Timings are never asserted anywhere: this script only reports.
 
 Usage::
 
-    python -m benchmarks.accumulation_comm --ks 1,8,32      # ~1.5 min on 2 idle cores
+    python -m benchmarks.accumulation_comm --ks 1,8,32      # a few minutes on 2 cores
     python -m benchmarks.accumulation_comm --rounds 3 --updates 2
     python -m benchmarks.accumulation_comm --ks 1,8,32 --onednn on
     python -m benchmarks.accumulation_comm --table-from runs/benchmarks/accumulation_comm.json
