@@ -539,7 +539,7 @@ def test_accumulators_hold_per_replica_values_until_the_update(mirrored_strategy
         opt.build(model.trainable_variables)
     ref = plain_copy(model)
     accumulators = inner._accumulated_gradients
-    assert all(gm.compat.is_per_replica(a) for a in accumulators)
+    assert all(gm.accumulation.is_per_replica(a) for a in accumulators)
     assert [a.path for a in accumulators] == [
         f"{inner.name}/{v.path.replace('/', '_')}_gradient_accumulator" for v in model.trainable_variables
     ]

@@ -33,7 +33,7 @@ import warnings
 import keras
 import tensorflow as tf
 
-from tf_gradmix import compat, mixing_check, validation
+from tf_gradmix import accumulation, compat, mixing_check, validation
 from tf_gradmix import noise as noise_lib
 
 __all__ = ["GradientMix", "find_gradient_mix", "DEFAULT_STDDEV", "LEVELS"]
@@ -375,7 +375,7 @@ class GradientMix(keras.optimizers.Optimizer):
     def build(self, var_list):
         # Accumulation across replicas (keras-team/keras#20582): each replica
         # accumulates in its own variables, see `apply`.
-        compat.build_with_per_replica_accumulators(self.inner_optimizer, var_list)
+        accumulation.build_with_per_replica_accumulators(self.inner_optimizer, var_list)
         super().build(var_list)
 
     @property
@@ -400,7 +400,7 @@ class GradientMix(keras.optimizers.Optimizer):
             grads = self._apply_device_weights(grads, trainable_variables)
         if self._accumulates_across_replicas():
             # Keras cannot accumulate under a strategy (keras-team/keras#20582).
-            compat.apply_accumulated_across_replicas(
+            accumulation.apply_accumulated_across_replicas(
                 self.inner_optimizer, grads, trainable_variables
             )
         else:
