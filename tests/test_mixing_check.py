@@ -448,3 +448,26 @@ def test_checks_and_recipe_hold_under_mirrored_strategy(mirrored_strategy):
         [opt.example_weights(shard, step=0, replica_id=k).numpy() for k in range(replicas)]
     ).astype(np.float64)
     assert_float32_close(update, grads.T @ (w / B))
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16", "mixed_float16"])
+def test_checks_trace_under_xla_and_mixed_precision(policy):
+    """XLA-compiled steps, low-precision predictions, a LossScaleOptimizer around GradientMix."""
+    keras.config.set_dtype_policy(policy)
+    x, y = data()
+
+    def optimizer():
+        opt = mixer()
+        return keras.optimizers.LossScaleOptimizer(opt) if policy == "mixed_float16" else opt
+
+    model = functional(gm.Model)
+    model.compile(optimizer=optimizer(), loss=SCCE, jit_compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PartialMixingWarning)
+        history = model.fit(x, y, batch_size=B, verbose=0)
+    assert history.history["gradmix_gamma"][0] > 1
+
+    partial = gm.enable(distiller())
+    partial.compile(optimizer=optimizer(), jit_compile=True)
+    with pytest.warns(PartialMixingWarning, match="4 trainable variable"):
+        partial.fit(x, y, batch_size=B, verbose=0)

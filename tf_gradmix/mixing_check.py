@@ -121,16 +121,17 @@ class _WithoutGradient:
 def _regularizers_without_gradient(variables):
     """Weight regularizers keep their value and lose their gradient.
 
-    Every variable gets one (a constant zero where it had none), so the
-    loss is never empty; Keras's default ``compute_loss`` refuses an empty one.
+    Without any, the first variable gets a constant zero one, so the loss
+    is never empty (Keras's default ``compute_loss`` refuses an empty one).
     """
-    originals = [v.regularizer for v in variables]
+    changed = [v for v in variables if v.regularizer is not None] or variables[:1]
+    originals = [v.regularizer for v in changed]
     try:
-        for v, regularizer in zip(variables, originals):
+        for v, regularizer in zip(changed, originals):
             v.regularizer = _WithoutGradient(regularizer)
         yield
     finally:
-        for v, regularizer in zip(variables, originals):
+        for v, regularizer in zip(changed, originals):
             v.regularizer = regularizer
 
 
