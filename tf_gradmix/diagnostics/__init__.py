@@ -12,7 +12,16 @@ optimizer or model classes, so they work on any ``keras.Model``.
 * Per-example gradients are in :mod:`tf_gradmix.per_example` (also
   reachable here under their old names); the callback that logs these
   measurements during ``fit`` is :class:`tf_gradmix.callbacks.DiagnosticsLogger`.
+
+TensorFlow only (``tf.vectorized_map``, ``tf.autodiff.ForwardAccumulator``):
+importing this package on another backend raises an error that says so.
 """
+
+from tf_gradmix import backend
+
+backend.require("tf_gradmix.diagnostics", ("tensorflow",))
+
+# ruff: noqa: E402
 
 from tf_gradmix.diagnostics.curvature import (
     SPLITS,
@@ -28,7 +37,6 @@ from tf_gradmix.diagnostics.noise_scale import (
 )
 from tf_gradmix.diagnostics.sample import DEFAULT_BATCH_SIZE
 from tf_gradmix.per_example import check_per_example_safe, per_example_gradients
-from tf_gradmix.per_example import train_step as per_example_train_step
 
 __all__ = [
     "ggn_trace",
@@ -42,13 +50,17 @@ __all__ = [
     "DEFAULT_BATCH_SIZE",
     "per_example_gradients",
     "check_per_example_safe",
-    "per_example_train_step",
 ]
 
 
 def __getattr__(name):
     # The callback moved to tf_gradmix.callbacks (which imports this package,
     # so no alias here: that would be an import cycle). Say where it went.
+    if name == "per_example_train_step":
+        raise AttributeError(
+            "tf_gradmix.diagnostics.per_example_train_step moved to tf_gradmix.exact.train_step "
+            "(it trains, and the diagnostics only measure)."
+        )
     if name == "DiagnosticsLogger":
         raise AttributeError(
             "tf_gradmix.diagnostics.DiagnosticsLogger moved to "
