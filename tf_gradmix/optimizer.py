@@ -23,7 +23,7 @@ import warnings
 
 import keras
 
-from tf_gradmix import backend, validation
+from tf_gradmix import backend, mixing_check, validation
 from tf_gradmix import noise as noise_lib
 
 __all__ = ["GradientMix", "find_gradient_mix", "has_sample_hook", "DEFAULT_STDDEV", "LEVELS"]
@@ -88,7 +88,9 @@ class GradientMix(keras.optimizers.Optimizer):
         inner_optimizer: the ``keras.optimizers.Optimizer`` that makes the
             update (SGD, Adam, Lamb, ``tf_gradmix.optimizers.LARS``, ...), with
             its learning rate, clipping, weight decay, EMA and
-            ``gradient_accumulation_steps``.
+            ``gradient_accumulation_steps``; or any identifier
+            ``keras.optimizers.get`` accepts (``"adam"``, a config dict),
+            built with Keras's defaults.
         level: ``"sample"`` or ``"device"``.
         noise: ``"gaussian"``, ``"rademacher"``, ``"bernoulli"`` or a
             :class:`tf_gradmix.noise.Noise`: the distribution of ``w``.
@@ -129,6 +131,14 @@ class GradientMix(keras.optimizers.Optimizer):
             kwargs.pop(arg, None)
         if kwargs:
             raise TypeError(f"GradientMix got unexpected arguments: {', '.join(f'`{k}`' for k in kwargs)}.")
+        if isinstance(inner_optimizer, (str, dict)):
+            try:
+                inner_optimizer = keras.optimizers.get(inner_optimizer)
+            except (ValueError, TypeError) as error:
+                raise ValueError(
+                    f"Invalid value for argument `inner_optimizer`: {inner_optimizer!r} is not an optimizer "
+                    f"identifier that keras.optimizers.get accepts ({error})."
+                ) from error
         if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
             raise TypeError(
                 "Invalid value for argument `inner_optimizer`: expected a keras.optimizers.Optimizer "
@@ -298,13 +308,13 @@ class GradientMix(keras.optimizers.Optimizer):
     def _check_hook(self):
         if self._sample_weights_requested:
             return
-        where = "each example" if self.level == "sample" else "each shard of the global batch (JAX)"
+        if self.level == "sample":
+            raise ValueError(mixing_check.sample_weights_not_requested_message())
         raise ValueError(
-            f"GradientMix(level={self.level!r}) needs the model to weight {where}, but this model has "
-            "no GradientMix hook, so it would train unmixed. Use `model = tf_gradmix.enable(model)` (or "
-            "build it with tf_gradmix.Model / tf_gradmix.Sequential); in a custom training loop multiply "
-            "the per-example losses by `optimizer.example_weights(batch_size)`"
-            + ("; or use level='device'." if self.level == "sample" and backend.name() == "tensorflow" else ".")
+            "GradientMix(level='device') on JAX needs the model to weight each shard of the global "
+            "batch (the gradients reaching the optimizer are already global), but this model has no "
+            "GradientMix hook, so it would train unmixed. Use `model = tf_gradmix.enable(model)` (or "
+            "build it with tf_gradmix.Model / tf_gradmix.Sequential)."
         )
 
     # -- forwarded state -----------------------------------------------------

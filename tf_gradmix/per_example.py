@@ -21,7 +21,13 @@ Fisher, gradient noise scale) and the opt-in exact mixing mode
 import keras
 import tensorflow as tf
 
+from tf_gradmix import deprecation
+
 __all__ = ["per_example_gradients", "check_per_example_safe"]
+
+__getattr__ = deprecation.module_getattr(__name__, {
+    "train_step": deprecation.Renamed("tf_gradmix.exact.train_step", "0.2.0"),
+})
 
 _ZERO = tf.UnconnectedGradients.ZERO
 
