@@ -181,3 +181,44 @@ def test_sigkill_mid_epoch_then_restart_ends_like_an_uninterrupted_run(tmp_path,
     names = [n for n in straight.files if n.startswith("arr_")]
     for name in names:
         np.testing.assert_array_equal(resumed[name], straight[name])
+
+
+def test_two_processes_on_loopback_end_identical_and_equal_to_the_oracle(tmp_path):
+    """``keras.distribution.initialize`` over 2 processes of 2 CPU devices each: one mesh of K = 4."""
+    port = gm.distribute.free_local_ports(1)[0]
+    batch, steps = 16, 2
+    specs = [{"mode": "multi_process", "port": port, "num_processes": 2, "process_id": p, "local_devices": 2,
+              "batch": batch, "steps": steps, "out": str(tmp_path / f"p{p}.npz")} for p in range(2)]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env.pop("XLA_FLAGS", None)
+    processes = [subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec)], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for spec in specs]
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 0, output[-3000:]
+    results = [np.load(tmp_path / f"p{p}.npz") for p in range(2)]
+    assert int(results[0]["devices"]) == K
+    for name in results[0].files:
+        np.testing.assert_array_equal(results[0][name], results[1][name])
+
+    # The oracle: the same steps of SGD(1.0) on the global batches, one example at a time.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch * steps, 5)).astype("float32")
+    y = rng.integers(0, 3, batch * steps)
+    inputs = keras.Input((5,))
+    h = keras.layers.Dense(8, activation="tanh")(inputs)
+    ref = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(h))
+    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+    shapes = [w.shape for w in ref.get_weights()]
+    for level in ("sample", "device"):
+        flat_weights = results[0][f"{level}/initial"].astype(np.float64)
+        for step in range(steps):
+            split = np.cumsum([int(np.prod(s)) for s in shapes])[:-1]
+            ref.set_weights([w.reshape(s).astype("float32") for w, s in zip(np.split(flat_weights, split), shapes)])
+            part = slice(step * batch, (step + 1) * batch)
+            grads = per_example_gradients(ref, x[part], y[part], loss_fn)
+            w = results[0][f"{level}/weights"][step].astype(np.float64)
+            if level == "device":
+                w = np.repeat(w, batch // K)  # process p feeds shards 2p, 2p + 1
+            flat_weights = flat_weights - grads.T @ w / batch
+        assert_float32_close(results[0][f"{level}/final"], flat_weights)

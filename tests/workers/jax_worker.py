@@ -8,7 +8,8 @@ Modes:
 * ``"multi_process"``: one of ``num_processes`` JAX processes joined through
   ``keras.distribution.initialize`` on 127.0.0.1; ``DataParallel`` over every
   device of every process; each process feeds its half of each global batch.
-  Writes the final weights and the example weights of each step to ``out``.
+  Trains at the sample and at the device level; writes the initial and final
+  weights and the mixing weights of each step to ``out``.
 """
 
 import json
@@ -67,24 +68,29 @@ def multi_process():
         process_id=SPEC["process_id"],
     )
     assert jax.process_count() == SPEC["num_processes"]
-    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
-    batch, steps = SPEC["batch"], SPEC["steps"]
-    model, x, y = model_and_data(batch * steps)
-    opt = gm.GradientMix(keras.optimizers.SGD(1.0), level=SPEC["level"], stddev=0.7, seed=5)
-    model.compile(opt, "sparse_categorical_crossentropy")
-    # This process's half of every global batch: rows [p*b/P, (p+1)*b/P) of each batch.
-    share = batch // SPEC["num_processes"]
-    rows = np.concatenate([
-        np.arange(step * batch + SPEC["process_id"] * share, step * batch + (SPEC["process_id"] + 1) * share)
-        for step in range(steps)
-    ])
-    model.fit(x[rows], y[rows], batch_size=share, epochs=1, shuffle=False, verbose=0)
-    np.savez(
-        SPEC["out"], *model.get_weights(),
-        devices=len(jax.devices()),
-        example_weights=np.stack([np.asarray(opt.example_weights(batch, step=s)) for s in range(steps)]),
-        device_weights=np.stack([np.asarray(opt.device_weights(len(jax.devices()), step=s)) for s in range(steps)]),
+    # Each process feeds its own share of every global batch (already sharded).
+    keras.distribution.set_distribution(
+        keras.distribution.DataParallel(devices=jax.devices(), auto_shard_dataset=False)
     )
+    batch, steps = SPEC["batch"], SPEC["steps"]
+    results = {"devices": len(jax.devices())}
+    for level in ("sample", "device"):
+        model, x, y = model_and_data(batch * steps)
+        results[f"{level}/initial"] = np.concatenate([w.ravel() for w in model.get_weights()])
+        opt = gm.GradientMix(keras.optimizers.SGD(1.0), level=level, stddev=0.7, seed=5)
+        model.compile(opt, "sparse_categorical_crossentropy")
+        # This process's share of every global batch: rows [p*b/P, (p+1)*b/P) of each batch.
+        share = batch // SPEC["num_processes"]
+        first = SPEC["process_id"] * share
+        rows = np.concatenate([np.arange(s * batch + first, s * batch + first + share) for s in range(steps)])
+        model.fit(x[rows], y[rows], batch_size=share, epochs=1, shuffle=False, verbose=0)
+        results[f"{level}/final"] = np.concatenate([w.ravel() for w in model.get_weights()])
+        if level == "sample":
+            draws = [opt.example_weights(batch, step=s) for s in range(steps)]
+        else:
+            draws = [opt.device_weights(len(jax.devices()), step=s) for s in range(steps)]
+        results[f"{level}/weights"] = np.stack([np.asarray(w) for w in draws])
+    np.savez(SPEC["out"], **results)
 
 
 {"resume": resume, "multi_process": multi_process}[SPEC["mode"]]()
