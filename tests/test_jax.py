@@ -99,9 +99,9 @@ def test_device_level_on_a_stock_model_is_refused_on_jax():
     with data_parallel().scope():
         model = functional(keras.Model)
         model.compile(mixer(level="device"), SCCE)
-        # Raised while the step is traced, before any update. (Keras's JAX
-        # fit leaves the variables unsynced after an error, so they cannot
-        # be read back here.)
+        # Raised while the step is traced, before any update. (A stock model
+        # has no tf_gradmix train function to put its state back, and
+        # Keras's JAX fit leaves the variables unreadable after an error.)
         with pytest.raises(ValueError, match=r"level='device'.*each shard of the global batch.*tf_gradmix\.enable"):
             model.fit(*data(B), batch_size=B, verbose=0)
 

@@ -153,8 +153,12 @@ class _Hook:
         model._gradmix_gamma_updated = False
 
         def train_function(*data):  # (data) on TensorFlow, (state, data) on JAX
-            with mixing_check.hooked_train_function():
-                logs = function(*data)
+            try:
+                with mixing_check.hooked_train_function():
+                    logs = function(*data)
+            except Exception:
+                backend.current().restore_after_failed_step(model, data)
+                raise
             if not model._gradmix_gamma_updated:
                 logs = _Hook.drop_gamma(logs)
             return logs

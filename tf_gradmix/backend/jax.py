@@ -41,6 +41,7 @@ __all__ = [
     "read",
     "optimizer_state",
     "FitMixin",
+    "restore_after_failed_step",
     "install_fit",
 ]
 
@@ -178,3 +179,28 @@ def install_fit(model):
     model.compute_loss_and_updates = compute_loss_and_updates
     model._gradmix_fit_installed = True
     return model
+
+
+def restore_after_failed_step(model, args):
+    """Puts the step's input state back into the model's variables after a step raised.
+
+    Keras's JAX ``fit`` moves the state out of the variables before the first
+    step (``purge_model_variables``) and puts it back only when ``fit`` ends
+    normally; a step that raises (e.g. GradientMix refusing to train
+    unmixed) would leave a model whose variables cannot be read. ``args`` are
+    the train function's ``(state, data)``.
+    """
+    if not args or not isinstance(args[0], (tuple, list)) or len(args[0]) != 4:
+        return
+    trainable, non_trainable, optimizer_values, metrics = args[0]
+    pairs = [
+        (model.trainable_variables, trainable),
+        (model.non_trainable_variables, non_trainable),
+        (model.optimizer.variables if model.optimizer is not None else [], optimizer_values),
+        (model.metrics_variables, metrics),
+    ]
+    for variables, values in pairs:
+        if values is None:
+            continue
+        for variable, value in zip(variables, values):
+            variable.assign(value)

@@ -37,6 +37,7 @@ __all__ = [
     "probability_logits",
     "read",
     "FitMixin",
+    "restore_after_failed_step",
     "install_fit",
 ]
 
@@ -170,3 +171,8 @@ def probability_logits(y_pred):
 def read(variable):
     """The value of a Keras variable in the step being traced."""
     return variable.value
+
+
+def restore_after_failed_step(model, args):
+    """Nothing to do: TensorFlow's variables hold the state throughout ``fit``."""
+    del model, args
