@@ -53,7 +53,7 @@ def cnn(model_class, seed=0):
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((32, 32, 3))
     h = inputs
-    for filters in (32, 64):
+    for filters in (16, 32):
         h = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(h)
         h = keras.layers.BatchNormalization()(h)
         h = keras.layers.Activation("relu")(h)

@@ -162,6 +162,7 @@ def test_import_and_train_without_tensorflow():
     assert result.returncode == 0, result.stderr[-3000:]
     assert "trained [" in result.stdout
     assert "diagnostics refused: tf_gradmix.diagnostics supports the Keras backends 'tensorflow'" in result.stdout
+    assert "per_example refused: tf_gradmix.per_example supports the Keras backends 'tensorflow'" in result.stdout
 
 
 @pytest.mark.parametrize("seed", [11, None])

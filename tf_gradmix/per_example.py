@@ -18,10 +18,13 @@ Fisher, gradient noise scale) and the opt-in exact mixing mode
 (:mod:`tf_gradmix.exact`). Imported only on the TensorFlow backend.
 """
 
+from tf_gradmix import backend, deprecation
+
+backend.require("tf_gradmix.per_example", ("tensorflow",))
+
+# ruff: noqa: E402
 import keras
 import tensorflow as tf
-
-from tf_gradmix import deprecation
 
 __all__ = ["per_example_gradients", "check_per_example_safe"]
 
