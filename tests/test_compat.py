@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tf_gradmix import compat
 from tf_gradmix.backend import keras_internals, tensorflow_multi_worker
 from tf_gradmix.backend import tensorflow as tf_backend
 from tf_gradmix.model import mix_predictions
@@ -94,3 +95,25 @@ def test_an_untested_keras_version_is_warned_about():
     with pytest.warns(UserWarning, match=r"tested with Keras 3\.15.*version-guarded workarounds are off"):
         assert keras_internals.warn_if_untested((3, 99)) is True
     assert not tensorflow_multi_worker.multi_worker_fit_workaround_applies((3, 99))
+
+
+def test_optimizer_internals_used_by_accumulation():
+    """What tf_gradmix.accumulation reads of a Keras optimizer: one
+    accumulator per variable, found by variable in any order; the raw counter
+    counts micro-steps (``iterations`` counts updates); a variable tracked from
+    outside joins ``optimizer.variables``."""
+    variables = [keras.Variable(np.zeros((2, 3), "float32")), keras.Variable(np.zeros((3,), "float32"))]
+    optimizer = keras.optimizers.SGD(0.1, gradient_accumulation_steps=2)
+    optimizer.build(variables)
+    accumulators = compat.gradient_accumulators(optimizer, variables[::-1])
+    assert [tuple(a.shape) for a in accumulators] == [(3,), (2, 3)]
+    assert all(a.path.endswith("_gradient_accumulator") for a in accumulators)
+    grads = [np.ones((2, 3), "float32"), np.full((3,), 2.0, "float32")]
+    for _ in range(3):
+        optimizer.apply(grads, variables)
+    np.testing.assert_array_equal(compat.gradient_accumulators(optimizer, variables)[1].numpy(), 2.0)
+    assert int(compat.raw_iterations(optimizer).numpy()) == 3
+    assert int(optimizer.iterations.numpy()) == 1
+    extra = keras.Variable(np.zeros(()), trainable=False, name="extra")
+    compat.track_optimizer_variable(optimizer, extra)
+    assert any(v is extra for v in optimizer.variables)

@@ -198,9 +198,10 @@ def test_compute_loss_reaching_a_second_model_warns_once_with_its_variables():
     update_other = flat(other) - flat(weights_of(model.other))
     assert_float32_close(update_other, expected_other)
 
+    model.compile(optimizer=mixer(seed=6))  # a new train function, traced again
     with warnings.catch_warnings():
         warnings.simplefilter("error", PartialMixingWarning)
-        model.fit(x, y, batch_size=B, epochs=1, verbose=0)  # warned once
+        model.fit(x, y, batch_size=B, epochs=1, verbose=0)  # warned once per model
 
 
 def _softmax(z):
@@ -417,3 +418,42 @@ def test_config_dict_optimizer_is_built_like_keras_optimizers_get():
 def test_bad_optimizer_identifier_names_the_argument_and_value(identifier):
     with pytest.raises(ValueError, match=r"`inner_optimizer`.*" + re.escape(repr(identifier)[:15])):
         gm.GradientMix(identifier)
+
+
+# -- under a tf.distribute strategy (replica steps traced in their own threads) ---
+
+
+@pytest.mark.backends("tensorflow")
+def test_checks_and_recipe_hold_under_mirrored_strategy(mirrored_strategy):
+    replicas = mirrored_strategy.num_replicas_in_sync
+    x, y = data()
+    with mirrored_strategy.scope():
+        refused = gm.enable(add_loss_model())
+        refused.compile(optimizer=mixer())
+    with pytest.raises(ValueError, match="does not depend on its predictions"):
+        refused.fit([x, y], batch_size=B, verbose=0)
+
+    with mirrored_strategy.scope():
+        partial = gm.enable(distiller())
+        partial.compile(optimizer=mixer())
+    with pytest.warns(PartialMixingWarning, match="other_hidden/kernel"):
+        partial.fit(x, y, batch_size=B, verbose=0)
+
+    # The recipe: replica k mixes its shard (examples k*B/K ...) with its own weights.
+    namespace = {}
+    exec(compile(recipe_code(), "docs/custom_training.md", "exec"), namespace)
+    with mirrored_strategy.scope():
+        model = functional(type("Classifier", (namespace["MixedTrainStep"], keras.Model), {}),
+                           regularizer=False)
+        opt = mixer("gaussian")
+        model.compile(optimizer=opt)
+    ref = plain_copy(model)
+    before = flat(weights_of(model))
+    model.fit(x, y, batch_size=B, epochs=1, shuffle=False, verbose=0)
+    update = before - flat(weights_of(model))
+    grads = per_example_gradients(ref, x, y, keras.losses.SparseCategoricalCrossentropy())
+    shard = B // replicas
+    w = np.concatenate(
+        [opt.example_weights(shard, step=0, replica_id=k).numpy() for k in range(replicas)]
+    ).astype(np.float64)
+    assert_float32_close(update, grads.T @ (w / B))

@@ -565,9 +565,9 @@ def test_accumulators_hold_per_replica_values_until_the_update(mirrored_strategy
         opt.build(model.trainable_variables)
     ref = plain_copy(model)
     accumulators = inner._accumulated_gradients
-    from tf_gradmix import compat
+    from tf_gradmix import accumulation
 
-    assert all(compat.is_per_replica(a) for a in accumulators)
+    assert all(accumulation.is_per_replica(a) for a in accumulators)
     assert [a.path for a in accumulators] == [
         f"{inner.name}/{v.path.replace('/', '_')}_gradient_accumulator" for v in model.trainable_variables
     ]

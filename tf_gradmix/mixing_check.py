@@ -211,10 +211,11 @@ def check_sample_mixing(model, compute_loss, x, y, y_pred, sample_weight):
 
 _FIXES = (
     "To mix, (a) return the per-example losses as a model output and compile "
-    "a loss on it (e.g. `loss=lambda y_true, y_pred: y_pred`), or give "
-    "`compile` a loss that reads the predictions; (b) in the layer that adds "
-    "the loss, multiply its per-example losses by "
-    "`optimizer.example_weights(batch_size)` before averaging; or (c) use "
+    "a loss on it (e.g. `loss=lambda y_true, y_pred: y_pred`, with any "
+    "targets), or give `compile` a loss that reads the predictions; (b) on a "
+    "model without the hook (a plain keras.Model), multiply the per-example "
+    "losses by `optimizer.example_weights(batch_size)` in the layer that adds "
+    "them, while training; or (c) use "
     "`GradientMix(level='device')`, which weights whole replicas and works "
     "with any loss."
 )

@@ -264,9 +264,9 @@ class GradientMix(keras.optimizers.Optimizer):
 
     def build(self, var_list):
         if backend.name() == "tensorflow":
-            from tf_gradmix import compat  # accumulation across replicas (keras-team/keras#20582)
+            from tf_gradmix import accumulation  # accumulation across replicas (keras-team/keras#20582)
 
-            compat.build_with_per_replica_accumulators(self.inner_optimizer, var_list)
+            accumulation.build_with_per_replica_accumulators(self.inner_optimizer, var_list)
         else:
             self.inner_optimizer.build(var_list)
         super().build(var_list)
@@ -298,9 +298,9 @@ class GradientMix(keras.optimizers.Optimizer):
                      for g, v in zip(grads, variables)]
         if module.GRADIENTS_PER_REPLICA and self.inner_optimizer.gradient_accumulation_steps \
                 and module.num_replicas() > 1:
-            from tf_gradmix import compat  # Keras cannot accumulate under a strategy (keras-team/keras#20582)
+            from tf_gradmix import accumulation  # Keras cannot accumulate under a strategy (keras-team/keras#20582)
 
-            compat.apply_accumulated_across_replicas(self.inner_optimizer, grads, trainable_variables)
+            accumulation.apply_accumulated_across_replicas(self.inner_optimizer, grads, trainable_variables)
         else:
             self.inner_optimizer.apply(grads, trainable_variables)
         self._iterations.assign_add(1)
