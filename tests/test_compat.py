@@ -1,4 +1,4 @@
-"""The Keras internals tf_gradmix.compat relies on: fails when upstream changes."""
+"""The Keras internals tf_gradmix.backend relies on: fails when upstream changes."""
 
 import keras
 import numpy as np
@@ -6,12 +6,16 @@ import pytest
 import tensorflow as tf
 
 from tf_gradmix import compat
+from tf_gradmix.backend import keras_internals, tensorflow_multi_worker
+from tf_gradmix.backend import tensorflow as tf_backend
 from tf_gradmix.model import mix_predictions
+
+pytestmark = pytest.mark.backends("tensorflow")
 
 
 def test_installed_keras_is_a_tested_version():
-    assert compat.keras_version() in compat.TESTED_KERAS, (
-        f"Keras {keras.__version__} is not a version tf_gradmix.compat was "
+    assert keras_internals.keras_version() in keras_internals.TESTED_KERAS, (
+        f"Keras {keras.__version__} is not a version tf_gradmix.backend was "
         "checked against; re-run this file and update TESTED_KERAS."
     )
 
@@ -75,7 +79,7 @@ def test_masks_survive_the_transform():
     def run():
         out = tf.constant(np.random.default_rng(0).normal(size=(2, 3, 4)).astype("float32"))
         out._keras_mask = tf.constant([[True, True, False], [True, False, False]])
-        return compat.transform_output(out, tf.identity)._keras_mask
+        return tf_backend.transform_output(out, tf.identity)._keras_mask
 
     np.testing.assert_array_equal(run().numpy(), [[True, True, False], [True, False, False]])
 
@@ -87,10 +91,10 @@ def test_keras_still_decides_the_training_argument_once_per_model():
 
 
 def test_an_untested_keras_version_is_warned_about():
-    assert compat.warn_if_untested() is False  # the installed, tested version
+    assert keras_internals.warn_if_untested() is False  # the installed, tested version
     with pytest.warns(UserWarning, match=r"tested with Keras 3\.15.*version-guarded workarounds are off"):
-        assert compat.warn_if_untested((3, 99)) is True
-    assert not compat.multi_worker_fit_workaround_applies((3, 99))
+        assert keras_internals.warn_if_untested((3, 99)) is True
+    assert not tensorflow_multi_worker.multi_worker_fit_workaround_applies((3, 99))
 
 
 def test_optimizer_internals_used_by_accumulation():

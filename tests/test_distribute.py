@@ -22,9 +22,12 @@ import pytest
 import tensorflow as tf
 
 import tf_gradmix as gm
-from tf_gradmix import accumulation, compat, distribute
+from tf_gradmix import accumulation, distribute
+from tf_gradmix.backend import tensorflow_multi_worker
 
 from oracles import assert_float32_close
+
+pytestmark = pytest.mark.backends("tensorflow")
 
 WORKER = Path(__file__).parent / "workers" / "mwms_worker.py"
 SEED = 1234  # as in the worker script
@@ -208,13 +211,13 @@ def test_stock_keras_fit_still_fails_under_multi_worker(cluster_results):
     for result in cluster_results:
         assert "Attempt to convert a value (PerReplica" in str(result["stock_fit_error"])
         assert "Invalid reduction dimension 0" in str(result["stock_reduce_error"])
-    assert compat.multi_worker_fit_workaround_applies(), (
+    assert tensorflow_multi_worker.multi_worker_fit_workaround_applies(), (
         f"Keras {keras.__version__} is outside the range the multi-worker fit "
-        f"workaround covers ({compat.MULTI_WORKER_FIT_BROKEN}): re-check "
-        f"{compat.MULTI_WORKER_FIT_ISSUE} and update the guard."
+        f"workaround covers ({tensorflow_multi_worker.MULTI_WORKER_FIT_BROKEN}): re-check "
+        f"{tensorflow_multi_worker.MULTI_WORKER_FIT_ISSUE} and update the guard."
     )
     assert distribute.multi_worker_fit_supported()
-    assert not compat.multi_worker_fit_workaround_applies((3, 16))
+    assert not tensorflow_multi_worker.multi_worker_fit_workaround_applies((3, 16))
 
 
 def test_workaround_switches_itself_off_with_a_warning_on_newer_keras(cluster_results):
@@ -224,7 +227,7 @@ def test_workaround_switches_itself_off_with_a_warning_on_newer_keras(cluster_re
     for result in cluster_results:
         messages = result["compat_off/warnings"].tolist()
         assert len(messages) == 1, messages
-        assert "is off for Keras" in messages[0] and compat.MULTI_WORKER_FIT_ISSUE in messages[0]
+        assert "is off for Keras" in messages[0] and tensorflow_multi_worker.MULTI_WORKER_FIT_ISSUE in messages[0]
         assert "Attempt to convert a value (PerReplica" in str(result["compat_off/fit_error"])
 
 

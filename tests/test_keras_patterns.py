@@ -30,6 +30,8 @@ from oracles import (
     weights_of,
 )
 
+pytestmark = pytest.mark.backends("tensorflow")  # the patterns use TensorFlow ops and tapes
+
 B = 8
 
 

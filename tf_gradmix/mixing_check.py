@@ -34,9 +34,9 @@ when nothing else remains (the error above).
 The backend answers one question, "which inputs does this scalar function
 depend on differentiably": TensorFlow traces the function with a
 ``tf.GradientTape`` in a ``tf.function`` that is never executed and reads
-which gradients are ``None``. Another backend plugs in by adding its answer
-to :data:`_DEPENDENCE` (on JAX: the inputs that remain in the jaxpr of the
-linearized function).
+which gradients are ``None``; JAX linearizes the function and reads which
+inputs remain in the jaxpr of the linear map. Another backend plugs in by
+adding its answer to :data:`_DEPENDENCE`.
 """
 
 import contextlib
@@ -83,7 +83,20 @@ def _tensorflow_dependence(function, inputs):
     return found
 
 
-_DEPENDENCE = {"tensorflow": _tensorflow_dependence}
+def _jax_dependence(function, inputs):
+    import jax
+
+    values = [v.value if isinstance(v, keras.Variable) else v for v in inputs]
+    # The linearized function keeps only the inputs the value depends on
+    # differentiably (the others are symbolic zeros): read its jaxpr. Traced
+    # inside the step being compiled, so nothing extra runs.
+    _, linear = jax.linearize(function, *values)
+    jaxpr = jax.make_jaxpr(linear)(*values).jaxpr
+    used = {id(v) for eqn in jaxpr.eqns for v in eqn.invars} | {id(v) for v in jaxpr.outvars}
+    return [id(v) in used for v in jaxpr.invars]
+
+
+_DEPENDENCE = {"tensorflow": _tensorflow_dependence, "jax": _jax_dependence}
 
 
 def depends_on(function, inputs):

@@ -201,15 +201,15 @@ def compat_off(strategy, results):
     """On a Keras newer than the guard covers, the multi-worker workaround
     switches itself off with a warning, and fit fails as stock Keras does.
 
-    A newer Keras is simulated by the version ``compat`` reads.
+    A newer Keras is simulated by the version the workaround reads.
     """
     import warnings
 
-    from tf_gradmix import compat
+    from tf_gradmix.backend import tensorflow_multi_worker
 
-    real_version = compat.keras_version
-    compat.keras_version = lambda: (3, compat.MULTI_WORKER_FIT_BROKEN[1][1] + 1)
-    compat._warned_unguarded_version = False
+    real_version = tensorflow_multi_worker.keras_version
+    tensorflow_multi_worker.keras_version = lambda: (3, tensorflow_multi_worker.MULTI_WORKER_FIT_BROKEN[1][1] + 1)
+    tensorflow_multi_worker._warned_unguarded_version = False
     try:
         with strategy.scope():
             model = build("model")
@@ -222,7 +222,7 @@ def compat_off(strategy, results):
             except Exception as e:  # noqa: BLE001 - recorded for the parent
                 error = f"{type(e).__name__}: {e}"
     finally:
-        compat.keras_version = real_version
+        tensorflow_multi_worker.keras_version = real_version
     results["compat_off/warnings"] = np.array(
         [str(w.message) for w in caught if "workaround" in str(w.message)]
     )
