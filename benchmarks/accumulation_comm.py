@@ -1,4 +1,4 @@
-"""Time per update of gradient accumulation across two workers (issue 12).
+"""Time per update of gradient accumulation across two workers.
 
 Two ``MultiWorkerMirroredStrategy`` worker processes on 127.0.0.1 (one CPU
 replica each) train the same 4.7M-parameter MLP (784-2048-1536-10) with
@@ -17,8 +17,8 @@ initial weights:
 What is measured is the time per *update*: ``k`` micro-steps and their one
 update for ``k > 1``. With accumulation every worker adds its micro-batch
 gradients to its own accumulators and the gradients cross the network once
-per update; before issue 12 every micro-batch was all-reduced, ``k + 1``
-all-reduces an update.
+per update (an earlier implementation all-reduced every micro-batch, ``k + 1``
+all-reduces an update; ``docs/performance.md`` compares the two).
 
 **Time**: both workers build every configuration, warm each up (trace plus
 ``--warmup-updates`` updates), then run ``--rounds`` rounds; a round runs one
@@ -37,7 +37,7 @@ Timings are never asserted anywhere: this script only reports.
 
 Usage::
 
-    python -m benchmarks.accumulation_comm                  # ~1.5 min on 2 shared cores
+    python -m benchmarks.accumulation_comm                  # a few minutes on 2 cores
     python -m benchmarks.accumulation_comm --rounds 3 --updates 2
     python -m benchmarks.accumulation_comm --table-from runs/benchmarks/accumulation_comm.json
 """

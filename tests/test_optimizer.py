@@ -393,8 +393,8 @@ def test_bad_arguments_fail_at_once_naming_argument_and_value(kwargs, error, pat
 
 
 def test_bad_inner_optimizer():
-    with pytest.raises(TypeError, match=r"`inner_optimizer`.*'sgd'"):
-        gm.GradientMix("sgd")
+    with pytest.raises(TypeError, match=r"`inner_optimizer`.*0.1 of type float"):
+        gm.GradientMix(0.1)
     with pytest.raises(ValueError, match=r"`inner_optimizer`.*GradientMix already"):
         gm.GradientMix(mixer())
     with pytest.raises(ValueError, match=r"`inner_optimizer`.*GradientMix already"):

@@ -52,44 +52,13 @@ import tensorflow as tf
 from tf_gradmix import compat, validation
 
 __all__ = [
-    "replica_id",
-    "num_replicas",
-    "num_workers",
     "worker_index",
-    "per_replica_batch_size",
     "distribute_dataset",
     "multi_worker_strategy",
     "multi_worker_fit_supported",
     "accumulation_steps",
     "micro_steps",
 ]
-
-
-def replica_id():
-    """This replica's global id (``replica_id_in_sync_group``), a tensor.
-
-    Must be called in a replica context (a Keras train step, ``strategy.run``).
-    """
-    context = tf.distribute.get_replica_context()
-    if context is None:
-        raise RuntimeError(
-            "replica_id() must be called in a replica context (inside "
-            "`strategy.run` or a Keras train step)."
-        )
-    return context.replica_id_in_sync_group
-
-
-def num_replicas(strategy=None):
-    """``K``: replicas in sync across all workers (default: current strategy)."""
-    strategy = strategy or tf.distribute.get_strategy()
-    return strategy.num_replicas_in_sync
-
-
-def num_workers(strategy=None):
-    """Number of input pipelines / worker hosts of ``strategy`` (1 if local)."""
-    strategy = strategy or tf.distribute.get_strategy()
-    local = len(getattr(strategy.extended, "worker_devices", ())) or 1
-    return max(1, strategy.num_replicas_in_sync // local)
 
 
 def worker_index(strategy=None):
@@ -99,15 +68,6 @@ def worker_index(strategy=None):
     if resolver is None or not resolver.cluster_spec().as_dict():
         return 0
     return int(resolver.task_id or 0)
-
-
-def per_replica_batch_size(global_batch_size, strategy=None):
-    """``global_batch_size // K``; raises if it does not divide evenly."""
-    replicas = num_replicas(strategy)
-    global_batch_size = validation.multiple(
-        "global_batch_size", global_batch_size, replicas, f"the {replicas} replicas in sync"
-    )
-    return global_batch_size // replicas
 
 
 def distribute_dataset(strategy, dataset_fn):
@@ -164,8 +124,8 @@ def multi_worker_fit_supported():
     """Whether our models' ``fit`` works under ``MultiWorkerMirroredStrategy``.
 
     True when the installed Keras is in the range the workaround for
-    keras-team/keras#20585 is written and tested for
-    (:data:`tf_gradmix.compat.MULTI_WORKER_FIT_BROKEN`).
+    keras-team/keras#20585 is written for
+    (:data:`tf_gradmix.compat.MULTI_WORKER_FIT_BROKEN`; ``tests/test_compat.py``).
     """
     return compat.multi_worker_fit_workaround_applies()
 

@@ -27,7 +27,10 @@ pixels of example ``b`` share ``w_b``.
 What is not mixed: losses added by layers (regularisers, ``add_loss``), which
 are not per example; and losses that couple examples (a loss of one example
 that reads another example's prediction) get each prediction's path weighted,
-which is not Eq. 4. Keras's own losses are all per example.
+which is not Eq. 4. Keras's own losses are all per example. At the first
+training step :mod:`tf_gradmix.mixing_check` refuses a loss that reads no
+prediction (nothing would be mixed) and names the trainable variables that a
+``compute_loss`` reaches around the predictions.
 """
 
 import inspect
@@ -36,7 +39,7 @@ import types
 import keras
 import tensorflow as tf
 
-from tf_gradmix import compat, per_example
+from tf_gradmix import compat, mixing_check, per_example
 from tf_gradmix import noise as noise_lib
 from tf_gradmix.optimizer import find_gradient_mix, require_tensorflow_backend
 
@@ -97,14 +100,22 @@ class _Hook:
     @staticmethod
     def compute_loss(model, base_compute_loss, x, y, y_pred, sample_weight, training):
         mixer = find_gradient_mix(getattr(model, "optimizer", None))
-        if training and mixer is not None:
-            if mixer.level == "sample":
-                weights = mixer.example_weights(_batch_size(y_pred))
-                y_pred = mix_predictions(y_pred, weights)
-            else:
-                weights = mixer.device_weights()
-            model._gradmix_gamma.update_state(noise_lib.gamma(weights))
-        return base_compute_loss(x, y, y_pred, sample_weight, training=training)
+        if not training or mixer is None:
+            return base_compute_loss(x, y, y_pred, sample_weight, training=training)
+        if mixer.level == "sample":
+            weights = mixer.example_weights(_batch_size(y_pred))
+            mixed = mix_predictions(y_pred, weights)
+            loss = base_compute_loss(x, y, mixed, sample_weight, training=training)
+            # Refuses a loss that reads no prediction (nothing would be mixed).
+            mixing_check.check_sample_mixing(
+                model, base_compute_loss, x, y, y_pred, sample_weight
+            )
+        else:
+            weights = mixer.device_weights()
+            loss = base_compute_loss(x, y, y_pred, sample_weight, training=training)
+        model._gradmix_gamma.update_state(noise_lib.gamma(weights))
+        model._gradmix_gamma_updated = True  # read by train_function
+        return loss
 
     @staticmethod
     def drop_gamma(logs):
@@ -116,6 +127,31 @@ class _Hook:
         if isinstance(logs, dict):
             logs.pop(GAMMA_METRIC, None)
         return logs
+
+    @staticmethod
+    def train_function(model):
+        """Wraps ``fit``'s train function: gamma only where weights were applied.
+
+        Logs ``gradmix_gamma`` only if the traced step drew its weights in
+        ``compute_loss`` (a custom ``train_step`` that bypasses it logs none,
+        rather than the empty metric's 0), and marks the call so that a
+        sample-level ``apply`` without weights explains the custom step.
+        """
+        function = model.train_function  # set by Keras's make_train_function
+        if function is None or getattr(function, "_gradmix_train_function", False):
+            return function
+        model._gradmix_gamma_updated = False
+
+        def train_function(data):
+            with mixing_check.hooked_train_function():
+                logs = function(data)
+            if not model._gradmix_gamma_updated:
+                logs = _Hook.drop_gamma(logs)
+            return logs
+
+        train_function._gradmix_train_function = True
+        model.train_function = train_function
+        return train_function
 
     @staticmethod
     def train_logs(model, logs):
@@ -143,6 +179,10 @@ class _SampleMixing(compat.MultiWorkerFitMixin):
 
     def train_step(self, data):
         return _Hook.train_logs(self, super().train_step(data))
+
+    def make_train_function(self, force=False):
+        super().make_train_function(force)
+        return _Hook.train_function(self)
 
     def test_step(self, data):
         return _Hook.drop_gamma(super().test_step(data))
@@ -232,6 +272,7 @@ def _install_hook(model):
     base_compute_loss = model.compute_loss
     base_train_step = model.train_step
     base_test_step = model.test_step
+    base_make_train_function = model.make_train_function
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         return _Hook.compute_loss(
@@ -244,11 +285,16 @@ def _install_hook(model):
     def test_step(self, data):
         return _Hook.drop_gamma(base_test_step(data))
 
+    def make_train_function(self, force=False):
+        base_make_train_function(force)
+        return _Hook.train_function(self)
+
     _Hook.create_gamma_metric(model)
     compat.install_multi_worker_fit(model)  # keras-team/keras#20585
     compat.set_compute_loss(model, types.MethodType(compute_loss, model))
     model.train_step = types.MethodType(train_step, model)
     model.test_step = types.MethodType(test_step, model)
+    model.make_train_function = types.MethodType(make_train_function, model)
     setattr(model, per_example.SAMPLE_HOOK_FLAG, True)
 
 

@@ -33,7 +33,7 @@ import warnings
 import keras
 import tensorflow as tf
 
-from tf_gradmix import compat, validation
+from tf_gradmix import compat, mixing_check, validation
 from tf_gradmix import noise as noise_lib
 
 __all__ = ["GradientMix", "find_gradient_mix", "DEFAULT_STDDEV", "LEVELS"]
@@ -144,7 +144,9 @@ class GradientMix(keras.optimizers.Optimizer):
     Args:
         inner_optimizer: the ``keras.optimizers.Optimizer`` that makes the
             update (SGD, Adam, AdamW, Lamb, Lion, ``tf_gradmix.optimizers.LARS``,
-            ...). Learning rate, clipping, weight decay, EMA and
+            ...), or any identifier ``keras.optimizers.get`` accepts (a name
+            such as ``"adam"``, or a config dict), built with Keras's
+            defaults. Learning rate, clipping, weight decay, EMA and
             ``gradient_accumulation_steps`` are set on it.
         level: ``"sample"`` or ``"device"``.
         noise: ``"gaussian"``, ``"rademacher"``, ``"bernoulli"`` (Poisson
@@ -192,6 +194,8 @@ class GradientMix(keras.optimizers.Optimizer):
     ):
         require_tensorflow_backend("tf_gradmix.GradientMix")
         self._check_inner_only_kwargs(kwargs)
+        if isinstance(inner_optimizer, (str, dict)):
+            inner_optimizer = self._optimizer_from_identifier(inner_optimizer)
         if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
             raise TypeError(
                 "Invalid value for argument `inner_optimizer`: expected a "
@@ -247,6 +251,18 @@ class GradientMix(keras.optimizers.Optimizer):
             )
         self._track_variable(variable)
         return variable
+
+    @staticmethod
+    def _optimizer_from_identifier(identifier):
+        """``keras.optimizers.get(identifier)`` with an error naming the argument."""
+        try:
+            return keras.optimizers.get(identifier)
+        except (ValueError, TypeError) as error:
+            raise ValueError(
+                "Invalid value for argument `inner_optimizer`: "
+                f"{identifier!r} is not an optimizer identifier that "
+                f"keras.optimizers.get accepts ({error})."
+            ) from error
 
     @staticmethod
     def _check_inner_only_kwargs(kwargs):
@@ -401,14 +417,7 @@ class GradientMix(keras.optimizers.Optimizer):
 
     def _check_sample_hook(self):
         if not self._sample_weights_requested:
-            raise ValueError(
-                "GradientMix(level='sample') needs the model to weight each "
-                "example, but this model has no GradientMix hook, so it would "
-                "train unmixed. Use `model = tf_gradmix.enable(model)` (or "
-                "build it with tf_gradmix.Model / tf_gradmix.Sequential); in a "
-                "custom training loop multiply the per-example losses by "
-                "`optimizer.example_weights(batch_size)`; or use level='device'."
-            )
+            raise ValueError(mixing_check.sample_weights_not_requested_message())
 
     def _replica_device_weight(self):
         """``w_k`` of this replica at the current step."""
