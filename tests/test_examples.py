@@ -269,6 +269,7 @@ def test_resnet18_cifar_size_and_naming():
 # The demo, end to end
 
 
+@pytest.mark.slow
 def test_demo_quick_runs_end_to_end(cifar, tmp_path):
     source, cache_dir, _ = cifar
     out = tmp_path / "demo"

@@ -636,6 +636,7 @@ def weighted_batch_gradient(model, x, y, w, loss_fn):
     return flat(tape.gradient(loss, model.trainable_variables))
 
 
+@pytest.mark.slow
 def test_keras_application_model_is_mixed_exactly():
     """MobileNetV3Small (BatchNorm in training mode, hard-swish, SE blocks)."""
     x = np.random.default_rng(0).uniform(size=(8, 32, 32, 3)).astype("float32")

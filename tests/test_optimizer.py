@@ -452,6 +452,7 @@ def test_device_weight_in_the_loss_equals_device_weight_on_the_gradients():
     assert all(abs(w - 1.0) > 1e-3 for w in weights)  # the weights did act
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("level", ["sample", "device"])
 def test_gradient_accumulation_across_replicas(mirrored_strategy, level):
     # Stock Keras 3.15 cannot accumulate under a strategy (keras-team/keras#20582,
@@ -523,6 +524,7 @@ def local_accumulators(strategy, optimizer):
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("level", ["sample", "device"])
 def test_accumulators_hold_per_replica_values_until_the_update(mirrored_strategy, level, tmp_path):
     """Across replicas each replica accumulates on its own (no all-reduce per
@@ -585,6 +587,7 @@ def test_accumulators_hold_per_replica_values_until_the_update(mirrored_strategy
     assert_float32_close(before - flat(weights_of(restarted)), update)
 
 
+@pytest.mark.slow
 def test_clipping_under_accumulation_acts_per_replica_on_the_accumulated_mean(mirrored_strategy):
     """``clipvalue`` on the inner optimizer: once per update, on each replica's
     accumulated mean (its share of the update), before the sum across
