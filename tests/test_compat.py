@@ -22,14 +22,21 @@ def test_installed_keras_is_a_tested_version():
 
 def test_the_bare_package_does_not_force_a_tensorflow_build():
     """README: ``pip install tf_gradmix`` leaves the TensorFlow build to the
-    user (CPU, GPU, TPU); ``[cpu]``/``[gpu]`` extras pick one."""
+    user; the ``[cpu]``, ``[gpu]`` and ``[tpu]`` extras pick one, TensorFlow
+    2.19 to 2.21 (2.19.1 on TPUs, the last release with TPU support)."""
     from importlib.metadata import requires
 
-    requirements = requires("tf_gradmix")
-    unconditional = [r for r in requirements if "extra ==" not in r]
-    assert not [r for r in unconditional if r.lower().startswith("tensorflow")], unconditional
-    build = {r.split(";")[0].rstrip("<>=.,0123456789"): r.split(";")[1].strip() for r in requirements if ";" in r}
-    assert build["tensorflow-cpu"] == 'extra == "cpu"' and build["tensorflow"] == 'extra == "gpu"', build
+    from packaging.requirements import Requirement
+
+    requirements = [Requirement(r) for r in requires("tf_gradmix")]
+    assert not [r for r in requirements if r.name.startswith("tensorflow") and r.marker is None], requirements
+    builds = ("tensorflow", "tensorflow-cpu", "tensorflow-tpu")
+    build = {str(r.marker): r for r in requirements if r.name in builds}
+    assert {extra: (r.name, sorted(r.extras), str(r.specifier)) for extra, r in build.items()} == {
+        'extra == "cpu"': ("tensorflow-cpu", [], "<2.22,>=2.19"),
+        'extra == "gpu"': ("tensorflow", ["and-cuda"], "<2.22,>=2.19"),
+        'extra == "tpu"': ("tensorflow-tpu", [], "==2.19.1"),
+    }
 
 
 # Extreme logits: a cross-entropy computed from clipped probabilities differs

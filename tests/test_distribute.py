@@ -206,6 +206,7 @@ def cluster_results(data, tmp_path_factory):
     return run_cluster(spec, tmp_path, "fit")
 
 
+@pytest.mark.slow
 def test_stock_keras_fit_still_fails_under_multi_worker(cluster_results):
     """Notices an upstream fix of keras-team/keras#20585 (then revisit compat)."""
     for result in cluster_results:
@@ -220,6 +221,7 @@ def test_stock_keras_fit_still_fails_under_multi_worker(cluster_results):
     assert not tensorflow_multi_worker.multi_worker_fit_workaround_applies((3, 16))
 
 
+@pytest.mark.slow
 def test_workaround_switches_itself_off_with_a_warning_on_newer_keras(cluster_results):
     """README: "off with a warning on newer versions". Each worker simulates
     a Keras one minor version past the guard: one warning naming the issue,
@@ -231,12 +233,14 @@ def test_workaround_switches_itself_off_with_a_warning_on_newer_keras(cluster_re
         assert "Attempt to convert a value (PerReplica" in str(result["compat_off/fit_error"])
 
 
+@pytest.mark.slow
 def test_cluster_has_one_replica_per_worker(cluster_results):
     # K counts the replicas of all workers; ids are global.
     assert [int(r["num_replicas"]) for r in cluster_results] == [2, 2]
     assert [r["replica_ids"].tolist() for r in cluster_results] == [[0], [1]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_multi_worker_fit_equals_global_batch_mix(case, cluster_results, data):
     _, x, y = data
@@ -350,6 +354,7 @@ def test_accumulation_micro_step_does_not_communicate_across_workers(level, clus
         assert update == plain
 
 
+@pytest.mark.slow
 def test_default_seed_is_the_chiefs_on_every_worker(cluster_results, data):
     """``seed=None``: each worker draws its own seed, and all use the chief's."""
     _, x, y = data
@@ -431,6 +436,7 @@ def load(tmp_path, name, workers):
     return [dict(np.load(tmp_path / f"{name}{i}.npz")) for i in range(workers)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "workers, level, pause_at",
     [

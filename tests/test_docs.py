@@ -131,6 +131,7 @@ def quick_start_code():
     return blocks[0]
 
 
+@pytest.mark.slow
 def test_the_readme_quick_start_runs(tmp_path):
     """The README's quick start, as a user would paste it, on the TensorFlow backend."""
     script = tmp_path / "quick_start.py"

@@ -645,6 +645,7 @@ def weighted_batch_gradient(model, x, y, w, loss_fn):
 
 
 @pytest.mark.backends("tensorflow")
+@pytest.mark.slow
 def test_keras_application_model_is_mixed_exactly():
     """MobileNetV3Small (BatchNorm in training mode, hard-swish, SE blocks)."""
     x = np.random.default_rng(0).uniform(size=(8, 32, 32, 3)).astype("float32")

@@ -106,6 +106,7 @@ def test_noise_equivalent_batch_size():
         noise.stddev_for_noise_batch_size(-1, 2)
 
 
+@pytest.mark.slow
 def test_mixed_gradient_covariance_matches_noise_equivalent_batch():
     """Monte Carlo check of the noise-equivalent batch on synthetic per-example gradients.
 

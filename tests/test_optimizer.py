@@ -476,6 +476,7 @@ def test_device_weight_in_the_loss_equals_device_weight_on_the_gradients():
     assert all(abs(w - 1.0) > 1e-3 for w in weights)  # the weights did act
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("level", ["sample", "device"])
 @pytest.mark.backends("tensorflow")
 def test_gradient_accumulation_across_replicas(mirrored_strategy, level):
@@ -548,6 +549,7 @@ def local_accumulators(strategy, optimizer):
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("level", ["sample", "device"])
 @pytest.mark.backends("tensorflow")
 def test_accumulators_hold_per_replica_values_until_the_update(mirrored_strategy, level, tmp_path):
@@ -614,6 +616,7 @@ def test_accumulators_hold_per_replica_values_until_the_update(mirrored_strategy
 
 
 @pytest.mark.backends("tensorflow")
+@pytest.mark.slow
 def test_clipping_under_accumulation_acts_per_replica_on_the_accumulated_mean(mirrored_strategy):
     """``clipvalue`` on the inner optimizer: once per update, on each replica's
     accumulated mean (its share of the update), before the sum across

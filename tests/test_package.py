@@ -174,6 +174,12 @@ def test_keras_private_attributes_only_in_compat_and_backend():
 
 def test_imports_under_python_OO():
     """``-OO`` strips docstrings; nothing may depend on them at import time."""
+    import tensorflow as tf
+
+    if tuple(int(part) for part in tf.__version__.split(".")[:2]) < (2, 21):
+        # TensorFlow 2.19.1 itself fails to import under -OO (its all_util reads
+        # module docstrings; tensorflow/tensorflow#96900); 2.21.0 imports, 2.20 untested.
+        pytest.skip(f"TensorFlow {tf.__version__} does not import under python -OO")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     result = subprocess.run(
         [sys.executable, "-OO", "-c", "import tf_gradmix; print(tf_gradmix.optimizers.LAMB.__doc__)"],
@@ -225,6 +231,7 @@ def run(args, **kwargs):
     return result
 
 
+@pytest.mark.slow
 def test_wheel_from_a_clean_copy_installs_and_trains_outside_the_source_tree(tmp_path):
     import shutil
     import site

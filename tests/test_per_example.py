@@ -114,6 +114,7 @@ def test_per_example_train_step_equals_reweighting(activation):
     assert _max_diff(w_pe, w_plain) > 1e-3  # the mixing did something
 
 
+@pytest.mark.slow
 def test_per_example_train_step_mirrored(mirrored_strategy):
     x, y = data(32)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
