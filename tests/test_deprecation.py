@@ -6,7 +6,9 @@ import warnings
 import pytest
 
 import tf_gradmix as gm
-from tf_gradmix import deprecation, per_example, residual, schedules
+from tf_gradmix import deprecation, exact, per_example, residual, schedules
+
+pytestmark = pytest.mark.backends("tensorflow")  # the old names live in TensorFlow-only modules
 
 OLD_NAMES = [
     (gm.recipes, "inverse_sqrt_warmup_steps", schedules.inverse_sqrt_warmup_steps,
@@ -17,7 +19,8 @@ OLD_NAMES = [
      "tf_gradmix.per_example.per_example_gradients"),
     (gm.diagnostics, "check_per_example_safe", per_example.check_per_example_safe,
      "tf_gradmix.per_example.check_per_example_safe"),
-    (gm.diagnostics, "per_example_train_step", per_example.train_step, "tf_gradmix.per_example.train_step"),
+    (gm.diagnostics, "per_example_train_step", exact.train_step, "tf_gradmix.exact.train_step"),
+    (per_example, "train_step", exact.train_step, "tf_gradmix.exact.train_step"),
 ]
 
 

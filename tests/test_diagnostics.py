@@ -23,6 +23,8 @@ from tf_gradmix import diagnostics as diag
 
 from oracles import NUM_CLASSES, build_model, cnn, data, flat, mlp, relative_error
 
+pytestmark = pytest.mark.backends("tensorflow")
+
 REPO = Path(__file__).resolve().parents[1]
 
 

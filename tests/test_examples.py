@@ -22,6 +22,8 @@ from tf_gradmix import residual
 
 import real_data
 
+pytestmark = pytest.mark.backends("tensorflow")
+
 REPO = Path(__file__).resolve().parents[1]
 
 

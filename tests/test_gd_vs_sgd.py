@@ -18,6 +18,8 @@ from tf_gradmix import noise
 import real_data
 from oracles import flat, per_example_gradients, weights_of
 
+pytestmark = pytest.mark.backends("tensorflow")
+
 REPO = Path(__file__).resolve().parents[1]
 
 

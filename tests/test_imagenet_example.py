@@ -5,6 +5,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds  # a pinned requirement: never skipped
 
+pytestmark = pytest.mark.backends("tensorflow")
+
 
 @pytest.fixture(scope="module")
 def example():

@@ -29,9 +29,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-if keras.backend.backend() != "tensorflow":
-    pytest.skip("XLA through tf.function(jit_compile=True) is TensorFlow's", allow_module_level=True)
-
 import tf_gradmix as gm
 
 from oracles import (
@@ -47,6 +44,9 @@ from oracles import (
     regularization_gradient,
     weights_of,
 )
+
+# XLA through tf.function(jit_compile=True) is TensorFlow's.
+pytestmark = pytest.mark.backends("tensorflow")
 
 B = 16
 STEPS = 3

@@ -24,6 +24,8 @@ from experiments import plot, sweep
 
 import real_data
 
+pytestmark = pytest.mark.backends("tensorflow")
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -20,7 +20,7 @@ to a strategy.
   ``MultiWorkerMirroredStrategy`` (keras-team/keras#20585).
   :class:`tf_gradmix.Model`, :class:`tf_gradmix.Sequential` and models passed
   to :func:`tf_gradmix.enable` carry a version-guarded workaround (kept in
-  :mod:`tf_gradmix.compat`); :func:`multi_worker_fit_supported` says whether
+  :mod:`tf_gradmix.backend.tensorflow_multi_worker`); :func:`multi_worker_fit_supported` says whether
   it is active for the installed Keras.
 * **Uneven data.** With ``drop_remainder=False`` the last global batch is
   split unevenly and some replicas may get no example. Keras averages each
@@ -43,13 +43,16 @@ to a strategy.
   raw micro-step count: express them in micro-steps (:func:`micro_steps`).
   Across replicas each replica accumulates on its own and the gradients are
   all-reduced once per update, not once per micro-batch.
+
+
+The ``tf.distribute`` helpers need the TensorFlow backend; the others
+(:func:`accumulation_steps`, :func:`micro_steps`, :func:`free_local_ports`)
+work on every backend.
 """
 
 import socket
 
-import tensorflow as tf
-
-from tf_gradmix import compat, validation
+from tf_gradmix import backend, validation
 
 __all__ = [
     "worker_index",
@@ -61,8 +64,17 @@ __all__ = [
 ]
 
 
+def _tf(what):
+    """The ``tensorflow`` module, for a helper of ``tf.distribute`` (TensorFlow backend only)."""
+    backend.require(f"tf_gradmix.distribute.{what}", ("tensorflow",))
+    import tensorflow
+
+    return tensorflow
+
+
 def worker_index(strategy=None):
     """This worker's index in the cluster (0 without a cluster)."""
+    tf = _tf("worker_index")
     strategy = strategy or tf.distribute.get_strategy()
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.cluster_spec().as_dict():
@@ -79,6 +91,7 @@ def distribute_dataset(strategy, dataset_fn):
     The result can be passed to ``model.fit`` directly (no auto-sharding
     happens; each worker reads only its shard).
     """
+    _tf("distribute_dataset")
     return strategy.distribute_datasets_from_function(dataset_fn)
 
 
@@ -112,6 +125,7 @@ def multi_worker_strategy(collective_timeout=None, cluster_resolver=None):
             worker exit and can be restarted together.
         cluster_resolver: default reads ``TF_CONFIG``.
     """
+    tf = _tf("multi_worker_strategy")
     options = tf.distribute.experimental.CommunicationOptions(
         timeout_seconds=collective_timeout
     )
@@ -125,9 +139,12 @@ def multi_worker_fit_supported():
 
     True when the installed Keras is in the range the workaround for
     keras-team/keras#20585 is written for
-    (:data:`tf_gradmix.compat.MULTI_WORKER_FIT_BROKEN`; ``tests/test_compat.py``).
+    (:data:`tf_gradmix.backend.tensorflow_multi_worker.MULTI_WORKER_FIT_BROKEN`;
+    ``tests/test_compat.py``).
     """
-    return compat.multi_worker_fit_workaround_applies()
+    from tf_gradmix.backend import tensorflow_multi_worker
+
+    return tensorflow_multi_worker.multi_worker_fit_workaround_applies()
 
 
 def accumulation_steps(logical_batch_size, micro_batch_size):

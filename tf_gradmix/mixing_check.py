@@ -34,9 +34,9 @@ when nothing else remains (the error above).
 The backend answers one question, "which inputs does this scalar function
 depend on differentiably": TensorFlow traces the function with a
 ``tf.GradientTape`` in a ``tf.function`` that is never executed and reads
-which gradients are ``None``. Another backend plugs in by adding its answer
-to :data:`_DEPENDENCE` (on JAX: the inputs that remain in the jaxpr of the
-linearized function).
+which gradients are ``None``; JAX linearizes the function and reads which
+inputs remain in the jaxpr of the linear map. Another backend plugs in by
+adding its answer to :data:`_DEPENDENCE`.
 """
 
 import contextlib
@@ -83,7 +83,20 @@ def _tensorflow_dependence(function, inputs):
     return found
 
 
-_DEPENDENCE = {"tensorflow": _tensorflow_dependence}
+def _jax_dependence(function, inputs):
+    import jax
+
+    values = [v.value if isinstance(v, keras.Variable) else v for v in inputs]
+    # The linearized function keeps only the inputs the value depends on
+    # differentiably (the others are symbolic zeros): read its jaxpr. Traced
+    # inside the step being compiled, so nothing extra runs.
+    _, linear = jax.linearize(function, *values)
+    jaxpr = jax.make_jaxpr(linear)(*values).jaxpr
+    used = {id(v) for eqn in jaxpr.eqns for v in eqn.invars} | {id(v) for v in jaxpr.outvars}
+    return [id(v) in used for v in jaxpr.invars]
+
+
+_DEPENDENCE = {"tensorflow": _tensorflow_dependence, "jax": _jax_dependence}
 
 
 def depends_on(function, inputs):
@@ -121,16 +134,17 @@ class _WithoutGradient:
 def _regularizers_without_gradient(variables):
     """Weight regularizers keep their value and lose their gradient.
 
-    Every variable gets one (a constant zero where it had none), so the
-    loss is never empty; Keras's default ``compute_loss`` refuses an empty one.
+    Without any, the first variable gets a constant zero one, so the loss
+    is never empty (Keras's default ``compute_loss`` refuses an empty one).
     """
-    originals = [v.regularizer for v in variables]
+    changed = [v for v in variables if v.regularizer is not None] or variables[:1]
+    originals = [v.regularizer for v in changed]
     try:
-        for v, regularizer in zip(variables, originals):
+        for v, regularizer in zip(changed, originals):
             v.regularizer = _WithoutGradient(regularizer)
         yield
     finally:
-        for v, regularizer in zip(variables, originals):
+        for v, regularizer in zip(changed, originals):
             v.regularizer = regularizer
 
 
@@ -198,10 +212,11 @@ def check_sample_mixing(model, compute_loss, x, y, y_pred, sample_weight):
 
 _FIXES = (
     "To mix, (a) return the per-example losses as a model output and compile "
-    "a loss on it (e.g. `loss=lambda y_true, y_pred: y_pred`), or give "
-    "`compile` a loss that reads the predictions; (b) in the layer that adds "
-    "the loss, multiply its per-example losses by "
-    "`optimizer.example_weights(batch_size)` before averaging; or (c) use "
+    "a loss on it (e.g. `loss=lambda y_true, y_pred: y_pred`, with any "
+    "targets), or give `compile` a loss that reads the predictions; (b) on a "
+    "model without the hook (a plain keras.Model), multiply the per-example "
+    "losses by `optimizer.example_weights(batch_size)` in the layer that adds "
+    "them, while training; or (c) use "
     "`GradientMix(level='device')`, which weights whole replicas and works "
     "with any loss."
 )

@@ -12,8 +12,16 @@ optimizer or model classes, so they work on any ``keras.Model``.
 * Per-example gradients are in :mod:`tf_gradmix.per_example` (their old
   names here are deprecated, removed in 0.2.0); the callback that logs these
   measurements during ``fit`` is :class:`tf_gradmix.callbacks.DiagnosticsLogger`.
+
+TensorFlow only (``tf.vectorized_map``, ``tf.autodiff.ForwardAccumulator``):
+importing this package on another backend raises an error that says so.
 """
 
+from tf_gradmix import backend
+
+backend.require("tf_gradmix.diagnostics", ("tensorflow",))
+
+# ruff: noqa: E402
 from tf_gradmix import deprecation
 from tf_gradmix.diagnostics.curvature import (
     SPLITS,
@@ -44,7 +52,7 @@ __all__ = [
 __getattr__ = deprecation.module_getattr(__name__, {
     "per_example_gradients": deprecation.Renamed("tf_gradmix.per_example.per_example_gradients", "0.2.0"),
     "check_per_example_safe": deprecation.Renamed("tf_gradmix.per_example.check_per_example_safe", "0.2.0"),
-    "per_example_train_step": deprecation.Renamed("tf_gradmix.per_example.train_step", "0.2.0"),
+    "per_example_train_step": deprecation.Renamed("tf_gradmix.exact.train_step", "0.2.0"),
     # The callback imports this package, so an alias here would be an import cycle.
     "DiagnosticsLogger": deprecation.Moved(
         "tf_gradmix.callbacks.DiagnosticsLogger",
