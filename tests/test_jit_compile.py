@@ -53,7 +53,7 @@ STEPS = 3
 LOSS = keras.losses.SparseCategoricalCrossentropy()
 
 
-SINGLE_REPLICA = "GradientMix\\(level='device'\\) with a single replica"
+SINGLE_REPLICA = "GradientMix\\(level='device'\\) on a single replica"
 
 
 def xla_example_weights(opt, step):
