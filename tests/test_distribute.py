@@ -337,6 +337,7 @@ def traced_step(result, level):
     return graph
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("level", ["sample-acc3", "device-acc3"])
 def test_accumulation_micro_step_does_not_communicate_across_workers(level, cluster_results):
     """The traced replica step of a two-worker fit (forward, backward,

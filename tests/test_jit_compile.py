@@ -29,9 +29,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-if keras.backend.backend() != "tensorflow":
-    pytest.skip("XLA through tf.function(jit_compile=True) is TensorFlow's", allow_module_level=True)
-
 import tf_gradmix as gm
 
 from oracles import (
@@ -48,12 +45,15 @@ from oracles import (
     weights_of,
 )
 
+# XLA through tf.function(jit_compile=True) is TensorFlow's.
+pytestmark = pytest.mark.backends("tensorflow")
+
 B = 16
 STEPS = 3
 LOSS = keras.losses.SparseCategoricalCrossentropy()
 
 
-SINGLE_REPLICA = "GradientMix\\(level='device'\\) with a single replica"
+SINGLE_REPLICA = "GradientMix\\(level='device'\\) on a single replica"
 
 
 def xla_example_weights(opt, step):
