@@ -1,45 +1,105 @@
-# The two commands: `make test` and `make demo`. Both create .venv if needed
-# and install the pinned dependencies plus this package (editable) first.
-# `make lint` runs ruff (configured in pyproject.toml); CI runs it before the tests.
+# The two commands: `make test` and `make demo`. Both create their virtual
+# environments if needed and install the pinned dependencies plus this package
+# (editable) first. `make lint` runs ruff (configured in pyproject.toml); CI
+# (.ci/run) runs it before the tests. CONTRIBUTING.md lists the targets and
+# how long each suite takes.
+#
+# Two environments:
+#   .venv        TensorFlow 2.21 (CPU) and JAX 0.10.2: requirements/ci.txt,
+#                pinned by requirements/constraints.txt
+#   .venv-tf219  TensorFlow 2.19.1 (CPU), the last TensorFlow with TPU
+#                support: requirements/tf219.txt, pinned by
+#                requirements/constraints-tf219.txt
 
 PYTHON ?= python3
 VENV ?= .venv
+VENV_TF219 ?= .venv-tf219
 PY := $(VENV)/bin/python
+PY_TF219 := $(VENV_TF219)/bin/python
 STAMP := $(VENV)/.tf_gradmix-installed
+STAMP_TF219 := $(VENV_TF219)/.tf_gradmix-installed
 TESTS ?= tests
+# The TensorFlow 2.19 run may be narrowed to a core subset on its own.
+TESTS_TF219 ?= $(TESTS)
 PYTEST_ARGS ?=
+BACKEND ?= tensorflow
 DEMO_ARGS ?=
+BACKENDS := tensorflow jax
 
-.PHONY: venv lint test demo clean distclean
+.PHONY: venv venv-tf219 lint test test-tf test-jax test-tf219 test-fast demo clean distclean
 
 venv: $(STAMP)
+venv-tf219: $(STAMP_TF219)
 
-# Re-installs only when a requirements file or the package metadata changes.
+# $(call install,VENV,REQUIREMENTS,CONSTRAINTS): create VENV if needed and
+# install the pinned requirements and the package; the stamp file makes this
+# re-run only when a requirements file or the package metadata changes.
+define install
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install --upgrade pip
+	$(1)/bin/python -m pip install -r $(2) -c $(3)
+	$(1)/bin/python -m pip install --no-deps --no-build-isolation -e .
+	touch $(1)/.tf_gradmix-installed
+endef
+
 $(STAMP): requirements/ci.txt requirements/constraints.txt setup.py pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -r requirements/ci.txt -c requirements/constraints.txt
-	$(PY) -m pip install --no-deps --no-build-isolation -e .
-	touch $@
+	$(call install,$(VENV),requirements/ci.txt,requirements/constraints.txt)
+
+$(STAMP_TF219): requirements/tf219.txt requirements/constraints-tf219.txt setup.py pyproject.toml
+	$(call install,$(VENV_TF219),requirements/tf219.txt,requirements/constraints-tf219.txt)
 
 lint: venv
 	$(PY) -m ruff check .
 
-# pytest exit code 5 means no test was collected: that is a failure here.
-# Narrow a run with e.g. `make test TESTS=tests/test_examples.py PYTEST_ARGS=-x`.
-test: venv
-	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) $(TESTS); \
+# $(call pytest,NAME,ENVIRONMENT,PYTHON,ARGS): one pytest process, timed.
+# pytest's exit code 5 (no test collected) is a failure here.
+define pytest
+	@echo "== $(1) ($(3))"
+	@start=$$(date +%s); \
+	$(2) $(3) -m pytest -q -p no:cacheprovider $(4); \
 	status=$$?; \
-	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
+	echo "== $(1): pytest exit $$status after $$(( $$(date +%s) - start )) s"; \
+	if [ $$status -eq 5 ]; then echo "make: the $(1) suite collected no tests" >&2; exit 1; fi; \
 	exit $$status
+endef
 
+# The whole suite on each backend and TensorFlow version, each in its own
+# process (KERAS_BACKEND is fixed per process). All three run; the target
+# fails if any of them fails. Narrow every run with e.g.
+# `make test TESTS=tests/test_noise.py PYTEST_ARGS=-x`, or run one suite:
+# `make test-tf`, `make test-jax`, `make test-tf219`.
+test: venv venv-tf219
+	@failed=""; \
+	$(MAKE) --no-print-directory test-tf || failed="$$failed test-tf"; \
+	$(MAKE) --no-print-directory test-jax || failed="$$failed test-jax"; \
+	$(MAKE) --no-print-directory test-tf219 || failed="$$failed test-tf219"; \
+	if [ -n "$$failed" ]; then echo "make test: failed:$$failed" >&2; exit 1; fi; \
+	echo "make test: test-tf, test-jax and test-tf219 passed"
+
+test-tf: venv
+	$(call pytest,TensorFlow 2.21,KERAS_BACKEND=tensorflow,$(PY),$(PYTEST_ARGS) $(TESTS))
+
+test-jax: venv
+	$(call pytest,JAX,KERAS_BACKEND=jax,$(PY),$(PYTEST_ARGS) $(TESTS))
+
+test-tf219: venv-tf219
+	$(call pytest,TensorFlow 2.19,KERAS_BACKEND=tensorflow,$(PY_TF219),$(PYTEST_ARGS) $(TESTS_TF219))
+
+# The edit-test loop: the TensorFlow suite without the tests marked `slow`
+# (real training runs of tens of seconds).
+test-fast: venv
+	$(call pytest,TensorFlow 2.21 without slow tests,KERAS_BACKEND=tensorflow,$(PY),-m "not slow" $(PYTEST_ARGS) $(TESTS))
+
+# `make demo BACKEND=jax` runs the demo on Keras's JAX backend.
 demo: venv
-	$(PY) -m examples.demo $(DEMO_ARGS)
+	@case " $(BACKENDS) " in *" $(BACKEND) "*) ;; \
+	  *) echo "make demo: BACKEND=$(BACKEND) is not one of: $(BACKENDS)" >&2; exit 2;; esac
+	KERAS_BACKEND=$(BACKEND) $(PY) -m examples.demo $(DEMO_ARGS)
 
 clean:
 	rm -rf runs build dist .pytest_cache
-	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+	find . -path ./$(VENV) -prune -o -path ./$(VENV_TF219) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
-# Also removes the virtual environment.
+# Also removes the virtual environments.
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VENV_TF219)

@@ -1,4 +1,4 @@
-"""Time per update of gradient accumulation across two workers (issue 12).
+"""Time per update of gradient accumulation across two workers.
 
 Two ``MultiWorkerMirroredStrategy`` worker processes on 127.0.0.1 (one CPU
 replica each) train the same 4.7M-parameter MLP (784-2048-1536-10) with
@@ -17,8 +17,12 @@ initial weights:
 What is measured is the time per *update*: ``k`` micro-steps and their one
 update for ``k > 1``. With accumulation every worker adds its micro-batch
 gradients to its own accumulators and the gradients cross the network once
-per update; before issue 12 every micro-batch was all-reduced, ``k + 1``
-all-reduces an update.
+per update (an earlier implementation all-reduced every micro-batch, ``k + 1``
+all-reduces an update; ``docs/performance.md`` compares the two).
+``ms_per_extra_micro_step`` is ``(t_k - t_1) / (k - 1)``: what one
+micro-step without update costs (its forward and backward pass, the local
+add, and ``fit``'s per-step work, which includes reducing the step's logs
+across the workers).
 
 **Time**: both workers build every configuration, warm each up (trace plus
 ``--warmup-updates`` updates), then run ``--rounds`` rounds; a round runs one
@@ -33,12 +37,26 @@ interquartile range of the per-round ratios (each block over the same
 round's ``k=1`` block: pairs configurations under the same machine load).
 One run of this script gives every number of the table.
 
+The load average (``os.getloadavg()``) is recorded before the run, at every
+round and after it (``machine`` and ``workers[i].load_per_round`` in the
+JSON). Ratios measured on a loaded machine are not comparable with ratios
+from an idle one: the two workers synchronise at every step (the logs), so
+whichever is slowed down holds the other back, and per-step costs grow with
+the load.
+
+``--onednn on|off`` sets ``TF_ENABLE_ONEDNN_OPTS`` for the workers (default:
+TensorFlow's own choice, which is off on CPUs without AVX-512). On such CPUs
+TensorFlow's default (Eigen) kernel for the backward pass's ``dy @ W^T``
+costs about as much for a micro-batch of 8 as for 64: the micro-steps, not
+the accumulation, pay for it.
+
 Timings are never asserted anywhere: this script only reports.
 
 Usage::
 
-    python -m benchmarks.accumulation_comm                  # ~1.5 min on 2 shared cores
+    python -m benchmarks.accumulation_comm --ks 1,8,32      # a few minutes on 2 cores
     python -m benchmarks.accumulation_comm --rounds 3 --updates 2
+    python -m benchmarks.accumulation_comm --ks 1,8,32 --onednn on
     python -m benchmarks.accumulation_comm --table-from runs/benchmarks/accumulation_comm.json
 """
 
@@ -77,6 +95,8 @@ def run_workers(args):
         log = open(tmp / f"worker{index}.log", "w")
         env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
         env.pop("TF_CONFIG", None)
+        if args.onednn != "default":
+            env["TF_ENABLE_ONEDNN_OPTS"] = "1" if args.onednn == "on" else "0"
         processes.append(
             subprocess.Popen(
                 [sys.executable, __file__, "--worker", str(spec_path)],
@@ -130,6 +150,11 @@ def summarize(worker_result, ks, micro_batch):
                 "ratio_to_k1": median[name] / median[base] if base else None,
                 "ratio_to_k1_iqr": [q[0], q[2]],
                 "ratio_to_whole_batch": median[name] / median[anchor],
+                "ms_per_extra_micro_step": (
+                    1000 * (median[name] - median[base]) / (steps - 1)
+                    if base and steps > 1
+                    else None
+                ),
             }
         )
     return rows
@@ -139,17 +164,33 @@ def print_table(result):
     print(
         "| configuration | per-worker batch × micro-steps | logical batch (2 workers) "
         "| median ms / update | ratio to k=1 (IQR of per-round ratios) "
-        "| ratio to the whole batch at once |"
+        "| ratio to the whole batch at once | ms per extra micro-step |"
     )
-    print("|---|---:|---:|---:|---|---:|")
+    print("|---|---:|---:|---:|---|---:|---:|")
     for row in result["rows"]:
         iqr = row["ratio_to_k1_iqr"]
         print(
             f"| {row['config']} | {row['per_worker_batch']} × {row['micro_steps_per_update']} "
             f"| {row['logical_batch']} | {row['median_ms_per_update']:.0f} "
             f"| {row['ratio_to_k1']:.2f} ({iqr[0]:.2f}–{iqr[1]:.2f}) "
-            f"| {row['ratio_to_whole_batch']:.2f} |"
+            f"| {row['ratio_to_whole_batch']:.2f} "
+            f"| {_format(row.get('ms_per_extra_micro_step'), '.1f')} |"
         )
+    machine = result.get("machine", {})
+    if machine:
+        print(
+            f"\nload average (1, 5, 15 min): before {_format_load(machine.get('load_before'))}, "
+            f"after {_format_load(machine.get('load_after'))}; "
+            f"TF_ENABLE_ONEDNN_OPTS={machine.get('onednn', 'default')}"
+        )
+
+
+def _format(value, spec):
+    return "—" if value is None else format(value, spec)
+
+
+def _format_load(load):
+    return "?" if not load else ", ".join(f"{x:.2f}" for x in load)
 
 
 def main(argv=None):
@@ -163,6 +204,10 @@ def main(argv=None):
     parser.add_argument("--warmup-updates", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="TF intra-op threads per worker")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds for the whole run")
+    parser.add_argument(
+        "--onednn", choices=("default", "on", "off"), default="default",
+        help="TF_ENABLE_ONEDNN_OPTS for the workers (default: TensorFlow's choice)",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--table-from", type=Path, help="re-print the table of a saved run")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -180,7 +225,10 @@ def main(argv=None):
     result = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "load_before": workers[0]["load_before"], "load_after": os.getloadavg()},
+                    "load_before": workers[0]["load_before"], "load_after": os.getloadavg(),
+                    "load_per_round": workers[0]["load_per_round"],
+                    "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default")
+                    if args.onednn == "default" else args.onednn},
         "versions": workers[0]["versions"],
         "wall_seconds": time.time() - started,
         "rows": summarize(workers[0], ks, args.micro_batch),
@@ -273,7 +321,9 @@ def worker(spec):
         print("warm-up", name, flush=True)
         block(name, spec["warmup_updates"])
     per_update = {name: [] for name in names}
+    load_per_round = []
     for r in range(spec["rounds"]):
+        load_per_round.append(os.getloadavg())
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
             per_update[name].append(block(name, spec["updates"]))
@@ -286,6 +336,7 @@ def worker(spec):
         "per_update_seconds": per_update,
         "parameters": parameters,
         "load_before": load_before,
+        "load_per_round": load_per_round,
         "tf_gradmix_file": gm.__file__,
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
                      "python": platform.python_version()},

@@ -15,7 +15,7 @@ Usage::
 
 Single device: Keras 3.15's gradient accumulation fails under a
 tf.distribute strategy (keras-team/keras#20582), so replicas are not
-combined here (see README, "32K batches on small hardware").
+combined here (see docs/distributed.md, "32K batches on small hardware").
 """
 
 import argparse

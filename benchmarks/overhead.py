@@ -1,6 +1,6 @@
 """Step time and peak memory of GradientMix against the same plain Keras step.
 
-Issue 2, must-show 7. Configurations (same model, same initial weights, same
+Configurations (same model, same initial weights, same
 SGD with Nesterov momentum, no metrics besides what the configuration adds):
 
 * ``plain``:  ``keras.Model`` + ``SGD``;
@@ -14,7 +14,7 @@ SGD with Nesterov momentum, no metrics besides what the configuration adds):
 
 Models: ``cnn``, a small BatchNorm CNN on 32x32x3 images (batch 256 by
 default), and ``resnet18``, the CIFAR ResNet-18 of ``examples/resnet.py``
-(11.2M parameters, batch 64 by default so that it fits a few minutes on
+(11.2M parameters, batch 32 by default so that it fits a few minutes on
 2 CPU cores).
 
 **Time**: one process builds every configuration, warms each up (trace plus
@@ -50,7 +50,7 @@ Timings are never asserted anywhere: this script only reports.
 
 Usage::
 
-    python -m benchmarks.overhead                 # the full run (~15 min, 2 cores)
+    python -m benchmarks.overhead                 # the full run (minutes; docs/performance.md)
     python -m benchmarks.overhead --quick         # smoke run, < 1 min
     python -m benchmarks.overhead --models cnn --rounds 9 --steps 10
 """

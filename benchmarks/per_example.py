@@ -6,7 +6,7 @@ Three ways to run one sample-level GradientMix step, each compiled as one
 * ``reweight``: ``tf_gradmix.Model`` + ``GradientMix`` (the default path: one
   backward pass, each example's gradient weighted through the loss);
 * ``pe_step``: the exact per-example mixing mode,
-  ``tf_gradmix.per_example.train_step`` (batched forward for the
+  ``tf_gradmix.exact.train_step`` (batched forward for the
   loss and metrics + vectorised per-example forward/backward + mixing);
 * ``pe_grads``: ``tf_gradmix.per_example.per_example_gradients`` alone (no
   update; reduced to the sum of squared norms inside the graph), what the
@@ -60,11 +60,11 @@ def _setup(model_name, batch):
 
     tf.get_logger().setLevel("ERROR")
     import tf_gradmix as gm
-    from tf_gradmix import per_example
+    from tf_gradmix import exact, per_example
 
     class PerExampleModel(keras.Model):
         def train_step(self, data):
-            return per_example.train_step(self, data)
+            return exact.train_step(self, data)
 
     def build(model_class):
         keras.utils.set_random_seed(0)

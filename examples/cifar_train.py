@@ -93,8 +93,8 @@ def parse_args(argv=None):
     m.add_argument("--model", choices=("resnet18", "resnet8"), default="resnet18")
     m.add_argument("--widths", type=int, nargs=3, default=(16, 32, 64), help="stage widths of --model resnet8")
     m.add_argument("--bn-momentum", type=float, default=0.9)
-    m.add_argument("--weight-decay", type=float, default=5e-4, help="L2 on kernels (nesterov, adam) or decoupled "
-                                                                    "(lars, lamb)")
+    m.add_argument("--weight-decay", type=float, default=5e-4, help="L2 on kernels (nesterov, adam) or the "
+                                                                    "optimizer's coupled decay (lars, lamb)")
     o = p.add_argument_group("optimization (the paper's §5.1 schedule)")
     o.add_argument("--optimizer", choices=OPTIMIZERS, default="nesterov")
     o.add_argument("--batch-size", type=int, default=1024)
@@ -230,8 +230,8 @@ def build_model(args, num_classes):
     import tf_gradmix as gm
     from examples import resnet
 
-    # Weight decay: an L2 kernel penalty for SGD/Adam; decoupled (in the
-    # optimizer, excluded from 1-D variables) for LARS/LAMB.
+    # Weight decay: an L2 kernel penalty for SGD/Adam; for LARS/LAMB the
+    # optimizer's coupled decay (inside the trust ratio, 1-D variables excluded).
     l2 = args.weight_decay if args.optimizer in ("nesterov", "adam") else 0.0
     model_class = keras.Model if args.noise == "none" else gm.Model
     if args.model == "resnet18":

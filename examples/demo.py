@@ -14,11 +14,13 @@ which solution generalizes. At the same rate GD runs at ``32x`` lower
 temperature than the small batch and tests worse; mixing the full batch's
 per-example gradients with random weights brings the noise back. It prints a
 table and saves ``results.md``, ``results.json`` and ``demo.png`` under
-``--out`` (default ``runs/demo/``). About 2 minutes on 2 idle cores.
+``--out`` (default ``runs/demo/``). Its table and run time on 2 CPU cores are
+in ``experiments/README.md``.
 
 The full study (3 seeds, Bernoulli and Rademacher weights, an isotropic
 control of the same size, other stddevs) is ``experiments/temperature.py``
-(``python -m experiments.temperature``); its results are in the README.
+(``python -m experiments.temperature``); its results are in
+``experiments/README.md``.
 
     python -m examples.demo
     python -m examples.demo --seed 1 --out runs/demo-seed1
@@ -38,7 +40,7 @@ from examples import cifar10, gd_vs_sgd  # noqa: E402
 
 CAVEAT = (
     "One seed at CPU scale: the study behind this demo (3 seeds, controls) is in the "
-    "README's Results; differences of a point are within one seed's noise."
+    "experiments/README.md; differences of a point are within one seed's noise."
 )
 
 

@@ -21,7 +21,7 @@ either); compare the differences from the baseline: -1.66 and -1.29.
 
 Usage::
 
-    python -m examples.ggn_trace              # ~10 CPU-minutes
+    python -m examples.ggn_trace              # minutes on a CPU (experiments/README.md)
     python -m examples.ggn_trace --quick      # smoke test, seconds
 """
 

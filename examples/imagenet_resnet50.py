@@ -44,7 +44,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_gradmix as gm  # noqa: E402
-from tf_gradmix import distribute, recipes, schedules  # noqa: E402
+from tf_gradmix import distribute, recipes, residual, schedules  # noqa: E402
 from tf_gradmix.optimizers import LARS  # noqa: E402
 
 NUM_CLASSES = 1000
@@ -179,7 +179,7 @@ def make_model(recipe, image_size):
             layer.momentum = recipe["bn_momentum"]
             layer.epsilon = recipe["bn_epsilon"]
     if recipe["gamma_0"] is not None:
-        recipes.set_residual_gamma(model, recipe["gamma_0"])
+        residual.set_residual_gamma(model, recipe["gamma_0"])
     return gm.enable(model)  # sample-level mixing hook + multi-worker fit fix
 
 

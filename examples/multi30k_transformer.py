@@ -21,7 +21,7 @@ keras-hub):
 * optimizer: ``--optimizer adam`` (beta_2 0.98, epsilon 1e-9, Vaswani et
   al.) or ``lamb`` (``tf_gradmix.optimizers.LAMB``), schedule
   ``tf_gradmix.schedules.InverseSqrtWarmup`` with
-  ``tf_gradmix.recipes.inverse_sqrt_warmup_steps(B)`` warmup steps and, by
+  ``tf_gradmix.schedules.inverse_sqrt_warmup_steps(B)`` warmup steps and, by
   default, Vaswani's peak ``d_model^-0.5 * warmup^-0.5`` (which scales with
   ``sqrt(B)`` since the warmup shrinks as ``1/B``);
 * GradientMix at the sample level with whole sentences as units (all tokens
@@ -91,7 +91,7 @@ def parse_args(argv=None):
     o.add_argument("--epochs", type=int, default=10)
     o.add_argument("--lr", type=float, default=None, help="peak learning rate (default d_model^-0.5 * warmup^-0.5)")
     o.add_argument("--warmup-steps", type=int, default=None, help="default round(4000 * 64 / B)")
-    o.add_argument("--weight-decay", type=float, default=0.0, help="LAMB's decoupled weight decay")
+    o.add_argument("--weight-decay", type=float, default=0.0, help="LAMB's coupled weight decay")
     o.add_argument("--clipnorm", type=float, default=None)
     g = p.add_argument_group("GradientMix")
     g.add_argument("--noise", choices=("none", "gaussian", "rademacher"), default="none")
@@ -250,7 +250,7 @@ def build_optimizer(args):
 
     import tf_gradmix as gm
 
-    warmup = args.warmup_steps or gm.recipes.inverse_sqrt_warmup_steps(args.batch_size)
+    warmup = args.warmup_steps or gm.schedules.inverse_sqrt_warmup_steps(args.batch_size)
     peak = args.lr if args.lr is not None else args.d_model ** -0.5 * warmup ** -0.5
     schedule = gm.schedules.InverseSqrtWarmup(peak, warmup)
     if args.optimizer == "adam":

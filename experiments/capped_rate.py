@@ -5,8 +5,8 @@ batch. ResNet-8 (BatchNorm momentum 0.9) on a fixed 2,048-image CIFAR-10
 subset without augmentation, SGD + Nesterov, the paper's §5.1 schedule
 (warmup, polynomial decay), the same number of epochs in every arm:
 
-* batch ``--small-batch`` at the recipe's rate (0.1 at batch 200, scaled
-  linearly: 0.032 at 64), which fits the subset;
+* batch ``--small-batch`` at the rate of ``tf_gradmix.recipes.CIFAR_SGD``
+  (0.1 at batch 200, scaled linearly: 0.032 at 64), which fits the subset;
 * batch ``--large-batch`` with its peak rate capped at the small batch's
   times ``sqrt(B / b)`` (square-root instead of linear scaling), plain;
 * the same capped large batch + GradientMix (Gaussian) at
@@ -32,13 +32,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from experiments.temperature import key_of, load_results
-from tf_gradmix import noise
+from tf_gradmix import noise, recipes
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 EXAMPLE = "examples.cifar_train"  # run as `python -m` from the repository root
 DEFAULT_RESULTS = HERE / "results" / "cifar10_resnet8_capped_rate.jsonl"
-RECIPE_RATE, RECIPE_BATCH = 0.1, 200  # paper §5.1 (gm.recipes.CIFAR_NESTEROV)
+# The paper's §5.1 rate for SGD + Nesterov: 0.1 at batch 200, scaled linearly.
+RECIPE = recipes.CIFAR_SGD
+RECIPE_RATE, RECIPE_BATCH = RECIPE["base_learning_rate"], RECIPE["base_batch_size"]
 
 
 def parse_args(argv=None):

@@ -39,10 +39,8 @@ is still usable by ``experiments/plot.py``.
 
 The plan is printed in run-minutes before anything starts (``--dry-run``
 prints only the plan); ``--images-per-second`` is the training throughput
-of the whole machine (~1,100 images/s measured for the ResNet-8 in one
-process on a free 2-core machine; measured here with ``--jobs 2 --threads 1``
-and ``--validation-freq 10``: ~550 images/s, and ~180 sentence pairs/s for
-the sweep's Transformer).
+of the whole machine (its default, given in ``--help``, is what the 2-core
+machine of ``experiments/README.md`` did with ``--jobs 2 --threads 1``).
 
 Usage::
 

@@ -1,31 +1,98 @@
-"""Test configuration shared by every test module.
+"""Test configuration shared by every test module, on either backend.
 
-Four logical CPU devices must be configured before TensorFlow initialises its
-runtime, so it happens here, once, at import time (configured later, TensorFlow
-refuses).
+``make test`` runs this directory twice, each in its own pytest process:
+once with ``KERAS_BACKEND=tensorflow`` and once with ``KERAS_BACKEND=jax``
+(default: tensorflow). Devices are configured here, once, before the
+backend initialises:
+
+* TensorFlow: four logical CPU devices (configured later, TensorFlow refuses);
+* JAX: ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` before jax is
+  imported; TensorFlow is never imported.
+
+Tests that apply to one backend only say so with one marker,
+``@pytest.mark.backends("tensorflow")`` on a test, or
+``pytestmark = pytest.mark.backends("tensorflow")`` at the top of a module.
+A module marked for other backends is not even imported (so a JAX run never
+imports TensorFlow through it); a marked test is skipped.
 """
 
+import ast
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import tensorflow as tf  # noqa: E402
+BACKEND = os.environ["KERAS_BACKEND"]
+NUM_DEVICES = 4
+NUM_LOGICAL_CPUS = NUM_DEVICES  # the TensorFlow name
 
-NUM_LOGICAL_CPUS = 4
+if BACKEND == "jax":
+    flag = f"--xla_force_host_platform_device_count={NUM_DEVICES}"
+    if flag not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+elif BACKEND == "tensorflow":
+    import tensorflow as tf
 
-_cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(
-    _cpu, [tf.config.LogicalDeviceConfiguration()] * NUM_LOGICAL_CPUS
-)
+    _cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        _cpu, [tf.config.LogicalDeviceConfiguration()] * NUM_DEVICES
+    )
 
 import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "backends(*names): run only on these Keras backends ('tensorflow', 'jax')"
+    )
+
+
+def _marked_backends(call):
+    """The backend names of a ``pytest.mark.backends(...)`` call node, or None."""
+    if not isinstance(call, ast.Call):
+        return None
+    func = call.func
+    if isinstance(func, ast.Attribute) and func.attr == "backends":
+        return {arg.value for arg in call.args if isinstance(arg, ast.Constant)}
+    return None
+
+
+def module_backends(path):
+    """The backends of a module's ``pytestmark = pytest.mark.backends(...)``, read without importing it."""
+    tree = ast.parse(path.read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "pytestmark" for t in node.targets
+        ):
+            marks = node.value.elts if isinstance(node.value, (ast.List, ast.Tuple)) else [node.value]
+            for mark in marks:
+                names = _marked_backends(mark)
+                if names is not None:
+                    return names
+    return None
+
+
+def pytest_ignore_collect(collection_path, config):
+    if collection_path.suffix == ".py" and collection_path.name.startswith("test_"):
+        names = module_backends(collection_path)
+        if names is not None and BACKEND not in names:
+            return True
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for mark in item.iter_markers("backends"):
+            if BACKEND not in mark.args:
+                item.add_marker(pytest.mark.skip(reason=f"only on {', '.join(mark.args)}; this run is {BACKEND}"))
 
 
 @pytest.fixture(scope="session")
 def mirrored_strategy():
     """The one MirroredStrategy of the test process (several misbehave)."""
-    devices = [f"/cpu:{i}" for i in range(NUM_LOGICAL_CPUS)]
+    import tensorflow as tf
+
+    devices = [f"/cpu:{i}" for i in range(NUM_DEVICES)]
     return tf.distribute.MirroredStrategy(devices)
 
 

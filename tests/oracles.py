@@ -5,45 +5,89 @@ tf_gradmix code; the weights a test compares against come from
 ``GradientMix.example_weights`` / ``device_weights``, whose statistics are
 tested on their own in ``test_noise.py``. The last section builds the small
 models and data several test modules share.
+
+Backend-agnostic: gradients come from a ``tf.GradientTape`` on TensorFlow
+and from ``jax.grad`` of ``model.stateless_call`` on JAX (:func:`gradient`),
+the backends' own autodiff of a plain Keras model, one example at a time.
 """
 
+import keras
 import numpy as np
-import tensorflow as tf
+
+
+def numpy(value):
+    """A tensor, variable or array of any backend as a NumPy array."""
+    if isinstance(value, keras.Variable):
+        value = value.value
+    return np.asarray(keras.ops.convert_to_numpy(value))
 
 
 def flat(arrays):
     """Concatenates a list of arrays into one float64 vector."""
-    return np.concatenate([np.asarray(tf.convert_to_tensor(a), np.float64).ravel() for a in arrays])
+    return np.concatenate([numpy(a).astype(np.float64).ravel() for a in arrays])
 
 
 def weights_of(model):
-    return [v.numpy().astype(np.float64) for v in model.trainable_variables]
+    return [numpy(v).astype(np.float64) for v in model.trainable_variables]
+
+
+def gradient(model, objective, x, training=True):
+    """Gradient of ``objective(outputs, layer_losses)`` for ``model.trainable_variables``, flattened.
+
+    ``layer_losses`` is the list of losses the layers added in this call
+    (regularizers, ``add_loss``).
+    """
+    variables = model.trainable_variables
+    if keras.backend.backend() == "jax":
+        import jax
+
+        non_trainable = [v.value for v in model.non_trainable_variables]
+
+        def f(trainable):
+            outputs, _, losses = model.stateless_call(
+                trainable, non_trainable, x, training=training, return_losses=True
+            )
+            return objective(outputs, losses)
+
+        grads = jax.grad(f)([v.value for v in variables])
+    else:
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            outputs = model(x, training=training)
+            value = objective(outputs, model.losses)
+        grads = tape.gradient(value, variables)
+    return flat([np.zeros(v.shape) if g is None else g for g, v in zip(grads, variables)])
 
 
 def per_example_gradients(model, x, y, loss_fn, training=True):
     """``[B, P]`` matrix of per-example gradients of ``loss_fn`` (one at a time)."""
-    rows = []
-    for b in range(len(x)):
-        with tf.GradientTape() as tape:
-            loss = loss_fn(y[b : b + 1], model(x[b : b + 1], training=training))
-        rows.append(flat(tape.gradient(loss, model.trainable_variables)))
-    return np.stack(rows)
+    if keras.backend.backend() == "jax":  # one compiled gradient, called per example
+        import jax
+
+        non_trainable = [v.value for v in model.non_trainable_variables]
+
+        def loss_of(trainable, x_b, y_b):
+            outputs, _ = model.stateless_call(trainable, non_trainable, x_b, training=training)
+            return loss_fn(y_b, outputs)
+
+        grad = jax.jit(jax.grad(loss_of))
+        trainable = [v.value for v in model.trainable_variables]
+        return np.stack([flat(grad(trainable, x[b : b + 1], y[b : b + 1])) for b in range(len(x))])
+    return np.stack([
+        gradient(model, lambda out, _, b=b: loss_fn(y[b : b + 1], out), x[b : b + 1], training)
+        for b in range(len(x))
+    ])
 
 
 def mean_gradient(model, x, y, loss_fn, training=True):
     """Gradient of the mean loss over ``x`` (no regularization losses)."""
-    with tf.GradientTape() as tape:
-        loss = loss_fn(y, model(x, training=training))
-    return flat(tape.gradient(loss, model.trainable_variables))
+    return gradient(model, lambda out, _: loss_fn(y, out), x, training)
 
 
 def regularization_gradient(model, x):
     """Gradient of the layers' added losses (regularizers), unmixed."""
-    with tf.GradientTape() as tape:
-        model(x, training=True)
-        loss = tf.add_n(model.losses)
-    grads = tape.gradient(loss, model.trainable_variables)
-    return flat([np.zeros(v.shape) if g is None else g for g, v in zip(grads, model.trainable_variables)])
+    return gradient(model, lambda _, losses: sum(losses), x, training=True)
 
 
 def recover_weights(update, per_example):

@@ -1,4 +1,4 @@
-"""The Keras internals tf_gradmix.compat relies on: fails when upstream changes."""
+"""The Keras internals tf_gradmix.backend relies on: fails when upstream changes."""
 
 import keras
 import numpy as np
@@ -6,26 +6,37 @@ import pytest
 import tensorflow as tf
 
 from tf_gradmix import compat
+from tf_gradmix.backend import keras_internals, tensorflow_multi_worker
+from tf_gradmix.backend import tensorflow as tf_backend
 from tf_gradmix.model import mix_predictions
+
+pytestmark = pytest.mark.backends("tensorflow")
 
 
 def test_installed_keras_is_a_tested_version():
-    assert compat.keras_version() in compat.TESTED_KERAS, (
-        f"Keras {keras.__version__} is not a version tf_gradmix.compat was "
+    assert keras_internals.keras_version() in keras_internals.TESTED_KERAS, (
+        f"Keras {keras.__version__} is not a version tf_gradmix.backend was "
         "checked against; re-run this file and update TESTED_KERAS."
     )
 
 
 def test_the_bare_package_does_not_force_a_tensorflow_build():
     """README: ``pip install tf_gradmix`` leaves the TensorFlow build to the
-    user (CPU, GPU, TPU); ``[cpu]``/``[gpu]`` extras pick one."""
+    user; the ``[cpu]``, ``[gpu]`` and ``[tpu]`` extras pick one, TensorFlow
+    2.19 to 2.21 (2.19.1 on TPUs, the last release with TPU support)."""
     from importlib.metadata import requires
 
-    requirements = requires("tf_gradmix")
-    unconditional = [r for r in requirements if "extra ==" not in r]
-    assert not [r for r in unconditional if r.lower().startswith("tensorflow")], unconditional
-    build = {r.split(";")[0].rstrip("<>=.,0123456789"): r.split(";")[1].strip() for r in requirements if ";" in r}
-    assert build["tensorflow-cpu"] == 'extra == "cpu"' and build["tensorflow"] == 'extra == "gpu"', build
+    from packaging.requirements import Requirement
+
+    requirements = [Requirement(r) for r in requires("tf_gradmix")]
+    assert not [r for r in requirements if r.name.startswith("tensorflow") and r.marker is None], requirements
+    builds = ("tensorflow", "tensorflow-cpu", "tensorflow-tpu")
+    build = {str(r.marker): r for r in requirements if r.name in builds}
+    assert {extra: (r.name, sorted(r.extras), str(r.specifier)) for extra, r in build.items()} == {
+        'extra == "cpu"': ("tensorflow-cpu", [], "<2.22,>=2.19"),
+        'extra == "gpu"': ("tensorflow", ["and-cuda"], "<2.22,>=2.19"),
+        'extra == "tpu"': ("tensorflow-tpu", [], "==2.19.1"),
+    }
 
 
 # Extreme logits: a cross-entropy computed from clipped probabilities differs
@@ -75,7 +86,7 @@ def test_masks_survive_the_transform():
     def run():
         out = tf.constant(np.random.default_rng(0).normal(size=(2, 3, 4)).astype("float32"))
         out._keras_mask = tf.constant([[True, True, False], [True, False, False]])
-        return compat.transform_output(out, tf.identity)._keras_mask
+        return tf_backend.transform_output(out, tf.identity)._keras_mask
 
     np.testing.assert_array_equal(run().numpy(), [[True, True, False], [True, False, False]])
 
@@ -87,7 +98,29 @@ def test_keras_still_decides_the_training_argument_once_per_model():
 
 
 def test_an_untested_keras_version_is_warned_about():
-    assert compat.warn_if_untested() is False  # the installed, tested version
+    assert keras_internals.warn_if_untested() is False  # the installed, tested version
     with pytest.warns(UserWarning, match=r"tested with Keras 3\.15.*version-guarded workarounds are off"):
-        assert compat.warn_if_untested((3, 99)) is True
-    assert not compat.multi_worker_fit_workaround_applies((3, 99))
+        assert keras_internals.warn_if_untested((3, 99)) is True
+    assert not tensorflow_multi_worker.multi_worker_fit_workaround_applies((3, 99))
+
+
+def test_optimizer_internals_used_by_accumulation():
+    """What tf_gradmix.accumulation reads of a Keras optimizer: one
+    accumulator per variable, found by variable in any order; the raw counter
+    counts micro-steps (``iterations`` counts updates); a variable tracked from
+    outside joins ``optimizer.variables``."""
+    variables = [keras.Variable(np.zeros((2, 3), "float32")), keras.Variable(np.zeros((3,), "float32"))]
+    optimizer = keras.optimizers.SGD(0.1, gradient_accumulation_steps=2)
+    optimizer.build(variables)
+    accumulators = compat.gradient_accumulators(optimizer, variables[::-1])
+    assert [tuple(a.shape) for a in accumulators] == [(3,), (2, 3)]
+    assert all(a.path.endswith("_gradient_accumulator") for a in accumulators)
+    grads = [np.ones((2, 3), "float32"), np.full((3,), 2.0, "float32")]
+    for _ in range(3):
+        optimizer.apply(grads, variables)
+    np.testing.assert_array_equal(compat.gradient_accumulators(optimizer, variables)[1].numpy(), 2.0)
+    assert int(compat.raw_iterations(optimizer).numpy()) == 3
+    assert int(optimizer.iterations.numpy()) == 1
+    extra = keras.Variable(np.zeros(()), trainable=False, name="extra")
+    compat.track_optimizer_variable(optimizer, extra)
+    assert any(v is extra for v in optimizer.variables)

@@ -23,6 +23,8 @@ from tf_gradmix import diagnostics as diag
 
 from oracles import NUM_CLASSES, build_model, cnn, data, flat, mlp, relative_error
 
+pytestmark = pytest.mark.backends("tensorflow")
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -262,6 +264,7 @@ def test_diagnostics_logger_every_n_epochs():
 # -- the example ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ggn_trace_example_quick(tmp_path):
     # About 40 s of CPU (mostly tracing three ResNets); the timeout leaves room
     # for a loaded machine.

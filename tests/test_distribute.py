@@ -22,9 +22,12 @@ import pytest
 import tensorflow as tf
 
 import tf_gradmix as gm
-from tf_gradmix import compat, distribute
+from tf_gradmix import accumulation, distribute
+from tf_gradmix.backend import tensorflow_multi_worker
 
 from oracles import assert_float32_close
+
+pytestmark = pytest.mark.backends("tensorflow")
 
 WORKER = Path(__file__).parent / "workers" / "mwms_worker.py"
 SEED = 1234  # as in the worker script
@@ -172,6 +175,8 @@ CASES = [
     "model/sample-acc3/shards",
     "enable/device-acc3/shards",
 ]
+# Levels whose traced replica step each worker records (graph/<level>).
+TRACED_LEVELS = ["sample", "sample-acc3", "device-acc3"]
 
 
 @pytest.fixture(scope="module")
@@ -196,24 +201,27 @@ def cluster_results(data, tmp_path_factory):
         "learning_rate": LR,
         "default_seed": True,
         "compat_off": True,
+        "traced_steps": TRACED_LEVELS,
     }
     return run_cluster(spec, tmp_path, "fit")
 
 
+@pytest.mark.slow
 def test_stock_keras_fit_still_fails_under_multi_worker(cluster_results):
     """Notices an upstream fix of keras-team/keras#20585 (then revisit compat)."""
     for result in cluster_results:
         assert "Attempt to convert a value (PerReplica" in str(result["stock_fit_error"])
         assert "Invalid reduction dimension 0" in str(result["stock_reduce_error"])
-    assert compat.multi_worker_fit_workaround_applies(), (
+    assert tensorflow_multi_worker.multi_worker_fit_workaround_applies(), (
         f"Keras {keras.__version__} is outside the range the multi-worker fit "
-        f"workaround covers ({compat.MULTI_WORKER_FIT_BROKEN}): re-check "
-        f"{compat.MULTI_WORKER_FIT_ISSUE} and update the guard."
+        f"workaround covers ({tensorflow_multi_worker.MULTI_WORKER_FIT_BROKEN}): re-check "
+        f"{tensorflow_multi_worker.MULTI_WORKER_FIT_ISSUE} and update the guard."
     )
     assert distribute.multi_worker_fit_supported()
-    assert not compat.multi_worker_fit_workaround_applies((3, 16))
+    assert not tensorflow_multi_worker.multi_worker_fit_workaround_applies((3, 16))
 
 
+@pytest.mark.slow
 def test_workaround_switches_itself_off_with_a_warning_on_newer_keras(cluster_results):
     """README: "off with a warning on newer versions". Each worker simulates
     a Keras one minor version past the guard: one warning naming the issue,
@@ -221,16 +229,18 @@ def test_workaround_switches_itself_off_with_a_warning_on_newer_keras(cluster_re
     for result in cluster_results:
         messages = result["compat_off/warnings"].tolist()
         assert len(messages) == 1, messages
-        assert "is off for Keras" in messages[0] and compat.MULTI_WORKER_FIT_ISSUE in messages[0]
+        assert "is off for Keras" in messages[0] and tensorflow_multi_worker.MULTI_WORKER_FIT_ISSUE in messages[0]
         assert "Attempt to convert a value (PerReplica" in str(result["compat_off/fit_error"])
 
 
+@pytest.mark.slow
 def test_cluster_has_one_replica_per_worker(cluster_results):
     # K counts the replicas of all workers; ids are global.
     assert [int(r["num_replicas"]) for r in cluster_results] == [2, 2]
     assert [r["replica_ids"].tolist() for r in cluster_results] == [[0], [1]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_multi_worker_fit_equals_global_batch_mix(case, cluster_results, data):
     _, x, y = data
@@ -265,6 +275,87 @@ def test_multi_worker_fit_equals_global_batch_mix(case, cluster_results, data):
         assert not np.allclose(first[f"{case}/w0"], plain[0], rtol=1e-4, atol=1e-5)
 
 
+# -- a micro-step of accumulation does not communicate ---------------------------
+
+def is_collective(op_type):
+    """Op types that exchange data between replicas (tf.distribute, NCCL, XLA)."""
+    return op_type.startswith(("Collective", "Nccl")) or "AllReduce" in op_type or op_type in (
+        "AllToAll",
+        "AllGather",
+        "ReduceScatter",
+    )
+
+
+def collectives(graph_def, skip_update_branch=False, only_update_branch=False):
+    """The collective ops a traced step can run, with every function it calls.
+
+    Follows function-valued attributes (calls, both branches of a cond, loop
+    bodies) and direct calls of library functions. With
+    ``skip_update_branch`` the true branch of the accumulation's update
+    conditional is left out: what a micro-step runs. With
+    ``only_update_branch``, only that branch: what the update adds. Returns
+    ``(op types found, number of update conditionals seen)``.
+    """
+    library = {f.signature.name: f for f in graph_def.library.function}
+    updates = []
+
+    def is_update(node):
+        return node.op in ("If", "StatelessIf") and node.name.rsplit("/", 1)[-1].startswith(
+            accumulation.UPDATE_BRANCH_NAME
+        )
+
+    def walk(nodes, counting):
+        found = []
+        for node in nodes:
+            if counting and is_collective(node.op):
+                found.append(node.op)
+            if node.op in library:
+                found += walk(library[node.op].node_def, counting)
+            update = is_update(node)
+            if update:
+                updates.append(node.name)
+            for key, attr in node.attr.items():
+                names = [attr.func.name] if attr.HasField("func") else [f.name for f in attr.list.func]
+                inside = counting
+                if update and key == "then_branch":
+                    if skip_update_branch:
+                        continue
+                    inside = True
+                elif update and only_update_branch:
+                    continue
+                for name in names:
+                    found += walk(library[name].node_def, inside)
+        return found
+
+    found = walk(graph_def.node, counting=not only_update_branch)
+    return sorted(found), len(updates)
+
+
+def traced_step(result, level):
+    graph = tf.compat.v1.GraphDef()
+    graph.ParseFromString(result[f"graph/{level}"].tobytes())
+    return graph
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("level", ["sample-acc3", "device-acc3"])
+def test_accumulation_micro_step_does_not_communicate_across_workers(level, cluster_results):
+    """The traced replica step of a two-worker fit (forward, backward,
+    metrics, ``optimizer.apply``): outside the update's branch, which only
+    every third micro-step takes, no collective op at all; inside it, exactly
+    the all-reduce of a step without accumulation."""
+    for result in cluster_results:
+        plain, plain_updates = collectives(traced_step(result, "sample"))
+        assert plain and plain_updates == 0, plain  # a step without accumulation communicates
+        graph = traced_step(result, level)
+        micro_step, updates = collectives(graph, skip_update_branch=True)
+        assert updates == 1
+        assert micro_step == [], f"a micro-step runs collectives: {micro_step}"
+        update, _ = collectives(graph, only_update_branch=True)
+        assert update == plain
+
+
+@pytest.mark.slow
 def test_default_seed_is_the_chiefs_on_every_worker(cluster_results, data):
     """``seed=None``: each worker draws its own seed, and all use the chief's."""
     _, x, y = data
@@ -346,6 +437,7 @@ def load(tmp_path, name, workers):
     return [dict(np.load(tmp_path / f"{name}{i}.npz")) for i in range(workers)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "workers, level, pause_at",
     [

@@ -22,6 +22,8 @@ from tf_gradmix import residual
 
 import real_data
 
+pytestmark = pytest.mark.backends("tensorflow")
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -40,6 +42,7 @@ def cifar(tmp_path_factory):
 # Loader
 
 
+@pytest.mark.slow
 def test_loader_decodes_real_cifar10(cifar):
     source, cache_dir, ((x_train, y_train), (x_test, y_test)) = cifar
     assert x_train.shape == (50000, 32, 32, 3) and x_train.dtype == np.uint8
@@ -57,6 +60,7 @@ def test_loader_decodes_real_cifar10(cifar):
     assert len(list(Path(cache_dir).glob("*.npz"))) == 1
 
 
+@pytest.mark.slow
 def test_loader_order_matches_the_files(cifar):
     """Image i is the i-th file of its split in sorted order, decoded independently."""
     source, _, ((x_train, _), (x_test, _)) = cifar
@@ -80,6 +84,7 @@ def test_loader_order_matches_the_files(cifar):
     assert not wanted, f"files not found in {source}: {sorted(wanted)}"
 
 
+@pytest.mark.slow
 def test_loader_reuses_its_cache(cifar, monkeypatch):
     _, cache_dir, ((x_train, y_train), (x_test, y_test)) = cifar
 
@@ -123,6 +128,7 @@ def test_explicit_data_dir_without_cifar_is_an_error(tmp_path, monkeypatch):
 # Subsets and pipelines
 
 
+@pytest.mark.slow
 def test_subset_and_validation_split_are_balanced_and_fixed(cifar):
     _, _, ((x_train, y_train), _) = cifar
     idx = cifar10.balanced_indices(y_train, 1000, seed=3)
@@ -165,6 +171,7 @@ def small(cifar):
     return cifar10.subset(x_train, y_train, 200, seed=0)
 
 
+@pytest.mark.slow
 def test_training_pipeline_is_deterministic_and_reshuffles(small):
     x, y = small
     runs = [
@@ -183,6 +190,7 @@ def test_training_pipeline_is_deterministic_and_reshuffles(small):
     assert first[0][0].dtype == np.float32 and first[0][0].shape == (64, 32, 32, 3)
 
 
+@pytest.mark.slow
 def test_augmentation_flips_and_crops_but_keeps_labels(small):
     x, y = small
     plain = _batches(cifar10.make_dataset(x, y, 64, training=True, seed=7, augment=False), 1)[0]
@@ -206,6 +214,7 @@ def test_augmentation_flips_and_crops_but_keeps_labels(small):
     assert changed > 0.8 * 3 * 64  # 1/162 of them keep the original by chance
 
 
+@pytest.mark.slow
 def test_evaluation_pipeline_keeps_order_and_every_example(small):
     x, y = small
     batches = _batches(cifar10.make_dataset(x, y, 64, training=False), 1)[0]
@@ -269,6 +278,7 @@ def test_resnet18_cifar_size_and_naming():
 # The demo, end to end
 
 
+@pytest.mark.slow
 def test_demo_quick_runs_end_to_end(cifar, tmp_path):
     source, cache_dir, _ = cifar
     out = tmp_path / "demo"

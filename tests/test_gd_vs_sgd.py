@@ -18,6 +18,8 @@ from tf_gradmix import noise
 import real_data
 from oracles import assert_float32_close, flat, per_example_gradients, weights_of
 
+pytestmark = pytest.mark.backends("tensorflow")
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -105,6 +107,7 @@ def test_report_pairs_seeds_and_computes_the_recovered_share():
     assert cells[5] == "+7.0 ± 2.8" and cells[6] == "-4.0 ± 1.4" and cells[7] == "62 ± 18 %"
 
 
+@pytest.mark.slow
 def test_one_arm_runs_end_to_end_on_real_cifar10(tmp_path):
     if cifar10.find_cifar10() is None:
         real_data.missing("CIFAR-10 JPEG")

@@ -5,6 +5,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds  # a pinned requirement: never skipped
 
+pytestmark = pytest.mark.backends("tensorflow")
+
 
 @pytest.fixture(scope="module")
 def example():
@@ -43,6 +45,7 @@ def test_pipeline_shards_per_worker_and_batches_per_replica(example, monkeypatch
         assert kw["read_config"].input_context is context
 
 
+@pytest.mark.slow
 def test_a_few_training_steps(example):
     # One device: ResNet-50 under the 4-replica MirroredStrategy costs minutes
     # on 2 cores; the distributed paths are covered in test_distribute.py.

@@ -24,6 +24,8 @@ from experiments import plot, sweep
 
 import real_data
 
+pytestmark = pytest.mark.backends("tensorflow")
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -50,6 +52,7 @@ def multi30k_folder():
 # examples/cifar_train.py
 
 
+@pytest.mark.slow
 def test_cifar_train_quick_run(tmp_path):
     if cifar10.find_cifar10() is None:
         real_data.missing("CIFAR-10 JPEG")
@@ -154,6 +157,7 @@ def test_multi30k_transformer_optimizers_and_schedule():
     assert not isinstance(plain, gm.GradientMix)
 
 
+@pytest.mark.slow
 def test_multi30k_transformer_quick_run(tmp_path, multi30k_folder):
     result_path = tmp_path / "result.json"
     _run(

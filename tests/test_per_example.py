@@ -12,9 +12,11 @@ import pytest
 import tensorflow as tf
 
 import tf_gradmix as gm
-from tf_gradmix import per_example
+from tf_gradmix import exact, per_example
 
 from oracles import build_model, cnn, data, mlp
+
+pytestmark = pytest.mark.backends("tensorflow")
 
 # -- per-example gradients ----------------------------------------------------------
 
@@ -59,12 +61,12 @@ def test_per_example_gradients_refuse_batchnorm_and_random_layers():
 
 class PerExampleModel(keras.Model):
     def train_step(self, data):
-        return per_example.train_step(self, data)
+        return exact.train_step(self, data)
 
 
 class PerExampleGMModel(gm.Model):
     def train_step(self, data):
-        return per_example.train_step(self, data)
+        return exact.train_step(self, data)
 
 
 def _fit(model, optimizer, loss, x, y, sample_weight=None, epochs=1, batch_size=8):
@@ -112,6 +114,7 @@ def test_per_example_train_step_equals_reweighting(activation):
     assert _max_diff(w_pe, w_plain) > 1e-3  # the mixing did something
 
 
+@pytest.mark.slow
 def test_per_example_train_step_mirrored(mirrored_strategy):
     x, y = data(32)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)

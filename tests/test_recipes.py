@@ -70,12 +70,12 @@ def test_a_recipe_builds_the_optimizer_and_schedule():
     assert optimizer.get_config()["exclude_1d_variables"] is True
     lamb = recipes.ADAM_LAMB_INVERSE_SQRT.replace(peak_learning_rate=1e-3)
     assert lamb.source("peak_learning_rate") == "user override"
-    warmup = recipes.inverse_sqrt_warmup_steps(32768)
-    assert warmup == 8 and recipes.inverse_sqrt_warmup_steps(64) == 4000
+    warmup = schedules.inverse_sqrt_warmup_steps(32768)
+    assert warmup == 8 and schedules.inverse_sqrt_warmup_steps(64) == 4000
     LAMB(schedules.InverseSqrtWarmup(lamb["peak_learning_rate"], warmup))
     with pytest.raises(ValueError, match="no setting"):
         recipe.replace(learning_rat=1.0)
     with pytest.raises(ValueError, match="`batch_size`"):
-        recipes.inverse_sqrt_warmup_steps(0)
+        schedules.inverse_sqrt_warmup_steps(0)
     # A noise-equivalent batch instead of the default stddev.
     assert noise.stddev_for_noise_batch_size(32768, 4096) == pytest.approx(np.sqrt(7))

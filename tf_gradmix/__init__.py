@@ -1,19 +1,20 @@
-"""tf_gradmix: GradientMix for Keras 3 on TensorFlow.
+"""tf_gradmix: GradientMix for Keras 3 on TensorFlow and JAX.
 
-Mixes per-example (or per-replica) gradients with random weights of mean
+Mixes per-example (or per-device) gradients with random weights of mean
 1/B, redrawn every step, instead of averaging them; plus LARS, LAMB, the
 paper's schedules and recipes for large-batch training.
+
+The TensorFlow-only modules (``diagnostics``, ``per_example``, ``exact``)
+are imported when first used.
 """
 
 __version__ = "0.1.0"
 
 from tf_gradmix import (
     callbacks,
-    diagnostics,
     distribute,
     noise,
     optimizers,
-    per_example,
     recipes,
     residual,
     schedules,
@@ -33,6 +34,7 @@ __all__ = [
     "noise",
     "optimizers",
     "per_example",
+    "exact",
     "schedules",
     "recipes",
     "residual",
@@ -40,3 +42,13 @@ __all__ = [
     "distribute",
     "__version__",
 ]
+
+_TENSORFLOW_ONLY = ("diagnostics", "per_example", "exact")
+
+
+def __getattr__(name):
+    if name in _TENSORFLOW_ONLY:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,15 +3,14 @@
 * :class:`GammaLogger`: the paper's noise amount gamma-bar for device-level
   GradientMix on a stock model.
 * :class:`DiagnosticsLogger`: curvature and gradient-noise measurements
-  (:mod:`tf_gradmix.diagnostics`) every N epochs.
+  (:mod:`tf_gradmix.diagnostics`) every N epochs (TensorFlow only).
 """
 
 import keras
-import tensorflow as tf
+import numpy as np
 
-from tf_gradmix import diagnostics, per_example, validation
+from tf_gradmix import backend, validation
 from tf_gradmix import noise as noise_lib
-from tf_gradmix.diagnostics import curvature
 from tf_gradmix.model import GAMMA_METRIC
 from tf_gradmix.optimizer import find_gradient_mix
 
@@ -45,23 +44,25 @@ class GammaLogger(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         mixer = self._mixer()
-        self._first_step = int(mixer.raw_step.numpy()) if mixer.built else 0
+        self._first_step = int(keras.ops.convert_to_numpy(mixer.raw_step.value)) if mixer.built else 0
 
     def on_epoch_end(self, epoch, logs=None):
         mixer = self._mixer()
         if logs is None or GAMMA_METRIC in logs or mixer.level != "device":
             return
-        last = int(mixer.raw_step.numpy())
+        last = int(keras.ops.convert_to_numpy(mixer.raw_step.value))
         if last <= self._first_step:
             return
-        replicas = self.model.distribute_strategy.num_replicas_in_sync
-        steps = tf.range(self._first_step, last, dtype=tf.int64)
-        gammas = tf.map_fn(
-            lambda step: noise_lib.gamma(mixer.device_weights(replicas, step)),
-            steps,
-            fn_output_signature=tf.float32,
-        )
-        logs[GAMMA_METRIC] = float(tf.reduce_mean(gammas))
+        if backend.name() == "tensorflow":
+            devices = self.model.distribute_strategy.num_replicas_in_sync
+        else:
+            devices = mixer.num_devices()
+        seed = mixer.seed
+        gammas = [
+            keras.ops.convert_to_numpy(noise_lib.gamma(mixer.stream.device_weights(seed, step, devices)))
+            for step in range(self._first_step, last)
+        ]
+        logs[GAMMA_METRIC] = float(np.mean(gammas))
 
 
 class DiagnosticsLogger(keras.callbacks.Callback):
@@ -85,7 +86,8 @@ class DiagnosticsLogger(keras.callbacks.Callback):
         every_n_epochs: measure every N epochs.
         num_probes: ``None`` for the exact GGN trace, else Hutchinson probes.
         seed: seed of the probes.
-        batch_size: examples per computation.
+        batch_size: examples per computation (default
+            ``tf_gradmix.diagnostics.DEFAULT_BATCH_SIZE``).
         split: GGN split, ``"output"`` or ``"logits"`` (see :func:`tf_gradmix.diagnostics.ggn_trace`).
         ggn: log the GGN trace.
         empirical_fisher: log the empirical Fisher trace.
@@ -103,7 +105,7 @@ class DiagnosticsLogger(keras.callbacks.Callback):
         every_n_epochs=1,
         num_probes=None,
         seed=0,
-        batch_size=diagnostics.DEFAULT_BATCH_SIZE,
+        batch_size=None,
         split="output",
         ggn=True,
         empirical_fisher=True,
@@ -111,9 +113,14 @@ class DiagnosticsLogger(keras.callbacks.Callback):
         small_batch_size=None,
         prefix="",
     ):
+        backend.require("tf_gradmix.callbacks.DiagnosticsLogger", ("tensorflow",))
+        from tf_gradmix import diagnostics
+        from tf_gradmix.diagnostics import curvature
+
         super().__init__()
         every_n_epochs = validation.integer("every_n_epochs", every_n_epochs, low=1)
         curvature.check_split(split)
+        batch_size = diagnostics.DEFAULT_BATCH_SIZE if batch_size is None else batch_size
         self.x, self.y = x, y
         self.loss = loss
         self.every_n_epochs = every_n_epochs
@@ -130,6 +137,8 @@ class DiagnosticsLogger(keras.callbacks.Callback):
 
     def measure(self):
         """The diagnostics of the current model, as a dict of floats."""
+        from tf_gradmix import diagnostics, per_example
+
         loss = per_example.get_loss(self.loss, self.model)
         values = {}
         if self.ggn:

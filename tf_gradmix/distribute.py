@@ -20,7 +20,7 @@ to a strategy.
   ``MultiWorkerMirroredStrategy`` (keras-team/keras#20585).
   :class:`tf_gradmix.Model`, :class:`tf_gradmix.Sequential` and models passed
   to :func:`tf_gradmix.enable` carry a version-guarded workaround (kept in
-  :mod:`tf_gradmix.compat`); :func:`multi_worker_fit_supported` says whether
+  :mod:`tf_gradmix.backend.tensorflow_multi_worker`); :func:`multi_worker_fit_supported` says whether
   it is active for the installed Keras.
 * **Uneven data.** With ``drop_remainder=False`` the last global batch is
   split unevenly and some replicas may get no example. Keras averages each
@@ -43,20 +43,19 @@ to a strategy.
   raw micro-step count: express them in micro-steps (:func:`micro_steps`).
   Across replicas each replica accumulates on its own and the gradients are
   all-reduced once per update, not once per micro-batch.
+
+
+The ``tf.distribute`` helpers need the TensorFlow backend; the others
+(:func:`accumulation_steps`, :func:`micro_steps`, :func:`free_local_ports`)
+work on every backend.
 """
 
 import socket
 
-import tensorflow as tf
-
-from tf_gradmix import compat, validation
+from tf_gradmix import backend, validation
 
 __all__ = [
-    "replica_id",
-    "num_replicas",
-    "num_workers",
     "worker_index",
-    "per_replica_batch_size",
     "distribute_dataset",
     "multi_worker_strategy",
     "multi_worker_fit_supported",
@@ -65,49 +64,22 @@ __all__ = [
 ]
 
 
-def replica_id():
-    """This replica's global id (``replica_id_in_sync_group``), a tensor.
+def _tf(what):
+    """The ``tensorflow`` module, for a helper of ``tf.distribute`` (TensorFlow backend only)."""
+    backend.require(f"tf_gradmix.distribute.{what}", ("tensorflow",))
+    import tensorflow
 
-    Must be called in a replica context (a Keras train step, ``strategy.run``).
-    """
-    context = tf.distribute.get_replica_context()
-    if context is None:
-        raise RuntimeError(
-            "replica_id() must be called in a replica context (inside "
-            "`strategy.run` or a Keras train step)."
-        )
-    return context.replica_id_in_sync_group
-
-
-def num_replicas(strategy=None):
-    """``K``: replicas in sync across all workers (default: current strategy)."""
-    strategy = strategy or tf.distribute.get_strategy()
-    return strategy.num_replicas_in_sync
-
-
-def num_workers(strategy=None):
-    """Number of input pipelines / worker hosts of ``strategy`` (1 if local)."""
-    strategy = strategy or tf.distribute.get_strategy()
-    local = len(getattr(strategy.extended, "worker_devices", ())) or 1
-    return max(1, strategy.num_replicas_in_sync // local)
+    return tensorflow
 
 
 def worker_index(strategy=None):
     """This worker's index in the cluster (0 without a cluster)."""
+    tf = _tf("worker_index")
     strategy = strategy or tf.distribute.get_strategy()
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.cluster_spec().as_dict():
         return 0
     return int(resolver.task_id or 0)
-
-
-def per_replica_batch_size(global_batch_size, strategy=None):
-    """``global_batch_size // K``; raises if it does not divide evenly."""
-    replicas = num_replicas(strategy)
-    global_batch_size = validation.multiple(
-        "global_batch_size", global_batch_size, replicas, f"the {replicas} replicas in sync"
-    )
-    return global_batch_size // replicas
 
 
 def distribute_dataset(strategy, dataset_fn):
@@ -119,6 +91,7 @@ def distribute_dataset(strategy, dataset_fn):
     The result can be passed to ``model.fit`` directly (no auto-sharding
     happens; each worker reads only its shard).
     """
+    _tf("distribute_dataset")
     return strategy.distribute_datasets_from_function(dataset_fn)
 
 
@@ -152,6 +125,7 @@ def multi_worker_strategy(collective_timeout=None, cluster_resolver=None):
             worker exit and can be restarted together.
         cluster_resolver: default reads ``TF_CONFIG``.
     """
+    tf = _tf("multi_worker_strategy")
     options = tf.distribute.experimental.CommunicationOptions(
         timeout_seconds=collective_timeout
     )
@@ -164,10 +138,13 @@ def multi_worker_fit_supported():
     """Whether our models' ``fit`` works under ``MultiWorkerMirroredStrategy``.
 
     True when the installed Keras is in the range the workaround for
-    keras-team/keras#20585 is written and tested for
-    (:data:`tf_gradmix.compat.MULTI_WORKER_FIT_BROKEN`).
+    keras-team/keras#20585 is written for
+    (:data:`tf_gradmix.backend.tensorflow_multi_worker.MULTI_WORKER_FIT_BROKEN`;
+    ``tests/test_compat.py``).
     """
-    return compat.multi_worker_fit_workaround_applies()
+    from tf_gradmix.backend import tensorflow_multi_worker
+
+    return tensorflow_multi_worker.multi_worker_fit_workaround_applies()
 
 
 def accumulation_steps(logical_batch_size, micro_batch_size):

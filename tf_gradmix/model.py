@@ -9,7 +9,7 @@ We apply ``w_b`` to the *gradient* of example ``b``'s prediction: in
 ``compute_loss`` each output ``y_pred`` is replaced by an identity whose
 backward pass multiplies row ``b`` by ``w_b``. The loss *value* is the
 plain loss, as the forward pass is unchanged (up to float32 rounding where
-TensorFlow compiles the mixed step differently), so ``loss`` in the logs
+the backend compiles the mixed step differently), so ``loss`` in the logs
 compares with unmixed runs and every loss metric stays plain; the gradient is
 
 .. math::
@@ -24,35 +24,45 @@ denominator ``D`` (``sum``, ``mean_with_sample_weight`` with
 self-normalises by the random weights. The unit is the example: all tokens or
 pixels of example ``b`` share ``w_b``.
 
+The same hook applies the device level where the gradients reaching the
+optimizer are already global (JAX): every example of shard ``k`` of the
+global batch gets that shard's weight ``w_k``
+(:meth:`tf_gradmix.noise.NoiseStream.shard_weights`).
+
 What is not mixed: losses added by layers (regularisers, ``add_loss``), which
 are not per example; and losses that couple examples (a loss of one example
 that reads another example's prediction) get each prediction's path weighted,
-which is not Eq. 4. Keras's own losses are all per example.
+which is not Eq. 4. Keras's own losses are all per example. At the first
+training step :mod:`tf_gradmix.mixing_check` refuses a loss that reads no
+prediction (nothing would be mixed) and names the trainable variables that a
+``compute_loss`` reaches around the predictions.
 """
 
 import inspect
 import types
 
 import keras
-import tensorflow as tf
+from keras import ops
 
-from tf_gradmix import compat, per_example
+from tf_gradmix import backend, mixing_check
 from tf_gradmix import noise as noise_lib
-from tf_gradmix.optimizer import find_gradient_mix, require_tensorflow_backend
+from tf_gradmix.backend.keras_internals import set_compute_loss, track_metric
+from tf_gradmix.optimizer import SAMPLE_HOOK_FLAG, find_gradient_mix, has_sample_hook
 
 __all__ = ["Model", "Sequential", "enable", "is_enabled", "GAMMA_METRIC"]
 
 GAMMA_METRIC = "gradmix_gamma"
 
 
-@tf.custom_gradient
+@ops.custom_gradient
 def _scale_gradient(x, scale):
     """Identity in the forward pass; multiplies the incoming gradient by scale."""
 
-    def grad(upstream):
-        return upstream * tf.cast(scale, upstream.dtype), None
+    def grad(*args, upstream=None):
+        upstream = args[0] if upstream is None else upstream
+        return upstream * ops.cast(scale, upstream.dtype), ops.zeros_like(scale)
 
-    return tf.identity(x), grad
+    return x, grad
 
 
 def mix_predictions(y_pred, weights):
@@ -67,22 +77,20 @@ def mix_predictions(y_pred, weights):
         The same structure, equal in value, whose gradient for example ``b``
         is multiplied by ``w_b``. Non-float outputs pass through.
     """
+    transform_output = backend.current().transform_output
 
     def mix_one(output):
-        if output is None or not output.dtype.is_floating:
+        if output is None or not keras.backend.is_float_dtype(output.dtype):
             return output
-        shape = tf.concat(
-            [tf.shape(weights), tf.ones([tf.rank(output) - 1], tf.int32)], axis=0
-        )
-        scale = tf.reshape(weights, shape)
-        return compat.transform_output(output, lambda t: _scale_gradient(t, scale))
+        scale = ops.reshape(weights, (-1,) + (1,) * (len(output.shape) - 1))
+        return transform_output(output, lambda t: _scale_gradient(t, scale))
 
-    return tf.nest.map_structure(mix_one, y_pred)
+    return keras.tree.map_structure(mix_one, y_pred)
 
 
 def _batch_size(y_pred):
-    first = next(t for t in tf.nest.flatten(y_pred) if t is not None)
-    return tf.shape(first)[0]
+    first = next(t for t in keras.tree.flatten(y_pred) if t is not None)
+    return ops.shape(first)[0]
 
 
 class _Hook:
@@ -90,32 +98,74 @@ class _Hook:
 
     @staticmethod
     def create_gamma_metric(model):
-        with model.distribute_strategy.scope():
+        if backend.name() == "tensorflow":
+            with model.distribute_strategy.scope():
+                metric = keras.metrics.Mean(name=GAMMA_METRIC)
+        else:
             metric = keras.metrics.Mean(name=GAMMA_METRIC)
-        compat.track_metric(model, "_gradmix_gamma", metric)
+        track_metric(model, "_gradmix_gamma", metric)
 
     @staticmethod
     def compute_loss(model, base_compute_loss, x, y, y_pred, sample_weight, training):
         mixer = find_gradient_mix(getattr(model, "optimizer", None))
-        if training and mixer is not None:
+        if not training or mixer is None:
+            return base_compute_loss(x, y, y_pred, sample_weight, training=training)
+        weights = mixer.batch_weights(_batch_size(y_pred))
+        if weights is None:  # device level on TensorFlow: GradientMix.apply weights each replica
+            loss = base_compute_loss(x, y, y_pred, sample_weight, training=training)
+        else:
+            loss = base_compute_loss(x, y, mix_predictions(y_pred, weights), sample_weight, training=training)
             if mixer.level == "sample":
-                weights = mixer.example_weights(_batch_size(y_pred))
-                y_pred = mix_predictions(y_pred, weights)
-            else:
-                weights = mixer.device_weights()
-            model._gradmix_gamma.update_state(noise_lib.gamma(weights))
-        return base_compute_loss(x, y, y_pred, sample_weight, training=training)
+                # Refuses a loss that reads no prediction (nothing would be mixed).
+                mixing_check.check_sample_mixing(model, base_compute_loss, x, y, y_pred, sample_weight)
+        if mixer.level == "device":
+            weights = mixer.device_weights()
+        model._gradmix_gamma.update_state(noise_lib.gamma(weights))
+        model._gradmix_gamma_updated = True  # read by train_function
+        return loss
 
     @staticmethod
     def drop_gamma(logs):
         """Removes ``gradmix_gamma`` from logs of steps that do not mix.
 
         Evaluation never mixes, and a model trained with a plain optimizer
-        does not either: they report no gamma rather than a zero.
+        does not either: they report no gamma rather than a zero. ``logs`` is
+        what a step returns: a dict, or ``(logs, state)`` on JAX.
         """
+        if isinstance(logs, tuple):
+            return (_Hook.drop_gamma(logs[0]),) + logs[1:]
         if isinstance(logs, dict):
             logs.pop(GAMMA_METRIC, None)
         return logs
+
+    @staticmethod
+    def train_function(model):
+        """Wraps ``fit``'s train function: gamma only where weights were applied.
+
+        Logs ``gradmix_gamma`` only if the traced step drew its weights in
+        ``compute_loss`` (a custom ``train_step`` that bypasses it logs none,
+        rather than the empty metric's 0), and marks the call so that a
+        sample-level ``apply`` without weights explains the custom step.
+        """
+        function = model.train_function  # set by Keras's make_train_function
+        if function is None or getattr(function, "_gradmix_train_function", False):
+            return function
+        model._gradmix_gamma_updated = False
+
+        def train_function(*data):  # (data) on TensorFlow, (state, data) on JAX
+            try:
+                with mixing_check.hooked_train_function():
+                    logs = function(*data)
+            except Exception:
+                backend.current().restore_after_failed_step(model, data)
+                raise
+            if not model._gradmix_gamma_updated:
+                logs = _Hook.drop_gamma(logs)
+            return logs
+
+        train_function._gradmix_train_function = True
+        model.train_function = train_function
+        return train_function
 
     @staticmethod
     def train_logs(model, logs):
@@ -124,13 +174,18 @@ class _Hook:
         return logs
 
 
-class _SampleMixing(compat.MultiWorkerFitMixin):
+# What Keras `fit` needs on this backend (none on an unsupported one, which
+# the constructors refuse).
+_FitMixin = backend.current().FitMixin if backend.name() in backend.SUPPORTED else object
+
+
+class _SampleMixing(_FitMixin):
     """Mixin: ``compute_loss`` applies the sample-level weights when training."""
 
-    _gradmix_enabled = True  # per_example.SAMPLE_HOOK_FLAG
+    _gradmix_enabled = True  # optimizer.SAMPLE_HOOK_FLAG
 
     def __init__(self, *args, **kwargs):
-        require_tensorflow_backend(f"tf_gradmix.{type(self).__name__}")
+        backend.require(f"tf_gradmix.{type(self).__name__}")
         super().__init__(*args, **kwargs)
         _Hook.create_gamma_metric(self)
 
@@ -141,11 +196,15 @@ class _SampleMixing(compat.MultiWorkerFitMixin):
             self, super().compute_loss, x, y, y_pred, sample_weight, training
         )
 
-    def train_step(self, data):
-        return _Hook.train_logs(self, super().train_step(data))
+    def train_step(self, *data):  # (data) on TensorFlow, (state, data) on JAX
+        return _Hook.train_logs(self, super().train_step(*data))
 
-    def test_step(self, data):
-        return _Hook.drop_gamma(super().test_step(data))
+    def make_train_function(self, force=False):
+        super().make_train_function(force)
+        return _Hook.train_function(self)
+
+    def test_step(self, *data):
+        return _Hook.drop_gamma(super().test_step(*data))
 
 
 @keras.saving.register_keras_serializable(package="tf_gradmix")
@@ -175,7 +234,7 @@ class Sequential(_SampleMixing, keras.Sequential):
 
 def is_enabled(model):
     """Whether ``model`` applies GradientMix's sample-level weights."""
-    return per_example.has_sample_hook(model)
+    return has_sample_hook(model)
 
 
 def enable(model, per_example_gradients=False):
@@ -198,25 +257,29 @@ def enable(model, per_example_gradients=False):
     Args:
         model: a ``keras.Model`` (also a :class:`tf_gradmix.Model`, to turn on
             ``per_example_gradients``).
-        per_example_gradients: if True, each training step materialises the
-            per-example gradients with ``tf.vectorized_map`` and mixes them
-            (:func:`tf_gradmix.per_example.train_step`) instead of
-            reweighting in one backward pass. Same update (to float32 rounding, tested),
-            2.6-12x the step time and ``B x parameters`` of memory on CPU:
-            only for users who process per-example gradients. Models whose
-            examples interact in training (BatchNorm, also nested) or that draw
-            random numbers per batch (Dropout) are refused at once.
+        per_example_gradients: if True (TensorFlow only), each training step
+            materialises the per-example gradients with ``tf.vectorized_map``
+            and mixes them (:func:`tf_gradmix.exact.train_step`) instead of
+            reweighting in one backward pass. Same update (to float32
+            rounding, tested), several times the step time (see
+            docs/performance.md) and ``B x parameters`` of memory: only for
+            users who process per-example gradients. Models whose examples
+            interact in training (BatchNorm, also nested) or that draw random
+            numbers per batch (Dropout) are refused at once.
 
     Returns:
         ``model``.
     """
-    require_tensorflow_backend("tf_gradmix.enable")
+    backend.require("tf_gradmix.enable")
     if not isinstance(model, keras.Model):
         raise TypeError(
             "Invalid value for argument `model`: expected a keras.Model, got "
             f"{model!r} of type {type(model).__name__}."
         )
     if per_example_gradients:
+        backend.require("tf_gradmix.enable(per_example_gradients=True)", ("tensorflow",))
+        from tf_gradmix import per_example
+
         per_example.check_per_example_safe(model)
     if not is_enabled(model):
         _install_hook(model)
@@ -232,29 +295,37 @@ def _install_hook(model):
     base_compute_loss = model.compute_loss
     base_train_step = model.train_step
     base_test_step = model.test_step
+    base_make_train_function = model.make_train_function
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         return _Hook.compute_loss(
             self, _with_training_arg(base_compute_loss), x, y, y_pred, sample_weight, training
         )
 
-    def train_step(self, data):
-        return _Hook.train_logs(self, base_train_step(data))
+    def train_step(self, *data):  # (data) on TensorFlow, (state, data) on JAX
+        return _Hook.train_logs(self, base_train_step(*data))
 
-    def test_step(self, data):
-        return _Hook.drop_gamma(base_test_step(data))
+    def test_step(self, *data):
+        return _Hook.drop_gamma(base_test_step(*data))
+
+    def make_train_function(self, force=False):
+        base_make_train_function(force)
+        return _Hook.train_function(self)
 
     _Hook.create_gamma_metric(model)
-    compat.install_multi_worker_fit(model)  # keras-team/keras#20585
-    compat.set_compute_loss(model, types.MethodType(compute_loss, model))
+    backend.current().install_fit(model)
+    set_compute_loss(model, types.MethodType(compute_loss, model))
     model.train_step = types.MethodType(train_step, model)
     model.test_step = types.MethodType(test_step, model)
-    setattr(model, per_example.SAMPLE_HOOK_FLAG, True)
+    model.make_train_function = types.MethodType(make_train_function, model)
+    setattr(model, SAMPLE_HOOK_FLAG, True)
 
 
 def _install_per_example_step(model):
+    from tf_gradmix import exact
+
     def train_step(self, data):
-        return _Hook.train_logs(self, per_example.train_step(self, data))
+        return _Hook.train_logs(self, exact.train_step(self, data))
 
     model.train_step = types.MethodType(train_step, model)
     model._gradmix_per_example = True

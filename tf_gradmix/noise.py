@@ -20,17 +20,23 @@ The noise amount of the paper's Theorem 1 is
     \gamma = N \sum_n \pi_n^2 = \operatorname{mean}(w^2)
     \approx 1 + \sigma^2 .
 
-Every draw is a pure function of ``(seed, step, level, replica)``
-(``tf.random.stateless_*``), so a resumed run continues the same stream and
-replicas draw different weights without communicating.
+Every draw is a pure function of ``(seed, step, level, replica)``: the
+seed of a draw is derived from them by :func:`step_seed`, and the numbers
+come from the backend's stateless generators (:func:`normal`,
+:func:`uniform`, :func:`bits`: ``tf.random.stateless_*`` on TensorFlow,
+``jax.random`` on JAX). So a resumed run continues the same stream and
+replicas draw different weights without communicating. A
+:class:`NoiseStream` holds what the draws of a run share (the noise and its
+``stddev``); the optimizer, the model hook, the per-example mode and
+:class:`tf_gradmix.GammaLogger` all draw through one.
 """
 
 import math
 
 import keras
-import tensorflow as tf
+from keras import ops
 
-from tf_gradmix import validation
+from tf_gradmix import backend, validation
 
 __all__ = [
     "Noise",
@@ -39,8 +45,12 @@ __all__ = [
     "Bernoulli",
     "get",
     "serialize",
+    "NoiseStream",
     "mixing_weights",
     "gamma",
+    "normal",
+    "uniform",
+    "bits",
     "stddev_for_noise_batch_size",
     "noise_batch_size",
     "stddev_for_temperature",
@@ -59,7 +69,8 @@ class Noise:
     Most distributions are a location-scale family, ``w = 1 + stddev * xi``
     with ``xi`` of mean 0 and variance 1: such subclasses implement only
     :meth:`sample` (``xi``), which must be a pure function of ``shape`` and
-    ``seed`` (use ``tf.random.stateless_*``). A distribution whose shape
+    ``seed`` (draw with :func:`normal`, :func:`uniform` or :func:`bits` and
+    ``keras.ops``, so the noise runs on every backend). A distribution whose shape
     depends on ``stddev`` (:class:`Bernoulli`) overrides :meth:`weights`
     instead. Register subclasses with
     ``keras.saving.register_keras_serializable`` so a ``GradientMix`` using
@@ -75,8 +86,7 @@ class Noise:
 
         Args:
             shape: 1-D shape, e.g. ``[batch_size]``.
-            seed: int32 tensor of shape ``[2]``, as for
-                ``tf.random.stateless_normal``.
+            seed: the stateless seed of this draw (:func:`step_seed`).
             stddev: float32 scalar tensor ``sigma >= 0``.
         """
         return 1.0 + stddev * self.sample(shape, seed)
@@ -86,8 +96,7 @@ class Noise:
 
         Args:
             shape: 1-D shape, e.g. ``[batch_size]``.
-            seed: int32 tensor of shape ``[2]``, as for
-                ``tf.random.stateless_normal``.
+            seed: the stateless seed of this draw (:func:`step_seed`).
         """
         raise NotImplementedError
 
@@ -119,7 +128,7 @@ class Gaussian(Noise):
     name = "gaussian"
 
     def sample(self, shape, seed):
-        return tf.random.stateless_normal(shape, seed=seed, dtype=tf.float32)
+        return normal(shape, seed)
 
 
 @keras.saving.register_keras_serializable(package="tf_gradmix")
@@ -134,10 +143,7 @@ class Rademacher(Noise):
     name = "rademacher"
 
     def sample(self, shape, seed):
-        bits = tf.random.stateless_uniform(
-            shape, seed=seed, minval=0, maxval=2, dtype=tf.int32
-        )
-        return tf.cast(2 * bits - 1, tf.float32)
+        return ops.cast(2 * bits(shape, seed) - 1, "float32")
 
 
 @keras.saving.register_keras_serializable(package="tf_gradmix")
@@ -167,10 +173,10 @@ class Bernoulli(Noise):
         )
 
     def weights(self, shape, seed, stddev):
-        stddev = tf.cast(stddev, tf.float32)
-        scale = 1.0 + tf.square(stddev)  # 1 / p
-        uniform = tf.random.stateless_uniform(shape, seed=seed, dtype=tf.float32)
-        return tf.where(uniform * scale < 1.0, scale, tf.zeros_like(uniform))
+        stddev = ops.cast(stddev, "float32")
+        scale = 1.0 + ops.square(stddev)  # 1 / p
+        u = uniform(shape, seed)
+        return ops.where(u * scale < 1.0, scale, ops.zeros_like(u))
 
 
 _BY_NAME = {"gaussian": Gaussian, "rademacher": Rademacher, "bernoulli": Bernoulli}
@@ -181,7 +187,7 @@ def get(identifier):
 
     Raises:
         ValueError: ``identifier`` is not ``"gaussian"``, ``"rademacher"``,
-            a :class:`Noise` instance or its serialized config.
+            ``"bernoulli"``, a :class:`Noise` instance or its serialized config.
     """
     if isinstance(identifier, Noise):
         return identifier
@@ -206,24 +212,39 @@ def serialize(noise):
     return keras.saving.serialize_keras_object(noise)
 
 
+def normal(shape, seed):
+    """float32 standard normal numbers, a pure function of ``shape`` and ``seed``."""
+    return backend.current().normal(shape, seed)
+
+
+def uniform(shape, seed):
+    """float32 numbers uniform in ``[0, 1)``, a pure function of ``shape`` and ``seed``."""
+    return backend.current().uniform(shape, seed)
+
+
+def bits(shape, seed):
+    """int32 numbers, 0 or 1 with probability 1/2 each, a pure function of ``shape`` and ``seed``."""
+    return backend.current().bits(shape, seed)
+
+
 def step_seed(seed, step, stream, replica_id=0):
     """The stateless seed of one draw: a pure function of its arguments.
 
     Args:
         seed: the ``GradientMix`` seed: a Python int or an integer scalar
-            tensor or variable (the optimizer's saved seed).
-        step: scalar integer tensor, the raw optimizer step.
+            tensor (the optimizer's saved seed).
+        step: scalar integer, the raw optimizer step.
         stream: :data:`SAMPLE_STREAM` or :data:`DEVICE_STREAM`.
-        replica_id: scalar integer, the global replica id (sample level).
+        replica_id: scalar integer, the global replica id (sample level on
+            TensorFlow; 0 on JAX, whose step covers the global batch).
 
     Returns:
-        int32 tensor of shape ``[2]``.
+        The backend's stateless seed (int32 ``[2]`` on TensorFlow, uint32
+        ``[2]`` key data on JAX).
     """
-    key = tf.stack([tf.cast(seed, tf.int32), tf.constant(stream, tf.int32)])
-    key = tf.random.experimental.stateless_fold_in(key, tf.cast(step, tf.int64))
-    return tf.random.experimental.stateless_fold_in(
-        key, tf.cast(replica_id, tf.int64)
-    )
+    ops_ = backend.current()
+    key = ops_.fold_in(ops_.key(seed, stream), step)
+    return ops_.fold_in(key, replica_id)
 
 
 def mixing_weights(noise, stddev, shape, seed):
@@ -238,13 +259,63 @@ def mixing_weights(noise, stddev, shape, seed):
     Returns:
         float32 tensor of ``shape``. Divide by ``N`` to get the paper's ``pi``.
     """
-    return noise.weights(shape, seed, tf.cast(stddev, tf.float32))
+    return noise.weights(shape, seed, ops.cast(stddev, "float32"))
 
 
 def gamma(weights):
     """The paper's noise amount ``gamma = N sum_n pi_n^2 = mean(w^2)``."""
-    weights = tf.cast(weights, tf.float32)
-    return tf.reduce_mean(tf.square(weights))
+    weights = ops.cast(weights, "float32")
+    return ops.mean(ops.square(weights))
+
+
+class NoiseStream:
+    r"""The weights of one run: a pure function of ``(seed, step, unit)``.
+
+    Holds the noise and its ``stddev`` (a float or a schedule of the raw
+    step); the seed and step are passed in, so the same stream serves a
+    compiled train step (which reads them from the optimizer's state), a
+    custom loop and a callback recomputing past steps.
+
+    * :meth:`example_weights`: ``w_b`` of the ``B`` examples of a batch
+      (paper Eq. 4), for one replica's stream;
+    * :meth:`device_weights`: ``w_k`` of ``K`` devices (paper Eq. 3);
+    * :meth:`shard_weights`: ``w_k`` repeated over the examples of each of
+      ``K`` equal shards of a global batch, the device level written as
+      example weights: ``(1/B) sum_b w_{k(b)} grad l_b = (1/K) sum_k w_k g_k``
+      for shards of ``B/K`` examples with mean gradients ``g_k``.
+
+    Args:
+        noise: a :class:`Noise` (or a name, see :func:`get`).
+        stddev: ``sigma >= 0``, a float or a
+            ``keras.optimizers.schedules.LearningRateSchedule`` of the raw step.
+    """
+
+    def __init__(self, noise, stddev):
+        self.noise = get(noise)
+        self.stddev = stddev
+
+    def stddev_at(self, step):
+        """``stddev`` at the raw ``step``, float32."""
+        if isinstance(self.stddev, keras.optimizers.schedules.LearningRateSchedule):
+            return ops.cast(self.stddev(step), "float32")
+        return ops.convert_to_tensor(self.stddev, "float32")
+
+    def _weights(self, seed, step, stream, shape, replica_id=0):
+        key = step_seed(seed, step, stream, replica_id)
+        return mixing_weights(self.noise, self.stddev_at(step), shape, key)
+
+    def example_weights(self, seed, step, batch_size, replica_id=0):
+        """``[batch_size]`` sample-level weights of ``step`` on replica ``replica_id``."""
+        return self._weights(seed, step, SAMPLE_STREAM, [batch_size], replica_id)
+
+    def device_weights(self, seed, step, num_devices):
+        """``[num_devices]`` device-level weights of ``step``."""
+        return self._weights(seed, step, DEVICE_STREAM, [num_devices])
+
+    def shard_weights(self, seed, step, batch_size, num_shards):
+        """``[batch_size]``: example ``b`` gets ``w_k`` of its shard ``k = floor(b K / B)``."""
+        shard = (ops.arange(batch_size, dtype="int32") * num_shards) // batch_size
+        return ops.take(self.device_weights(seed, step, num_shards), shard)
 
 
 def stddev_for_noise_batch_size(batch_size, noise_batch_size):

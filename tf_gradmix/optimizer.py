@@ -11,157 +11,96 @@ GradientMix mixes them with random weights ``pi = w / N`` redrawn every step
     g = \sum_{k=1}^{K} \pi_k g_k \quad\text{(device level)},
 
 with ``B`` the examples of the global batch, ``l_b`` the loss of example
-``b``, ``K`` the replicas and ``g_k`` the mean gradient of replica ``k``.
-
-* The **sample level** is applied by the model (:class:`tf_gradmix.Model`,
-  :class:`tf_gradmix.Sequential`, :func:`tf_gradmix.enable`), which asks this
-  wrapper for the step's per-example weights (:meth:`GradientMix.example_weights`).
-* The **device level** is applied here, in :meth:`GradientMix.apply`: the
-  gradients that reach ``apply`` on the TensorFlow backend are still those of
-  one replica (Keras divides the loss by ``K`` and sums across replicas
-  inside the inner optimizer's update), so scaling them by ``w_k`` before
-  delegating yields ``sum_k pi_k g_k`` with a stock model and ``train_step``.
-
-Every weight is a pure function of ``(seed, raw step, level, replica)``; the
-raw step is this wrapper's own counter, which advances on every call of
-``apply`` (every micro-batch under ``gradient_accumulation_steps``).
+``b``, ``K`` the devices and ``g_k`` the mean gradient of device ``k``'s
+shard. The sample level is applied by the model hook (:mod:`tf_gradmix.model`),
+which asks this wrapper for the step's weights. The device level is applied
+here on TensorFlow, where the gradients reaching ``apply`` are one replica's;
+on JAX they are global, so the model hook applies it too.
 """
 
 import secrets
 import warnings
 
 import keras
-import tensorflow as tf
 
-from tf_gradmix import compat, validation
+from tf_gradmix import backend, mixing_check, validation
 from tf_gradmix import noise as noise_lib
 
-__all__ = ["GradientMix", "find_gradient_mix", "DEFAULT_STDDEV", "LEVELS"]
+__all__ = ["GradientMix", "find_gradient_mix", "has_sample_hook", "DEFAULT_STDDEV", "LEVELS"]
 
 LEVELS = ("sample", "device")
 
-#: Default ``stddev`` of the weights ``w``. The paper never states its kappa
-#: (= stddev / N). 1.0 doubles the gradient covariance of a batch, i.e. about
-#: the noise of half the batch (gamma ~= 2); with Rademacher noise it keeps
-#: each example at double weight or drops it, with probability 1/2 each (a
-#: subset of binomial size, half the batch on average).
+#: Default ``stddev`` of the weights ``w``: about the gradient noise of half the batch (gamma ~= 2).
 DEFAULT_STDDEV = 1.0
+
+#: Attribute set on models whose ``compute_loss`` applies the weights (tf_gradmix.Model, enable).
+SAMPLE_HOOK_FLAG = "_gradmix_enabled"
 
 # Base-optimizer arguments that belong on the inner optimizer.
 _INNER_ONLY_ARGS = (
-    "learning_rate",
-    "weight_decay",
-    "clipnorm",
-    "clipvalue",
-    "global_clipnorm",
-    "use_ema",
-    "ema_momentum",
-    "ema_overwrite_frequency",
-    "loss_scale_factor",
-    "gradient_accumulation_steps",
+    "learning_rate", "weight_decay", "clipnorm", "clipvalue", "global_clipnorm", "use_ema",
+    "ema_momentum", "ema_overwrite_frequency", "loss_scale_factor", "gradient_accumulation_steps",
 )
 
 
-def require_tensorflow_backend(what):
-    """Raises a clear error when Keras runs on another backend."""
-    backend = keras.backend.backend()
-    if backend != "tensorflow":
-        raise RuntimeError(
-            f"{what} supports only the TensorFlow backend of Keras, but "
-            f"KERAS_BACKEND is {backend!r}. Set KERAS_BACKEND=tensorflow "
-            "before importing keras."
-        )
+def has_sample_hook(model):
+    """Whether ``model`` applies GradientMix's weights in its ``compute_loss``."""
+    return bool(getattr(model, SAMPLE_HOOK_FLAG, False))
 
 
 def find_gradient_mix(optimizer):
-    """The ``GradientMix`` in a chain of wrappers (``inner_optimizer``), or None.
-
-    ``keras.optimizers.LossScaleOptimizer(GradientMix(...))`` is found too.
-    """
-    seen = 0
-    while optimizer is not None and seen < 16:
-        if isinstance(optimizer, GradientMix):
+    """The ``GradientMix`` in a chain of wrappers (``inner_optimizer``), or None."""
+    for _ in range(16):
+        if optimizer is None or isinstance(optimizer, GradientMix):
             return optimizer
         optimizer = getattr(optimizer, "inner_optimizer", None)
-        seen += 1
     return None
-
-
-def _replica_context():
-    context = tf.distribute.get_replica_context()
-    if context is None:
-        raise RuntimeError(
-            "GradientMix weights must be computed in a replica context "
-            "(inside `strategy.run` or a Keras train step), not in a "
-            "cross-replica context."
-        )
-    return context
-
-
-def _scale_gradient(gradient, scale):
-    if gradient is None:
-        return None
-    if isinstance(gradient, tf.IndexedSlices):
-        return tf.IndexedSlices(
-            gradient.values * tf.cast(scale, gradient.values.dtype),
-            gradient.indices,
-            gradient.dense_shape,
-        )
-    return gradient * tf.cast(scale, gradient.dtype)
 
 
 @keras.saving.register_keras_serializable(package="tf_gradmix")
 class GradientMix(keras.optimizers.Optimizer):
-    """Mixes per-example or per-replica gradients with random weights.
+    """Mixes per-example or per-device gradients with random weights.
 
-    Wraps any Keras 3 optimizer like ``keras.optimizers.LossScaleOptimizer``
-    does: ``learning_rate`` and ``iterations`` are the inner optimizer's, and
+    Wraps any Keras 3 optimizer like ``keras.optimizers.LossScaleOptimizer``:
+    ``learning_rate`` and ``iterations`` are the inner optimizer's, and
     ``variables`` are this wrapper's own (its raw step counter and its seed)
-    followed by the inner optimizer's.
+    followed by the inner optimizer's. Each step's weights are
+    ``pi_n = w_n / N`` with ``w_n = 1 + stddev * xi_n`` (paper Eq. 12 with
+    ``kappa = stddev / N``), a pure function of the seed, this wrapper's raw
+    step (one per ``apply``, so every micro-batch of
+    ``gradient_accumulation_steps`` gets fresh weights) and the unit:
 
-    The weights of one step are ``pi_n = w_n / N`` with
-    ``w_n = 1 + stddev * xi_n`` (paper Eq. 12 with ``kappa = stddev / N``):
+    * ``level="sample"`` (paper Eq. 4): one weight per example of the global
+      batch (on TensorFlow, of each replica's batch); a sequence is one
+      example. The model applies it: :class:`tf_gradmix.Model`,
+      :class:`tf_gradmix.Sequential`, :func:`tf_gradmix.enable`, or
+      :meth:`example_weights` in a custom loop.
+    * ``level="device"`` (paper Eq. 3): one weight per device. On TensorFlow
+      any model works (each replica's gradients are weighted in
+      :meth:`apply`); on JAX the gradients are global and the model hook
+      weights each shard of the batch, so a stock model is refused. With one
+      device it only randomises the step length (a warning says so).
 
-    * ``level="sample"`` (paper Eq. 4): one weight per example of each
-      replica's batch, ``g = sum_b pi_b grad l_b``. A whole sequence is one
-      example; its tokens share its weight. The model must apply it: use
-      :class:`tf_gradmix.Model`, :class:`tf_gradmix.Sequential` or
-      :func:`tf_gradmix.enable`, or :meth:`example_weights` in a custom loop.
-    * ``level="device"`` (paper Eq. 3): one weight per replica,
-      ``g = sum_k pi_k g_k``; works with any model. With a single replica it
-      only randomises the step length (a warning says so).
-
-    Gradient clipping set on the inner optimizer (``clipnorm``, ...) acts per
-    replica on the already weighted gradients, like Keras's own clipping
-    under a distribution strategy; under ``gradient_accumulation_steps``
-    once per update, on the replica's accumulated mean.
-
-    With ``gradient_accumulation_steps`` on the inner optimizer and more than
-    one replica, each replica accumulates its weighted micro-batch gradients
-    in its own variables and the update sums them across replicas once
-    (Keras alone cannot accumulate under a strategy, keras-team/keras#20582).
+    Clipping set on the inner optimizer acts on the already weighted
+    gradients (per replica on TensorFlow).
 
     Args:
         inner_optimizer: the ``keras.optimizers.Optimizer`` that makes the
-            update (SGD, Adam, AdamW, Lamb, Lion, ``tf_gradmix.optimizers.LARS``,
-            ...). Learning rate, clipping, weight decay, EMA and
-            ``gradient_accumulation_steps`` are set on it.
+            update (SGD, Adam, Lamb, ``tf_gradmix.optimizers.LARS``, ...), with
+            its learning rate, clipping, weight decay, EMA and
+            ``gradient_accumulation_steps``; or any identifier
+            ``keras.optimizers.get`` accepts (``"adam"``, a config dict),
+            built with Keras's defaults.
         level: ``"sample"`` or ``"device"``.
-        noise: ``"gaussian"``, ``"rademacher"``, ``"bernoulli"`` (Poisson
-            sampling, ``w = b / p`` with ``p = 1 / (1 + stddev^2)``) or a
-            :class:`tf_gradmix.noise.Noise` instance: the distribution of ``w``.
-        stddev: the standard deviation ``sigma >= 0`` of ``w``, a float or a
-            ``keras.optimizers.schedules.LearningRateSchedule`` called with
-            the raw step (to anneal the noise). ``0`` reproduces plain
-            training exactly. Default :data:`DEFAULT_STDDEV` (1.0). To target
-            a noise-equivalent batch size use
-            :meth:`GradientMix.for_noise_batch_size` or
-            :func:`tf_gradmix.noise.stddev_for_noise_batch_size`.
-        seed: int seed of the stateless noise stream; ``None`` draws one
-            now. Either way the seed is kept in a variable of this optimizer
-            (and in its config), so a ``.keras`` reload and a
-            ``BackupAndRestore`` restore continue the same stream, and all
-            workers of a ``MultiWorkerMirroredStrategy`` use the chief's.
+        noise: ``"gaussian"``, ``"rademacher"``, ``"bernoulli"`` or a
+            :class:`tf_gradmix.noise.Noise`: the distribution of ``w``.
+        stddev: ``sigma >= 0``, a float or a
+            ``keras.optimizers.schedules.LearningRateSchedule`` of the raw
+            step. ``0`` reproduces plain training exactly. For a
+            noise-equivalent batch size see :meth:`for_noise_batch_size`.
+        seed: int seed of the noise stream; ``None`` draws one now. It is kept
+            in a variable of this optimizer (and its config), so a ``.keras``
+            reload and ``BackupAndRestore`` continue the same stream.
         name: optimizer name, default ``"gradient_mix"``.
 
     Example:
@@ -170,8 +109,8 @@ class GradientMix(keras.optimizers.Optimizer):
     import keras, tf_gradmix as gm
     model = gm.Sequential([keras.Input((784,)), keras.layers.Dense(10)])
     model.compile(
-        optimizer=gm.GradientMix(keras.optimizers.SGD(0.1, momentum=0.9,
-                                 nesterov=True), noise="rademacher", stddev=0.5),
+        optimizer=gm.GradientMix(keras.optimizers.SGD(0.1, momentum=0.9),
+                                 noise="rademacher", stddev=0.5),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     ```
 
@@ -180,186 +119,156 @@ class GradientMix(keras.optimizers.Optimizer):
         training.
     """
 
-    def __init__(
-        self,
-        inner_optimizer,
-        level="sample",
-        noise="gaussian",
-        stddev=DEFAULT_STDDEV,
-        seed=None,
-        name=None,
-        **kwargs,
-    ):
-        require_tensorflow_backend("tf_gradmix.GradientMix")
-        self._check_inner_only_kwargs(kwargs)
-        if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
-            raise TypeError(
-                "Invalid value for argument `inner_optimizer`: expected a "
-                "keras.optimizers.Optimizer instance, got "
-                f"{inner_optimizer!r} of type {type(inner_optimizer).__name__}."
-            )
-        if find_gradient_mix(inner_optimizer) is not None:
-            raise ValueError(
-                "Invalid value for argument `inner_optimizer`: "
-                f"{inner_optimizer!r} is (or wraps) a GradientMix already; "
-                "mixing twice is not supported. Wrap the base optimizer once."
-            )
-        validation.one_of("level", level, LEVELS)
-        noise = noise_lib.get(noise)
-        stddev = self._validate_stddev(stddev)
-        if seed is not None:
-            seed = validation.integer("seed", seed, low=0, high=2**31 - 1)
-        super().__init__(learning_rate=0.0, name=name or "gradient_mix", **kwargs)
-        self.level = level
-        self.noise = noise
-        self.stddev = stddev
-        self._seed_variable = self._create_seed_variable(seed)
-        self.inner_optimizer = inner_optimizer
-        self._warned_single_replica = False
-        # Set when a step asks for the sample-level weights: the model hook
-        # (or a custom loop) is in place. Checked when `apply` is traced.
-        self._sample_weights_requested = False
-        # Set when `scale_loss` put this step's device weight into the loss
-        # (a Keras train step); `apply` then leaves the gradients as they are.
-        self._device_weight_in_loss = False
-
-    # -- construction helpers ------------------------------------------------
-
-    def _create_seed_variable(self, seed):
-        """The seed as a variable: saved and restored with the optimizer.
-
-        ``seed=None`` draws the seed here. Keeping it in a variable (not only
-        in the config) makes a ``BackupAndRestore`` restore, which rebuilds
-        the optimizer from code with ``seed=None`` again, load the seed of
-        the interrupted run. Under ``MultiWorkerMirroredStrategy`` the
-        initial value of a mirrored variable is the chief's, broadcast to
-        every worker, so all workers share one seed.
-        """
-        if seed is None:
-            seed = secrets.randbelow(2**31 - 1)
-        with keras.name_scope(self.name, caller=self):
-            variable = keras.Variable(
-                seed,
-                name="seed",
-                dtype="int",
-                trainable=False,
-                aggregation="only_first_replica",
-            )
-        self._track_variable(variable)
-        return variable
-
-    @staticmethod
-    def _check_inner_only_kwargs(kwargs):
+    def __init__(self, inner_optimizer, level="sample", noise="gaussian",
+                 stddev=DEFAULT_STDDEV, seed=None, name=None, **kwargs):
+        backend.require("tf_gradmix.GradientMix")
         for arg in _INNER_ONLY_ARGS:
-            if arg in kwargs and kwargs[arg] not in (None, False):
+            if kwargs.get(arg) not in (None, False):
                 raise ValueError(
                     f"GradientMix does not take `{arg}={kwargs[arg]!r}`: set "
                     f"`{arg}` on the `inner_optimizer`, which makes the update."
                 )
             kwargs.pop(arg, None)
         if kwargs:
+            raise TypeError(f"GradientMix got unexpected arguments: {', '.join(f'`{k}`' for k in kwargs)}.")
+        if isinstance(inner_optimizer, (str, dict)):
+            try:
+                inner_optimizer = keras.optimizers.get(inner_optimizer)
+            except (ValueError, TypeError) as error:
+                raise ValueError(
+                    f"Invalid value for argument `inner_optimizer`: {inner_optimizer!r} is not an optimizer "
+                    f"identifier that keras.optimizers.get accepts ({error})."
+                ) from error
+        if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
             raise TypeError(
-                "GradientMix got unexpected arguments: "
-                f"{', '.join(f'`{k}`' for k in kwargs)}."
+                "Invalid value for argument `inner_optimizer`: expected a keras.optimizers.Optimizer "
+                f"instance, got {inner_optimizer!r} of type {type(inner_optimizer).__name__}."
             )
-
-    @staticmethod
-    def _validate_stddev(stddev):
-        if isinstance(stddev, keras.optimizers.schedules.LearningRateSchedule):
-            return stddev
-        return validation.number("stddev", stddev, low=0.0, error=TypeError)
+        if find_gradient_mix(inner_optimizer) is not None:
+            raise ValueError(
+                f"Invalid value for argument `inner_optimizer`: {inner_optimizer!r} is (or wraps) "
+                "a GradientMix already; mixing twice is not supported. Wrap the base optimizer once."
+            )
+        validation.one_of("level", level, LEVELS)
+        if not isinstance(stddev, keras.optimizers.schedules.LearningRateSchedule):
+            stddev = validation.number("stddev", stddev, low=0.0, error=TypeError)
+        if seed is not None:
+            seed = validation.integer("seed", seed, low=0, high=2**31 - 1)
+        super().__init__(learning_rate=0.0, name=name or "gradient_mix")
+        self.level = level
+        self.stream = noise_lib.NoiseStream(noise, stddev)
+        self.inner_optimizer = inner_optimizer
+        # The seed lives in a variable, so restoring a checkpoint into an
+        # optimizer rebuilt with seed=None loads the interrupted run's seed.
+        with keras.name_scope(self.name, caller=self):
+            self._seed_variable = keras.Variable(
+                secrets.randbelow(2**31 - 1) if seed is None else seed, name="seed",
+                dtype="int", trainable=False, aggregation="only_first_replica",
+            )
+        self._track_variable(self._seed_variable)
+        self._warned_single_device = False
+        # Set when a traced step asks for the weights: the model hook (or a custom loop) is in place.
+        self._sample_weights_requested = False
 
     @classmethod
-    def for_noise_batch_size(
-        cls, inner_optimizer, batch_size, noise_batch_size, **kwargs
-    ):
-        """A ``GradientMix`` whose gradient noise is that of a smaller batch.
-
-        ``stddev = sqrt(batch_size / noise_batch_size - 1)``; see
-        :func:`tf_gradmix.noise.stddev_for_noise_batch_size`. E.g. a 32K batch
-        with the noise of a 4K batch: ``stddev`` about 2.65.
-        """
+    def for_noise_batch_size(cls, inner_optimizer, batch_size, noise_batch_size, **kwargs):
+        """A ``GradientMix`` with the gradient noise of a smaller batch (see
+        :func:`tf_gradmix.noise.stddev_for_noise_batch_size`; 32K with the noise of 4K: about 2.65)."""
         stddev = noise_lib.stddev_for_noise_batch_size(batch_size, noise_batch_size)
         return cls(inner_optimizer, stddev=stddev, **kwargs)
 
     # -- the noise -----------------------------------------------------------
 
+    noise = property(lambda self: self.stream.noise, doc="The :class:`tf_gradmix.noise.Noise` of ``w``.")
+    stddev = property(lambda self: self.stream.stddev, doc="``sigma``, a float or a schedule.")
+
     @property
     def seed(self):
         """The seed of the noise stream (int), as held in the saved state."""
-        return int(self._seed_variable.numpy())
+        return int(keras.ops.convert_to_numpy(self._seed_variable.value))
 
     @property
     def raw_step(self):
         """This wrapper's step counter: one per ``apply`` (per micro-batch)."""
         return self._iterations
 
+    def _state(self, step):
+        read = backend.current().read
+        return read(self._seed_variable), read(self._iterations) if step is None else step
+
     def current_stddev(self, step=None):
         """``stddev`` at ``step`` (default: the current raw step), float32."""
-        if isinstance(self.stddev, keras.optimizers.schedules.LearningRateSchedule):
-            step = self.raw_step if step is None else step
-            return tf.cast(self.stddev(step), tf.float32)
-        return tf.constant(self.stddev, tf.float32)
+        return self.stream.stddev_at(self._state(step)[1])
 
     def example_weights(self, batch_size, step=None, replica_id=None):
-        """The sample-level weights ``w`` (mean 1) of this step and replica.
+        """The sample-level weights ``w`` (mean 1) of this step: ``[batch_size]`` float32.
 
-        ``pi_b = w_b / B``. In a custom training loop, multiply each example's
-        loss by its weight before averaging::
-
-            w = optimizer.example_weights(tf.shape(x)[0])
-            loss = tf.nn.compute_average_loss(per_example_loss * w,
-                                              global_batch_size=GLOBAL_BATCH)
-
-        (broadcast ``w`` over token axes for sequence losses). Call it before
-        ``optimizer.apply_gradients`` of the same step; the noise is the one
-        ``fit`` would use.
+        ``pi_b = w_b / B``. In a custom loop multiply each example's loss by its
+        weight before averaging (broadcast over token axes), and call it before
+        ``apply_gradients`` of the same step: the noise is the one ``fit`` uses.
 
         Args:
-            batch_size: number of examples in this replica's batch.
+            batch_size: examples in the batch (on TensorFlow: this replica's).
             step: raw step to draw for; default the current one.
-            replica_id: global replica id; default this replica's.
-
-        Returns:
-            float32 tensor of shape ``[batch_size]``.
+            replica_id: replica whose stream to draw; default this replica's
+                (TensorFlow); always 0 on JAX, whose batch is global.
         """
         self._sample_weights_requested = True
-        step = self.raw_step if step is None else step
+        seed, step = self._state(step)
         if replica_id is None:
-            replica_id = _replica_context().replica_id_in_sync_group
-        seed = noise_lib.step_seed(
-            self._seed_variable, step, noise_lib.SAMPLE_STREAM, replica_id
-        )
-        return noise_lib.mixing_weights(
-            self.noise, self.current_stddev(step), [batch_size], seed
-        )
+            replica_id = backend.current().replica_id()
+        return self.stream.example_weights(seed, step, batch_size, replica_id)
 
     def device_weights(self, num_replicas=None, step=None):
-        """The device-level weights ``w`` (mean 1) of all ``K`` replicas.
-
-        Every replica computes the same vector and uses its own entry.
+        """The device-level weights ``w`` (mean 1) of all ``K`` devices: ``[K]`` float32.
 
         Args:
-            num_replicas: ``K``; default the current strategy's replica count.
+            num_replicas: ``K``; default the current strategy's replicas
+                (TensorFlow) or the data axis of the ``keras.distribution`` (JAX).
             step: raw step to draw for; default the current one.
-
-        Returns:
-            float32 tensor of shape ``[K]``.
         """
-        if num_replicas is None:
-            num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        step = self.raw_step if step is None else step
-        seed = noise_lib.step_seed(self._seed_variable, step, noise_lib.DEVICE_STREAM)
-        return noise_lib.mixing_weights(
-            self.noise, self.current_stddev(step), [num_replicas], seed
-        )
+        seed, step = self._state(step)
+        return self.stream.device_weights(seed, step, num_replicas or self.num_devices())
+
+    def num_devices(self):
+        """``K``: replicas in sync (TensorFlow) or shards of the data axis (JAX)."""
+        module = backend.current()
+        return module.num_replicas() if module.GRADIENTS_PER_REPLICA else module.num_data_shards()
+
+    def batch_weights(self, batch_size):
+        """The weights the model hook puts on each example of this step, or None.
+
+        Sample level: :meth:`example_weights`. Device level where the
+        gradients are global (JAX): ``w_k`` for every example of shard ``k``.
+        Device level on TensorFlow: None (:meth:`apply` weights the gradients).
+        """
+        if self.level == "sample":
+            return self.example_weights(batch_size)
+        if backend.current().GRADIENTS_PER_REPLICA:
+            return None
+        self._sample_weights_requested = True
+        self._warn_if_single_device()
+        seed, step = self._state(None)
+        return self.stream.shard_weights(seed, step, batch_size, self.num_devices())
+
+    def _warn_if_single_device(self):
+        if self.num_devices() == 1 and not self._warned_single_device:
+            self._warned_single_device = True
+            warnings.warn(
+                "GradientMix(level='device') on a single replica (device) only multiplies each step by "
+                "a random factor (a random step length); use level='sample' to mix examples.",
+                stacklevel=4,
+            )
 
     # -- the update ----------------------------------------------------------
 
     def build(self, var_list):
-        # Accumulation across replicas (keras-team/keras#20582): each replica
-        # accumulates in its own variables, see `apply`.
-        compat.build_with_per_replica_accumulators(self.inner_optimizer, var_list)
+        if backend.name() == "tensorflow":
+            from tf_gradmix import accumulation  # accumulation across replicas (keras-team/keras#20582)
+
+            accumulation.build_with_per_replica_accumulators(self.inner_optimizer, var_list)
+        else:
+            self.inner_optimizer.build(var_list)
         super().build(var_list)
 
     @property
@@ -367,72 +276,46 @@ class GradientMix(keras.optimizers.Optimizer):
         return self._variables + self.inner_optimizer.variables
 
     def apply(self, grads, trainable_variables=None):
+        """Weights the gradients where that is this wrapper's job, then delegates to the inner optimizer.
+
+        On JAX Keras calls :meth:`stateless_apply` (the base class's), which
+        runs this method in a ``StatelessScope`` over all of :attr:`variables`.
+        """
         if not self.built:
             if trainable_variables is None:
-                raise ValueError(
-                    "GradientMix must be built before `apply` is called "
-                    "without `trainable_variables`."
-                )
+                raise ValueError("GradientMix must be built before `apply` is called without `trainable_variables`.")
             with keras.name_scope(self.name, caller=self):
                 self.build(list(trainable_variables))
             self.built = True
-        if self.level == "sample":
-            self._check_sample_hook()
-        elif self._device_weight_in_loss:
-            self._device_weight_in_loss = False  # consumed by this step
+        module = backend.current()
+        if self.level == "sample" or not module.GRADIENTS_PER_REPLICA:
+            self._check_hook()
         else:
-            grads = self._apply_device_weights(grads, trainable_variables)
-        if self._accumulates_across_replicas():
-            # Keras cannot accumulate under a strategy (keras-team/keras#20582).
-            compat.apply_accumulated_across_replicas(
-                self.inner_optimizer, grads, trainable_variables
-            )
+            self._warn_if_single_device()
+            weight = self.device_weights()[module.replica_id()]
+            variables = trainable_variables or self._trainable_variables
+            grads = [g if getattr(v, "overwrite_with_gradient", False) else module.scale_gradient(g, weight)
+                     for g, v in zip(grads, variables)]
+        if module.GRADIENTS_PER_REPLICA and self.inner_optimizer.gradient_accumulation_steps \
+                and module.num_replicas() > 1:
+            from tf_gradmix import accumulation  # Keras cannot accumulate under a strategy (keras-team/keras#20582)
+
+            accumulation.apply_accumulated_across_replicas(self.inner_optimizer, grads, trainable_variables)
         else:
             self.inner_optimizer.apply(grads, trainable_variables)
         self._iterations.assign_add(1)
 
-    def _accumulates_across_replicas(self):
-        context = tf.distribute.get_replica_context()
-        return bool(
-            self.inner_optimizer.gradient_accumulation_steps
-            and context is not None
-            and context.num_replicas_in_sync > 1
+    def _check_hook(self):
+        if self._sample_weights_requested:
+            return
+        if self.level == "sample":
+            raise ValueError(mixing_check.sample_weights_not_requested_message())
+        raise ValueError(
+            "GradientMix(level='device') on JAX needs the model to weight each shard of the global "
+            "batch (the gradients reaching the optimizer are already global), but this model has no "
+            "GradientMix hook, so it would train unmixed. Use `model = tf_gradmix.enable(model)` (or "
+            "build it with tf_gradmix.Model / tf_gradmix.Sequential)."
         )
-
-    def _check_sample_hook(self):
-        if not self._sample_weights_requested:
-            raise ValueError(
-                "GradientMix(level='sample') needs the model to weight each "
-                "example, but this model has no GradientMix hook, so it would "
-                "train unmixed. Use `model = tf_gradmix.enable(model)` (or "
-                "build it with tf_gradmix.Model / tf_gradmix.Sequential); in a "
-                "custom training loop multiply the per-example losses by "
-                "`optimizer.example_weights(batch_size)`; or use level='device'."
-            )
-
-    def _replica_device_weight(self):
-        """``w_k`` of this replica at the current step."""
-        context = _replica_context()
-        num_replicas = context.num_replicas_in_sync
-        if num_replicas == 1 and not self._warned_single_replica:
-            self._warned_single_replica = True
-            warnings.warn(
-                "GradientMix(level='device') with a single replica only "
-                "multiplies each step by a random factor (a random step "
-                "length); use level='sample' to mix examples.",
-                stacklevel=4,
-            )
-        return self.device_weights(num_replicas)[context.replica_id_in_sync_group]
-
-    def _apply_device_weights(self, grads, trainable_variables):
-        weight = self._replica_device_weight()
-        variables = trainable_variables or compat.optimizer_trainable_variables(
-            self.inner_optimizer
-        )
-        return [
-            g if getattr(v, "overwrite_with_gradient", False) else _scale_gradient(g, weight)
-            for g, v in zip(grads, variables)
-        ]
 
     # -- forwarded state -----------------------------------------------------
 
@@ -450,19 +333,7 @@ class GradientMix(keras.optimizers.Optimizer):
         return self.inner_optimizer.iterations
 
     def scale_loss(self, loss):
-        """The inner optimizer's loss scaling; at device level, times ``w_k``.
-
-        Keras's train step calls this on each replica's loss before the
-        backward pass, so the device weight costs one scalar multiplication
-        instead of a pass over every gradient. Where the gradients do not
-        come through here (a ``LossScaleOptimizer`` around this wrapper, a
-        custom loop), :meth:`apply` weights the gradients instead.
-        """
-        loss = self.inner_optimizer.scale_loss(loss)
-        if self.level == "device":
-            loss = loss * tf.cast(self._replica_device_weight(), loss.dtype)
-            self._device_weight_in_loss = True
-        return loss
+        return self.inner_optimizer.scale_loss(loss)
 
     def finalize_variable_values(self, var_list):
         self.inner_optimizer.finalize_variable_values(var_list)
@@ -470,10 +341,9 @@ class GradientMix(keras.optimizers.Optimizer):
     # -- config --------------------------------------------------------------
 
     def get_config(self):
-        if isinstance(self.stddev, keras.optimizers.schedules.LearningRateSchedule):
-            stddev = keras.saving.serialize_keras_object(self.stddev)
-        else:
-            stddev = self.stddev
+        stddev = self.stddev
+        if isinstance(stddev, keras.optimizers.schedules.LearningRateSchedule):
+            stddev = keras.saving.serialize_keras_object(stddev)
         return {
             "name": self.name,
             "inner_optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
@@ -486,18 +356,11 @@ class GradientMix(keras.optimizers.Optimizer):
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
-        inner = keras.saving.deserialize_keras_object(
-            config.pop("inner_optimizer"), custom_objects=custom_objects
-        )
+        inner = keras.saving.deserialize_keras_object(config.pop("inner_optimizer"), custom_objects=custom_objects)
         if isinstance(config.get("stddev"), dict):
-            config["stddev"] = keras.saving.deserialize_keras_object(
-                config["stddev"], custom_objects=custom_objects
-            )
+            config["stddev"] = keras.saving.deserialize_keras_object(config["stddev"], custom_objects=custom_objects)
         return cls(inner, **config)
 
     def __repr__(self):
-        return (
-            f"GradientMix({self.inner_optimizer.__class__.__name__}, "
-            f"level={self.level!r}, noise={self.noise.name or self.noise!r}, "
-            f"stddev={self.stddev!r}, seed={self.seed})"
-        )
+        return (f"GradientMix({self.inner_optimizer.__class__.__name__}, level={self.level!r}, "
+                f"noise={self.noise.name or self.noise!r}, stddev={self.stddev!r}, seed={self.seed})")

@@ -1,4 +1,4 @@
-r"""Per-example gradients and the opt-in exact per-example mixing mode.
+r"""Per-example gradients (TensorFlow, ``tf.vectorized_map``).
 
 Symbols: ``x_i, y_i`` example ``i`` of a batch of ``B``; ``l_i`` the value
 ``loss`` returns for a batch made of example ``i`` alone (averaged if it
@@ -12,40 +12,27 @@ returns per-element values); ``g_i = grad_theta l_i`` its gradient.
   share one mask) would give wrong results; they are refused with a clear
   error (:func:`check_per_example_safe`). In inference mode every layer is
   per example. Memory grows as ``B x`` the number of parameters.
-* :func:`train_step`: one Keras train step that mixes
-  ``g = sum_b w_b g_b / B`` from materialised per-example gradients instead
-  of reweighting the loss (what :func:`tf_gradmix.enable` installs with
-  ``per_example_gradients=True``). The same update as the reweighting path
-  up to float rounding, at 2-12x the step time on CPU.
 
-The measurements built on per-example gradients (empirical Fisher, gradient
-noise scale) are in :mod:`tf_gradmix.diagnostics`.
+Built on them: the measurements of :mod:`tf_gradmix.diagnostics` (empirical
+Fisher, gradient noise scale) and the opt-in exact mixing mode
+(:mod:`tf_gradmix.exact`). Imported only on the TensorFlow backend.
 """
 
+from tf_gradmix import backend, deprecation
+
+backend.require("tf_gradmix.per_example", ("tensorflow",))
+
+# ruff: noqa: E402
 import keras
 import tensorflow as tf
 
-from tf_gradmix import compat
-from tf_gradmix import noise as noise_lib
-from tf_gradmix.optimizer import find_gradient_mix
+__all__ = ["per_example_gradients", "check_per_example_safe"]
 
-__all__ = [
-    "per_example_gradients",
-    "check_per_example_safe",
-    "train_step",
-    "has_sample_hook",
-]
+__getattr__ = deprecation.module_getattr(__name__, {
+    "train_step": deprecation.Renamed("tf_gradmix.exact.train_step", "0.2.0"),
+})
 
 _ZERO = tf.UnconnectedGradients.ZERO
-
-#: Attribute set on models whose ``compute_loss`` already weights each
-#: example (tf_gradmix.Model, tf_gradmix.enable).
-SAMPLE_HOOK_FLAG = "_gradmix_enabled"
-
-
-def has_sample_hook(model):
-    """Whether ``model`` applies GradientMix's sample-level weights in ``compute_loss``."""
-    return bool(getattr(model, SAMPLE_HOOK_FLAG, False))
 
 
 # -- when per-example gradients are right -------------------------------------
@@ -228,150 +215,3 @@ def per_example_gradients(model, x, y, loss, training=True):
 
     x = tf.nest.map_structure(tf.convert_to_tensor, x)
     return maybe_function(compute, x, tf.convert_to_tensor(y))
-
-
-# -- the exact per-example mixing mode -----------------------------------------
-
-
-def _unscale_for_distribution(loss):
-    # Keras divides each replica's loss by the replica count; the tracker
-    # records the unscaled value (as Keras's own train_step does).
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    return loss * tf.cast(replicas, loss.dtype) if replicas > 1 else loss
-
-
-def _detached_outputs(y_pred, tape):
-    """Copies of the tensors a Keras loss reads from ``y_pred``, as watched leaves.
-
-    A Keras loss reads the output, or the logits Keras attached to a softmax
-    or sigmoid output (``compat.transform_output`` keeps that structure).
-    Returns the transformed output and the list of ``(original, leaf)`` pairs.
-    """
-    pairs = []
-
-    def leaf(tensor):
-        copy = tf.stop_gradient(tensor)
-        tape.watch(copy)
-        pairs.append((tensor, copy))
-        return copy
-
-    return compat.transform_output(y_pred, leaf), pairs
-
-
-def _loss_facing(output):
-    """The originals ``_detached_outputs`` would detach, in the same order."""
-    found = []
-
-    def record(tensor):
-        found.append(tensor)
-        return tensor
-
-    compat.transform_output(output, record)
-    return found
-
-
-def train_step(model, data, per_example_fn=None):
-    r"""One Keras train step that mixes materialised per-example gradients.
-
-    The opt-in exact alternative to loss reweighting. For a batch of ``B``
-    examples with predictions ``yhat_b``, Keras's loss ``L`` (the model's own
-    ``compute_loss``, with sample weights and its reduction) and mixing weights
-    ``w_b`` (``GradientMix.example_weights(B)``, mean 1):
-
-    .. math::
-
-        g_b = J_b^\top \frac{\partial L}{\partial \hat y_b},\qquad
-        g = \sum_b w_b\, g_b + \nabla_\theta L_{\text{layers}},
-
-    where ``g_b`` (computed for all ``b`` with ``tf.vectorized_map``) is example
-    ``b``'s gradient of the batch loss: ``s_b grad l_b / B`` for the default
-    ``sum_over_batch_size`` reduction (``s_b`` the user's sample weight), and
-    the same rule with the loss's own denominator for other reductions. Layer
-    losses ``L_layers`` (regularisers, ``add_loss``) are added unmixed. This
-    equals the reweighting path (:class:`tf_gradmix.Model`) up to float
-    rounding. With a plain optimizer, or ``GradientMix(level="device")``,
-    ``w_b = 1`` (plain averaging; the device weights are applied by the
-    optimizer). On a model with the sample-level hook
-    (:func:`tf_gradmix.enable`), the hook's ``compute_loss`` already weights
-    ``dL/dyhat_b`` by ``w_b`` (and logs gamma), so no weight is applied twice.
-
-    The step runs one batched forward pass (loss, metrics, layer losses) and
-    one vectorised per-example forward and backward pass; memory grows as
-    ``B x`` parameters. Follows Keras's TensorFlow ``train_step``: loss
-    tracker, ``optimizer.scale_loss``, ``optimizer.apply``, ``compute_metrics``.
-
-    Args:
-        model: a compiled ``keras.Model`` with one output and no trainable
-            BatchNormalization or random layers.
-        data: the step's data, ``x``, ``(x, y)`` or ``(x, y, sample_weight)``.
-        per_example_fn: optional ``fn(per_example_grads) -> per_example_grads``
-            applied to the list of ``[B, *v.shape]`` gradients ``g_b`` before
-            mixing (e.g. per-example clipping). Default: none.
-
-    Returns:
-        The logs dict, like ``keras.Model.train_step``.
-
-    Raises:
-        ValueError: for BatchNorm or random-layer models (see
-            :func:`check_per_example_safe`).
-
-    Example (what ``train_step`` of a per-example model does)::
-
-        class PerExampleModel(keras.Model):
-            def train_step(self, data):
-                return tf_gradmix.per_example.train_step(self, data)
-    """
-    check_per_example_safe(model, training=True)
-    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    variables = trainable_tensors(model)
-    optimizer = model.optimizer
-
-    # 1. Batched forward pass: loss value, dL/dyhat and the layer losses' gradient.
-    with tf.GradientTape(persistent=True) as tape:
-        y_pred = model(x, training=True)
-        loss_input, pairs = _detached_outputs(y_pred, tape)
-        loss = model.compute_loss(x, y, loss_input, sample_weight, training=True)
-        tracker = compat.loss_tracker(model)
-        if tracker is not None:
-            tracker.update_state(
-                _unscale_for_distribution(loss),
-                sample_weight=tf.shape(tf.nest.flatten(x)[0])[0],
-            )
-        scaled = optimizer.scale_loss(loss) if optimizer is not None else loss
-    cotangents = tape.gradient(
-        scaled, [leaf for _, leaf in pairs], unconnected_gradients=_ZERO
-    )
-    layer_grads = tape.gradient(scaled, variables, unconnected_gradients=_ZERO)
-    del tape
-
-    # 2. Per-example gradients g_b = J_b^T dL/dyhat_b (vectorised).
-    def contribution(output, cotangent_b):
-        facing = _loss_facing(output)
-        if len(facing) != len(cotangent_b):
-            raise RuntimeError("Per-example outputs differ from the batched ones.")
-        return tf.add_n(
-            [tf.reduce_sum(t[0] * tf.cast(c, t.dtype)) for t, c in zip(facing, cotangent_b)]
-        )
-
-    per_example = vectorized_example_gradients(
-        model, x, cotangents, contribution, variables, training=True
-    )
-    if per_example_fn is not None:
-        per_example = per_example_fn(per_example)
-
-    # 3. Mix: g = sum_b w_b g_b (+ layer losses, unmixed).
-    batch_size = tf.shape(tf.nest.flatten(x)[0])[0]
-    weights = tf.ones([batch_size])
-    mixer = find_gradient_mix(optimizer)
-    if mixer is not None and mixer.level == "sample" and not has_sample_hook(model):
-        weights = mixer.example_weights(batch_size)
-        gamma = getattr(model, "_gradmix_gamma", None)
-        if gamma is not None:
-            gamma.update_state(noise_lib.gamma(weights))
-    grads = [
-        tf.tensordot(tf.cast(weights, g.dtype), g, axes=1) + extra
-        for g, extra in zip(per_example, layer_grads)
-    ]
-    if variables:
-        optimizer.apply(grads, model.trainable_variables)
-    return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)

@@ -20,18 +20,16 @@ the noise of a 4K batch needs a stddev near 2.6).
 Functions live elsewhere: :func:`tf_gradmix.residual.set_residual_gamma`
 sets the initial scale ``gamma_0`` of every residual block's final
 BatchNorm, :func:`tf_gradmix.schedules.inverse_sqrt_warmup_steps` scales the
-warmup of the inverse-square-root schedule (both also reachable here).
+warmup of the inverse-square-root schedule. Their old names in this module
+are deprecated (removed in 0.2.0).
 """
 
 import dataclasses
 import math
 import types
 
+from tf_gradmix import deprecation
 from tf_gradmix.optimizer import DEFAULT_STDDEV
-
-# Functions that used to live here, under their old names.
-from tf_gradmix.residual import residual_batch_norms, set_residual_gamma
-from tf_gradmix.schedules import inverse_sqrt_warmup_steps
 
 __all__ = [
     "Setting",
@@ -43,10 +41,14 @@ __all__ = [
     "CIFAR_LARS",
     "CIFAR_ADAM",
     "CIFAR_LAMB",
-    "inverse_sqrt_warmup_steps",
-    "residual_batch_norms",
-    "set_residual_gamma",
 ]
+
+# Functions that used to live here, under their old names.
+__getattr__ = deprecation.module_getattr(__name__, {
+    "inverse_sqrt_warmup_steps": deprecation.Renamed("tf_gradmix.schedules.inverse_sqrt_warmup_steps", "0.2.0"),
+    "residual_batch_norms": deprecation.Renamed("tf_gradmix.residual.residual_batch_norms", "0.2.0"),
+    "set_residual_gamma": deprecation.Renamed("tf_gradmix.residual.set_residual_gamma", "0.2.0"),
+})
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
 
@@ -63,10 +65,10 @@ PAPER_TABLE_3_BN = (
     "(_BATCH_NORM_DECAY = 0.9)"
 )
 PAPER_ABSTRACT = "GradientMix paper abstract: ResNet-50 on ImageNet at batch 32K"
-PAPER_S51 = "GradientMix paper §5.1 (CIFAR), as quoted in tf_gradmix issue #3"
+PAPER_S51 = "GradientMix paper §5.1 (CIFAR), as quoted to us from the paper"
 PAPER_S53_WARMUP = (
     "GradientMix paper (Adam/LAMB runs): 4000 warmup steps at batch 64, "
-    "scaled as 4000 * 64 / B, as quoted in tf_gradmix issue #3"
+    "scaled as 4000 * 64 / B, as quoted to us from the paper"
 )
 PAPER_S53_UNAVAILABLE = (
     "GradientMix paper §5.3: its value was not available to us; fill it in "
@@ -276,7 +278,8 @@ ADAM_LAMB_INVERSE_SQRT = Recipe(
     description=(
         "Adam/LAMB settings of the paper's §5.3: inverse-square-root warmup "
         "(tf_gradmix.schedules.InverseSqrtWarmup) with 4000 warmup steps at "
-        "batch 64, scaled to 4000 * 64 / B (inverse_sqrt_warmup_steps). The "
+        "batch 64, scaled to 4000 * 64 / B "
+        "(tf_gradmix.schedules.inverse_sqrt_warmup_steps). The "
         "other §5.3 numbers were not available to us."
     ),
     settings={

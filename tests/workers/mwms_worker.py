@@ -13,7 +13,9 @@ Tasks:
   explicit per-worker shards; the final weights of each case are written.
   With ``compat_off``, records the warning and the fit error when the
   workaround is off (a newer Keras simulated). With ``default_seed``, also records what ``GradientMix(seed=None)`` draws
-  and uses on each worker, and the weights after a fit with it.
+  and uses on each worker, and the weights after a fit with it. With
+  ``traced_steps`` (levels such as ``"sample-acc3"``), records the graph of
+  one traced replica step (``strategy.run(model.train_step)``) per level.
 * ``fault``: a run with ``keras.callbacks.BackupAndRestore`` (sample level,
   or ``level``, e.g. ``"sample-acc3"``); with ``pause_at`` (epoch, batch) this
   process stops after that batch, writes ``marker`` and waits to be killed.
@@ -199,15 +201,15 @@ def compat_off(strategy, results):
     """On a Keras newer than the guard covers, the multi-worker workaround
     switches itself off with a warning, and fit fails as stock Keras does.
 
-    A newer Keras is simulated by the version ``compat`` reads.
+    A newer Keras is simulated by the version the workaround reads.
     """
     import warnings
 
-    from tf_gradmix import compat
+    from tf_gradmix.backend import tensorflow_multi_worker
 
-    real_version = compat.keras_version
-    compat.keras_version = lambda: (3, compat.MULTI_WORKER_FIT_BROKEN[1][1] + 1)
-    compat._warned_unguarded_version = False
+    real_version = tensorflow_multi_worker.keras_version
+    tensorflow_multi_worker.keras_version = lambda: (3, tensorflow_multi_worker.MULTI_WORKER_FIT_BROKEN[1][1] + 1)
+    tensorflow_multi_worker._warned_unguarded_version = False
     try:
         with strategy.scope():
             model = build("model")
@@ -220,11 +222,34 @@ def compat_off(strategy, results):
             except Exception as e:  # noqa: BLE001 - recorded for the parent
                 error = f"{type(e).__name__}: {e}"
     finally:
-        compat.keras_version = real_version
+        tensorflow_multi_worker.keras_version = real_version
     results["compat_off/warnings"] = np.array(
         [str(w.message) for w in caught if "workaround" in str(w.message)]
     )
     results["compat_off/fit_error"] = np.array(error)
+
+
+def traced_steps(strategy, results):
+    """The traced replica step of a fitted model, per level, as a GraphDef.
+
+    What ``fit`` runs on each replica every step: forward and backward pass,
+    metrics and ``optimizer.apply`` (Keras reduces the step's logs across
+    workers outside it). Serialised as uint8, for the parent to inspect.
+    """
+    for level in SPEC["traced_steps"]:
+        with strategy.scope():
+            model = build("model")
+            model.compile(optimizer(level), "mse", metrics=["mae"])
+        dataset = shards(strategy, SPEC["shards"])
+        model.fit(dataset, epochs=1, verbose=0)  # builds optimizer and metrics
+
+        @tf.function
+        def step(data, model=model):
+            return strategy.run(model.train_step, args=(data,))
+
+        batch = next(iter(dataset))
+        graph = step.get_concrete_function(batch).graph.as_graph_def()
+        results[f"graph/{level}"] = np.frombuffer(graph.SerializeToString(), np.uint8)
 
 
 def fit_cases(strategy, out):
@@ -265,6 +290,8 @@ def fit_cases(strategy, out):
             results[f"{name}/raw_step"] = np.array(int(mixer.raw_step.numpy()))
     for i, w in enumerate(init):
         results[f"init/w{i}"] = w
+    if SPEC.get("traced_steps"):
+        traced_steps(strategy, results)
     results["num_replicas"] = np.array(strategy.num_replicas_in_sync)
     results["replica_ids"] = np.array(
         strategy.experimental_local_results(

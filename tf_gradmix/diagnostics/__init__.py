@@ -9,11 +9,20 @@ optimizer or model classes, so they work on any ``keras.Model``.
 * :mod:`~tf_gradmix.diagnostics.noise_scale`: :func:`gradient_noise_scale`
   (``B_simple``, McCandlish et al. 2018) and
   :func:`noise_scale_from_gradient_norms`.
-* Per-example gradients are in :mod:`tf_gradmix.per_example` (also
-  reachable here under their old names); the callback that logs these
+* Per-example gradients are in :mod:`tf_gradmix.per_example` (their old
+  names here are deprecated, removed in 0.2.0); the callback that logs these
   measurements during ``fit`` is :class:`tf_gradmix.callbacks.DiagnosticsLogger`.
+
+TensorFlow only (``tf.vectorized_map``, ``tf.autodiff.ForwardAccumulator``):
+importing this package on another backend raises an error that says so.
 """
 
+from tf_gradmix import backend
+
+backend.require("tf_gradmix.diagnostics", ("tensorflow",))
+
+# ruff: noqa: E402
+from tf_gradmix import deprecation
 from tf_gradmix.diagnostics.curvature import (
     SPLITS,
     TraceEstimate,
@@ -27,8 +36,6 @@ from tf_gradmix.diagnostics.noise_scale import (
     noise_scale_from_gradient_norms,
 )
 from tf_gradmix.diagnostics.sample import DEFAULT_BATCH_SIZE
-from tf_gradmix.per_example import check_per_example_safe, per_example_gradients
-from tf_gradmix.per_example import train_step as per_example_train_step
 
 __all__ = [
     "ggn_trace",
@@ -40,19 +47,15 @@ __all__ = [
     "NoiseScale",
     "SPLITS",
     "DEFAULT_BATCH_SIZE",
-    "per_example_gradients",
-    "check_per_example_safe",
-    "per_example_train_step",
 ]
 
-
-def __getattr__(name):
-    # The callback moved to tf_gradmix.callbacks (which imports this package,
-    # so no alias here: that would be an import cycle). Say where it went.
-    if name == "DiagnosticsLogger":
-        raise AttributeError(
-            "tf_gradmix.diagnostics.DiagnosticsLogger moved to "
-            "tf_gradmix.callbacks.DiagnosticsLogger (also tf_gradmix.DiagnosticsLogger): "
-            "the diagnostics only measure; the callback that logs them is a callback."
-        )
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = deprecation.module_getattr(__name__, {
+    "per_example_gradients": deprecation.Renamed("tf_gradmix.per_example.per_example_gradients", "0.2.0"),
+    "check_per_example_safe": deprecation.Renamed("tf_gradmix.per_example.check_per_example_safe", "0.2.0"),
+    "per_example_train_step": deprecation.Renamed("tf_gradmix.exact.train_step", "0.2.0"),
+    # The callback imports this package, so an alias here would be an import cycle.
+    "DiagnosticsLogger": deprecation.Moved(
+        "tf_gradmix.callbacks.DiagnosticsLogger",
+        "also tf_gradmix.DiagnosticsLogger; the diagnostics only measure, the callback that logs them is a callback",
+    ),
+})

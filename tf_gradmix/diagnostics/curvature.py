@@ -39,7 +39,8 @@ import numpy as np
 import tensorflow as tf
 
 import tf_gradmix.diagnostics.sample as sample
-from tf_gradmix import compat, per_example, validation
+from tf_gradmix import per_example, validation
+from tf_gradmix.backend.tensorflow import probability_logits
 from tf_gradmix.diagnostics.sample import DEFAULT_BATCH_SIZE
 
 __all__ = [
@@ -95,7 +96,7 @@ class TraceEstimate(NamedTuple):
 
 def _logits_of(output):
     """The logits and link (``"softmax"``/``"sigmoid"``) of a probability output."""
-    found = compat.probability_logits(output)
+    found = probability_logits(output)
     if found is None:
         op_type = getattr(getattr(output, "op", None), "type", None)
         raise ValueError(

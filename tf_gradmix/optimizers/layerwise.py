@@ -7,10 +7,9 @@ ratio; the config of those arguments.
 
 import re
 
-import tensorflow as tf
 from keras import ops
 
-from tf_gradmix import validation
+from tf_gradmix import backend, validation
 
 
 def refuse_legacy_arguments(base_kwargs):
@@ -32,9 +31,7 @@ def refuse_legacy_arguments(base_kwargs):
 
 def dense_gradient(gradient, dtype):
     """The gradient as a dense tensor of ``dtype`` (norms need all entries)."""
-    if isinstance(gradient, tf.IndexedSlices):
-        gradient = tf.convert_to_tensor(gradient)
-    return ops.cast(gradient, dtype)
+    return ops.cast(backend.current().dense_gradient(gradient), dtype)
 
 
 def trust_ratio(w_norm, other_norm, denominator, coefficient=1.0):

@@ -1,0 +1,225 @@
+"""JAX only: ``keras.distribution.DataParallel`` on 4 CPU devices, no TensorFlow, resume, several processes.
+
+The exactness tests shared with TensorFlow (every reduction, masked
+sequences, several outputs, ``stddev=0``, the weights ``fit`` applies,
+seeds, saving) are in test_model.py, test_optimizer.py and test_noise.py,
+which run on both backends. Here: what only JAX has.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import tf_gradmix as gm
+
+from oracles import (
+    SCCE,
+    assert_float32_close,
+    data,
+    flat,
+    functional,
+    mixer,
+    numpy,
+    per_example_gradients,
+    plain_copy,
+    regularization_gradient,
+    weights_of,
+)
+
+pytestmark = pytest.mark.backends("jax")
+
+WORKER = Path(__file__).parent / "workers" / "jax_worker.py"
+B, K = 16, 4
+
+
+def data_parallel():
+    import jax
+
+    assert len(jax.devices()) == K, "conftest configures 4 CPU devices"
+    return keras.distribution.DataParallel(devices=jax.devices())
+
+
+def one_step(level, distribution=None, noise="gaussian", model_class=None):
+    """One ``fit`` step (SGD(1.0): the update is the gradient) under ``distribution``."""
+    x, y = data(B)
+    scope = distribution.scope() if distribution is not None else _nothing()
+    with scope:
+        model = functional(model_class)
+        ref = plain_copy(model)
+        opt = mixer(noise, stddev=0.7, seed=5, level=level)
+        model.compile(opt, SCCE)
+        before = flat(weights_of(model))
+        history = model.fit(x, y, batch_size=B, epochs=1, shuffle=False, verbose=0)
+    update = before - flat(weights_of(model))
+    grads = per_example_gradients(ref, x, y, keras.losses.SparseCategoricalCrossentropy())
+    return update, grads, regularization_gradient(ref, x), opt, history
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return False
+
+
+def test_data_parallel_sample_level_equals_the_oracle_and_the_one_device_run():
+    """Weights are a function of the example's index in the global batch, so 1 and 4 devices agree."""
+    update_4, grads, reg, opt, history = one_step("sample", data_parallel())
+    w = numpy(opt.example_weights(B, step=0)).astype(np.float64)
+    assert_float32_close(update_4, grads.T @ w / B + reg)
+    assert history.history["gradmix_gamma"][0] == pytest.approx(np.mean(w**2), rel=1e-6)
+
+    update_1, *_ = one_step("sample")
+    assert_float32_close(update_1, update_4)
+
+
+def test_data_parallel_device_level_weights_each_shard():
+    """Eq. 3 with K = 4 shards of 4 examples: ``sum_k (w_k / K) g_k``."""
+    distribution = data_parallel()
+    with distribution.scope():
+        assert gm.GradientMix(keras.optimizers.SGD()).num_devices() == K
+    update, grads, reg, opt, history = one_step("device", distribution)
+    w = numpy(opt.device_weights(K, step=0)).astype(np.float64)
+    per_example = np.repeat(w, B // K)  # shard k = examples [4k, 4k + 4)
+    assert_float32_close(update, grads.T @ per_example / B + reg)
+    assert history.history["gradmix_gamma"][0] == pytest.approx(np.mean(w**2), rel=1e-6)
+    # Not the sample level's weights, and not plain averaging.
+    assert not np.allclose(update, grads.T @ np.ones(B) / B + reg, rtol=1e-3)
+
+
+def test_device_level_on_a_stock_model_is_refused_on_jax():
+    """The gradients reaching the optimizer are global: only the model hook can weight shards."""
+    with data_parallel().scope():
+        model = functional(keras.Model)
+        model.compile(mixer(level="device"), SCCE)
+        # Raised while the step is traced, before any update. (A stock model
+        # has no tf_gradmix train function to put its state back, and
+        # Keras's JAX fit leaves the variables unreadable after an error.)
+        with pytest.raises(ValueError, match=r"level='device'.*each shard of the global batch.*tf_gradmix\.enable"):
+            model.fit(*data(B), batch_size=B, verbose=0)
+
+
+def test_device_level_on_one_device_warns():
+    with pytest.warns(UserWarning, match="single replica"):
+        one_step("device")
+
+
+# -- processes -----------------------------------------------------------------
+
+
+def worker(spec, check=True, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env.pop("XLA_FLAGS", None)
+    result = subprocess.run(
+        [sys.executable, str(WORKER), json.dumps(spec)], capture_output=True, text=True, timeout=timeout, env=env
+    )
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+NO_TENSORFLOW = r"""
+import sys
+
+class NoTensorFlow:
+    def find_spec(self, name, path=None, target=None):
+        if name == "tensorflow" or name.startswith("tensorflow."):
+            raise ImportError(f"TensorFlow is not installed here ({name})")
+
+sys.meta_path.insert(0, NoTensorFlow())
+
+import keras, numpy as np
+import tf_gradmix as gm
+
+assert keras.backend.backend() == "jax"
+model = gm.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+model.compile(optimizer=gm.GradientMix(gm.optimizers.LAMB(1e-2), noise="rademacher", seed=1),
+              loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+history = model.fit(np.ones((8, 4), "float32"), np.arange(8) % 3, batch_size=4, epochs=2, verbose=0,
+                    callbacks=[gm.GammaLogger()])
+assert "tensorflow" not in sys.modules
+for name in ("diagnostics", "per_example"):
+    try:
+        getattr(gm, name)
+    except (RuntimeError, ImportError) as error:
+        print(name, "refused:", error)
+print("trained", history.history["gradmix_gamma"])
+"""
+
+
+def test_import_and_train_without_tensorflow():
+    """TensorFlow's import is blocked (as if it were not installed): tf_gradmix imports and trains on JAX."""
+    env = dict(os.environ, KERAS_BACKEND="jax")
+    result = subprocess.run([sys.executable, "-c", NO_TENSORFLOW], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trained [" in result.stdout
+    assert "diagnostics refused: tf_gradmix.diagnostics supports the Keras backends 'tensorflow'" in result.stdout
+    assert "per_example refused: tf_gradmix.per_example supports the Keras backends 'tensorflow'" in result.stdout
+
+
+@pytest.mark.parametrize("seed", [11, None])
+def test_sigkill_mid_epoch_then_restart_ends_like_an_uninterrupted_run(tmp_path, seed):
+    """``BackupAndRestore`` (epoch backups) continues the noise stream, also with ``seed=None``."""
+    backup = str(tmp_path / "backup")
+    killed = worker({"mode": "resume", "seed": seed, "backup": backup, "kill_at": [1, 2],
+                     "out": str(tmp_path / "killed.npz")}, check=False)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert not (tmp_path / "killed.npz").exists()
+    worker({"mode": "resume", "seed": seed, "backup": backup, "out": str(tmp_path / "resumed.npz")})
+    resumed = np.load(tmp_path / "resumed.npz")
+    worker({"mode": "resume", "seed": int(resumed["seed"]), "backup": str(tmp_path / "other"),
+            "out": str(tmp_path / "straight.npz")})
+    straight = np.load(tmp_path / "straight.npz")
+    assert int(resumed["raw_step"]) == int(straight["raw_step"]) == 12
+    names = [n for n in straight.files if n.startswith("arr_")]
+    for name in names:
+        np.testing.assert_array_equal(resumed[name], straight[name])
+
+
+def test_two_processes_on_loopback_end_identical_and_equal_to_the_oracle(tmp_path):
+    """``keras.distribution.initialize`` over 2 processes of 2 CPU devices each: one mesh of K = 4."""
+    port = gm.distribute.free_local_ports(1)[0]
+    batch, steps = 16, 2
+    specs = [{"mode": "multi_process", "port": port, "num_processes": 2, "process_id": p, "local_devices": 2,
+              "batch": batch, "steps": steps, "out": str(tmp_path / f"p{p}.npz")} for p in range(2)]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env.pop("XLA_FLAGS", None)
+    processes = [subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec)], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for spec in specs]
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 0, output[-3000:]
+    results = [np.load(tmp_path / f"p{p}.npz") for p in range(2)]
+    assert int(results[0]["devices"]) == K
+    for name in results[0].files:
+        np.testing.assert_array_equal(results[0][name], results[1][name])
+
+    # The oracle: the same steps of SGD(1.0) on the global batches, one example at a time.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch * steps, 5)).astype("float32")
+    y = rng.integers(0, 3, batch * steps)
+    inputs = keras.Input((5,))
+    h = keras.layers.Dense(8, activation="tanh")(inputs)
+    ref = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(h))
+    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+    shapes = [w.shape for w in ref.get_weights()]
+    for level in ("sample", "device"):
+        flat_weights = results[0][f"{level}/initial"].astype(np.float64)
+        for step in range(steps):
+            split = np.cumsum([int(np.prod(s)) for s in shapes])[:-1]
+            ref.set_weights([w.reshape(s).astype("float32") for w, s in zip(np.split(flat_weights, split), shapes)])
+            part = slice(step * batch, (step + 1) * batch)
+            grads = per_example_gradients(ref, x[part], y[part], loss_fn)
+            w = results[0][f"{level}/weights"][step].astype(np.float64)
+            if level == "device":
+                w = np.repeat(w, batch // K)  # process p feeds shards 2p, 2p + 1
+            flat_weights = flat_weights - grads.T @ w / batch
+        assert_float32_close(results[0][f"{level}/final"], flat_weights)

@@ -1,0 +1,178 @@
+"""The TensorFlow backend: ``tf.random.stateless_*``, ``tf.distribute`` replicas, tensor annotations.
+
+Imported only when Keras runs on TensorFlow (:func:`tf_gradmix.backend.current`).
+
+On TensorFlow a Keras train step runs once per replica of the current
+``tf.distribute`` strategy, and the gradients that reach
+``optimizer.apply`` are those of one replica (Keras divides each replica's
+loss by the replica count and sums across replicas later, inside the inner
+optimizer's update). So the sample level draws one stream per replica
+(keyed by the replica id) and the device level weights each replica's
+gradients before delegating.
+
+Keras's TensorFlow losses read two attributes of ``y_pred``: ``_keras_mask``
+(set by masking layers; masked sequence losses) and ``_keras_logits`` (set by
+Keras's softmax and sigmoid, so cross-entropies on probabilities are computed
+from the logits), and they also recognise a raw ``Softmax``/``Sigmoid`` op by
+its type (``keras/src/backend/tensorflow/nn.py::_get_logits``). A transformed
+output must carry the same annotations, or the loss changes value:
+:func:`transform_output` keeps them (checked by ``tests/test_compat.py``).
+"""
+
+import tensorflow as tf
+
+from tf_gradmix.backend.tensorflow_multi_worker import FitMixin, install_fit
+
+__all__ = [
+    "key",
+    "fold_in",
+    "normal",
+    "uniform",
+    "bits",
+    "replica_id",
+    "num_replicas",
+    "scale_gradient",
+    "dense_gradient",
+    "transform_output",
+    "probability_logits",
+    "read",
+    "FitMixin",
+    "restore_after_failed_step",
+    "install_fit",
+]
+
+#: The gradients reaching ``optimizer.apply`` are one replica's.
+GRADIENTS_PER_REPLICA = True
+
+_PROBABILITY_OPS = {"Softmax": tf.nn.softmax, "Sigmoid": tf.math.sigmoid}
+
+
+# -- stateless random numbers ----------------------------------------------------
+
+
+def key(seed, stream):
+    """The int32 ``[2]`` seed of ``tf.random.stateless_*`` for ``(seed, stream)``."""
+    return tf.stack([tf.cast(seed, tf.int32), tf.constant(stream, tf.int32)])
+
+
+def fold_in(key, data):
+    """A new key, a pure function of ``key`` and the integer ``data``."""
+    return tf.random.experimental.stateless_fold_in(key, tf.cast(data, tf.int64))
+
+
+def normal(shape, key):
+    """float32 standard normal numbers."""
+    return tf.random.stateless_normal(shape, seed=key, dtype=tf.float32)
+
+
+def uniform(shape, key):
+    """float32 numbers uniform in ``[0, 1)``."""
+    return tf.random.stateless_uniform(shape, seed=key, dtype=tf.float32)
+
+
+def bits(shape, key):
+    """int32 numbers, 0 or 1 with probability 1/2 each."""
+    return tf.random.stateless_uniform(shape, seed=key, minval=0, maxval=2, dtype=tf.int32)
+
+
+# -- replicas ------------------------------------------------------------------
+
+
+def _replica_context():
+    context = tf.distribute.get_replica_context()
+    if context is None:
+        raise RuntimeError(
+            "GradientMix weights must be computed in a replica context "
+            "(inside `strategy.run` or a Keras train step), not in a "
+            "cross-replica context."
+        )
+    return context
+
+
+def replica_id():
+    """The global id of the replica running this step (0 without a strategy)."""
+    return _replica_context().replica_id_in_sync_group
+
+
+def num_replicas():
+    """The number of replicas of the current strategy (1 without one)."""
+    context = tf.distribute.get_replica_context()
+    if context is None:
+        return tf.distribute.get_strategy().num_replicas_in_sync
+    return context.num_replicas_in_sync
+
+
+# -- gradients and outputs -------------------------------------------------------
+
+
+def scale_gradient(gradient, scale):
+    """``gradient * scale`` for dense gradients and ``tf.IndexedSlices``."""
+    if gradient is None:
+        return None
+    if isinstance(gradient, tf.IndexedSlices):
+        return tf.IndexedSlices(
+            gradient.values * tf.cast(scale, gradient.values.dtype),
+            gradient.indices,
+            gradient.dense_shape,
+        )
+    return gradient * tf.cast(scale, gradient.dtype)
+
+
+def dense_gradient(gradient):
+    """A dense tensor for a dense or ``tf.IndexedSlices`` gradient."""
+    if isinstance(gradient, tf.IndexedSlices):
+        return tf.convert_to_tensor(gradient)
+    return gradient
+
+
+def transform_output(y_pred, transform):
+    """Applies ``transform`` to a model output, keeping Keras's annotations.
+
+    ``transform`` must keep values unchanged (it may change gradients). The
+    mask is copied; logits attached by Keras are transformed too; an output
+    made by a raw ``Softmax``/``Sigmoid`` op is rebuilt with the same op on
+    transformed logits, so Keras's losses take the same numerically stable
+    path as for the original output.
+    """
+    logits = getattr(y_pred, "_keras_logits", None)
+    op_type = None
+    if logits is None and not tf.executing_eagerly() and hasattr(y_pred, "op"):
+        op_type = y_pred.op.type if y_pred.op.type in _PROBABILITY_OPS else None
+    if op_type is not None and len(y_pred.op.inputs) == 1:
+        result = _PROBABILITY_OPS[op_type](transform(y_pred.op.inputs[0]))
+    else:
+        result = transform(y_pred)
+    if logits is not None:
+        result._keras_logits = transform(logits)
+    mask = getattr(y_pred, "_keras_mask", None)
+    if mask is not None:
+        result._keras_mask = mask
+    return result
+
+
+def probability_logits(y_pred):
+    """``(logits, link)`` behind a softmax or sigmoid output, or ``None``.
+
+    ``link`` is ``"softmax"`` or ``"sigmoid"``. The logits are the ones
+    Keras's activations attach (``_keras_logits``), else the input of the
+    raw ``Softmax``/``Sigmoid`` op, the two ways Keras's losses recognise a
+    probability output.
+    """
+    op = getattr(y_pred, "op", None)
+    op_type = getattr(op, "type", None)
+    if op_type not in _PROBABILITY_OPS:
+        return None
+    logits = getattr(y_pred, "_keras_logits", None)
+    if logits is None:
+        logits = op.inputs[0]
+    return logits, op_type.lower()
+
+
+def read(variable):
+    """The value of a Keras variable in the step being traced."""
+    return variable.value
+
+
+def restore_after_failed_step(model, args):
+    """Nothing to do: TensorFlow's variables hold the state throughout ``fit``."""
+    del model, args
