@@ -17,7 +17,12 @@ gradients). One run of this script trains one arm:
 * ``--batch-size 0 --noise isotropic``: the control: GD plus Gaussian noise
   whose norm each step equals that of the Gaussian mixing noise
   ``g_mix - g_mean`` of the same batch, in a uniformly random direction of
-  parameter space (same size, no structure).
+  parameter space (same size, no structure);
+* ``--batch-size 0 --penalty-factor 1``: the noise-free control: GD on the
+  loss plus SGD's implicit regularizer (Smith et al. 2021),
+  ``L(θ) + λ · (1/m) Σ_k ||∇L_k(θ)||²`` with ``L_k`` the mean loss over
+  block ``k`` of ``b = --reference-batch-size`` examples (a fixed partition
+  of the subset into ``m = ⌈N/b⌉`` blocks) and ``λ = --penalty-factor · lr/4``.
 
 ``--stddev`` (default: the temperature rule against ``--reference-batch-size``)
 is scaled by ``--stddev-factor`` (e.g. 0.5 for the half-stddev arm).
@@ -52,6 +57,7 @@ import numpy as np  # noqa: E402
 from examples import cifar10, threads  # noqa: E402
 
 NOISES = ("none", "gaussian", "rademacher", "bernoulli", "isotropic")
+OPTIMIZERS = ("sgd", "adam")
 
 
 def parse_args(argv=None):
@@ -66,14 +72,18 @@ def parse_args(argv=None):
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--filters", type=int, nargs=2, default=(16, 32))
     p.add_argument("--batch-size", type=int, default=0, help="b; 0 = full batch (GD)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="the same in every arm")
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--momentum", type=float, default=0.0, help="SGD only")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--eval-every", type=int, default=200, help="steps between validation evaluations")
     p.add_argument("--noise", choices=NOISES, default="none")
     p.add_argument("--stddev", type=float, default=None, help="default: stddev_for_temperature(N, lr, reference b, lr)")
     p.add_argument("--reference-batch-size", type=int, default=32)
     p.add_argument("--stddev-factor", type=float, default=1.0)
+    p.add_argument("--penalty-factor", type=float, default=0.0,
+                   help="GD + the gradient-norm penalty at λ = factor · lr/4 over blocks of the reference batch "
+                        "size; 0 = none")
     p.add_argument("--seed", type=int, default=0, help="initial weights, batch order and noise stream")
     p.add_argument("--ggn-size", type=int, default=512, help="training examples for log Tr(G); 0 skips it")
     p.add_argument("--threads", type=int, default=None, help="cap TensorFlow's thread pools")
@@ -86,8 +96,15 @@ def parse_args(argv=None):
         p.error(f"--batch-size must be in [0, --train-size={args.train_size}], got {args.batch_size}")
     if args.noise != "none" and args.batch_size not in (0, args.train_size):
         p.error("--noise is for the full batch (--batch-size 0) in this study")
+    if args.penalty_factor < 0 or not math.isfinite(args.penalty_factor):
+        p.error(f"--penalty-factor must be a non-negative number, got {args.penalty_factor}")
+    if args.penalty_factor and (args.noise != "none" or args.batch_size not in (0, args.train_size)):
+        p.error("--penalty-factor is an arm of its own: full batch (--batch-size 0) and --noise none, got "
+                f"--batch-size {args.batch_size} --noise {args.noise}")
     if args.lr <= 0 or not math.isfinite(args.lr):
         p.error(f"--lr must be a positive number, got {args.lr}")
+    if args.momentum and args.optimizer != "sgd":
+        p.error(f"--momentum is for --optimizer sgd, got --momentum {args.momentum} with --optimizer {args.optimizer}")
     return args
 
 
@@ -101,6 +118,20 @@ def stddev_of(args, n):
     if base is None:
         base = noise.stddev_for_temperature(n, args.lr, args.reference_batch_size, args.lr)
     return base * args.stddev_factor
+
+
+def penalty_weight_of(args):
+    """λ of the gradient-norm penalty: ``--penalty-factor · lr / 4`` (Smith et al. 2021)."""
+    return args.penalty_factor * args.lr / 4
+
+
+def make_optimizer(args):
+    """The optimizer of every arm: plain SGD (``--momentum``) or Adam (Keras defaults but the rate)."""
+    import keras
+
+    if args.optimizer == "adam":
+        return keras.optimizers.Adam(args.lr)
+    return keras.optimizers.SGD(args.lr, momentum=args.momentum)
 
 
 def build_model(args, cls):
@@ -162,6 +193,71 @@ def isotropic_model_class():
     return IsotropicNoise
 
 
+def gradient_penalty_model_class():
+    """A Sequential whose train step descends the loss plus the mean squared block-gradient norm.
+
+    The objective over the batch of ``n`` examples, split in order into
+    ``m = ⌈n / b⌉`` blocks ``B_k`` of ``b`` examples (the last may be smaller),
+    is SGD's implicit regularizer made explicit (Smith et al. 2021, "On the
+    origin of implicit regularization in SGD", Eq. 1 for an epoch of
+    ``m`` steps of batch ``b``)::
+
+        L(θ) + λ · (1/m) Σ_k ||∇L_k(θ)||²,   L_k = mean loss over B_k,
+
+    with ``λ = lr/4`` there (``weight``; ``block_size`` is ``b``). Its gradient
+    needs second derivatives: each block's gradient is taken inside a second
+    tape (double backprop), one block at a time. Geiping et al. 2022
+    ("Stochastic training is not necessary for generalization") train full
+    batch with a related penalty. No noise: every step is the same function
+    of the weights.
+    """
+    import keras
+    import tensorflow as tf
+
+    class GradientNormPenalty(keras.Sequential):
+        def configure_penalty(self, weight, block_size):
+            if weight < 0 or not math.isfinite(weight):
+                raise ValueError(f"weight must be a non-negative number, got {weight}")
+            if block_size <= 0:
+                raise ValueError(f"block_size must be positive, got {block_size}")
+            self.penalty_weight = float(weight)
+            self.penalty_block_size = int(block_size)
+
+        def train_step(self, data):
+            x, y = data
+            n = x.shape[0]
+            if n is None:
+                raise ValueError("GradientNormPenalty needs a batch of static size (the blocks are fixed)")
+            b = self.penalty_block_size
+            starts = range(0, n, b)
+            m = len(starts)
+            variables = self.trainable_variables
+            grads = [tf.zeros_like(v) for v in variables]
+            logits, mean_loss = [], 0.0
+            for start in starts:
+                xb, yb = x[start : start + b], y[start : start + b]
+                with tf.GradientTape() as outer:
+                    with tf.GradientTape() as inner:
+                        block_logits = self(xb, training=True)
+                        block_loss = tf.reduce_mean(
+                            keras.losses.sparse_categorical_crossentropy(yb, block_logits, from_logits=True)
+                        )
+                    squared_norm = tf.add_n([tf.reduce_sum(tf.square(g)) for g in inner.gradient(block_loss,
+                                                                                                   variables)])
+                    share = xb.shape[0] / n  # L = Σ_k (|B_k| / n) L_k
+                    objective = share * block_loss + self.penalty_weight / m * squared_norm
+                grads = [a + g for a, g in zip(grads, outer.gradient(objective, variables))]
+                logits.append(block_logits)
+                mean_loss += share * block_loss
+            self.optimizer.apply(grads, variables)
+            for metric in self.metrics:
+                if metric.name == "loss":
+                    metric.update_state(mean_loss)
+            return self.compute_metrics(x, y, tf.concat(logits, 0))
+
+    return GradientNormPenalty
+
+
 def load_data(args):
     (x_all, y_all), (x_test, y_test) = cifar10.load_cifar10(args.data_dir, args.cache_dir, verbose=False)
     (x_pool, y_pool), (x_val, y_val) = cifar10.train_val_split(x_all, y_all, args.val_size, seed=args.data_seed)
@@ -205,15 +301,18 @@ def run(args):
     n = len(y_train)
     batch = args.batch_size or n
     stddev = stddev_of(args, n)
-    sgd = keras.optimizers.SGD(args.lr, momentum=args.momentum)
-    if args.noise in ("none",):
-        model, optimizer = build_model(args, keras.Sequential), sgd
+    inner = make_optimizer(args)
+    if args.penalty_factor:
+        model, optimizer = build_model(args, gradient_penalty_model_class()), inner
+        model.configure_penalty(penalty_weight_of(args), args.reference_batch_size)
+    elif args.noise == "none":
+        model, optimizer = build_model(args, keras.Sequential), inner
     elif args.noise == "isotropic":
-        model, optimizer = build_model(args, isotropic_model_class()), sgd
+        model, optimizer = build_model(args, isotropic_model_class()), inner
         model.configure_noise(stddev, args.seed)
     else:
         model = build_model(args, gm.Sequential)
-        optimizer = gm.GradientMix(sgd, noise=args.noise, stddev=stddev, seed=args.seed)
+        optimizer = gm.GradientMix(inner, noise=args.noise, stddev=stddev, seed=args.seed)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
 
@@ -251,10 +350,13 @@ def run(args):
         "noise": args.noise,
         "batch_size": batch,
         "train_size": n,
+        "optimizer": args.optimizer,
         "lr": args.lr,
         "momentum": args.momentum,
         "steps": done,
         "stddev": stddev,
+        "penalty_weight": penalty_weight_of(args),
+        "penalty_block_size": args.reference_batch_size if args.penalty_factor else None,
         "seed": args.seed,
         "train_acc": train_acc,
         "train_loss": train_loss,
@@ -273,9 +375,11 @@ def run(args):
 
 
 def arm_name(args):
-    """A short label: ``sgd32``, ``gd``, ``gd+gaussian``, ``gd+gaussian x0.5``."""
+    """A short label: ``sgd32``, ``gd``, ``gd+gaussian``, ``gd+gaussian x0.5``, ``gd+penalty x4``."""
     if args.batch_size and args.batch_size != args.train_size:
         return f"sgd{args.batch_size}"
+    if args.penalty_factor:
+        return "gd+penalty" + ("" if args.penalty_factor == 1.0 else f" x{args.penalty_factor:g}")
     if args.noise == "none":
         return "gd"
     factor = "" if args.stddev_factor == 1.0 else f" x{args.stddev_factor:g}"

@@ -10,7 +10,8 @@ Phases, in the order they run (``--phase all`` runs them in turn):
 1. ``rate``: seed 0, plain small batch and plain GD at each of ``--rates``.
    The rate is chosen on the validation split (never on test): among the
    rates at which *both* arms reach ``--fit-threshold`` training accuracy,
-   the one where the small batch has the best validation accuracy.
+   the one where the small batch has the best validation accuracy
+   (``--lazy-gd``: GD runs only at the rates that can still be chosen).
 2. ``gap``: plain small batch and plain GD at the chosen rate, every seed:
    the gap must show here before the noise arms mean anything.
 3. ``arms``: GD + GradientMix at the temperature rule
@@ -18,9 +19,17 @@ Phases, in the order they run (``--phase all`` runs them in turn):
    the isotropic control of the same norm, and Gaussian at half, twice and
    a quarter of the stddev; arm by arm, each over every seed, in that order
    of priority.
+4. ``penalty`` (only when asked): GD + the gradient-norm penalty
+   ``λ (1/m) Σ_k ||∇L_k||²`` over blocks of ``b`` (SGD's implicit
+   regularizer, Smith et al. 2021): each of ``--penalty-factors`` times
+   ``lr/4`` on the first seed, then ``λ = lr/4`` and the larger factor with
+   the best validation accuracy on every seed.
 
     python -m experiments.temperature --threads 1 --parallel 1
     python -m experiments.temperature --phase rate --rates 0.05 0.1 0.2
+    python -m experiments.temperature --optimizer adam --rates 1e-4 3e-4 1e-3 3e-3 --lazy-gd \
+        --noises gaussian bernoulli isotropic --seed-major
+    python -m experiments.temperature --phase penalty --lr 0.1
 """
 
 import argparse
@@ -36,6 +45,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 EXAMPLE = "examples.gd_vs_sgd"  # run as `python -m` from the repository root
 DEFAULT_RESULTS = HERE / "results" / "cifar10_gd_vs_sgd.jsonl"
+ADAM_RESULTS = HERE / "results" / "cifar10_gd_vs_sgd_adam.jsonl"
 
 # (noise, stddev factor) of the noise arms, in priority order.
 NOISE_ARMS = (
@@ -52,31 +62,57 @@ NOISE_ARMS = (
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--phase", choices=("rate", "gap", "arms", "all"), default="all")
+    p.add_argument("--phase", choices=("rate", "gap", "arms", "penalty", "all"), default="all",
+                   help="all = rate, gap, arms; penalty runs only when asked")
     p.add_argument("--rates", type=float, nargs="+", default=(0.05, 0.1, 0.2))
     p.add_argument("--lr", type=float, default=None, help="skip the rate phase and use this rate")
+    p.add_argument("--lazy-gd", action="store_true",
+                   help="rate phase: run GD only where it can change the choice (see search_rate)")
     p.add_argument("--seeds", type=int, nargs="+", default=(0, 1, 2))
     p.add_argument("--batch-size", type=int, default=32, help="b, the small batch")
     p.add_argument("--train-size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    p.add_argument("--momentum", type=float, default=0.0, help="SGD only")
     p.add_argument("--fit-threshold", type=float, default=0.99)
     p.add_argument("--threads", type=int, default=1, help="TensorFlow threads per run")
     p.add_argument("--parallel", type=int, default=1, help="runs at a time")
-    p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    p.add_argument("--results", type=Path, default=None,
+                   help=f"default: {DEFAULT_RESULTS.name}, or {ADAM_RESULTS.name} with --optimizer adam")
+    p.add_argument("--noises", nargs="+", default=None, choices=sorted({n for n, _ in NOISE_ARMS}),
+                   help="the noise arms to run, at the rule's stddev, in this order (default: all of NOISE_ARMS)")
+    p.add_argument("--penalty-factors", type=float, nargs="+", default=(1.0, 4.0, 16.0),
+                   help="penalty phase: λ = factor · lr/4 tried on seed 0; 1 and the best larger one on validation "
+                        "then run every seed")
+    p.add_argument("--seed-major", action="store_true",
+                   help="run the noise arms seed by seed (every arm of seed 0 first) instead of arm by arm")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more arguments for every run")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.momentum and args.optimizer != "sgd":
+        p.error(f"--momentum is for --optimizer sgd, got --momentum {args.momentum} with --optimizer {args.optimizer}")
+    if args.results is None:
+        args.results = ADAM_RESULTS if args.optimizer == "adam" else DEFAULT_RESULTS
+    return args
 
 
 def base_args(args, lr, seed):
+    # SGD runs keep the arguments (hence the keys) they had before --optimizer existed.
+    optimizer = ["--momentum", f"{args.momentum:g}"] if args.optimizer == "sgd" else ["--optimizer", args.optimizer]
     return [
         "--train-size", str(args.train_size),
         "--steps", str(args.steps),
-        "--momentum", f"{args.momentum:g}",
+        *optimizer,
         "--lr", f"{lr:g}",
         "--seed", str(seed),
         "--reference-batch-size", str(args.batch_size),
     ] + list(args.extra)
+
+
+def noise_arms(args):
+    """(noise, stddev factor) pairs to run, in priority order."""
+    if args.noises is None:
+        return list(NOISE_ARMS)
+    return [(noise, 1.0) for noise in args.noises]
 
 
 def small_batch(args, lr, seed):
@@ -86,6 +122,10 @@ def small_batch(args, lr, seed):
 def full_batch(args, lr, seed, noise="none", factor=1.0):
     run = base_args(args, lr, seed) + ["--batch-size", "0", "--noise", noise]
     return run + (["--stddev-factor", f"{factor:g}"] if factor != 1.0 else [])
+
+
+def penalized(args, lr, seed, factor):
+    return base_args(args, lr, seed) + ["--batch-size", "0", "--penalty-factor", f"{factor:g}"]
 
 
 def key_of(run_args):
@@ -154,7 +194,11 @@ def choose_rate(args, records):
         by_rate.setdefault(record["lr"], {})[record["arm"]] = record
     fitting = []
     for lr, arms in sorted(by_rate.items()):
-        small, gd = arms[f"sgd{args.batch_size}"], arms["gd"]
+        small, gd = arms[f"sgd{args.batch_size}"], arms.get("gd")
+        if gd is None:  # --lazy-gd: a rate with better small-batch validation accuracy fits
+            print(f"  lr {lr:g}: sgd{args.batch_size} train {small['train_acc']:.3f} val {small['val_acc']:.3f}; "
+                  "gd not run")
+            continue
         fits = min(small["train_acc"], gd["train_acc"]) >= args.fit_threshold
         print(
             f"  lr {lr:g}: sgd{args.batch_size} train {small['train_acc']:.3f} val {small['val_acc']:.3f}; "
@@ -172,26 +216,65 @@ def choose_rate(args, records):
     return lr
 
 
+def search_rate(args):
+    """The rate phase: runs seed 0 and returns :func:`choose_rate`'s choice.
+
+    With ``--lazy-gd`` the small batch runs at every rate first, then GD only
+    at the rates that could still be chosen, best small-batch validation
+    accuracy first, until both arms fit: the same choice, fewer GD runs.
+    """
+    if not args.lazy_gd:
+        runs = [run for rate in args.rates for run in (small_batch(args, rate, 0), full_batch(args, rate, 0))]
+        return choose_rate(args, run_all(args, runs, "rate"))
+    records = run_all(args, [small_batch(args, rate, 0) for rate in args.rates], "rate")
+    fitting = [r for r in records if r["train_acc"] >= args.fit_threshold]
+    for small in sorted(fitting, key=lambda r: (r["val_acc"], r["lr"]), reverse=True):
+        gd = run_all(args, [full_batch(args, small["lr"], 0)], "rate")[0]
+        records.append(gd)
+        if gd["train_acc"] >= args.fit_threshold:
+            break
+    return choose_rate(args, records)
+
+
+def choose_penalty_factor(records):
+    """The factor above 1 (``λ / (lr/4)``) with the best validation accuracy, or None."""
+    factors = [(r["val_acc"], -r["penalty_weight"] / (r["lr"] / 4)) for r in records
+               if r["penalty_weight"] / (r["lr"] / 4) > 1 + 1e-9]
+    if not factors:
+        return None
+    factor = -max(factors)[1]  # ties: the smaller factor
+    print(f"chosen larger penalty (validation): {factor:g} x lr/4", flush=True)
+    return factor
+
+
+def run_penalty(args, lr):
+    """GD + the gradient-norm penalty: every factor on seed 0, then λ = lr/4 and the chosen one on every seed."""
+    factors = sorted(set(args.penalty_factors) | {1.0})
+    records = run_all(args, [penalized(args, lr, args.seeds[0], f) for f in factors], "penalty")
+    chosen = [1.0] + [f for f in [choose_penalty_factor(records)] if f is not None]
+    run_all(args, [penalized(args, lr, seed, f) for seed in args.seeds for f in chosen], "penalty")
+
+
 def main(argv=None):
     args = parse_args(argv)
     lr = args.lr
     if lr is None:
         if args.phase not in ("rate", "all"):
-            raise SystemExit("--phase gap/arms need --lr (or run --phase rate first)")
-        runs = [run for rate in args.rates for run in (small_batch(args, rate, 0), full_batch(args, rate, 0))]
-        lr = choose_rate(args, run_all(args, runs, "rate"))
+            raise SystemExit("--phase gap/arms/penalty need --lr (or run --phase rate first)")
+        lr = search_rate(args)
         if args.phase == "rate":
             return
     if args.phase in ("gap", "all"):
         runs = [run for seed in args.seeds for run in (small_batch(args, lr, seed), full_batch(args, lr, seed))]
         run_all(args, runs, "gap")
     if args.phase in ("arms", "all"):
-        runs = [
-            full_batch(args, lr, seed, noise, factor)
-            for noise, factor in NOISE_ARMS
-            for seed in args.seeds
-        ]
+        pairs = [(arm, seed) for arm in noise_arms(args) for seed in args.seeds]
+        if args.seed_major:
+            pairs = [(arm, seed) for seed in args.seeds for arm in noise_arms(args)]
+        runs = [full_batch(args, lr, seed, noise, factor) for (noise, factor), seed in pairs]
         run_all(args, runs, "arms")
+    if args.phase == "penalty":
+        run_penalty(args, lr)
 
 
 if __name__ == "__main__":

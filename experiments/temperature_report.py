@@ -9,6 +9,7 @@ Reads the JSONL results and writes, for the runs at one rate:
 * ``--figure``: test accuracy per arm with every seed's point.
 
     python -m experiments.temperature_report --lr 0.1 --figure experiments/figures/gd_vs_sgd.png
+    python -m experiments.temperature_report --results experiments/results/cifar10_gd_vs_sgd_adam.jsonl --lr 1e-3
 """
 
 import argparse
@@ -58,9 +59,9 @@ def fmt(values, scale=1.0, digits=1, signed=False):
 
 def arm_order(arm):
     order = ["sgd", "gd", "gd+gaussian", "gd+bernoulli", "gd+rademacher", "gd+gaussian x0.25", "gd+gaussian x0.5",
-             "gd+gaussian x2", "gd+isotropic"]
+             "gd+gaussian x2", "gd+isotropic", "gd+penalty"]
     for i, prefix in enumerate(order):
-        if arm == prefix or (prefix == "sgd" and arm.startswith("sgd")):
+        if arm == prefix or (prefix in ("sgd", "gd+penalty") and arm.startswith(prefix)):
             return i
     return len(order)
 
@@ -69,7 +70,7 @@ def table(runs):
     arms = sorted({arm for arm, _ in runs}, key=arm_order)
     small = next((a for a in arms if a.startswith("sgd")), None)
     header = (
-        "| arm | stddev | seeds | test acc % | Δ vs GD | Δ vs small batch | gap recovered | "
+        "| arm | stddev (λ) | seeds | test acc % | Δ vs GD | Δ vs small batch | gap recovered | "
         "test CE | train acc % | log Tr(G) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     rows = [header]
@@ -87,9 +88,11 @@ def table(runs):
                 paired_small.append(acc - sm["test_acc"])
             if gd and sm and sm["test_acc"] != gd["test_acc"]:
                 recovered.append((acc - gd["test_acc"]) / (sm["test_acc"] - gd["test_acc"]))
-        stddev = mine[0]["stddev"]
+        strength = f"{mine[0]['stddev']:.2f}"
+        if mine[0].get("penalty_weight"):
+            strength = f"(λ={mine[0]['penalty_weight']:g})"
         rows.append(
-            f"| {arm} | {stddev:.2f} | {len(seeds)} | {fmt([r['test_acc'] for r in mine], 100)} | "
+            f"| {arm} | {strength} | {len(seeds)} | {fmt([r['test_acc'] for r in mine], 100)} | "
             f"{fmt(paired_gd, 100, signed=True) if arm != 'gd' else '–'} | "
             f"{fmt(paired_small, 100, signed=True) if arm != small else '–'} | "
             f"{fmt(recovered, 100, 0) + ' %' if recovered and arm not in ('gd', small) else '–'} | "
@@ -129,7 +132,9 @@ def figure(runs, path, lr):
     ax.set_xticks(range(len(arms)))
     ax.set_xticklabels(arms, rotation=20, ha="right")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"CIFAR-10, N=1024, equal rate ({lr:g}) and steps: every seed, bar = mean")
+    first = next(iter(runs.values()))
+    ax.set_title(f"CIFAR-10, N={first['train_size']}, {first.get('optimizer', 'sgd')}, equal rate ({lr:g}) and "
+                 "steps: every seed, bar = mean")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()

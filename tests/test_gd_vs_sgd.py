@@ -16,7 +16,7 @@ from experiments import temperature, temperature_report
 from tf_gradmix import noise
 
 import real_data
-from oracles import flat, per_example_gradients, weights_of
+from oracles import assert_float32_close, flat, per_example_gradients, weights_of
 
 pytestmark = pytest.mark.backends("tensorflow")
 
@@ -126,3 +126,128 @@ def test_one_arm_runs_end_to_end_on_real_cifar10(tmp_path):
     assert 0 < result["gamma_bar"] <= (1 + result["stddev"] ** 2) ** 2
     assert result["history"]["step"] == [2, 4] and len(result["history"]["val_acc"]) == 2
     assert math.isfinite(result["log_ggn_trace"]) and result["ggn_examples"] == 16
+
+
+def test_penalty_arm_arguments():
+    args = gd_vs_sgd.parse_args(["--penalty-factor", "1", "--lr", "0.1"])
+    assert gd_vs_sgd.penalty_weight_of(args) == pytest.approx(0.025)  # λ = lr/4 (Smith et al. 2021)
+    assert gd_vs_sgd.arm_name(args) == "gd+penalty"
+    assert gd_vs_sgd.arm_name(gd_vs_sgd.parse_args(["--penalty-factor", "4"])) == "gd+penalty x4"
+    assert gd_vs_sgd.penalty_weight_of(gd_vs_sgd.parse_args([])) == 0.0
+    for bad in (["--penalty-factor", "1", "--batch-size", "32"], ["--penalty-factor", "1", "--noise", "gaussian"],
+                ["--penalty-factor", "-1"]):
+        with pytest.raises(SystemExit):
+            gd_vs_sgd.parse_args(bad)
+
+
+def _unflatten(vector, like):
+    arrays, offset = [], 0
+    for a in like:
+        arrays.append(vector[offset : offset + a.size].reshape(a.shape))
+        offset += a.size
+    return arrays
+
+
+def test_gradient_penalty_step_matches_a_finite_difference_reference():
+    """One SGD(1.0) step of ``L + λ (1/m) Σ_k ||∇L_k||²`` against a float64 reference.
+
+    ``∇||∇L_k||² = 2 H_k g_k`` (``g_k = ∇L_k``), and the reference takes the
+    Hessian-vector product by central differences of float64 first
+    derivatives along ``g_k``: no double backprop, unlike the model.
+    """
+    rng = np.random.default_rng(1)
+    n, b = 10, 4  # blocks of 4, 4 and 2 examples: a ragged last block too
+    x = rng.normal(size=(n, 32, 32, 3)).astype("float32")
+    y = rng.integers(0, 10, n)
+    args = gd_vs_sgd.parse_args(["--penalty-factor", "1", "--filters", "2", "4", "--seed", "2"])
+    model = gd_vs_sgd.build_model(args, gd_vs_sgd.gradient_penalty_model_class())
+    weight = 0.1
+    model.configure_penalty(weight, b)
+    model.compile(keras.optimizers.SGD(1.0), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    before = weights_of(model)
+    import tensorflow as tf
+
+    model.fit(tf.data.Dataset.from_tensors((x, y)), epochs=1, steps_per_epoch=1, verbose=0)
+    update = flat(before) - flat(weights_of(model))
+
+    keras.config.set_dtype_policy("float64")
+    ref = gd_vs_sgd.build_model(args, keras.Sequential)
+    keras.config.set_dtype_policy("float32")
+    theta = flat(before)
+
+    def block_gradient(point, lo, hi):
+        ref.set_weights(_unflatten(point, before))
+        with tf.GradientTape() as tape:
+            logits = ref(x[lo:hi].astype(np.float64), training=True)
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y[lo:hi], logits, from_logits=True))
+        return flat(tape.gradient(loss, ref.trainable_variables))
+
+    blocks = [(lo, min(lo + b, n)) for lo in range(0, n, b)]
+    loss_gradient, penalty_gradient = np.zeros_like(theta), np.zeros_like(theta)
+    h = 1e-8  # float64: truncation ~h², rounding ~1e-16/h; small enough to cross no ReLU kink
+    for lo, hi in blocks:
+        g = block_gradient(theta, lo, hi)
+        loss_gradient += (hi - lo) / n * g
+        u = g / np.linalg.norm(g)
+        hessian_u = (block_gradient(theta + h * u, lo, hi) - block_gradient(theta - h * u, lo, hi)) / (2 * h)
+        penalty_gradient += weight / len(blocks) * 2 * np.linalg.norm(g) * hessian_u
+    # The penalty must matter, or a wrong one would pass.
+    assert np.linalg.norm(penalty_gradient) > 0.2 * np.linalg.norm(loss_gradient)
+    assert_float32_close(update, loss_gradient + penalty_gradient)
+
+
+def test_lazy_rate_search_runs_gd_only_where_it_can_change_the_choice(monkeypatch):
+    table = {  # lr -> (small batch train, val; GD train)
+        1e-4: (0.90, 0.34, 1.0), 3e-4: (1.0, 0.36, 0.95), 1e-3: (1.0, 0.35, 1.0), 3e-3: (1.0, 0.33, 1.0),
+    }
+    requested = []
+
+    def fake_run_all(args, runs, phase):
+        records = []
+        for run in runs:
+            flags = dict(zip(run[::2], run[1::2]))
+            lr, gd = float(flags["--lr"]), flags["--batch-size"] == "0"
+            requested.append((lr, gd))
+            train, val, gd_train = table[lr]
+            records.append({"lr": lr, "arm": "gd" if gd else "sgd32", "train_acc": gd_train if gd else train,
+                            "val_acc": val})
+        return records
+
+    monkeypatch.setattr(temperature, "run_all", fake_run_all)
+    args = temperature.parse_args(["--optimizer", "adam", "--rates", *map(str, table), "--lazy-gd"])
+    # Best small-batch validation where it fits: 3e-4, but GD does not fit there; next 1e-3.
+    assert temperature.search_rate(args) == 1e-3
+    assert [r for r in requested if r[1]] == [(3e-4, True), (1e-3, True)]
+    assert '"--optimizer": "adam"' in temperature.key_of(temperature.small_batch(args, 1e-3, 0))
+    assert args.results == temperature.ADAM_RESULTS
+    sgd = temperature.parse_args([])  # SGD keys are those of the runs recorded before --optimizer existed
+    assert temperature.key_of(temperature.small_batch(sgd, 0.1, 0)) == (
+        '{"--batch-size": "32", "--lr": "0.1", "--momentum": "0", "--reference-batch-size": "32", "--seed": "0", '
+        '"--steps": "2000", "--train-size": "1024"}'
+    )
+
+
+def test_penalty_arm_runs_end_to_end_on_real_cifar10(tmp_path):
+    if cifar10.find_cifar10() is None:
+        real_data.missing("CIFAR-10 JPEG")
+    out = tmp_path / "arm.json"
+    command = [
+        sys.executable, "-m", "examples.gd_vs_sgd",
+        "--train-size", "100", "--val-size", "100", "--test-size", "200", "--optimizer", "adam", "--lr", "0.01",
+        "--steps", "2", "--eval-every", "2", "--penalty-factor", "4", "--ggn-size", "0", "--out", str(out),
+    ]
+    subprocess.run(command, check=True, cwd=REPO, capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert result["arm"] == "gd+penalty x4" and result["optimizer"] == "adam" and result["batch_size"] == 100
+    assert result["penalty_weight"] == pytest.approx(0.01) and result["penalty_block_size"] == 32
+    assert math.isfinite(result["train_loss"]) and result["steps"] == 2
+
+
+def test_larger_penalty_is_chosen_on_validation():
+    def run(factor, val):
+        return {"lr": 0.1, "penalty_weight": factor * 0.1 / 4, "val_acc": val}
+
+    assert temperature.choose_penalty_factor([run(1, 0.40), run(4, 0.35), run(16, 0.37)]) == 16
+    assert temperature.choose_penalty_factor([run(1, 0.40), run(4, 0.37), run(16, 0.37)]) == 4  # tie: smaller
+    assert temperature.choose_penalty_factor([run(1, 0.40)]) is None
