@@ -172,6 +172,10 @@ def loss_dependence(model, compute_loss, x, y, y_pred, sample_weight):
     float_index = [i for i, t in enumerate(leaves) if _is_float(t)]
     variables = list(model.trainable_variables)
     num_predictions = len(float_index)
+    # The loss may update metrics (per-output loss trackers); inside the probe
+    # they keep the values the step sees (on JAX the step's state lives in a
+    # StatelessScope that the probe's own scope would otherwise hide).
+    others = [(v, v.value) for v in list(model.non_trainable_variables) + list(model.metrics_variables)]
 
     def loss_of(*args):
         predictions, values = args[:num_predictions], args[num_predictions:]
@@ -179,7 +183,7 @@ def loss_dependence(model, compute_loss, x, y, y_pred, sample_weight):
         for i, tensor in zip(float_index, predictions):
             probe_leaves[i] = tensor
         probe_pred = keras.tree.pack_sequence_as(y_pred, probe_leaves)
-        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+        with keras.StatelessScope(state_mapping=others + list(zip(variables, values))):
             with _regularizers_without_gradient(variables):
                 return compute_loss(x, y, probe_pred, sample_weight, training=True)
 
