@@ -269,11 +269,11 @@ def test_a_regularized_second_model_is_still_named():
 # -- custom train steps ----------------------------------------------------------
 
 
-class ApplyItself(keras.Model):
-    """A custom ``train_step`` that computes the loss and applies gradients."""
+class AppliesGradientsItself:
+    """Mixin: a custom ``train_step`` that computes the loss and applies gradients."""
 
     def train_step(self, data):
-        x, y = data
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
             loss = keras.ops.mean(
                 keras.losses.sparse_categorical_crossentropy(y, self(x, training=True))
@@ -283,6 +283,10 @@ class ApplyItself(keras.Model):
         return {m.name: m.result() for m in self.metrics}
 
 
+class ApplyItself(AppliesGradientsItself, keras.Model):
+    """A stock model whose ``train_step`` bypasses ``compute_loss``."""
+
+
 def apply_itself(kind):
     keras.utils.set_random_seed(0)
     inputs = keras.Input((5,))
@@ -290,7 +294,7 @@ def apply_itself(kind):
     if kind == "enable":
         return gm.enable(ApplyItself(inputs, outputs))
     if kind == "gm.Model subclass":
-        return type("GmApplyItself", (gm.Model,), {"train_step": ApplyItself.train_step})(
+        return type("GmApplyItself", (AppliesGradientsItself, gm.Model), {})(
             inputs, outputs
         )
     return ApplyItself(inputs, outputs)
@@ -361,16 +365,8 @@ def test_documented_custom_train_step_recipe_equals_the_per_example_oracle(regul
 def test_gamma_is_absent_where_no_gradient_was_weighted():
     """A hooked model whose custom step draws no weights logs no gamma (not 0)."""
 
-    class PlainStep(gm.Model):
-        def train_step(self, data):
-            x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
-            with tf.GradientTape() as tape:
-                loss = keras.ops.mean(
-                    keras.losses.sparse_categorical_crossentropy(y, self(x, training=True))
-                )
-            grads = tape.gradient(loss, self.trainable_variables)
-            self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
-            return {m.name: m.result() for m in self.metrics}
+    class PlainStep(AppliesGradientsItself, gm.Model):
+        pass
 
     x, y = data()
     model = functional(PlainStep, regularizer=False)
