@@ -31,13 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.stats import format_mean_std, load, mean_std
+
 DEFAULT = Path(__file__).resolve().parent / "results" / "cifar10_resnet8_gap.jsonl"
-
-
-def load(path):
-    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    # A rerun of the same key replaces the earlier line.
-    return list({r["key"]: r for r in records}.values())
 
 
 #: Config entries that vary within a setup (and the label-only ``role``).
@@ -99,13 +95,14 @@ def groups(records):
     return found
 
 
-def mean_std(values, scale=1.0, digits=1):
-    values = [v * scale for v in values if v is not None]
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+def _mean(values):
+    """The mean of :func:`experiments.stats.mean_std`."""
+    return mean_std(values)[0]
+
+
+def _std(values):
+    """The sample standard deviation of :func:`experiments.stats.mean_std` (0 for one value)."""
+    return mean_std(values)[1]
 
 
 def table(records):
@@ -129,23 +126,24 @@ def table(records):
         gap = [r["train_acc"] - r["test_acc"] for r in runs]
         plain = {r["seed"]: r for r in grouped.get((opt, batch, "none", 0.0), [])}
         paired = [r["test_acc"] - plain[r["seed"]]["test_acc"] for r in runs if r["seed"] in plain]
-        delta = "" if noise == "none" else mean_std(paired, 100) + (f" (n={len(paired)})" if paired else "")
+        delta = "" if noise == "none" else format_mean_std(paired, 100) + (f" (n={len(paired)})" if paired else "")
         mark = "" if noise == "none" else ("yes" if best[(opt, batch, noise)] == stddev else "no")
         line = (
             f"| {opt} | {batch} | {runs[0].get('steps', '–')} | {noise} | {stddev:g} | {mark} | "
             f"{','.join(str(r['seed']) for r in runs)} | "
-            f"{mean_std([r['train_acc'] for r in runs], 100)} | {mean_std([r['val_acc'] for r in runs], 100)} | "
-            f"{mean_std([r['test_acc'] for r in runs], 100)} | {delta} | {mean_std(gap, 100)} |"
+            f"{format_mean_std([r['train_acc'] for r in runs], 100)} | "
+            f"{format_mean_std([r['val_acc'] for r in runs], 100)} | "
+            f"{format_mean_std([r['test_acc'] for r in runs], 100)} | {delta} | {format_mean_std(gap, 100)} |"
         )
         if bleu:
             line += (
-                f" {mean_std([r.get('val_bleu') for r in runs], 1, 2)} |"
-                f" {mean_std([r.get('test_bleu') for r in runs], 1, 2)} |"
+                f" {format_mean_std([r.get('val_bleu') for r in runs], 1, 2)} |"
+                f" {format_mean_std([r.get('test_bleu') for r in runs], 1, 2)} |"
             )
-        line += f" {mean_std([r['gamma_bar'] for r in runs], 1, 3)} |"
+        line += f" {format_mean_std([r['gamma_bar'] for r in runs], 1, 3)} |"
         if ggn:
-            line += f" {mean_std([r.get('log_ggn_trace') for r in runs], 1, 2)} |"
-        lines.append(line + f" {mean_std([r['wall_seconds'] for r in runs], 1 / 60, 1)} |")
+            line += f" {format_mean_std([r.get('log_ggn_trace') for r in runs], 1, 2)} |"
+        lines.append(line + f" {format_mean_std([r['wall_seconds'] for r in runs], 1 / 60, 1)} |")
     return "\n".join(lines)
 
 
@@ -167,7 +165,7 @@ def chosen(records):
     best = {}
     for (opt, batch, noise, stddev), runs in groups(records).items():
         select = [r for r in runs if r.get("role") == "select"] or runs
-        val = np.mean([r["val_acc"] for r in select])
+        val = _mean([r["val_acc"] for r in select])
         key = (opt, batch, noise)
         if key not in best or val > best[key][1]:
             best[key] = (stddev, val)
@@ -199,8 +197,8 @@ def plot(records, out_dir, stem):
                 pts = [(b, v) for b, v in pts if v]
                 if pts:
                     ax.errorbar(
-                        [b for b, _ in pts], [np.mean(v) for _, v in pts],
-                        yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for _, v in pts],
+                        [b for b, _ in pts], [_mean(v) for _, v in pts],
+                        yerr=[_std(v) for _, v in pts],
                         fmt="-o", color=colors[noise], capsize=3, label=noise,
                     )
             ax.set_xscale("log", base=2)
@@ -220,8 +218,8 @@ def plot(records, out_dir, stem):
             points.sort()
             for metric, style in (("test_acc", "-o"), ("train_acc", "--^")):
                 xs = [b for b, _, _ in points]
-                ys = [100 * np.mean([r[metric] for r in runs]) for _, runs, _ in points]
-                es = [100 * np.std([r[metric] for r in runs], ddof=1) if len(runs) > 1 else 0 for _, runs, _ in points]
+                ys = [100 * _mean([r[metric] for r in runs]) for _, runs, _ in points]
+                es = [100 * _std([r[metric] for r in runs]) for _, runs, _ in points]
                 label = f"{noise}" + ("" if noise == "none" else f" (stddev {points[-1][2]:.3g})")
                 ax.errorbar(xs, ys, yerr=es, fmt=style, color=colors[noise], capsize=3,
                             label=f"{label} {'test' if metric == 'test_acc' else 'train'}")
@@ -243,8 +241,8 @@ def plot(records, out_dir, stem):
     width = 0.27
     for i, (metric, color) in enumerate((("train_acc", "0.7"), ("val_acc", "tab:green"), ("test_acc", "tab:purple"))):
         xs = np.arange(len(rows)) + (i - 1) * width
-        ys = [100 * np.mean([r[metric] for r in runs]) for _, runs in rows]
-        es = [100 * np.std([r[metric] for r in runs], ddof=1) if len(runs) > 1 else 0 for _, runs in rows]
+        ys = [100 * _mean([r[metric] for r in runs]) for _, runs in rows]
+        es = [100 * _std([r[metric] for r in runs]) for _, runs in rows]
         ax.bar(xs, ys, width, yerr=es, color=color, label=metric.replace("_acc", ""), capsize=2)
     ax.set_xticks(np.arange(len(rows)))
     ax.set_xticklabels(

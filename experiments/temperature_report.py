@@ -1,110 +1,161 @@
-"""Tables and the figure of the Regime A sweep (``experiments/temperature.py``).
+"""Tables and the figure of the equal-rate, equal-steps study (``experiments/temperature.py``).
 
-Reads the JSONL results and writes, for the runs at one rate:
+For the runs of one results file at one rate, a Markdown table per arm:
+test accuracy (mean ± std over seeds), the paired differences to plain GD and
+to the small batch of the same seed, the share of the GD-to-small-batch gap
+recovered (mean ± std, then seed by seed), test cross-entropy, training
+accuracy and loss, log Tr(G), and for the arms timed by
+``benchmarks/gradient_penalty.py`` their step time as a ratio to plain GD and
+to GD + GradientMix (median and interquartile range of the per-round ratios).
 
-* a Markdown table per arm: test accuracy and cross-entropy (mean ± std over
-  seeds), the paired differences to plain GD and to the small batch of the
-  same seed, the share of the GD-to-small-batch gap recovered (per seed,
-  then mean ± std), training accuracy and log Tr(G);
-* ``--figure``: test accuracy per arm with every seed's point.
+``--write`` regenerates everything the READMEs show from the results files:
+the marked blocks of ``experiments/README.md`` and ``README.md`` (between
+``<!-- BEGIN temperature_report:NAME -->`` and ``<!-- END ... -->``) and the
+figure of every seed's test accuracy per arm, SGD and Adam side by side::
 
-    python -m experiments.temperature_report --lr 0.1 --figure experiments/figures/gd_vs_sgd.png
-    python -m experiments.temperature_report --results experiments/results/cifar10_gd_vs_sgd_adam.jsonl --lr 1e-3
+    python -m experiments.temperature_report --write
+    python -m experiments.temperature_report --lr 0.1                  # one table, printed
+    python -m experiments.temperature_report --results experiments/results/cifar10_gd_vs_sgd_adam.jsonl --lr 3e-3
 """
 
 import argparse
+import contextlib
+import io
 import json
 import math
+import re
 from pathlib import Path
 
+from experiments import stats
+
 HERE = Path(__file__).resolve().parent
-DEFAULT_RESULTS = HERE / "results" / "cifar10_gd_vs_sgd.jsonl"
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+DEFAULT_RESULTS = RESULTS / "cifar10_gd_vs_sgd.jsonl"
+ADAM_RESULTS = RESULTS / "cifar10_gd_vs_sgd_adam.jsonl"
+STEP_TIME = RESULTS / "cifar10_gd_vs_sgd_penalty_step_time.json"
+FIGURE = RESULTS / "cifar10_gd_vs_sgd_sgd_and_adam.png"
+SGD_LR = 0.1  # the rates chosen on validation (rate phase of experiments/temperature.py)
+ADAM_LR = 3e-3
+
+ORDER = ("sgd", "gd", "gd+gaussian", "gd+bernoulli", "gd+rademacher", "gd+gaussian x0.25", "gd+gaussian x0.5",
+         "gd+gaussian x2", "gd+isotropic", "gd+penalty")
+#: The arms of the benchmark's configurations.
+TIMED = {"gd": "plain", "gd+gaussian": "mix", "gd+penalty": "penalty"}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
-    p.add_argument("--lr", type=float, required=True)
-    p.add_argument("--figure", type=Path, default=None)
+    p.add_argument("--lr", type=float, default=None, help="the rate whose runs to tabulate (required without --write)")
+    p.add_argument("--figure", type=Path, default=None, help="also draw that file's per-seed figure here")
     p.add_argument("--markdown", type=Path, default=None, help="also write the table here")
-    return p.parse_args(argv)
-
-
-def load(path, lr):
-    runs = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            if math.isclose(record["lr"], lr):
-                runs[(record["arm"], record["seed"])] = record
-    return runs
-
-
-def mean_std(values):
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return float("nan"), float("nan"), 0
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-    return mean, math.sqrt(var), len(values)
-
-
-def fmt(values, scale=1.0, digits=1, signed=False):
-    mean, std, n = mean_std([None if v is None else v * scale for v in values])
-    if n == 0:
-        return "–"
-    sign = "+" if signed else ""
-    return f"{mean:{sign}.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:{sign}.{digits}f}"
+    p.add_argument("--write", action="store_true",
+                   help="rewrite the marked blocks of experiments/README.md and README.md and the figure")
+    p.add_argument("--sgd-lr", type=float, default=SGD_LR, help="--write: the SGD runs' rate")
+    p.add_argument("--adam-lr", type=float, default=ADAM_LR, help="--write: the Adam runs' rate")
+    args = p.parse_args(argv)
+    if args.lr is None and not args.write:
+        p.error("give --lr (one table) or --write (every block and the figure)")
+    return args
 
 
 def arm_order(arm):
-    order = ["sgd", "gd", "gd+gaussian", "gd+bernoulli", "gd+rademacher", "gd+gaussian x0.25", "gd+gaussian x0.5",
-             "gd+gaussian x2", "gd+isotropic", "gd+penalty"]
-    for i, prefix in enumerate(order):
+    for i, prefix in enumerate(ORDER):
         if arm == prefix or (prefix in ("sgd", "gd+penalty") and arm.startswith(prefix)):
             return i
-    return len(order)
+    return len(ORDER)
 
 
-def table(runs):
-    arms = sorted({arm for arm, _ in runs}, key=arm_order)
-    small = next((a for a in arms if a.startswith("sgd")), None)
-    header = (
-        "| arm | stddev (λ) | seeds | test acc % | Δ vs GD | Δ vs small batch | gap recovered | "
-        "test CE | train acc % | log Tr(G) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-    )
-    rows = [header]
+def sorted_arms(runs):
+    return sorted(stats.arms(runs), key=lambda arm: (arm_order(arm), penalty_factor_of(runs, arm) or 0.0, arm))
+
+
+def small_arm(runs):
+    """The small-batch arm (``sgd<b>``, whatever the optimizer), or None."""
+    return next((a for a in sorted_arms(runs) if a.startswith("sgd")), None)
+
+
+def penalty_factor_of(runs, arm):
+    """``λ / (lr/4)`` of a penalty arm, else None."""
+    run = next(r for (a, _), r in runs.items() if a == arm)
+    return run["penalty_weight"] / (run["lr"] / 4) if run.get("penalty_weight") else None
+
+
+def step_time_ratios(path=STEP_TIME):
+    """``{arm: (vs GD, vs GD + GradientMix)}``, each ``(median, q25, q75)`` of the per-round ratios."""
+    configs = json.loads(Path(path).read_text())["configs"]
+    ratios = {}
+    for arm, config in TIMED.items():
+        times = configs[config]["step_ms"]
+        pair = []
+        for reference in ("plain", "mix"):
+            r = stats.paired_ratios(times, configs[reference]["step_ms"])
+            pair.append((stats.quantile(r, 0.5), stats.quantile(r, 0.25), stats.quantile(r, 0.75)))
+        ratios[arm] = tuple(pair)
+    return ratios
+
+
+def _ratio(cell):
+    median, lo, hi = cell
+    return f"{median:.2f}" if lo == hi else f"{median:.2f} ({lo:.2f}–{hi:.2f})"
+
+
+def percent_list(shares):
+    return ", ".join(f"{100 * v:.0f}" for v in shares.values()) + " %"
+
+
+def table(runs, arms=None, cost=None):
+    """Regime A's table of ``{(arm, seed): run}``; ``cost``: :func:`step_time_ratios` adds two columns.
+
+    A penalty arm of any λ costs the same computation as the timed one (λ = lr/4).
+    """
+    arms = arms or sorted_arms(runs)
+    small = small_arm(runs)
+    header = ("| arm | stddev (λ) | seeds | test acc % | Δ vs GD | Δ vs small batch | gap recovered | per seed | "
+              "test CE | train acc % | train loss | log Tr(G) |")
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    if cost:
+        header += " step time vs GD | vs GD + GradientMix |"
+        rule += "---:|---:|"
+    rows = [header, rule]
     for arm in arms:
-        seeds = sorted(s for a, s in runs if a == arm)
-        mine = [runs[(arm, s)] for s in seeds]
-        paired_gd, paired_small, recovered = [], [], []
-        for s in seeds:
-            acc = runs[(arm, s)]["test_acc"]
-            gd = runs.get(("gd", s))
-            sm = runs.get((small, s)) if small else None
-            if gd:
-                paired_gd.append(acc - gd["test_acc"])
-            if sm:
-                paired_small.append(acc - sm["test_acc"])
-            if gd and sm and sm["test_acc"] != gd["test_acc"]:
-                recovered.append((acc - gd["test_acc"]) / (sm["test_acc"] - gd["test_acc"]))
-        strength = f"{mine[0]['stddev']:.2f}"
-        if mine[0].get("penalty_weight"):
-            strength = f"(λ={mine[0]['penalty_weight']:g})"
-        rows.append(
-            f"| {arm} | {strength} | {len(seeds)} | {fmt([r['test_acc'] for r in mine], 100)} | "
-            f"{fmt(paired_gd, 100, signed=True) if arm != 'gd' else '–'} | "
-            f"{fmt(paired_small, 100, signed=True) if arm != small else '–'} | "
-            f"{fmt(recovered, 100, 0) + ' %' if recovered and arm not in ('gd', small) else '–'} | "
-            f"{fmt([r['test_loss'] for r in mine], 1, 3)} | {fmt([r['train_acc'] for r in mine], 100)} | "
-            f"{fmt([r.get('log_ggn_trace') for r in mine], 1, 2)} |"
+        mine = [runs[(arm, s)] for s in stats.seeds(runs, arm)]
+        vs_gd = stats.paired_differences(runs, arm, "gd")
+        vs_small = stats.paired_differences(runs, arm, small) if small else {}
+        recovered = stats.gap_recovered(runs, arm, "gd", small) if small and arm not in ("gd", small) else {}
+        factor = penalty_factor_of(runs, arm)
+        strength = f"λ={mine[0]['penalty_weight']:g}" if factor else f"{mine[0]['stddev']:.2f}"
+        row = (
+            f"| {arm} | {strength} | {len(mine)} | {stats.format_mean_std([r['test_acc'] for r in mine], 100)} | "
+            f"{stats.format_mean_std(vs_gd.values(), 100, signed=True) if arm != 'gd' else '–'} | "
+            f"{stats.format_mean_std(vs_small.values(), 100, signed=True) if arm != small else '–'} | "
+            f"{stats.format_mean_std(recovered.values(), 100, 0) + ' %' if recovered else '–'} | "
+            f"{percent_list(recovered) if recovered else '–'} | "
+            f"{stats.format_mean_std([r['test_loss'] for r in mine], 1, 3)} | "
+            f"{stats.format_mean_std([r['train_acc'] for r in mine], 100)} | "
+            f"{_format_loss([r.get('train_loss') for r in mine])} | "
+            f"{stats.format_mean_std([r.get('log_ggn_trace') for r in mine], 1, 2)} |"
         )
+        if cost:
+            timed = cost.get("gd+penalty" if factor else arm)
+            row += f" {_ratio(timed[0])} | {_ratio(timed[1])} |" if timed else " – | – |"
+        rows.append(row)
     return "\n".join(rows)
 
 
-def per_seed(runs):
-    arms = sorted({arm for arm, _ in runs}, key=arm_order)
-    seeds = sorted({s for _, s in runs})
+def _format_loss(values):
+    """Training losses span decades (1e-5 to 1): mean in two significant digits and the seeds' range."""
+    mean, _, n = stats.mean_std(values)
+    if n == 0:
+        return "–"
+    found = stats.finite(values)
+    return f"{mean:.1e}" if n == 1 else f"{mean:.1e} ({min(found):.1e}–{max(found):.1e})"
+
+
+def per_seed(runs, arms=None):
+    arms = arms or sorted_arms(runs)
+    seeds = stats.seeds(runs)
     lines = ["| arm | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---:|" * len(seeds)]
     for arm in arms:
         cells = [f"{100 * runs[(arm, s)]['test_acc']:.1f}" if (arm, s) in runs else "–" for s in seeds]
@@ -112,45 +163,294 @@ def per_seed(runs):
     return "\n".join(lines)
 
 
-def figure(runs, path, lr):
+def report(runs, arms=None, cost=None):
+    """The table and the per-seed test accuracies."""
+    return table(runs, arms, cost) + "\n\nTest accuracy (%) per seed:\n\n" + per_seed(runs, arms)
+
+
+def rate_table(records, lr_chosen):
+    """The rate phase (seed 0): both arms' accuracies at each rate (``not run`` where ``--lazy-gd`` skipped GD)."""
+    rate_runs = [r for r in records if r.get("phase") == "rate"]
+    lines = ["| rate | small batch: train acc % | val acc % | test acc % | GD: train acc % | val acc % |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for lr in sorted({r["lr"] for r in rate_runs}):
+        at = stats.by_arm_seed(rate_runs, lr)
+        small = at.get((small_arm(at), 0))
+        gd = at.get(("gd", 0))
+        chosen = " (chosen)" if abs(lr - lr_chosen) <= 1e-9 * lr_chosen else ""
+        cells = [f"{lr:g}{chosen}"]
+        if small:
+            fits = "" if small["train_acc"] >= 0.99 else " (does not fit)"
+            cells += [f"{100 * small['train_acc']:.1f}{fits}", f"{100 * small['val_acc']:.1f}",
+                      f"{100 * small['test_acc']:.1f}"]
+        else:
+            cells += ["not run", "", ""]
+        cells += [f"{100 * gd['train_acc']:.1f}", f"{100 * gd['val_acc']:.1f}"] if gd else ["not run", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def penalty_selection(runs):
+    """The penalty factors of the first seed, their validation accuracy, and the larger one chosen on it."""
+    from experiments.temperature import choose_penalty_factor
+
+    arms = [a for a in sorted_arms(runs) if a.startswith("gd+penalty")]
+    if not arms:
+        return "Not run yet."
+    first = min(s for a in arms for s in stats.seeds(runs, a))
+    records = [runs[(a, first)] for a in arms if (a, first) in runs]
+    with contextlib.redirect_stdout(io.StringIO()):
+        chosen = choose_penalty_factor(records)
+    lines = [f"| λ / (lr/4) | λ | seed {first}: val acc % | train acc % | chosen |", "|---:|---:|---:|---:|:---:|"]
+    for r in records:
+        factor = r["penalty_weight"] / (r["lr"] / 4)
+        mark = "yes" if chosen is not None and abs(factor - chosen) < 1e-9 else ("always run" if factor == 1 else "")
+        lines.append(f"| {factor:g} | {r['penalty_weight']:g} | {100 * r['val_acc']:.1f} | "
+                     f"{100 * r['train_acc']:.1f} | {mark} |")
+    return "\n".join(lines)
+
+
+def recovered_phrase(runs, arm, per_seed=True):
+    """``"105 ± 14 % (seeds 0, 1, 2: 121, 95, 98 %)"``, ``"111 % (seed 0 only)"`` or ``"not run yet"``.
+
+    ``per_seed=False`` leaves the seeds' values out: ``"105 ± 14 % (3 seeds)"``.
+    """
+    small = small_arm(runs)
+    shares = stats.gap_recovered(runs, arm, "gd", small) if small else {}
+    if not shares:
+        return "not run yet"
+    if len(shares) == 1:
+        (seed, share), = shares.items()
+        return f"{100 * share:.0f} % (seed {seed} only)"
+    if not per_seed:
+        return f"{stats.format_mean_std(shares.values(), 100, 0)} % ({len(shares)} seeds)"
+    seeds = ", ".join(str(s) for s in shares)
+    return f"{stats.format_mean_std(shares.values(), 100, 0)} % (seeds {seeds}: {percent_list(shares)})"
+
+
+def gap_phrase(runs, per_seed=True):
+    """``"2.9 ± 0.4 points below batch 32 (3 seeds: 2.6, 2.8, 3.4; in every seed)"``."""
+    small = small_arm(runs)
+    gap = stats.paired_differences(runs, small, "gd")
+    every = "in every seed" if all(v > 0 for v in gap.values()) else "not in every seed"
+    per = ": " + ", ".join(f"{100 * v:.1f}" for v in gap.values()) if per_seed else ""
+    return f"{stats.format_mean_std(gap.values(), 100)} points below batch {small[3:]} ({len(gap)} seeds{per}; {every})"
+
+
+def trajectory(runs, seed, steps=(200, 400, 1000, 2000)):
+    """Training loss of each arm of one seed at some steps (fit's running mean over the steps since the last).
+
+    For a mixed arm this is the mixed loss ``mean(w · loss)``, whose expectation is the plain loss.
+    """
+    lines = ["| arm | " + " | ".join(f"step {s}" for s in steps) + " | after training (evaluated) |",
+             "|---|" + "---:|" * (len(steps) + 1)]
+    for arm in sorted_arms(runs):
+        run = runs.get((arm, seed))
+        if run is None:
+            continue
+        at = dict(zip(run["history"]["step"], run["history"]["train_loss"]))
+        cells = [f"{at[s]:.1e}" if s in at else "–" for s in steps] + [f"{run['train_loss']:.1e}"]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def curvature_per_loss(runs, arm, reference):
+    """Per seed, ``(Tr(G) / L)_arm / (Tr(G) / L)_reference``, ``L`` the evaluated training loss.
+
+    With the softmax saturated, an example's output Hessian ``diag(p) − p pᵀ``
+    has trace about ``2 (1 − p_y) ≈ 2 ℓ``: Tr(G) falls with the loss. This
+    ratio compares the curvature of two arms that fitted to different losses.
+    """
+    def per_loss(run):
+        return math.exp(run["log_ggn_trace"]) / run["train_loss"]
+
+    return {s: per_loss(runs[(arm, s)]) / per_loss(runs[(reference, s)]) for s in stats.seeds(runs, arm)
+            if (reference, s) in runs and runs[(arm, s)].get("log_ggn_trace") is not None
+            and runs[(reference, s)].get("log_ggn_trace") is not None}
+
+
+def mixing_sentence(runs, arms, per_seed=True):
+    """The recovered shares of ``{arm: name}`` as one clause."""
+    return "; ".join(f"{name} {recovered_phrase(runs, arm, per_seed)}" for arm, name in arms.items())
+
+
+def penalty_arms(runs):
+    return [a for a in sorted_arms(runs) if a.startswith("gd+penalty")]
+
+
+ADAM_NAMES = {"gd+gaussian": "Gaussian", "gd+bernoulli": "Bernoulli", "gd+isotropic": "the isotropic control"}
+SGD_NAMES = {"gd+gaussian": "Gaussian", "gd+bernoulli": "Bernoulli", "gd+rademacher": "Rademacher",
+             "gd+isotropic": "the isotropic control"}
+
+
+def adam_summary(adam, per_seed=True):
+    small = small_arm(adam)
+    text = (f"With Adam at equal rate and steps, full-batch descent tested {gap_phrase(adam, per_seed)}; at the "
+            f"rule's stddev the share of that gap recovered was: {mixing_sentence(adam, ADAM_NAMES, per_seed)}.")
+    if per_seed:
+        loss = {a: stats.mean_std(stats.values(adam, a, "train_loss").values())[0] for a in (small, "gd")}
+        ratio = curvature_per_loss(adam, "gd", small)
+        text += (f" GD's training loss after training was {loss['gd']:.1e} against the small batch's "
+                 f"{loss[small]:.1e} (means over seeds); per unit training loss, GD's Tr(G) was "
+                 f"{stats.format_mean_std(ratio.values(), 1, 1)} times the small batch's (Tr(G) / loss, paired by "
+                 f"seed, {len(ratio)} seeds).")
+    return text
+
+
+def sgd_summary(sgd, cost, per_seed=True):
+    penalty = penalty_arms(sgd)
+    text = (f"With SGD at equal rate and steps, full-batch descent tested {gap_phrase(sgd, per_seed)}; at the rule's "
+            f"stddev the share of that gap recovered was: {mixing_sentence(sgd, SGD_NAMES, per_seed)}. ")
+    if penalty:
+        names = {a: f"at λ = {penalty_factor_of(sgd, a):g}·lr/4" for a in penalty}
+        text += (f"The noise-free penalty (the mean squared block-gradient norm) recovered: "
+                 f"{mixing_sentence(sgd, names, per_seed)}; it costs {cost['gd+penalty'][0][0]:.1f}× the step time "
+                 f"of plain GD (GD + GradientMix: {cost['gd+gaussian'][0][0]:.2f}×).")
+    else:
+        text += (f"The noise-free penalty costs {cost['gd+penalty'][0][0]:.1f}× the step time of plain GD "
+                 f"(GD + GradientMix: {cost['gd+gaussian'][0][0]:.2f}×); its accuracy runs are not done yet.")
+    return text
+
+
+def slot_label(slot):
+    """The x tick of a figure slot: ``small batch``, ``GD+Gaussian``, ``GD+penalty λ=4·lr/4``, ..."""
+    names = {"small": "small batch", "gd": "GD", "gd+isotropic": "GD+isotropic"}
+    if slot in names:
+        return names[slot]
+    if slot.startswith("gd+penalty"):
+        factor = slot.split(" x")[1] if " x" in slot else None
+        return "GD+penalty λ=" + (f"{factor}·lr/4" if factor else "lr/4")
+    arm, _, factor = slot.partition(" x")
+    return "GD+" + arm[3:].capitalize() + (f" ×{factor}" if factor else "")
+
+
+def figure(panels, path, slots=None):
+    """Test accuracy per arm, every seed's point (same seed joined by a thin line), mean as a bar; one panel each.
+
+    ``panels``: ``[(title, {(arm, seed): run})]``. Every panel has the same
+    ``slots`` (arms; ``"small"`` for the small batch; default: small batch,
+    GD, Gaussian, Bernoulli, isotropic, the penalties); an arm not run shows
+    as such.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arms = sorted({arm for arm, _ in runs}, key=arm_order)
-    seeds = sorted({s for _, s in runs})
-    fig, ax = plt.subplots(figsize=(8, 4))
-    markers = "osD^v<>"
-    for i, arm in enumerate(arms):
-        values = [100 * runs[(arm, s)]["test_acc"] for s in seeds if (arm, s) in runs]
-        for j, s in enumerate(s for s in seeds if (arm, s) in runs):
-            ax.scatter(i + 0.08 * (j - 1), values[j], marker=markers[s % len(markers)], color=f"C{s}",
-                       label=f"seed {s}" if i == 0 else None, zorder=3)
-        mean = sum(values) / len(values)
-        ax.hlines(mean, i - 0.25, i + 0.25, color="k", lw=1.5, zorder=2)
-    ax.set_xticks(range(len(arms)))
-    ax.set_xticklabels(arms, rotation=20, ha="right")
-    ax.set_ylabel("test accuracy (%)")
-    first = next(iter(runs.values()))
-    ax.set_title(f"CIFAR-10, N={first['train_size']}, {first.get('optimizer', 'sgd')}, equal rate ({lr:g}) and "
-                 "steps: every seed, bar = mean")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
+    penalties = sorted({a for _, runs in panels for a in penalty_arms(runs)},
+                       key=lambda a: float(a.split(" x")[1]) if " x" in a else 1.0)
+    if slots is None:
+        slots = ["small", "gd", "gd+gaussian", "gd+bernoulli", "gd+isotropic"] + (penalties or ["gd+penalty"])
+    all_seeds = sorted({s for _, runs in panels for s in stats.seeds(runs)})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1, 4.4), squeeze=False)
+    for ax, (title, runs) in zip(axes[0], panels):
+        arms = [small_arm(runs) if slot == "small" else slot for slot in slots]
+        for j, seed in enumerate(all_seeds):
+            xs = [i for i, a in enumerate(arms) if (a, seed) in runs]
+            ys = [100 * runs[(arms[i], seed)]["test_acc"] for i in xs]
+            offset = 0.08 * (j - (len(all_seeds) - 1) / 2)
+            ax.plot([x + offset for x in xs], ys, "-", color=f"C{j}", lw=0.6, alpha=0.5, zorder=1)
+            ax.scatter([x + offset for x in xs], ys, color=f"C{j}", s=22, label=f"seed {seed}", zorder=3)
+        accs = [100 * r["test_acc"] for r in runs.values()]
+        middle = (min(accs) + max(accs)) / 2
+        for i, arm in enumerate(arms):
+            mine = list(stats.values(runs, arm, "test_acc").values())
+            if mine:
+                ax.hlines(100 * stats.mean_std(mine)[0], i - 0.25, i + 0.25, color="k", lw=1.5, zorder=2)
+            else:
+                ax.text(i, middle, "not run", rotation=90, ha="center", va="center", fontsize=8, color="0.4")
+        ax.set_xticks(range(len(slots)))
+        ax.set_xticklabels([slot_label(s) for s in slots], rotation=30, ha="right", fontsize=8)
+        ax.set_xlim(-0.5, len(slots) - 0.5)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(axis="y", alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    fig.suptitle("CIFAR-10, 1,024 training images, equal rate and 2,000 steps: every seed; bar = mean", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - 0.8 / fig.get_figwidth(), 1))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def single_figure(runs, path, lr):
+    first = next(iter(runs.values()))
+    slots = ["small" if arm == small_arm(runs) else arm for arm in sorted_arms(runs)]
+    figure([(f"{first.get('optimizer', 'sgd')}, rate {lr:g}", runs)], path, slots)
+
+
+def write_block(path, name, text):
+    """Replace the lines between ``<!-- BEGIN temperature_report:name -->`` and its ``END`` marker in ``path``.
+
+    The markers may be indented (a block inside a list item): the text gets
+    the BEGIN marker's indentation.
+    """
+    path = Path(path)
+    begin, end = f"<!-- BEGIN temperature_report:{name} -->", f"<!-- END temperature_report:{name} -->"
+    content = path.read_text()
+    pattern = re.compile(r"^([ \t]*)" + re.escape(begin) + r"\n.*?^[ \t]*" + re.escape(end) + "$", re.S | re.M)
+    if len(pattern.findall(content)) != 1:
+        raise ValueError(f"{path} must hold the block {name!r} exactly once, from a line {begin!r} to a line {end!r}")
+
+    def replace(match):
+        indent = match.group(1)
+        lines = [indent + line if line else line for line in text.rstrip().splitlines()]
+        return "\n".join([indent + begin, *lines, indent + end])
+
+    path.write_text(pattern.sub(replace, content))
+
+
+def blocks(sgd_records, adam_records, cost, sgd_lr, adam_lr):
+    """``{(README, block name): text}`` of every generated block; README is ``"experiments"`` or ``"root"``."""
+    sgd = stats.by_arm_seed(sgd_records, sgd_lr)
+    adam = stats.by_arm_seed(adam_records, adam_lr)
+    mixing = [a for a in sorted_arms(sgd) if not a.startswith("gd+penalty")]
+    penalty_rows = [a for a in (small_arm(sgd), "gd", "gd+gaussian", "gd+bernoulli", "gd+isotropic")
+                    if a in stats.arms(sgd)] + penalty_arms(sgd)
+    return {
+        ("experiments", "sgd"): report(sgd, mixing),
+        ("experiments", "adam-rate"): rate_table(adam_records, adam_lr),
+        ("experiments", "adam"): report(adam),
+        ("experiments", "adam-summary"): adam_summary(adam),
+        ("experiments", "adam-trajectory"): trajectory(adam, 0),
+        ("experiments", "sgd-trajectory"): trajectory({k: v for k, v in sgd.items() if k[0] in
+                                                      (small_arm(sgd), "gd", "gd+gaussian", "gd+isotropic")}, 0),
+        ("experiments", "penalty-selection"): penalty_selection(sgd),
+        ("experiments", "penalty"): report(sgd, penalty_rows, cost),
+        ("experiments", "sgd-summary"): sgd_summary(sgd, cost),
+        ("root", "adam-summary"): adam_summary(adam, per_seed=False),
+        ("root", "sgd-summary"): sgd_summary(sgd, cost, per_seed=False),
+    }
+
+
+def write_all(sgd_lr=SGD_LR, adam_lr=ADAM_LR, results=RESULTS, readmes=None, figure_path=FIGURE):
+    """Rewrite every block of both READMEs and the figure from the results files in ``results``."""
+    readmes = readmes or {"experiments": HERE / "README.md", "root": ROOT / "README.md"}
+    sgd_records = stats.load(results / DEFAULT_RESULTS.name, key=None)
+    adam_records = stats.load(results / ADAM_RESULTS.name, key=None)
+    cost = step_time_ratios(results / STEP_TIME.name)
+    for (readme, name), text in blocks(sgd_records, adam_records, cost, sgd_lr, adam_lr).items():
+        write_block(readmes[readme], name, text)
+        print(f"{readmes[readme]}: {name}")
+    figure([(f"SGD, rate {sgd_lr:g}", stats.by_arm_seed(sgd_records, sgd_lr)),
+            (f"Adam, rate {adam_lr:g}", stats.by_arm_seed(adam_records, adam_lr))], figure_path)
+    print(f"figure: {figure_path}")
 
 
 def main(argv=None):
     args = parse_args(argv)
-    runs = load(args.results, args.lr)
-    text = table(runs) + "\n\nTest accuracy (%) per seed:\n\n" + per_seed(runs)
+    if args.write:
+        write_all(args.sgd_lr, args.adam_lr)
+    if args.lr is None:
+        return
+    runs = stats.by_arm_seed(stats.load(args.results, key=None), args.lr)
+    text = report(runs)
     print(text)
     if args.markdown:
         args.markdown.write_text(text + "\n")
     if args.figure:
-        figure(runs, args.figure, args.lr)
+        single_figure(runs, args.figure, args.lr)
         print(f"figure: {args.figure}")
 
 

@@ -1,0 +1,132 @@
+"""experiments/temperature_report.py: tables, summaries and the README blocks, on hand-made runs."""
+
+import json
+
+import pytest
+
+from experiments import temperature_report as report
+
+
+def _run(arm, seed, acc, lr=0.1, factor=0.0, val=0.3, train_loss=1e-3, log_ggn=1.0):
+    return {"arm": arm, "seed": seed, "lr": lr, "test_acc": acc, "val_acc": val, "test_loss": 2.0,
+            "train_acc": 1.0, "train_loss": train_loss, "log_ggn_trace": log_ggn,
+            "stddev": 5.57 if arm.startswith("gd+") and "penalty" not in arm else 0.0,
+            "penalty_weight": factor * lr / 4, "history": {"step": [200, 400], "train_loss": [0.5, 0.25]}}
+
+
+def _runs():
+    """Seeds 0 and 1: small batch 0.40 / 0.44, GD 0.30 / 0.32, mixed 0.35 / 0.41, penalty at 1 and 4 x lr/4."""
+    runs = {}
+    accuracies = [(0.40, 0.30, 0.35, 0.32, 0.38), (0.44, 0.32, 0.41, 0.35, 0.44)]
+    for seed, (small, gd, mixed, pen, pen4) in enumerate(accuracies):
+        for arm, acc, factor in (("sgd32", small, 0), ("gd", gd, 0), ("gd+gaussian", mixed, 0),
+                                 ("gd+penalty", pen, 1), ("gd+penalty x4", pen4, 4)):
+            runs[(arm, seed)] = _run(arm, seed, acc, factor=factor)
+    return runs
+
+
+COST = {  # (vs GD, vs GD + GradientMix), each (median, q25, q75)
+    "gd": ((1.0, 1.0, 1.0), (0.9, 0.8, 1.0)),
+    "gd+gaussian": ((1.1, 1.0, 1.2), (1.0, 1.0, 1.0)),
+    "gd+penalty": ((2.5, 2.5, 2.75), (2.5, 2.29, 2.61)),
+}
+
+
+def _cells(table, arm):
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    return [c.strip() for c in rows[arm].split("|")][1:-1]
+
+
+def test_table_pairs_seeds_and_gives_the_share_recovered_per_seed_and_the_cost():
+    cells = _cells(report.table(_runs(), cost=COST), "gd+gaussian")
+    # Δ vs GD: +5, +9 -> 7.0 ± 2.8; vs small: -5, -3; recovered 50% and 75%.
+    assert cells[4:8] == ["+7.0 ± 2.8", "-4.0 ± 1.4", "62 ± 18 %", "50, 75 %"]
+    assert cells[-2:] == ["1.10 (1.00–1.20)", "1.00"]
+    penalty = _cells(report.table(_runs(), cost=COST), "gd+penalty x4")
+    # (0.38 - 0.30) / 0.10 = 80%, (0.44 - 0.32) / 0.12 = 100%; λ = 4 · 0.1/4; the timed penalty's cost.
+    assert penalty[1] == "λ=0.1" and penalty[6:8] == ["90 ± 14 %", "80, 100 %"]
+    assert penalty[-2:] == ["2.50 (2.50–2.75)", "2.50 (2.29–2.61)"]
+    assert _cells(report.table(_runs(), cost=COST), "sgd32")[-2:] == ["–", "–"]
+    # GD vs the small batch: -10 and -12 points.
+    assert _cells(report.table(_runs()), "gd")[4:8] == ["–", "-11.0 ± 1.4", "–", "–"]
+
+
+def test_step_time_ratios_are_medians_and_quartiles_of_per_round_ratios(tmp_path):
+    path = tmp_path / "step_time.json"
+    configs = {"plain": [100.0, 200.0, 100.0], "mix": [110.0, 200.0, 120.0], "penalty": [300.0, 500.0, 250.0]}
+    path.write_text(json.dumps({"configs": {c: {"step_ms": t} for c, t in configs.items()}}))
+    ratios = report.step_time_ratios(path)
+    # Penalty / plain per round: 3, 2.5, 2.5 -> median 2.5, quartiles 2.5 and 2.75.
+    assert ratios["gd+penalty"][0] == pytest.approx((2.5, 2.5, 2.75), rel=1e-12)
+    # Penalty / mix: 2.727, 2.5, 2.083 -> median 2.5.
+    assert ratios["gd+penalty"][1][0] == pytest.approx(2.5, rel=1e-12)
+    assert ratios["gd"][0] == (1.0, 1.0, 1.0)
+
+
+def test_phrases_mark_single_seeds_and_a_missing_gap():
+    runs = _runs()
+    del runs[("gd+gaussian", 1)]
+    assert report.recovered_phrase(runs, "gd+gaussian") == "50 % (seed 0 only)"
+    assert report.recovered_phrase(runs, "gd+isotropic") == "not run yet"
+    assert report.recovered_phrase(_runs(), "gd+gaussian") == "62 ± 18 % (seeds 0, 1: 50, 75 %)"
+    assert report.recovered_phrase(_runs(), "gd+gaussian", per_seed=False) == "62 ± 18 % (2 seeds)"
+    assert report.gap_phrase(_runs()) == "11.0 ± 1.4 points below batch 32 (2 seeds: 10.0, 12.0; in every seed)"
+    runs[("gd", 1)] = _run("gd", 1, 0.45)
+    assert report.gap_phrase(runs).endswith("(2 seeds: 10.0, -1.0; not in every seed)")
+
+
+def test_penalty_selection_chooses_the_larger_factor_on_validation():
+    runs = _runs()
+    runs[("gd+penalty x16", 0)] = _run("gd+penalty x16", 0, 0.39, factor=16, val=0.33)
+    runs[("gd+penalty x4", 0)]["val_acc"] = 0.33  # a tie goes to the smaller factor
+    rows = report.penalty_selection(runs).splitlines()[2:]
+    assert [r.split("|")[1].strip() for r in rows] == ["1", "4", "16"]
+    assert [r.split("|")[-2].strip() for r in rows] == ["always run", "yes", ""]
+
+
+def test_curvature_per_loss_pairs_seeds():
+    runs = {("sgd32", 0): _run("sgd32", 0, 0.4, train_loss=2e-4, log_ggn=0.7),
+            ("gd", 0): _run("gd", 0, 0.3, train_loss=2e-5, log_ggn=0.3)}
+    # (e^0.3 / 2e-5) / (e^0.7 / 2e-4) = 10 e^-0.4 = 6.703.
+    assert report.curvature_per_loss(runs, "gd", "sgd32")[0] == pytest.approx(6.7032, rel=1e-4)
+
+
+def test_write_block_replaces_only_its_block_and_keeps_the_indentation(tmp_path):
+    path = tmp_path / "README.md"
+    path.write_text(
+        "intro\n<!-- BEGIN temperature_report:a -->\nold a\n<!-- END temperature_report:a -->\nmiddle\n"
+        "- item\n  <!-- BEGIN temperature_report:b -->\n  old b\n  <!-- END temperature_report:b -->\nend\n"
+    )
+    report.write_block(path, "a", "new a\n\nline 2\n")
+    report.write_block(path, "b", "new b")
+    assert path.read_text() == (
+        "intro\n<!-- BEGIN temperature_report:a -->\nnew a\n\nline 2\n<!-- END temperature_report:a -->\nmiddle\n"
+        "- item\n  <!-- BEGIN temperature_report:b -->\n  new b\n  <!-- END temperature_report:b -->\nend\n"
+    )
+    report.write_block(path, "a", "new a\n\nline 2")  # idempotent
+    assert path.read_text().count("new a") == 1
+    with pytest.raises(ValueError, match="block 'c' exactly once"):
+        report.write_block(path, "c", "x")
+    path.write_text(path.read_text() * 2)
+    with pytest.raises(ValueError, match="block 'a' exactly once"):
+        report.write_block(path, "a", "x")
+
+
+def test_the_committed_blocks_are_what_the_results_files_give():
+    """Every block of both READMEs equals what --write makes of the committed results files."""
+    records = {name: report.stats.load(report.RESULTS / name, key=None)
+               for name in (report.DEFAULT_RESULTS.name, report.ADAM_RESULTS.name)}
+    blocks = report.blocks(records[report.DEFAULT_RESULTS.name], records[report.ADAM_RESULTS.name],
+                           report.step_time_ratios(), report.SGD_LR, report.ADAM_LR)
+    readmes = {"experiments": report.HERE / "README.md", "root": report.ROOT / "README.md"}
+    for (readme, name), text in blocks.items():
+        content = readmes[readme].read_text()
+        begin = content.index(f"<!-- BEGIN temperature_report:{name} -->\n")
+        end = content.index(f"<!-- END temperature_report:{name} -->")
+        body = content[content.index("\n", begin) + 1:end].rstrip(" ")
+        indent = content[content.rindex("\n", 0, begin) + 1:begin]
+        expected = "\n".join(indent + line if line else line for line in text.rstrip().splitlines()) + "\n"
+        assert body == expected, f"{readmes[readme].name}: block {name} is stale: run the --write command"
+    # The recorded Regime A numbers (computed before this report existed).
+    assert "| gd+gaussian | 5.57 | 3 | 34.0 ± 1.2 | +1.7 ± 0.4 | +0.1 ± 0.2 | 105 ± 14 % | 121, 95, 98 % |" in (
+        blocks[("experiments", "sgd")])
