@@ -57,6 +57,7 @@ def test_paired_differences_pair_seeds():
     assert diff[0] == pytest.approx(0.05, abs=1e-15) and diff[1] == pytest.approx(0.09, abs=1e-15)
     assert diff[2] == pytest.approx(0.01, abs=1e-15)
     assert stats.paired_differences(_runs(), "sgd32", "gd")[3] == pytest.approx(0.10, abs=1e-15)
+    assert list(stats.paired_differences(_runs(), "sgd32", "gd+gaussian")) == [0, 1, 2]  # no seed 3 to pair
 
 
 def test_gap_recovered_per_seed_skips_seeds_without_a_gap_or_without_the_arm():
@@ -65,6 +66,7 @@ def test_gap_recovered_per_seed_skips_seeds_without_a_gap_or_without_the_arm():
     assert list(shares) == [0, 1]
     assert shares[0] == pytest.approx(0.5, rel=1e-12) and shares[1] == pytest.approx(0.75, rel=1e-12)
     assert stats.gap_recovered(_runs(), "gd", "gd", "sgd32") == {0: 0.0, 1: 0.0, 3: 0.0}
+    assert list(stats.gap_recovered(_runs(), "sgd32", "gd", "gd+gaussian")) == [0, 1, 2]  # high lacks seed 3
 
 
 def test_by_arm_seed_selects_the_rate_and_the_later_run():
@@ -80,9 +82,10 @@ def test_by_arm_seed_selects_the_rate_and_the_later_run():
 
 
 def test_quantile_and_paired_ratios():
-    assert stats.quantile([4.0, 1.0, 3.0, 2.0], 0.25) == 1.75  # position 0.75 between 1 and 2
-    assert stats.quantile([4.0, 1.0, 3.0, 2.0], 0.5) == 2.5
-    assert stats.quantile([4.0, 1.0, 3.0, 2.0], 1.0) == 4.0
+    # Sorted 1, 2, 4, 8: q = 0.25 sits at position 0.75 (between 1 and 2), q = 0.5 at 1.5 (between 2 and 4).
+    assert stats.quantile([8.0, 1.0, 4.0, 2.0], 0.25) == 1.75
+    assert stats.quantile([8.0, 1.0, 4.0, 2.0], 0.5) == 3.0
+    assert stats.quantile([8.0, 1.0, 4.0, 2.0, None], 1.0) == 8.0
     assert stats.quantile([3.0], 0.75) == 3.0
     with pytest.raises(ValueError, match="q must be in"):
         stats.quantile([1.0], 1.5)
