@@ -24,6 +24,7 @@ import io
 import json
 import math
 import re
+import textwrap
 from pathlib import Path
 
 from experiments import stats
@@ -401,6 +402,11 @@ def write_block(path, name, text):
     path.write_text(pattern.sub(replace, content))
 
 
+def prose(text, width=78):
+    """A generated sentence wrapped as the hand-written Markdown around it is (``%`` kept on its number)."""
+    return textwrap.fill(text.replace(" %", "%"), width, break_long_words=False, break_on_hyphens=False)
+
+
 def blocks(sgd_records, adam_records, cost, sgd_lr, adam_lr):
     """``{(README, block name): text}`` of every generated block; README is ``"experiments"`` or ``"root"``."""
     sgd = stats.by_arm_seed(sgd_records, sgd_lr)
@@ -412,15 +418,15 @@ def blocks(sgd_records, adam_records, cost, sgd_lr, adam_lr):
         ("experiments", "sgd"): report(sgd, mixing),
         ("experiments", "adam-rate"): rate_table(adam_records, adam_lr),
         ("experiments", "adam"): report(adam),
-        ("experiments", "adam-summary"): adam_summary(adam),
+        ("experiments", "adam-summary"): prose(adam_summary(adam)),
         ("experiments", "adam-trajectory"): trajectory(adam, 0),
         ("experiments", "sgd-trajectory"): trajectory({k: v for k, v in sgd.items() if k[0] in
                                                       (small_arm(sgd), "gd", "gd+gaussian", "gd+isotropic")}, 0),
         ("experiments", "penalty-selection"): penalty_selection(sgd),
         ("experiments", "penalty"): report(sgd, penalty_rows, cost),
-        ("experiments", "sgd-summary"): sgd_summary(sgd, cost),
-        ("root", "adam-summary"): adam_summary(adam, per_seed=False),
-        ("root", "sgd-summary"): sgd_summary(sgd, cost, per_seed=False),
+        ("experiments", "sgd-summary"): prose(sgd_summary(sgd, cost)),
+        ("root", "adam-summary"): prose(adam_summary(adam, per_seed=False), width=76),
+        ("root", "sgd-summary"): prose(sgd_summary(sgd, cost, per_seed=False)),
     }
 
 
