@@ -63,26 +63,17 @@ def parse_args(argv=None):
     return args
 
 
-def trainer_flags(args, noise, out):
-    """The preset: ``examples/cifar_train.py`` flags of one run (10% warmup, cosine decay)."""
-    flags = [
-        "--model", "resnet8", "--widths", *map(str, args.widths),
-        "--optimizer", "nesterov", "--schedule", "cosine",
-        "--base-lr", str(args.lr), "--base-batch-size", str(args.batch_size),
-        "--warmup-epochs", str(0.1 * args.epochs),
-        "--batch-size", str(args.batch_size), "--epochs", str(args.epochs),
-        "--train-size", str(args.train_size), "--test-size", str(args.test_size),
-        "--data-seed", str(args.seed), "--seed", str(args.seed),
-        "--noise", noise, "--stddev", str(args.stddev),
-        "--ggn-size", str(args.measure_size),
-        "--out", str(out), "--no-tensorboard", "--verbose", "0",
-    ]
-    if args.num_probes:
-        flags += ["--ggn-probes", str(args.num_probes)]
-    for flag, value in (("--data-dir", args.data_dir), ("--cache-dir", args.cache_dir)):
-        if value:
-            flags += [flag, value]
-    return flags
+def trainer_config(args, noise, out):
+    """The preset: the ``examples/cifar_train.py`` run of one arm (10% warmup, cosine decay)."""
+    return cifar_train.Config(
+        model="resnet8", widths=tuple(args.widths), optimizer="nesterov", schedule="cosine",
+        base_lr=args.lr, base_batch_size=args.batch_size, warmup_epochs=0.1 * args.epochs,
+        batch_size=args.batch_size, epochs=args.epochs,
+        train_size=args.train_size, test_size=args.test_size, data_seed=args.seed, seed=args.seed,
+        noise=noise, stddev=args.stddev, ggn_size=args.measure_size, ggn_probes=args.num_probes,
+        data_dir=args.data_dir, cache_dir=args.cache_dir,
+        out=str(out), tensorboard=False, verbose=0,
+    )
 
 
 def main(argv=None):
@@ -91,7 +82,7 @@ def main(argv=None):
     rows = []
     for name in ("SGD", "Gaussian", "Rademacher"):
         noise = "none" if name == "SGD" else name.lower()
-        result = cifar_train.run(cifar_train.parse_args(trainer_flags(args, noise, Path(args.out) / noise)))
+        result = cifar_train.run(trainer_config(args, noise, Path(args.out) / noise))
         if "ggn_error" in result:
             raise SystemExit(f"Tr G of the {name} run failed: {result['ggn_error']}")
         rows.append((name, result))
