@@ -48,10 +48,10 @@ Run it from the repository root (``python -m`` finds the ``examples``
 package there).
 """
 
-import argparse
 import dataclasses
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Optional, Tuple
@@ -62,121 +62,112 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 from examples import cifar10, curvature, data, results, threads  # noqa: E402
+from examples.config import check_choices, config_from_argv, flag_of, option, values_of  # noqa: E402
 
 DATASETS = ("cifar10", "cifar100")
 MODELS = ("resnet18", "resnet8")
 OPTIMIZERS = ("nesterov", "lars", "adam", "lamb")
 SCHEDULES = ("eq15", "cosine")
+SCHEDULE_GROUP = "optimization (the paper's §5.1 schedule)"
 NOISES = ("none", "gaussian", "rademacher")
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
 
-def _option(default, help=None, **metadata):
-    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+#: What ``--quick`` sets (it wins over the same flags given with it).
+QUICK = dict(model="resnet8", widths=(4, 8, 8), train_size=128, val_size=64, test_size=100, batch_size=32, epochs=2)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Config:
     """One run of the trainer; each field is the flag ``--field-name`` (``augment``: ``--no-augment``)."""
 
-    # data
-    dataset: str = _option("cifar10", choices=DATASETS)
+    dataset: str = option("cifar10", choices=DATASETS, group="data")
     data_dir: Optional[str] = data.data_dir_field("CIFAR-10 JPEG copy", "TFDS")
-    tfds_data_dir: Optional[str] = _option(None, "TFDS data_dir when loading through TensorFlow Datasets")
+    tfds_data_dir: Optional[str] = option(None, help="TFDS data_dir when loading through TensorFlow Datasets",
+                                          affects_result=False, group="data")
     cache_dir: Optional[str] = data.cache_dir_field()
-    train_size: Optional[int] = _option(None, "fixed class-balanced training subset (default: all that is not "
-                                              "validation)")
-    val_size: int = _option(0, "class-balanced validation split held out of the training set")
-    test_size: Optional[int] = _option(None, "class-balanced subset of the test set (default: all)")
-    data_seed: int = _option(0, "seed of the subset and the validation split (fixed across --seed)")
-    augment: bool = _option(True, "flip + crop (--no-augment: none)")
-    # model
-    model: str = _option("resnet18", choices=MODELS)
-    widths: Tuple[int, int, int] = _option((16, 32, 64), "stage widths of --model resnet8", nargs=3)
-    bn_momentum: float = _option(0.9)
-    weight_decay: float = _option(5e-4, "L2 on kernels (nesterov, adam) or the optimizer's coupled decay (lars, "
-                                        "lamb)")
-    # optimization (the paper's §5.1 schedule)
-    optimizer: str = _option("nesterov", choices=OPTIMIZERS)
-    batch_size: int = _option(1024)
-    epochs: int = _option(200)
-    schedule: str = _option("eq15", "eq15: the paper's polynomial warmup and decay; cosine: linear warmup, cosine "
-                                    "decay to 0", choices=SCHEDULES)
-    base_lr: Optional[float] = _option(None, "rate at --base-batch-size (default: the recipe's)")
-    base_batch_size: Optional[int] = _option(None, "default: the recipe's (200)")
-    warmup_epochs: Optional[float] = _option(None, "default: the recipe's 20 of 200 epochs, scaled to --epochs")
-    # GradientMix
-    noise: str = _option("none", choices=NOISES)
-    stddev: float = _option(1.0, "stddev of the weights w = 1 + stddev * xi")
-    noise_batch_size: Optional[int] = _option(None, "instead of --stddev: stddev = sqrt(B / this - 1)")
-    # run
-    seed: int = _option(0, "initial weights, batch order, augmentation, mixing noise")
-    out: Optional[str] = _option(None, "logs, backups and result (default runs/cifar_train/<name>)")
-    json_out: Optional[str] = _option(None, "where to write the result (default <out>/result.json)")
-    validation_freq: int = _option(1, "evaluate the validation split every this many epochs")
-    ggn_size: int = _option(0, "after training, log Tr(G) (tf_gradmix.diagnostics.ggn_trace) on this many "
-                               "training examples")
-    ggn_probes: Optional[int] = _option(None, "Hutchinson probes for Tr(G) (default: exact)")
+    train_size: Optional[int] = option(None, help="fixed class-balanced training subset (default: all that is "
+                                                  "not validation)", group="data")
+    val_size: int = option(0, help="class-balanced validation split held out of the training set", group="data")
+    test_size: Optional[int] = option(None, help="class-balanced subset of the test set (default: all)",
+                                      group="data")
+    data_seed: int = option(0, help="seed of the subset and the validation split (fixed across --seed)",
+                            group="data")
+    augment: bool = option(True, help="flip + crop", group="data")
+    model: str = option("resnet18", choices=MODELS, group="model")
+    widths: Tuple[int, int, int] = option((16, 32, 64), help="stage widths of --model resnet8", group="model")
+    bn_momentum: float = option(0.9, group="model")
+    weight_decay: float = option(5e-4, help="L2 on kernels (nesterov, adam) or the optimizer's coupled decay "
+                                            "(lars, lamb)", group="model")
+    optimizer: str = option("nesterov", choices=OPTIMIZERS, group=SCHEDULE_GROUP)
+    batch_size: int = option(1024, group=SCHEDULE_GROUP)
+    epochs: int = option(200, group=SCHEDULE_GROUP)
+    schedule: str = option("eq15", choices=SCHEDULES, help="eq15: the paper's polynomial warmup and decay; "
+                           "cosine: linear warmup, cosine decay to 0", group=SCHEDULE_GROUP)
+    base_lr: Optional[float] = option(None, help="rate at --base-batch-size (default: the recipe's)",
+                                      group=SCHEDULE_GROUP)
+    base_batch_size: Optional[int] = option(None, help="default: the recipe's (200)", group=SCHEDULE_GROUP)
+    warmup_epochs: Optional[float] = option(None, help="default: the recipe's 20 of 200 epochs, scaled to "
+                                                       "--epochs", group=SCHEDULE_GROUP)
+    noise: str = option("none", choices=NOISES, group="GradientMix")
+    stddev: float = option(1.0, help="stddev of the weights w = 1 + stddev * xi (unused with --noise none)",
+                           group="GradientMix")
+    noise_batch_size: Optional[int] = option(None, help="instead of --stddev: stddev = sqrt(B / this - 1)",
+                                             group="GradientMix")
+    seed: int = option(0, help="initial weights, batch order, augmentation, mixing noise", group="run")
+    out: Optional[str] = option(None, help="logs, backups and result (default runs/cifar_train/<name>)",
+                                affects_result=False, group="run")
+    json_out: Optional[str] = option(None, help="where to write the result (default <out>/result.json)",
+                                     affects_result=False, group="run")
+    # Only how often fit logs validation numbers; training and the final numbers are the same.
+    validation_freq: int = option(1, help="evaluate the validation split every this many epochs",
+                                  affects_result=False, group="run")
+    ggn_size: int = option(0, help="after training, log Tr(G) (tf_gradmix.diagnostics.ggn_trace) on this many "
+                                   "training examples", group="run")
+    ggn_probes: Optional[int] = option(None, help="Hutchinson probes for Tr(G) (default: exact)", group="run")
     threads: Optional[int] = threads.threads_field()
-    tensorboard: bool = _option(True, "TensorBoard logs (--no-tensorboard: none)")
-    verbose: Optional[int] = _option(None, "Keras fit verbosity (default: 1 on a terminal, else 2)",
-                                     choices=(0, 1, 2))
-    quick: bool = _option(False, "tiny settings for a smoke test (seconds, meaningless numbers)")
+    tensorboard: bool = option(True, help="TensorBoard logs under --out", affects_result=False, group="run")
+    verbose: Optional[int] = option(None, choices=(0, 1, 2), help="Keras fit verbosity (default: 1 on a "
+                                    "terminal, else 2)", affects_result=False, group="run")
+    quick: bool = option(False, help="tiny settings for a smoke test (seconds, meaningless numbers)", group="run")
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if choices and value is not None and value not in choices:
-                raise ValueError(f"--{f.name.replace('_', '-')} must be one of {choices}, got {value!r}")
-        self.widths = tuple(self.widths)
+        check_choices(self)
+        object.__setattr__(self, "widths", tuple(self.widths))
         if self.quick:
-            self.model, self.widths = "resnet8", (4, 8, 8)
-            self.train_size, self.val_size, self.test_size = 128, 64, 100
-            self.batch_size, self.epochs = 32, 2
+            for name, value in QUICK.items():
+                object.__setattr__(self, name, value)
         if self.dataset == "cifar100" and self.data_dir:
             raise ValueError("--data-dir is the CIFAR-10 JPEG copy; CIFAR-100 loads through TFDS (--tfds-data-dir)")
+        for name in ("batch_size", "epochs", "validation_freq"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{flag_of(name)} must be positive, got {getattr(self, name)}")
         if self.noise_batch_size is not None:
             if self.noise == "none":
                 raise ValueError("--noise-batch-size needs --noise gaussian or rademacher")
             if not 0 < self.noise_batch_size <= self.batch_size:
                 raise ValueError(f"--noise-batch-size must be in [1, --batch-size={self.batch_size}], got "
                                  f"{self.noise_batch_size}")
-            self.stddev = math.sqrt(self.batch_size / self.noise_batch_size - 1.0)
-        if self.noise == "none":
-            self.stddev = 0.0
 
 
 def parse_args(argv=None):
-    """The :class:`Config` of the command line ``argv`` (default ``sys.argv[1:]``)."""
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        kwargs = {"help": f.metadata.get("help")}
-        if f.type is bool:
-            if f.default:
-                p.add_argument(f"--no-{f.name.replace('_', '-')}", dest=f.name, action="store_false", **kwargs)
-            else:
-                p.add_argument(flag, action="store_true", **kwargs)
-            continue
-        kind = {int: int, float: float, str: str}.get(f.type) or f.type.__args__[0]
-        for key in ("choices", "nargs"):
-            if key in f.metadata:
-                kwargs[key] = f.metadata[key]
-        p.add_argument(flag, type=kind, default=f.default, **kwargs)
-    try:
-        return Config(**vars(p.parse_args(argv)))
-    except ValueError as error:
-        p.error(str(error))
+    """The :class:`Config` of a command line (``sys.argv[1:]`` by default)."""
+    return config_from_argv(Config, sys.argv[1:] if argv is None else argv, description=__doc__.split("\n")[0])
+
+
+def mixing_stddev(config):
+    """The stddev of the mixing weights: 0 without noise, else ``--stddev`` or ``sqrt(B / --noise-batch-size - 1)``."""
+    if config.noise == "none":
+        return 0.0
+    if config.noise_batch_size is not None:
+        return math.sqrt(config.batch_size / config.noise_batch_size - 1.0)
+    return config.stddev
 
 
 def run_name(config):
     """A readable name for the run's output folder."""
-    noise = "plain" if config.noise == "none" else f"{config.noise}{config.stddev:.3g}"
+    noise = "plain" if config.noise == "none" else f"{config.noise}{mixing_stddev(config):.3g}"
     size = f"n{config.train_size}" if config.train_size else "full"
     c = config
     return f"{c.dataset}_{c.model}_{size}_{c.optimizer}_b{c.batch_size}_e{c.epochs}_{noise}_s{c.seed}"
@@ -337,7 +328,7 @@ def build_optimizer(config, settings):
     if config.noise == "none":
         return optimizer
     return gm.GradientMix(
-        optimizer, level="sample", noise=config.noise, stddev=config.stddev, seed=config.seed + 1
+        optimizer, level="sample", noise=config.noise, stddev=mixing_stddev(config), seed=config.seed + 1
     )
 
 
@@ -374,7 +365,7 @@ def run(config):
         f"{len(y_test)} test; {steps_per_epoch} steps/epoch x {config.epochs} epochs = "
         f"{settings['total_steps']} steps; peak LR {settings['peak_learning_rate']:g} "
         f"({settings['base_learning_rate']:g} x B/{settings['base_batch_size']}), warmup "
-        f"{settings['warmup_steps']} steps; noise {config.noise} stddev {config.stddev:.4g}.",
+        f"{settings['warmup_steps']} steps; noise {config.noise} stddev {mixing_stddev(config):.4g}.",
         flush=True,
     )
 
@@ -417,7 +408,7 @@ def run(config):
     logs = history.history
     gammas = logs.get(gm.model.GAMMA_METRIC)
     result = {
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()},
+        "config": values_of(config),
         "name": run_name(config),
         "seed": config.seed,
         "train_examples": int(len(y_train)),
@@ -426,6 +417,7 @@ def run(config):
         "steps": settings["total_steps"],
         "peak_learning_rate": settings["peak_learning_rate"],
         "warmup_steps": settings["warmup_steps"],
+        "stddev": mixing_stddev(config),
         "train_acc": train_acc,
         "train_loss": train_loss,
         "val_acc": val_acc,

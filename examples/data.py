@@ -8,8 +8,9 @@ neither, the loader uses its library's download (``keras.datasets``,
 TensorFlow Datasets) or says that there is none.
 """
 
-import dataclasses
 import os
+
+from examples.config import option
 
 __all__ = ["DATA_ENV", "find", "data_dir_field", "cache_dir_field"]
 
@@ -49,11 +50,10 @@ def data_dir_field(what, otherwise=None):
     ``otherwise``: where the loader turns when neither the flag nor ``$TF_GRADMIX_DATA`` is set.
     """
     fallback = f", then {otherwise}" if otherwise else ""
-    return dataclasses.field(default=None, metadata={"help": f"{what} (default: ${DATA_ENV}{fallback})"})
+    return option(None, help=f"{what} (default: ${DATA_ENV}{fallback})", affects_result=False, group="data")
 
 
 def cache_dir_field():
     """A Config field ``cache_dir`` (flag ``--cache-dir``): where decoded arrays are cached."""
-    return dataclasses.field(
-        default=None, metadata={"help": "decoded-array cache (default: $TF_GRADMIX_CACHE or ~/.cache/tf_gradmix)"}
-    )
+    return option(None, help="decoded-array cache (default: $TF_GRADMIX_CACHE or ~/.cache/tf_gradmix)",
+                  affects_result=False, group="data")

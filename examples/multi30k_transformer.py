@@ -41,10 +41,10 @@ Examples::
     python -m examples.multi30k_transformer --quick                    # smoke test
 """
 
-import argparse
 import dataclasses
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -55,6 +55,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 from examples import data, multi30k, results, threads  # noqa: E402
+from examples.config import check_choices, config_from_argv, flag_of, option, values_of  # noqa: E402
 
 SIZES = {
     # layers (encoder = decoder), d_model, heads, FFN width, dropout
@@ -67,97 +68,96 @@ OPTIMIZERS = ("adam", "lamb")
 NOISES = ("none", "gaussian", "rademacher")
 
 
-def _option(default, help=None, **metadata):
-    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+#: What ``--quick`` sets (it wins over the same flags given with it).
+QUICK = dict(size="tiny", train_size=256, batch_size=32, epochs=2, max_len=20, bleu_size=16, vocab_size=2000)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Config:
     """One run of the trainer; each field is the flag ``--field-name``."""
 
-    # data
     data_dir: Optional[str] = data.data_dir_field("folder with multi30k/")
-    val_source: str = _option("auto", "official val files, or a hold-out of the training set", choices=VAL_SOURCES)
-    val_size: int = _option(1000, "pairs held out of training with --val-source holdout")
-    train_size: Optional[int] = _option(None, "use only the first N training pairs (after any hold-out)")
-    max_len: int = _option(40, "tokens per sentence (longer ones are truncated)")
-    vocab_size: int = _option(10000)
-    min_count: int = _option(2)
-    # model
-    size: str = _option("small", choices=tuple(SIZES))
-    layers: Optional[int] = _option(None, "override the --size value")
-    d_model: Optional[int] = _option(None, "override the --size value")
-    heads: Optional[int] = _option(None, "override the --size value")
-    ff: Optional[int] = _option(None, "override the --size value")
-    dropout: Optional[float] = _option(None, "override the --size value")
-    # optimization
-    optimizer: str = _option("adam", choices=OPTIMIZERS)
-    batch_size: int = _option(64, "sentences per step")
-    epochs: int = _option(10)
-    lr: Optional[float] = _option(None, "peak learning rate (default d_model^-0.5 * warmup^-0.5)")
-    warmup_steps: Optional[int] = _option(None, "default round(4000 * 64 / B)")
-    weight_decay: float = _option(0.0, "LAMB's coupled weight decay")
-    clipnorm: Optional[float] = _option(None)
-    # GradientMix
-    noise: str = _option("none", choices=NOISES)
-    stddev: float = _option(1.0)
-    noise_batch_size: Optional[int] = _option(None, "instead of --stddev: sqrt(B / this - 1)")
-    # run
-    seed: int = _option(0)
-    bleu_size: Optional[int] = _option(None, "sentences decoded for BLEU per split (default: all)")
-    out: Optional[str] = _option(None, "default runs/multi30k_transformer/<name>")
-    json_out: Optional[str] = _option(None)
+    val_source: str = option("auto", choices=VAL_SOURCES, help="official val files, or a hold-out of the "
+                             "training set", group="data")
+    val_size: int = option(1000, help="pairs held out of training with --val-source holdout", group="data")
+    train_size: Optional[int] = option(None, help="use only the first N training pairs (after any hold-out)",
+                                       group="data")
+    max_len: int = option(40, help="tokens per sentence (longer ones are truncated)", group="data")
+    vocab_size: int = option(10000, group="data")
+    min_count: int = option(2, group="data")
+    size: str = option("small", choices=tuple(SIZES), group="model")
+    layers: Optional[int] = option(None, help="override the --size value", group="model")
+    d_model: Optional[int] = option(None, help="override the --size value", group="model")
+    heads: Optional[int] = option(None, help="override the --size value", group="model")
+    ff: Optional[int] = option(None, help="override the --size value", group="model")
+    dropout: Optional[float] = option(None, help="override the --size value", group="model")
+    optimizer: str = option("adam", choices=OPTIMIZERS, group="optimization")
+    batch_size: int = option(64, help="sentences per step", group="optimization")
+    epochs: int = option(10, group="optimization")
+    lr: Optional[float] = option(None, help="peak learning rate (default d_model^-0.5 * warmup^-0.5)",
+                                 group="optimization")
+    warmup_steps: Optional[int] = option(None, help="default round(4000 * 64 / B)", group="optimization")
+    weight_decay: float = option(0.0, help="LAMB's coupled weight decay", group="optimization")
+    clipnorm: Optional[float] = option(None, group="optimization")
+    noise: str = option("none", choices=NOISES, group="GradientMix")
+    stddev: float = option(1.0, help="unused with --noise none", group="GradientMix")
+    noise_batch_size: Optional[int] = option(None, help="instead of --stddev: sqrt(B / this - 1)",
+                                             group="GradientMix")
+    seed: int = option(0, group="run")
+    bleu_size: Optional[int] = option(None, help="sentences decoded for BLEU per split (default: all)", group="run")
+    out: Optional[str] = option(None, help="default runs/multi30k_transformer/<name>", affects_result=False,
+                                group="run")
+    json_out: Optional[str] = option(None, help="where to write the result (default <out>/result.json)",
+                                     affects_result=False, group="run")
     threads: Optional[int] = threads.threads_field()
-    verbose: Optional[int] = _option(None, "Keras fit verbosity (default: 1 on a terminal, else 2)",
-                                     choices=(0, 1, 2))
-    quick: bool = _option(False, "tiny settings for a smoke test")
+    verbose: Optional[int] = option(None, choices=(0, 1, 2), help="Keras fit verbosity (default: 1 on a "
+                                    "terminal, else 2)", affects_result=False, group="run")
+    quick: bool = option(False, help="tiny settings for a smoke test", group="run")
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if choices and value is not None and value not in choices:
-                raise ValueError(f"--{f.name.replace('_', '-')} must be one of {choices}, got {value!r}")
+        check_choices(self)
         if self.quick:
-            self.size, self.train_size, self.batch_size, self.epochs = "tiny", 256, 32, 2
-            self.max_len, self.bleu_size, self.vocab_size = 20, 16, 2000
-        for key, value in SIZES[self.size].items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
-        if self.d_model % self.heads:
-            raise ValueError(f"--d-model must be a multiple of --heads, got {self.d_model} and {self.heads}")
+            for name, value in QUICK.items():
+                object.__setattr__(self, name, value)
+        shape = architecture(self)
+        for name in ("layers", "d_model", "heads", "ff"):
+            if shape[name] <= 0:
+                raise ValueError(f"{flag_of(name)} must be positive, got {shape[name]}")
+        if not 0.0 <= shape["dropout"] < 1.0:
+            raise ValueError(f"--dropout must be in [0, 1), got {shape['dropout']}")
+        if shape["d_model"] % shape["heads"]:
+            raise ValueError(f"--d-model must be a multiple of --heads, got {shape['d_model']} and {shape['heads']}")
+        for name in ("batch_size", "epochs", "max_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{flag_of(name)} must be positive, got {getattr(self, name)}")
         if self.noise_batch_size is not None:
             if self.noise == "none" or not 0 < self.noise_batch_size <= self.batch_size:
                 raise ValueError("--noise-batch-size needs a --noise and a value in [1, --batch-size], got "
                                  f"{self.noise_batch_size}")
-            self.stddev = math.sqrt(self.batch_size / self.noise_batch_size - 1.0)
-        if self.noise == "none":
-            self.stddev = 0.0
 
 
 def parse_args(argv=None):
-    """The :class:`Config` of the command line ``argv`` (default ``sys.argv[1:]``)."""
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        kwargs = {"help": f.metadata.get("help")}
-        if f.type is bool:
-            p.add_argument(flag, action="store_true", **kwargs)
-            continue
-        kind = {int: int, float: float, str: str}.get(f.type) or f.type.__args__[0]
-        if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
-        p.add_argument(flag, type=kind, default=f.default, **kwargs)
-    try:
-        return Config(**vars(p.parse_args(argv)))
-    except ValueError as error:
-        p.error(str(error))
+    """The :class:`Config` of a command line (``sys.argv[1:]`` by default)."""
+    return config_from_argv(Config, sys.argv[1:] if argv is None else argv, description=__doc__.split("\n")[0])
+
+
+def architecture(config):
+    """``{layers, d_model, heads, ff, dropout}``: the ``--size`` values, each overridden by its flag if given."""
+    return {key: value if getattr(config, key) is None else getattr(config, key)
+            for key, value in SIZES[config.size].items()}
+
+
+def mixing_stddev(config):
+    """The stddev of the mixing weights: 0 without noise, else ``--stddev`` or ``sqrt(B / --noise-batch-size - 1)``."""
+    if config.noise == "none":
+        return 0.0
+    if config.noise_batch_size is not None:
+        return math.sqrt(config.batch_size / config.noise_batch_size - 1.0)
+    return config.stddev
 
 
 def run_name(config):
-    noise = "plain" if config.noise == "none" else f"{config.noise}{config.stddev:.3g}"
+    noise = "plain" if config.noise == "none" else f"{config.noise}{mixing_stddev(config):.3g}"
     return f"multi30k_{config.size}_{config.optimizer}_b{config.batch_size}_e{config.epochs}_{noise}_s{config.seed}"
 
 
@@ -172,7 +172,8 @@ def build_model(config, src_vocab_size, tgt_vocab_size):
 
     import tf_gradmix as gm
 
-    d_model, heads, ff, dropout = config.d_model, config.heads, config.ff, config.dropout
+    shape = architecture(config)
+    d_model, heads, ff, dropout = shape["d_model"], shape["heads"], shape["ff"], shape["dropout"]
 
     class Embed(layers.Layer):
         """Token embedding times sqrt(d_model) plus sinusoidal positions."""
@@ -217,12 +218,12 @@ def build_model(config, src_vocab_size, tgt_vocab_size):
     # [B, 1, S]: every query may attend to the source's non-padding tokens.
     src_mask = layers.Reshape((1, -1), name="source_mask")(NotPad(name="source_valid")(src))
     x = layers.Dropout(dropout)(Embed(src_vocab_size, config.max_len + 1, name="source_embed")(src))
-    for i in range(config.layers):
+    for i in range(shape["layers"]):
         x = attention(x, None, src_mask, f"enc{i}_self")
         x = feed_forward(x, f"enc{i}_ff")
     memory = layers.LayerNormalization(epsilon=1e-6, name="enc_final_ln")(x)
     y = layers.Dropout(dropout)(Embed(tgt_vocab_size, config.max_len + 1, name="target_embed")(tgt))
-    for i in range(config.layers):
+    for i in range(shape["layers"]):
         # Causal self-attention: padding comes after the sentence, so a real
         # token never sees it; padded positions are excluded from the loss.
         y = attention(y, None, None, f"dec{i}_self", causal=True)
@@ -282,7 +283,7 @@ def build_optimizer(config):
     import tf_gradmix as gm
 
     warmup = config.warmup_steps or gm.schedules.inverse_sqrt_warmup_steps(config.batch_size)
-    peak = config.lr if config.lr is not None else config.d_model ** -0.5 * warmup ** -0.5
+    peak = config.lr if config.lr is not None else architecture(config)["d_model"] ** -0.5 * warmup ** -0.5
     schedule = gm.schedules.InverseSqrtWarmup(peak, warmup)
     if config.optimizer == "adam":
         inner = keras.optimizers.Adam(schedule, beta_1=0.9, beta_2=0.98, epsilon=1e-9, clipnorm=config.clipnorm)
@@ -291,7 +292,7 @@ def build_optimizer(config):
             schedule, weight_decay=config.weight_decay, exclude_1d_variables=True, clipnorm=config.clipnorm
         )
     optimizer = inner if config.noise == "none" else gm.GradientMix(
-        inner, level="sample", noise=config.noise, stddev=config.stddev, seed=config.seed + 1
+        inner, level="sample", noise=config.noise, stddev=mixing_stddev(config), seed=config.seed + 1
     )
     return optimizer, peak, warmup
 
@@ -354,15 +355,15 @@ def run(config):
     wall_start = time.perf_counter()
     out = Path(config.out or Path("runs") / "multi30k_transformer" / run_name(config))
     out.mkdir(parents=True, exist_ok=True)
-    data = multi30k.load_multi30k(config.data_dir, config.val_source, config.val_size, config.seed)
-    train_src, train_tgt = data["train"]
+    corpus = multi30k.load_multi30k(config.data_dir, config.val_source, config.val_size, config.seed)
+    train_src, train_tgt = corpus["train"]
     if config.train_size:
         train_src, train_tgt = train_src[: config.train_size], train_tgt[: config.train_size]
     src_vocab = multi30k.Vocab.build(train_src, config.vocab_size, config.min_count)
     tgt_vocab = multi30k.Vocab.build(train_tgt, config.vocab_size, config.min_count)
     train = multi30k.encode_pairs(train_src, train_tgt, src_vocab, tgt_vocab, config.max_len)
-    val = multi30k.encode_pairs(*data["val"], src_vocab, tgt_vocab, config.max_len)
-    test = multi30k.encode_pairs(*data["test"], src_vocab, tgt_vocab, config.max_len)
+    val = multi30k.encode_pairs(*corpus["val"], src_vocab, tgt_vocab, config.max_len)
+    test = multi30k.encode_pairs(*corpus["test"], src_vocab, tgt_vocab, config.max_len)
     if len(train[0]) < config.batch_size:
         raise SystemExit(f"--batch-size {config.batch_size} exceeds the {len(train[0])} training pairs")
     steps_per_epoch = len(train[0]) // config.batch_size
@@ -377,11 +378,11 @@ def run(config):
     )
     print(
         f"Run {run_name(config)}: {len(train[0])} training pairs, validation "
-        f"{len(val[0])} ({'official val files' if data['val_source'] == 'file' else 'held out of training'}), "
+        f"{len(val[0])} ({'official val files' if corpus['val_source'] == 'file' else 'held out of training'}), "
         f"test {len(test[0])}; vocab en {len(src_vocab)} de {len(tgt_vocab)}; "
         f"{model.count_params():,} parameters; {steps_per_epoch} steps/epoch x {config.epochs}; "
         f"{config.optimizer} peak LR {peak:.3g}, warmup {warmup} steps; noise {config.noise} "
-        f"stddev {config.stddev:.4g}.",
+        f"stddev {mixing_stddev(config):.4g}.",
         flush=True,
     )
     train_ds = multi30k.make_dataset(*train, config.batch_size, training=True, seed=config.seed)
@@ -398,15 +399,15 @@ def run(config):
     fit_seconds = time.perf_counter() - fit_start
     val_logs = model.evaluate(val_ds, verbose=0, return_dict=True)
     test_logs = model.evaluate(multi30k.make_dataset(*test, 256, training=False), verbose=0, return_dict=True)
-    val_bleu, examples = bleu(model, *data["val"], src_vocab, tgt_vocab, config.max_len, config.bleu_size)
-    test_bleu, _ = bleu(model, *data["test"], src_vocab, tgt_vocab, config.max_len, config.bleu_size)
+    val_bleu, examples = bleu(model, *corpus["val"], src_vocab, tgt_vocab, config.max_len, config.bleu_size)
+    test_bleu, _ = bleu(model, *corpus["test"], src_vocab, tgt_vocab, config.max_len, config.bleu_size)
     logs = history.history
     gammas = logs.get(gm.model.GAMMA_METRIC)
     result = {
-        "config": dataclasses.asdict(config),
+        "config": values_of(config),
         "name": run_name(config),
         "seed": config.seed,
-        "val_source": data["val_source"],
+        "val_source": corpus["val_source"],
         "train_pairs": len(train[0]),
         "val_pairs": len(val[0]),
         "test_pairs": len(test[0]),
@@ -414,6 +415,7 @@ def run(config):
         "steps": steps_per_epoch * config.epochs,
         "peak_learning_rate": peak,
         "warmup_steps": warmup,
+        "stddev": mixing_stddev(config),
         "val_token_acc": float(val_logs["token_acc"]),
         "val_loss": float(val_logs["loss"]),
         "val_bleu": val_bleu,

@@ -1,6 +1,6 @@
 """TensorFlow thread limits shared by the examples' ``--threads`` flag."""
 
-import dataclasses
+from examples.config import option
 
 __all__ = ["limit_threads", "threads_field"]
 
@@ -19,6 +19,6 @@ def limit_threads(threads):
     tf.config.threading.set_inter_op_parallelism_threads(threads)
 
 
-def threads_field():
+def threads_field(group="run"):
     """A Config field ``threads`` (flag ``--threads``), the argument of :func:`limit_threads`."""
-    return dataclasses.field(default=None, metadata={"help": "cap TensorFlow's thread pools (default: all cores)"})
+    return option(None, help="cap TensorFlow's thread pools (default: all cores)", affects_result=False, group=group)
