@@ -35,7 +35,6 @@ Phases, in the order they run (``--phase all`` runs them in turn):
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 from examples import gd_vs_sgd
@@ -121,21 +120,6 @@ def full_batch(args, lr, seed, noise="none", factor=1.0):
 
 def penalized(args, lr, seed, factor):
     return dataclasses.replace(base_config(args, lr, seed), batch_size=0, penalty_factor=factor)
-
-
-def key_of(run_args):
-    """The key format of the rows recorded before the runner (flag -> value, order-free).
-
-    ``experiments/capped_rate.py`` still keys its runs this way; the runner
-    reads such rows by their ``command``.
-    """
-    it = iter(run_args)
-    return json.dumps({flag: next(it) for flag in it}, sort_keys=True)
-
-
-def load_results(path):
-    """``{key: row}`` of a results file, by the rows' own ``key`` (see :func:`key_of`)."""
-    return {row["key"]: row for row in runner.read_rows(path)}
 
 
 def summary(row):
