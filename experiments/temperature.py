@@ -38,7 +38,7 @@ import dataclasses
 from pathlib import Path
 
 from examples import gd_vs_sgd
-from examples.config import argv_of, config_from_argv
+from examples.config import config_from_argv, flags_of
 from experiments import runner
 
 HERE = Path(__file__).resolve().parent
@@ -95,12 +95,10 @@ def parse_args(argv=None):
 
 
 def base_config(args, lr, seed):
-    """The settings every arm of one rate and seed shares (``--extra`` flags on top of the trainer's defaults)."""
-    base = gd_vs_sgd.Config(
-        train_size=args.train_size, steps=args.steps, optimizer=args.optimizer, momentum=args.momentum, lr=lr,
-        seed=seed, reference_batch_size=args.batch_size,
-    )
-    return config_from_argv(gd_vs_sgd.Config, argv_of(base) + list(args.extra)) if args.extra else base
+    """The settings every arm of one rate and seed shares; ``--extra`` flags come last and win."""
+    shared = dict(train_size=args.train_size, steps=args.steps, optimizer=args.optimizer, momentum=args.momentum,
+                  lr=lr, seed=seed, reference_batch_size=args.batch_size)
+    return config_from_argv(gd_vs_sgd.Config, flags_of(gd_vs_sgd.Config, shared) + list(args.extra))
 
 
 def noise_arms(args):

@@ -59,6 +59,11 @@ def test_argv_has_only_the_flags_that_differ_from_the_defaults_and_round_trips()
     assert cfg.config_from_argv(Sample, argv) == config  # floats exactly, not rounded
     with pytest.raises(ValueError, match="--filters: an empty list"):
         cfg.argv_of(Sample(filters=()))
+    # Flags of some fields, to extend: train_size 0 alone is no valid Sample, the whole line decides.
+    assert cfg.flags_of(Sample, {"train_size": 0, "lr": 0.05, "quick": True}) == ["--train-size", "0", "--quick"]
+    assert cfg.config_from_argv(Sample, cfg.flags_of(Sample, {"train_size": 0}) + ["--train-size", "8"]).train_size == 8
+    with pytest.raises(ValueError, match="Sample has no field epochs"):
+        cfg.flags_of(Sample, {"epochs": 1})
 
 
 def test_bad_values_exit_with_a_usage_error_naming_the_flag(capsys):
