@@ -194,18 +194,30 @@ def config_from_dict(cls, values):
 
 
 def values_of(config, affects_result_only=False):
-    """The fields of a config as JSON-ready values (tuples as lists, paths as strings), in field order."""
+    """The fields of a config as JSON-ready values, in field order.
+
+    Tuples become lists, paths strings, and integers in float fields floats
+    (so equal settings give equal JSON, hence equal run keys).
+    """
     out = {}
-    for field, _ in _fields(type(config)):
+    for field, hint in _fields(type(config)):
         if affects_result_only and not field.metadata.get("affects_result", True):
             continue
+        scalar, _, _ = _shape(type(config), field, hint)
         value = getattr(config, field.name)
-        if isinstance(value, Path):
-            value = str(value)
-        elif isinstance(value, (tuple, list)):
-            value = [str(v) if isinstance(v, Path) else v for v in value]
-        out[field.name] = value
+        if isinstance(value, (tuple, list)):
+            out[field.name] = [_json_ready(scalar, v) for v in value]
+        else:
+            out[field.name] = _json_ready(scalar, value)
     return out
+
+
+def _json_ready(scalar, value):
+    if isinstance(value, Path):
+        return str(value)
+    if scalar is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)  # 16 and 16.0 are one setting of a float field
+    return value
 
 
 def _text(value):

@@ -100,6 +100,8 @@ def test_dicts_convert_back_to_the_field_types_and_unknown_names_are_refused():
     values = cfg.values_of(config)
     assert values["filters"] == [3, 4] and values["data_dir"] == "/d"
     assert "data_dir" not in cfg.values_of(config, affects_result_only=True)
+    assert cfg.values_of(Sample(lr=2, rates=(1, 0.5)))["lr"] == 2.0 and cfg.values_of(Sample(rates=(1, 0.5)))[
+        "rates"] == [1.0, 0.5] and isinstance(cfg.values_of(Sample(lr=2))["lr"], float)
     assert cfg.config_from_dict(Sample, values) == config
     assert cfg.config_from_dict(Sample, {"lr": 0.2}) == Sample(lr=0.2)
     with pytest.raises(ValueError, match="Sample has no field epochs"):

@@ -211,3 +211,18 @@ def test_the_regime_a_sweep_finds_every_recorded_run_in_its_plan():
     adam = temperature.parse_args(["--optimizer", "adam", "--lr", "3e-3", "--noises", "gaussian", "bernoulli",
                                    "isotropic"])
     assert set(runner.rows_by_key(RESULTS / "cifar10_gd_vs_sgd_adam.jsonl")) <= plan(adam, (1e-4, 3e-4, 1e-3, 3e-3))
+
+
+def test_rows_the_running_old_sweeps_append_match_the_runs_the_new_sweep_plans():
+    """The old temperature.py, still running elsewhere, writes these commands; their rows must count as done."""
+    old = "python -m examples.gd_vs_sgd --train-size 1024 --steps 2000 {} --reference-batch-size 32 --batch-size 0 {}"
+    sgd = temperature.parse_args(["--phase", "penalty", "--lr", "0.1"])
+    adam = temperature.parse_args(["--optimizer", "adam", "--noises", "isotropic"])
+    for command, config in (
+        (old.format("--momentum 0 --lr 0.1 --seed 0", "--penalty-factor 1"), temperature.penalized(sgd, 0.1, 0, 1.0)),
+        (old.format("--momentum 0 --lr 0.1 --seed 2", "--penalty-factor 16"), temperature.penalized(sgd, 0.1, 2, 16)),
+        (old.format("--optimizer adam --lr 0.003 --seed 1", "--noise isotropic"),
+         temperature.full_batch(adam, 3e-3, 1, "isotropic")),
+    ):
+        row = {"key": "(an old format)", "command": command, "arm": "whatever the result said"}
+        assert runner.key_of_row(row) == runner.key_of(temperature.EXAMPLE, config), command
