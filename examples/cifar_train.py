@@ -49,7 +49,6 @@ package there).
 """
 
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -61,7 +60,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from examples import cifar10, curvature, data, results, threads  # noqa: E402
+from examples import cifar10, curvature, data, mixing, results, threads  # noqa: E402
 from examples.config import check_choices, config_from_argv, flag_of, option, values_of  # noqa: E402
 
 DATASETS = ("cifar10", "cifar100")
@@ -143,12 +142,7 @@ class Config:
         for name in ("batch_size", "epochs", "validation_freq"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{flag_of(name)} must be positive, got {getattr(self, name)}")
-        if self.noise_batch_size is not None:
-            if self.noise == "none":
-                raise ValueError("--noise-batch-size needs --noise gaussian or rademacher")
-            if not 0 < self.noise_batch_size <= self.batch_size:
-                raise ValueError(f"--noise-batch-size must be in [1, --batch-size={self.batch_size}], got "
-                                 f"{self.noise_batch_size}")
+        mixing.check_mixing(self)
 
 
 def parse_args(argv=None):
@@ -156,18 +150,9 @@ def parse_args(argv=None):
     return config_from_argv(Config, sys.argv[1:] if argv is None else argv, description=__doc__.split("\n")[0])
 
 
-def mixing_stddev(config):
-    """The stddev of the mixing weights: 0 without noise, else ``--stddev`` or ``sqrt(B / --noise-batch-size - 1)``."""
-    if config.noise == "none":
-        return 0.0
-    if config.noise_batch_size is not None:
-        return math.sqrt(config.batch_size / config.noise_batch_size - 1.0)
-    return config.stddev
-
-
 def run_name(config):
     """A readable name for the run's output folder."""
-    noise = "plain" if config.noise == "none" else f"{config.noise}{mixing_stddev(config):.3g}"
+    noise = "plain" if config.noise == "none" else f"{config.noise}{mixing.mixing_stddev(config):.3g}"
     size = f"n{config.train_size}" if config.train_size else "full"
     c = config
     return f"{c.dataset}_{c.model}_{size}_{c.optimizer}_b{c.batch_size}_e{c.epochs}_{noise}_s{c.seed}"
@@ -328,7 +313,7 @@ def build_optimizer(config, settings):
     if config.noise == "none":
         return optimizer
     return gm.GradientMix(
-        optimizer, level="sample", noise=config.noise, stddev=mixing_stddev(config), seed=config.seed + 1
+        optimizer, level="sample", noise=config.noise, stddev=mixing.mixing_stddev(config), seed=config.seed + 1
     )
 
 
@@ -365,7 +350,7 @@ def run(config):
         f"{len(y_test)} test; {steps_per_epoch} steps/epoch x {config.epochs} epochs = "
         f"{settings['total_steps']} steps; peak LR {settings['peak_learning_rate']:g} "
         f"({settings['base_learning_rate']:g} x B/{settings['base_batch_size']}), warmup "
-        f"{settings['warmup_steps']} steps; noise {config.noise} stddev {mixing_stddev(config):.4g}.",
+        f"{settings['warmup_steps']} steps; noise {config.noise} stddev {mixing.mixing_stddev(config):.4g}.",
         flush=True,
     )
 
@@ -417,7 +402,7 @@ def run(config):
         "steps": settings["total_steps"],
         "peak_learning_rate": settings["peak_learning_rate"],
         "warmup_steps": settings["warmup_steps"],
-        "stddev": mixing_stddev(config),
+        "stddev": mixing.mixing_stddev(config),
         "train_acc": train_acc,
         "train_loss": train_loss,
         "val_acc": val_acc,

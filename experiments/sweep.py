@@ -57,6 +57,7 @@ Usage::
 
 import argparse
 import dataclasses
+import hashlib
 import math
 from pathlib import Path
 
@@ -371,7 +372,10 @@ def run_name(args, config):
         and getattr(config, k) != getattr(defaults, k)
     )
     suffix = "".join(f"_{k}{getattr(config, k)}" for k in others)
-    return name + suffix.replace(" ", "").replace(",", "-").replace("(", "").replace(")", "")
+    name += suffix.replace(" ", "").replace(",", "-").replace("(", "").replace(")", "")
+    if "quick" in others:  # --quick overrides the batch size and more: tell its runs apart by their key
+        name += "_" + hashlib.sha256(runner.key_of(TASKS[args.task]["example"], config).encode()).hexdigest()[:8]
+    return name
 
 
 def summary(row):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from examples import cifar_train, multi30k_transformer
+from examples import cifar_train, mixing, multi30k_transformer
 from examples.config import argv_of, config_from_argv, values_of
 
 pytestmark = pytest.mark.backends("tensorflow")
@@ -52,7 +52,7 @@ def test_recorded_commands_parse_into_configs_that_round_trip(name):
         assert config_from_argv(trainer.Config, argv_of(config)) == config, row["command"]
         # The row's recorded configuration: what each flag meant when it ran.
         values = values_of(config, affects_result_only=True)
-        values["stddev"] = trainer.mixing_stddev(config)
+        values["stddev"] = mixing.mixing_stddev(config)
         recorded = {k: v for k, v in row["config"].items() if k in values}
         assert recorded, row["command"]
         assert {k: values[k] for k in recorded} == recorded, row["command"]
