@@ -216,10 +216,25 @@ def _text(value):
 
 def argv_of(config):
     """The flags of ``config`` that differ from the defaults, in field order (a short, exact command line)."""
+    return flags_of(type(config), {f.name: getattr(config, f.name) for f, _ in _fields(type(config))})
+
+
+def flags_of(cls, values):
+    """The flags that set the fields ``values`` (a name -> value mapping) of ``cls``, defaults left out.
+
+    For a command line to extend: unlike a ``cls`` instance, the values need
+    not make a valid config on their own (``config_from_argv`` checks the
+    whole line).
+    """
+    unknown = sorted(set(values) - {f.name for f, _ in _fields(cls)})
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field {', '.join(unknown)}")
     argv = []
-    for field, hint in _fields(type(config)):
-        value, default = getattr(config, field.name), _default(field)
-        scalar, nargs, _ = _shape(type(config), field, hint)
+    for field, hint in _fields(cls):
+        if field.name not in values:
+            continue
+        value, default = values[field.name], _default(field)
+        scalar, nargs, _ = _shape(cls, field, hint)
         if default is not dataclasses.MISSING and value == default and type(value) is type(default):
             continue
         flag = flag_of(field.name)

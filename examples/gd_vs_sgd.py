@@ -46,12 +46,10 @@ The flags are the fields of :class:`Config` (``--field-name``); from Python,
 """
 
 import dataclasses
-import json
 import math
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Optional
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -59,7 +57,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from examples import cifar10, threads  # noqa: E402
+from examples import cifar10, curvature, data, results, threads  # noqa: E402
 from examples.config import check_choices, config_from_argv, flag_of, option  # noqa: E402
 
 NOISES = ("none", "gaussian", "rademacher", "bernoulli", "isotropic")
@@ -70,10 +68,8 @@ OPTIMIZERS = ("sgd", "adam")
 class Config:
     """One arm of the equal-rate, equal-steps study: GD, small-batch SGD, or GD + noise or penalty."""
 
-    data_dir: Optional[str] = option(None, affects_result=False, help="CIFAR-10 JPEG copy (default: "
-                                     "$TF_GRADMIX_DATA, then keras.datasets)")
-    cache_dir: Optional[str] = option(None, affects_result=False, help="decoded-array cache (default: "
-                                      "$TF_GRADMIX_CACHE or ~/.cache/tf_gradmix)")
+    data_dir: Optional[str] = data.data_dir_field("CIFAR-10 JPEG copy", "keras.datasets")
+    cache_dir: Optional[str] = data.cache_dir_field()
     train_size: int = option(1024, help="N, the fixed class-balanced training subset")
     val_size: int = option(1000, help="held out of training, for choosing the rate")
     test_size: Optional[int] = option(None, help="class-balanced subset of the test images (default: all 10,000)")
@@ -93,7 +89,7 @@ class Config:
                                    "the reference batch size; 0 = none")
     seed: int = option(0, help="initial weights, batch order and noise stream")
     ggn_size: int = option(512, help="training examples for log Tr(G); 0 skips it")
-    threads: Optional[int] = option(None, affects_result=False, help="cap TensorFlow's thread pools")
+    threads: Optional[int] = threads.threads_field()
     out: Optional[str] = option(None, affects_result=False, help="write the JSON result here too")
 
     def __post_init__(self):
@@ -301,17 +297,9 @@ def training_dataset(config, x, y, batch):
 
 
 def log_ggn_trace(config, model, x, y):
-    import keras
-    import tensorflow as tf
-
-    from tf_gradmix import diagnostics
-
+    """log Tr(G) of the trained model on the first ``--ggn-size`` training examples."""
     n = min(config.ggn_size, len(y))
-    images = cifar10.normalize(tf.constant(x[:n])).numpy()
-    estimate = diagnostics.ggn_trace(
-        model, images, y[:n], keras.losses.SparseCategoricalCrossentropy(from_logits=True), batch_size=64
-    )
-    return {"ggn_examples": int(n), "log_ggn_trace": float(estimate.log_trace), "ggn_trace": float(estimate.trace)}
+    return curvature.log_ggn_trace(model, x[:n], y[:n], batch_size=64)
 
 
 def run(config):
@@ -412,11 +400,9 @@ def arm_name(config):
 def main(argv=None):
     config = parse_args(argv)
     result = run(config)
-    text = json.dumps(result)
     if config.out:
-        Path(config.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(config.out).write_text(text + "\n")
-    print(text)
+        results.write_result(result, config.out)
+    results.print_result(result)
 
 
 if __name__ == "__main__":

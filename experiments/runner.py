@@ -21,8 +21,12 @@ stopped (Ctrl-C, or a kill of its process group) continues where it stopped
 when started again. Rows written by earlier versions of the sweeps (other
 ``key`` formats, no ``config``) are recognised by their ``command``, parsed
 with the trainer's own command line.
+
+    python -m experiments.runner experiments/results/*.jsonl             # rows recognised, per file
+    python -m experiments.runner --commands experiments/results/cifar10_gd_vs_sgd.jsonl   # each row's command
 """
 
+import argparse
 import dataclasses
 import importlib
 import json
@@ -233,3 +237,28 @@ def run_all(runs, results, parallel=1, threads=None, summary=None, echo=print):
         raise RuntimeError(f"{len(failures)} run(s) failed: " + "; ".join(failures))
     done = rows_by_key(results)
     return [done[key] for key in keys]
+
+
+def command_of_row(row):
+    """The command that reruns a recorded row with the current interface (``python -m <trainer> <flags>``)."""
+    trainer, config = config_of_row(row)
+    if isinstance(config, dict):  # a trainer without a Config: its recorded command
+        return row["command"]
+    return shlex.join(["python", "-m", trainer, *argv_of(config)])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Check JSONL results files: every row recognised, and its command.")
+    p.add_argument("results", nargs="+", type=Path)
+    p.add_argument("--commands", action="store_true", help="print the command that reruns each row")
+    args = p.parse_args(argv)
+    for path in args.results:
+        rows, keys = read_rows(path), rows_by_key(path)
+        print(f"{path}: {len(rows)} rows, {len(rows)} recognised, {len(keys)} distinct runs")
+        if args.commands:
+            for row in rows:
+                print("  " + command_of_row(row))
+
+
+if __name__ == "__main__":
+    main()

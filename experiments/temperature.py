@@ -35,11 +35,10 @@ Phases, in the order they run (``--phase all`` runs them in turn):
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 from examples import gd_vs_sgd
-from examples.config import argv_of, config_from_argv
+from examples.config import config_from_argv, flags_of
 from experiments import runner
 
 HERE = Path(__file__).resolve().parent
@@ -96,12 +95,10 @@ def parse_args(argv=None):
 
 
 def base_config(args, lr, seed):
-    """The settings every arm of one rate and seed shares (``--extra`` flags on top of the trainer's defaults)."""
-    base = gd_vs_sgd.Config(
-        train_size=args.train_size, steps=args.steps, optimizer=args.optimizer, momentum=args.momentum, lr=lr,
-        seed=seed, reference_batch_size=args.batch_size,
-    )
-    return config_from_argv(gd_vs_sgd.Config, argv_of(base) + list(args.extra)) if args.extra else base
+    """The settings every arm of one rate and seed shares; ``--extra`` flags come last and win."""
+    shared = dict(train_size=args.train_size, steps=args.steps, optimizer=args.optimizer, momentum=args.momentum,
+                  lr=lr, seed=seed, reference_batch_size=args.batch_size)
+    return config_from_argv(gd_vs_sgd.Config, flags_of(gd_vs_sgd.Config, shared) + list(args.extra))
 
 
 def noise_arms(args):
@@ -121,21 +118,6 @@ def full_batch(args, lr, seed, noise="none", factor=1.0):
 
 def penalized(args, lr, seed, factor):
     return dataclasses.replace(base_config(args, lr, seed), batch_size=0, penalty_factor=factor)
-
-
-def key_of(run_args):
-    """The key format of the rows recorded before the runner (flag -> value, order-free).
-
-    ``experiments/capped_rate.py`` still keys its runs this way; the runner
-    reads such rows by their ``command``.
-    """
-    it = iter(run_args)
-    return json.dumps({flag: next(it) for flag in it}, sort_keys=True)
-
-
-def load_results(path):
-    """``{key: row}`` of a results file, by the rows' own ``key`` (see :func:`key_of`)."""
-    return {row["key"]: row for row in runner.read_rows(path)}
 
 
 def summary(row):

@@ -59,6 +59,11 @@ def test_argv_has_only_the_flags_that_differ_from_the_defaults_and_round_trips()
     assert cfg.config_from_argv(Sample, argv) == config  # floats exactly, not rounded
     with pytest.raises(ValueError, match="--filters: an empty list"):
         cfg.argv_of(Sample(filters=()))
+    # Flags of some fields, to extend: train_size 0 alone is no valid Sample, the whole line decides.
+    assert cfg.flags_of(Sample, {"train_size": 0, "lr": 0.05, "quick": True}) == ["--train-size", "0", "--quick"]
+    assert cfg.config_from_argv(Sample, cfg.flags_of(Sample, {"train_size": 0}) + ["--train-size", "8"]).train_size == 8
+    with pytest.raises(ValueError, match="Sample has no field epochs"):
+        cfg.flags_of(Sample, {"epochs": 1})
 
 
 def test_bad_values_exit_with_a_usage_error_naming_the_flag(capsys):
@@ -148,22 +153,30 @@ def _candidates(field, value):
     raise AssertionError(f"no candidate values for {field.name}={value!r}")
 
 
+def _changed(default, fields, name):
+    """``default`` with field ``name`` at a non-default value its Config accepts, alone or with one other field."""
+    others = [(f.name, v) for f in fields if f.name != name for v in _candidates(f, getattr(default, f.name))]
+    for value in _candidates(next(f for f in fields if f.name == name), getattr(default, name)):
+        if value == getattr(default, name):
+            continue
+        for extra in [{}] + [{other: v} for other, v in others]:  # e.g. a flag valid only with another one
+            try:
+                changed = dataclasses.replace(default, **{name: value}, **extra)
+            except ValueError:
+                continue
+            if getattr(changed, name) != getattr(default, name):
+                return changed
+    raise AssertionError(f"{type(default).__module__}.Config.{name}: no non-default value accepted")
+
+
 @pytest.mark.parametrize("module", trainer_modules())
 def test_every_field_of_every_trainer_config_round_trips_through_its_command_line(module):
     Config = importlib.import_module(module).Config
     default = Config()
     assert cfg.argv_of(default) == [] and cfg.config_from_argv(Config, []) == default
-    for field in dataclasses.fields(Config):
-        changed = None
-        for value in _candidates(field, getattr(default, field.name)):
-            if value == getattr(default, field.name):
-                continue
-            try:
-                changed = dataclasses.replace(default, **{field.name: value})
-                break
-            except ValueError:
-                continue
-        assert changed is not None, f"{module}.Config.{field.name}: no non-default value accepted"
+    fields = dataclasses.fields(Config)
+    for field in fields:
+        changed = _changed(default, fields, field.name)
         argv = cfg.argv_of(changed)
         assert cfg.flag_of(field.name) in argv or "--no-" + cfg.flag_of(field.name)[2:] in argv, argv
         assert cfg.config_from_argv(Config, argv) == changed, (field.name, argv)

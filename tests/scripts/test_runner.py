@@ -162,6 +162,22 @@ def test_bad_arguments_and_bad_files_are_refused_by_name(tmp_path):
         runner.rows_by_key(broken)
 
 
+def test_the_command_line_counts_the_rows_and_gives_the_command_that_reruns_each(tmp_path, capsys):
+    results = tmp_path / "r.jsonl"
+    runner.run_all([quad(target=2.0, threads=3)], results, echo=lambda line: None)
+    old = {"key": '{"--batch-size": "32", "--lr": "0.05"}',
+           "command": "python examples/gd_vs_sgd.py --train-size 1024 --steps 2000 --momentum 0 --lr 0.05 --seed 0 "
+                      "--reference-batch-size 32 --batch-size 32"}
+    with open(results, "a") as f:
+        f.write(json.dumps(old) + "\n")
+    runner.main(["--commands", str(results)])
+    assert capsys.readouterr().out.splitlines() == [
+        f"{results}: 2 rows, 2 recognised, 2 distinct runs",
+        f"  python -m {TRAINER} --target 2.0",  # the thread count is not part of the run
+        "  python -m examples.gd_vs_sgd --batch-size 32",
+    ]
+
+
 # -- the recorded results files ----------------------------------------------------------
 
 
