@@ -223,9 +223,12 @@ def common(args):
     if args.task == "cifar10":
         config = dataclasses.replace(config, val_size=args.val_size, test_size=args.test_size,
                                      augment=bool(args.augment), widths=tuple(args.widths), base_lr=args.base_lr)
-    if args.extra:
-        config = config_from_argv(type(config), argv_of(config) + list(args.extra))
-    return config
+    return with_extra(config, args.extra)
+
+
+def with_extra(config, extra):
+    """``config`` with the trainer flags ``extra`` (from ``--extra``) applied on top: the last of a flag wins."""
+    return config_from_argv(type(config), argv_of(config) + list(extra)) if extra else config
 
 
 def make_config(args, batch_size, noise="none", stddev=0.0, seed=0, role=""):
