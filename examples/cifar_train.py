@@ -439,10 +439,8 @@ def run(config):
 
 
 def main(argv=None):
-    """Trains the run of the command line ``argv``; its result is the last stdout line (JSON)."""
-    result = run(parse_args(argv))
-    results.print_result(result)
-    return result
+    """Trains the CIFAR run of the command line ``argv``; prints its result last, as one JSON line."""
+    return results.main(run, parse_args, argv)
 
 
 if __name__ == "__main__":
