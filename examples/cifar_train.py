@@ -45,7 +45,9 @@ Examples::
     python -m examples.cifar_train --quick     # smoke test, seconds
 
 Run it from the repository root (``python -m`` finds the ``examples``
-package there).
+package there). The flags are the fields of :class:`Config`; from Python,
+``run(Config(model="resnet8", train_size=4096))`` trains the same run and
+returns the result dict.
 """
 
 import dataclasses
@@ -79,7 +81,7 @@ QUICK = dict(model="resnet8", widths=(4, 8, 8), train_size=128, val_size=64, tes
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """One run of the trainer; each field is the flag ``--field-name`` (``augment``: ``--no-augment``)."""
+    """One run of the trainer; each field is the flag ``--field-name`` (booleans also ``--no-field-name``)."""
 
     dataset: str = option("cifar10", choices=DATASETS, group="data")
     data_dir: Optional[str] = data.data_dir_field("CIFAR-10 JPEG copy", "TFDS")

@@ -39,6 +39,10 @@ Examples::
         --optimizer lamb --noise gaussian --stddev 1
     python -m examples.multi30k_transformer --size small --epochs 10   # CPU
     python -m examples.multi30k_transformer --quick                    # smoke test
+
+The flags are the fields of :class:`Config`; from Python,
+``run(Config(size="small", epochs=10))`` trains the same run and returns the
+result dict.
 """
 
 import dataclasses
@@ -74,7 +78,7 @@ QUICK = dict(size="tiny", train_size=256, batch_size=32, epochs=2, max_len=20, b
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """One run of the trainer; each field is the flag ``--field-name``."""
+    """One run of the trainer; each field is the flag ``--field-name`` (``--quick`` also ``--no-quick``)."""
 
     data_dir: Optional[str] = data.data_dir_field("folder with multi30k/")
     val_source: str = option("auto", choices=VAL_SOURCES, help="official val files, or a hold-out of the "
