@@ -242,15 +242,6 @@ def _save_cache(path, key, arrays):
             os.remove(tmp)
 
 
-def add_data_arguments(parser):
-    """Adds ``--data-dir`` and ``--cache-dir`` (the arguments of :func:`load_cifar10`) to ``parser``."""
-    parser.add_argument("--data-dir", default=None, help="CIFAR-10 JPEG copy (default: $TF_GRADMIX_DATA, then "
-                                                         "keras.datasets)")
-    parser.add_argument("--cache-dir", default=None, help="decoded-array cache (default: $TF_GRADMIX_CACHE or "
-                                                          "~/.cache/tf_gradmix)")
-    return parser
-
-
 def load_cifar10(data_dir=None, cache_dir=None, verbose=True):
     """Loads CIFAR-10 as uint8 arrays, offline when a local copy exists.
 

@@ -45,11 +45,12 @@ Examples::
     python -m examples.cifar_train --quick     # smoke test, seconds
 
 Run it from the repository root (``python -m`` finds the ``examples``
-package there).
+package there). The flags are the fields of :class:`Config`; from Python,
+``run(Config(model="resnet8", train_size=4096))`` trains the same run and
+returns the result dict.
 """
 
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -61,7 +62,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from examples import cifar10, curvature, data, results, threads  # noqa: E402
+from examples import cifar10, curvature, data, mixing, results, threads  # noqa: E402
 from examples.config import check_choices, config_from_argv, flag_of, option, values_of  # noqa: E402
 
 DATASETS = ("cifar10", "cifar100")
@@ -80,7 +81,7 @@ QUICK = dict(model="resnet8", widths=(4, 8, 8), train_size=128, val_size=64, tes
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """One run of the trainer; each field is the flag ``--field-name`` (``augment``: ``--no-augment``)."""
+    """One run of the trainer; each field is the flag ``--field-name`` (booleans also ``--no-field-name``)."""
 
     dataset: str = option("cifar10", choices=DATASETS, group="data")
     data_dir: Optional[str] = data.data_dir_field("CIFAR-10 JPEG copy", "TFDS")
@@ -143,12 +144,7 @@ class Config:
         for name in ("batch_size", "epochs", "validation_freq"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{flag_of(name)} must be positive, got {getattr(self, name)}")
-        if self.noise_batch_size is not None:
-            if self.noise == "none":
-                raise ValueError("--noise-batch-size needs --noise gaussian or rademacher")
-            if not 0 < self.noise_batch_size <= self.batch_size:
-                raise ValueError(f"--noise-batch-size must be in [1, --batch-size={self.batch_size}], got "
-                                 f"{self.noise_batch_size}")
+        mixing.check_mixing(self)
 
 
 def parse_args(argv=None):
@@ -156,18 +152,9 @@ def parse_args(argv=None):
     return config_from_argv(Config, sys.argv[1:] if argv is None else argv, description=__doc__.split("\n")[0])
 
 
-def mixing_stddev(config):
-    """The stddev of the mixing weights: 0 without noise, else ``--stddev`` or ``sqrt(B / --noise-batch-size - 1)``."""
-    if config.noise == "none":
-        return 0.0
-    if config.noise_batch_size is not None:
-        return math.sqrt(config.batch_size / config.noise_batch_size - 1.0)
-    return config.stddev
-
-
 def run_name(config):
     """A readable name for the run's output folder."""
-    noise = "plain" if config.noise == "none" else f"{config.noise}{mixing_stddev(config):.3g}"
+    noise = "plain" if config.noise == "none" else f"{config.noise}{mixing.mixing_stddev(config):.3g}"
     size = f"n{config.train_size}" if config.train_size else "full"
     c = config
     return f"{c.dataset}_{c.model}_{size}_{c.optimizer}_b{c.batch_size}_e{c.epochs}_{noise}_s{c.seed}"
@@ -328,7 +315,7 @@ def build_optimizer(config, settings):
     if config.noise == "none":
         return optimizer
     return gm.GradientMix(
-        optimizer, level="sample", noise=config.noise, stddev=mixing_stddev(config), seed=config.seed + 1
+        optimizer, level="sample", noise=config.noise, stddev=mixing.mixing_stddev(config), seed=config.seed + 1
     )
 
 
@@ -365,7 +352,7 @@ def run(config):
         f"{len(y_test)} test; {steps_per_epoch} steps/epoch x {config.epochs} epochs = "
         f"{settings['total_steps']} steps; peak LR {settings['peak_learning_rate']:g} "
         f"({settings['base_learning_rate']:g} x B/{settings['base_batch_size']}), warmup "
-        f"{settings['warmup_steps']} steps; noise {config.noise} stddev {mixing_stddev(config):.4g}.",
+        f"{settings['warmup_steps']} steps; noise {config.noise} stddev {mixing.mixing_stddev(config):.4g}.",
         flush=True,
     )
 
@@ -417,7 +404,7 @@ def run(config):
         "steps": settings["total_steps"],
         "peak_learning_rate": settings["peak_learning_rate"],
         "warmup_steps": settings["warmup_steps"],
-        "stddev": mixing_stddev(config),
+        "stddev": mixing.mixing_stddev(config),
         "train_acc": train_acc,
         "train_loss": train_loss,
         "val_acc": val_acc,
@@ -454,10 +441,8 @@ def run(config):
 
 
 def main(argv=None):
-    """Trains the run of the command line ``argv``; its result is the last stdout line (JSON)."""
-    result = run(parse_args(argv))
-    results.print_result(result)
-    return result
+    """Trains the CIFAR run of the command line ``argv``; prints its result last, as one JSON line."""
+    return results.main(run, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,10 @@ Examples::
         --optimizer lamb --noise gaussian --stddev 1
     python -m examples.multi30k_transformer --size small --epochs 10   # CPU
     python -m examples.multi30k_transformer --quick                    # smoke test
+
+The flags are the fields of :class:`Config`; from Python,
+``run(Config(size="small", epochs=10))`` trains the same run and returns the
+result dict.
 """
 
 import dataclasses
@@ -54,7 +58,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from examples import data, multi30k, results, threads  # noqa: E402
+from examples import data, mixing, multi30k, results, threads  # noqa: E402
 from examples.config import check_choices, config_from_argv, flag_of, option, values_of  # noqa: E402
 
 SIZES = {
@@ -74,7 +78,7 @@ QUICK = dict(size="tiny", train_size=256, batch_size=32, epochs=2, max_len=20, b
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """One run of the trainer; each field is the flag ``--field-name``."""
+    """One run of the trainer; each field is the flag ``--field-name`` (``--quick`` also ``--no-quick``)."""
 
     data_dir: Optional[str] = data.data_dir_field("folder with multi30k/")
     val_source: str = option("auto", choices=VAL_SOURCES, help="official val files, or a hold-out of the "
@@ -130,10 +134,7 @@ class Config:
         for name in ("batch_size", "epochs", "max_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{flag_of(name)} must be positive, got {getattr(self, name)}")
-        if self.noise_batch_size is not None:
-            if self.noise == "none" or not 0 < self.noise_batch_size <= self.batch_size:
-                raise ValueError("--noise-batch-size needs a --noise and a value in [1, --batch-size], got "
-                                 f"{self.noise_batch_size}")
+        mixing.check_mixing(self)
 
 
 def parse_args(argv=None):
@@ -147,17 +148,8 @@ def architecture(config):
             for key, value in SIZES[config.size].items()}
 
 
-def mixing_stddev(config):
-    """The stddev of the mixing weights: 0 without noise, else ``--stddev`` or ``sqrt(B / --noise-batch-size - 1)``."""
-    if config.noise == "none":
-        return 0.0
-    if config.noise_batch_size is not None:
-        return math.sqrt(config.batch_size / config.noise_batch_size - 1.0)
-    return config.stddev
-
-
 def run_name(config):
-    noise = "plain" if config.noise == "none" else f"{config.noise}{mixing_stddev(config):.3g}"
+    noise = "plain" if config.noise == "none" else f"{config.noise}{mixing.mixing_stddev(config):.3g}"
     return f"multi30k_{config.size}_{config.optimizer}_b{config.batch_size}_e{config.epochs}_{noise}_s{config.seed}"
 
 
@@ -292,7 +284,7 @@ def build_optimizer(config):
             schedule, weight_decay=config.weight_decay, exclude_1d_variables=True, clipnorm=config.clipnorm
         )
     optimizer = inner if config.noise == "none" else gm.GradientMix(
-        inner, level="sample", noise=config.noise, stddev=mixing_stddev(config), seed=config.seed + 1
+        inner, level="sample", noise=config.noise, stddev=mixing.mixing_stddev(config), seed=config.seed + 1
     )
     return optimizer, peak, warmup
 
@@ -382,7 +374,7 @@ def run(config):
         f"test {len(test[0])}; vocab en {len(src_vocab)} de {len(tgt_vocab)}; "
         f"{model.count_params():,} parameters; {steps_per_epoch} steps/epoch x {config.epochs}; "
         f"{config.optimizer} peak LR {peak:.3g}, warmup {warmup} steps; noise {config.noise} "
-        f"stddev {mixing_stddev(config):.4g}.",
+        f"stddev {mixing.mixing_stddev(config):.4g}.",
         flush=True,
     )
     train_ds = multi30k.make_dataset(*train, config.batch_size, training=True, seed=config.seed)
@@ -415,7 +407,7 @@ def run(config):
         "steps": steps_per_epoch * config.epochs,
         "peak_learning_rate": peak,
         "warmup_steps": warmup,
-        "stddev": mixing_stddev(config),
+        "stddev": mixing.mixing_stddev(config),
         "val_token_acc": float(val_logs["token_acc"]),
         "val_loss": float(val_logs["loss"]),
         "val_bleu": val_bleu,
@@ -423,6 +415,12 @@ def run(config):
         "test_loss": float(test_logs["loss"]),
         "test_bleu": test_bleu,
         "bleu_sentences": config.bleu_size,
+        # The accuracy fields every sweep row has: token accuracies; train = the last epoch's running value,
+        # in training mode (dropout on), not re-evaluated.
+        "train_acc": float(logs["token_acc"][-1]) if logs.get("token_acc") else None,
+        "train_loss": float(logs["loss"][-1]) if logs.get("loss") else None,
+        "val_acc": float(val_logs["token_acc"]),
+        "test_acc": float(test_logs["token_acc"]),
         "gamma_bar": float(np.mean(gammas)) if gammas else (1.0 if config.noise == "none" else None),
         "fit_seconds": fit_seconds,
         "history": {k: [float(v) for v in vals] for k, vals in logs.items()},
@@ -442,10 +440,8 @@ def run(config):
 
 
 def main(argv=None):
-    """Trains the run of the command line ``argv``; its result is the last stdout line (JSON)."""
-    result = run(parse_args(argv))
-    results.print_result(result)
-    return result
+    """Trains the Transformer run of the command line ``argv``; prints its result last, as one JSON line."""
+    return results.main(run, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["write_result", "print_result", "fit_verbose"]
+__all__ = ["write_result", "print_result", "fit_verbose", "main"]
 
 
 def fit_verbose(verbose):
@@ -28,3 +28,10 @@ def write_result(result, path):
 def print_result(result):
     """Prints ``result`` as one JSON line; a trainer's ``main`` does this last, for the sweeps to read."""
     print(json.dumps(result, ensure_ascii=False), flush=True)
+
+
+def main(run, parse_args, argv=None):
+    """A trainer's ``main``: ``run(parse_args(argv))``, its result printed as the last stdout line; returns it."""
+    result = run(parse_args(argv))
+    print_result(result)
+    return result

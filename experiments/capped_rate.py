@@ -49,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--parallel", type=int, default=2)
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more examples/cifar_train.py flags for "
+                                                                         "every run (e.g. --extra --quick); they "
+                                                                         "are part of each run's config")
     return p.parse_args(argv)
 
 
@@ -63,10 +66,13 @@ def arms(args, seed):
     capped = dataclasses.replace(base, batch_size=args.large_batch, base_lr=float(f"{capped_lr:g}"),
                                  base_batch_size=args.large_batch)
     return [
-        (f"b{args.small_batch}", dataclasses.replace(base, batch_size=args.small_batch)),
-        (f"b{args.large_batch} capped", capped),
-        (f"b{args.large_batch} capped + gaussian",
-         dataclasses.replace(capped, noise="gaussian", stddev=float(f"{stddev:.6g}"))),
+        (label, sweep.with_extra(config, args.extra))
+        for label, config in (
+            (f"b{args.small_batch}", dataclasses.replace(base, batch_size=args.small_batch)),
+            (f"b{args.large_batch} capped", capped),
+            (f"b{args.large_batch} capped + gaussian",
+             dataclasses.replace(capped, noise="gaussian", stddev=float(f"{stddev:.6g}"))),
+        )
     ]
 
 

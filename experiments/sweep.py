@@ -57,6 +57,7 @@ Usage::
 
 import argparse
 import dataclasses
+import hashlib
 import math
 from pathlib import Path
 
@@ -222,9 +223,12 @@ def common(args):
     if args.task == "cifar10":
         config = dataclasses.replace(config, val_size=args.val_size, test_size=args.test_size,
                                      augment=bool(args.augment), widths=tuple(args.widths), base_lr=args.base_lr)
-    if args.extra:
-        config = config_from_argv(type(config), argv_of(config) + list(args.extra))
-    return config
+    return with_extra(config, args.extra)
+
+
+def with_extra(config, extra):
+    """``config`` with the trainer flags ``extra`` (from ``--extra``) applied on top: the last of a flag wins."""
+    return config_from_argv(type(config), argv_of(config) + list(extra)) if extra else config
 
 
 def make_config(args, batch_size, noise="none", stddev=0.0, seed=0, role=""):
@@ -371,7 +375,10 @@ def run_name(args, config):
         and getattr(config, k) != getattr(defaults, k)
     )
     suffix = "".join(f"_{k}{getattr(config, k)}" for k in others)
-    return name + suffix.replace(" ", "").replace(",", "-").replace("(", "").replace(")", "")
+    name += suffix.replace(" ", "").replace(",", "-").replace("(", "").replace(")", "")
+    if "quick" in others:  # --quick overrides the batch size and more: tell its runs apart by their key
+        name += "_" + hashlib.sha256(runner.key_of(TASKS[args.task]["example"], config).encode()).hexdigest()[:8]
+    return name
 
 
 def summary(row):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from examples import cifar10, cifar_train, multi30k
+from examples import cifar10, cifar_train, mixing, multi30k
 from experiments import plot, runner, sweep
 
 import real_data
@@ -89,14 +89,14 @@ def test_cifar_train_flags_and_schedule():
     args = cifar_train.parse_args(
         ["--batch-size", "8192", "--noise", "gaussian", "--noise-batch-size", "1024", "--epochs", "200"]
     )
-    assert cifar_train.mixing_stddev(args) == pytest.approx(math.sqrt(8192 / 1024 - 1))
+    assert mixing.mixing_stddev(args) == pytest.approx(math.sqrt(8192 / 1024 - 1))
     settings = cifar_train.schedule_settings(args, steps_per_epoch=6)
     assert settings["peak_learning_rate"] == pytest.approx(0.1 * 8192 / 200)
     assert settings["total_steps"] == 1200 and settings["warmup_steps"] == 120
     for name, base in (("lars", 0.1), ("adam", 1e-3), ("lamb", 1e-3)):
         a = cifar_train.parse_args(["--optimizer", name, "--batch-size", "400", "--epochs", "10"])
         assert cifar_train.schedule_settings(a, 5)["peak_learning_rate"] == pytest.approx(2 * base)
-    assert cifar_train.mixing_stddev(cifar_train.parse_args(["--stddev", "3"])) == 0.0  # --noise none
+    assert mixing.mixing_stddev(cifar_train.parse_args(["--stddev", "3"])) == 0.0  # --noise none
 
 
 def test_cifar_train_tfds_path_with_mock_data():

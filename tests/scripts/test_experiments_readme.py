@@ -26,6 +26,31 @@ REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "experiments" / "results"
 README = REPO / "experiments" / "README.md"
 
+#: The sweep.py commands behind cifar10_resnet8_gap.jsonl and multi30k_transformer.jsonl, in the order they ran.
+SWEEP_COMMANDS = [
+    "python -m experiments.sweep --phase all --jobs 2 --threads 1",
+    "python -m experiments.sweep --phase seeds --seeds 0 1 --jobs 2 --threads 1",
+    "python -m experiments.sweep --phase seeds --seeds 0 2 --jobs 2 --threads 1",
+    "python -m experiments.sweep --phase gap --small-batch 1024 --large-batch 2048 --jobs 2 --threads 1",
+    "python -m experiments.sweep --phase gap --small-batch 128 --large-batch 256 --jobs 2 --threads 1",
+    "python -m experiments.sweep --phase gap --small-batch 128 --large-batch 1024 --epochs 80 --seeds 0 --jobs 2 "
+    "--threads 1",
+    "python -m experiments.sweep --phase select --jobs 2 --threads 1",
+    "python -m experiments.sweep --phase seeds --seeds 0 1 2 --jobs 2 --threads 1",
+    "python -m experiments.sweep --optimizer lamb --phase gap --seeds 0 --jobs 2 --threads 1",
+    "python -m experiments.sweep --optimizer lamb --phase lr --base-lrs 0.01 0.03 --jobs 2 --threads 1",
+    "python -m experiments.sweep --optimizer lamb --base-lr 0.03 --phase gap --seeds 0 --jobs 2 --threads 1",
+    "python -m experiments.sweep --optimizer lamb --base-lr 0.03 --phase select --jobs 2 --threads 1",
+    "python -m experiments.sweep --optimizer lamb --base-lr 0.03 --phase seeds --seeds 0 1 --jobs 2 --threads 1",
+    "python -m experiments.sweep --phase curve --curve-batches 64 256 1024 --seeds 0 --noises gaussian --jobs 2 "
+    "--threads 1",
+]
+MULTI30K_COMMANDS = [
+    "python -m experiments.sweep --task multi30k --phase gap --seeds 0 --jobs 2 --threads 1",
+    "python -m experiments.sweep --task multi30k --phase select --stddevs 1.0 --no-noise-equivalent --jobs 2 "
+    "--threads 1",
+]
+
 #: gd_vs_sgd on a tiny subset, for every run of a temperature.py command.
 TINY_ARMS = "--train-size 64 --batch-size 16 --steps 4 --fit-threshold 0 --seeds 0"
 TINY_EXTRA = "--extra --val-size 50 --test-size 100 --eval-every 2 --ggn-size 8"
@@ -63,12 +88,23 @@ ENTRIES = [
           "--out experiments/results/cifar10_gd_vs_sgd_penalty_step_time.json",
           "--rounds 1 --steps 1 --warmup-steps 1 --train-size 64 --out {tmp}/step_time.json",
           (("step_time.json", None),)),
-    Entry(("cifar10_resnet8_gap.jsonl", "multi30k_transformer.jsonl"), None),
+    # sweep.py: the first command of each task on quick settings (every run --quick); the others are its
+    # phases on the recorded rows (tests/scripts/test_recorded_commands.py: they rerun nothing).
+    Entry(("cifar10_resnet8_gap.jsonl",), SWEEP_COMMANDS[0], "--results {tmp}/gap.jsonl --extra --quick",
+          (("gap.jsonl", 2),)),  # the gap phase's two runs; no gap on quick settings, so it stops there
+    *(Entry(("cifar10_resnet8_gap.jsonl",), command) for command in SWEEP_COMMANDS[1:]),
+    Entry(("multi30k_transformer.jsonl",), MULTI30K_COMMANDS[0], "--results {tmp}/multi30k.jsonl --extra --quick",
+          (("multi30k.jsonl", 2),)),
+    *(Entry(("multi30k_transformer.jsonl",), command) for command in MULTI30K_COMMANDS[1:]),
     Entry(("cifar10_resnet8_gap_n2048_e40_accuracy_vs_batch.png", "cifar10_resnet8_gap_n2048_e40_large_batch.png"),
-          "python -m experiments.plot experiments/results/cifar10_resnet8_gap.jsonl"),
+          "python -m experiments.plot experiments/results/cifar10_resnet8_gap.jsonl", "--out {tmp}",
+          (("cifar10_resnet8_gap_n2048_e40_accuracy_vs_batch.png", None),
+           ("cifar10_resnet8_gap_n2048_e40_large_batch.png", None))),
     Entry(("multi30k_transformer_n10000_e8_d128_accuracy_vs_batch.png",),
-          "python -m experiments.plot experiments/results/multi30k_transformer.jsonl"),
-    Entry(("cifar10_resnet8_capped_rate.jsonl",), "python -m experiments.capped_rate --parallel 2 --threads 1"),
+          "python -m experiments.plot experiments/results/multi30k_transformer.jsonl", "--out {tmp}",
+          (("multi30k_transformer_n10000_e8_d128_accuracy_vs_batch.png", None),)),
+    Entry(("cifar10_resnet8_capped_rate.jsonl",), "python -m experiments.capped_rate --parallel 2 --threads 1",
+          "--seeds 0 --epochs 1 --results {tmp}/capped.jsonl --extra --quick", (("capped.jsonl", 3),)),
 ]
 
 
@@ -130,7 +166,7 @@ def test_every_command_runs_on_quick_settings(tmp_path):
                 continue
             recorded = runner.read_rows(path)
             assert len(recorded) == len(runner.rows_by_key(path)) == rows, (entry.command, len(recorded))
-            assert all(row["command"].startswith("python -m examples.gd_vs_sgd ") for row in recorded)
+            assert all(row["command"].startswith(f"python -m {row['trainer']} ") for row in recorded)
             # Started again, it finds every run done.
             again = subprocess.run([sys.executable, *words[1:]], cwd=REPO, capture_output=True, text=True,
                                    timeout=300, check=True)

@@ -4,16 +4,21 @@ Each row of the results files below carries the command that ran it. Its
 flags must parse into the trainer's ``Config``; that Config's command line
 (``argv_of``) must parse back to the same Config; and the Config must hold
 the values the row recorded as its configuration (so no flag changed its
-spelling or its meaning). No training runs here.
+spelling or its meaning). And the sweeps' commands that experiments/README.md
+gives for these files, run on copies of them, find every run recorded. No
+training runs here.
 """
 
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
 
-from examples import cifar_train, multi30k_transformer
+from examples import cifar_train, mixing, multi30k_transformer
 from examples.config import argv_of, config_from_argv, values_of
+from experiments import capped_rate, runner, sweep
+from tests.scripts.test_experiments_readme import readme_table
 
 pytestmark = pytest.mark.backends("tensorflow")
 
@@ -52,7 +57,25 @@ def test_recorded_commands_parse_into_configs_that_round_trip(name):
         assert config_from_argv(trainer.Config, argv_of(config)) == config, row["command"]
         # The row's recorded configuration: what each flag meant when it ran.
         values = values_of(config, affects_result_only=True)
-        values["stddev"] = trainer.mixing_stddev(config)
+        values["stddev"] = mixing.mixing_stddev(config)
         recorded = {k: v for k, v in row["config"].items() if k in values}
         assert recorded, row["command"]
         assert {k: values[k] for k in recorded} == recorded, row["command"]
+
+
+def _no_runs(*args, **kwargs):
+    raise AssertionError(f"the command would start a run: {args[0]}")
+
+
+@pytest.mark.parametrize("name", sorted(TRAINERS))
+def test_the_readme_commands_find_every_recorded_run(name, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner.subprocess, "run", _no_runs)
+    copy = tmp_path / name
+    shutil.copy(RESULTS / name, copy)
+    commands = readme_table()[name]
+    assert commands, name
+    for command in commands:
+        module, *argv = shlex.split(command)[2:]
+        main = {"experiments.sweep": sweep.main, "experiments.capped_rate": capped_rate.main}[module]
+        main(argv + ["--results", str(copy)])
+    assert copy.read_text() == (RESULTS / name).read_text()  # nothing appended
