@@ -352,9 +352,9 @@ def run(config):
     }
     gammas = logs.get("gradmix_gamma")
 
-    train_acc, train_loss = evaluate(x_train, y_train)
-    val_acc, val_loss = evaluate(x_val, y_val)
-    test_acc, test_loss = evaluate(x_test, y_test)
+    metrics = {}  # train_acc, train_loss, val_acc, ..., test_loss
+    for split, (x, y) in (("train", (x_train, y_train)), ("val", (x_val, y_val)), ("test", (x_test, y_test))):
+        metrics[f"{split}_acc"], metrics[f"{split}_loss"] = evaluate(x, y)
     result = {
         "arm": arm_name(config),
         "noise": config.noise,
@@ -368,18 +368,13 @@ def run(config):
         "penalty_weight": penalty_weight_of(config),
         "penalty_block_size": config.reference_batch_size if config.penalty_factor else None,
         "seed": config.seed,
-        "train_acc": train_acc,
-        "train_loss": train_loss,
-        "val_acc": val_acc,
-        "val_loss": val_loss,
-        "test_acc": test_acc,
-        "test_loss": test_loss,
+        **metrics,
         "gamma_bar": float(np.mean(gammas)) if gammas else None,
         "history": history,
         "parameters": int(model.count_params()),
         "fit_seconds": fit_seconds,
     }
-    if config.ggn_size and math.isfinite(train_loss):
+    if config.ggn_size and math.isfinite(metrics["train_loss"]):
         result.update(log_ggn_trace(config, model, x_train, y_train))
     return result
 
