@@ -67,20 +67,21 @@ class Run:
 
 
 def config_class(trainer):
-    """The trainer module's ``Config`` (None if it has none yet)."""
-    return getattr(importlib.import_module(trainer), "Config", None)
+    """The trainer module's ``Config``."""
+    cls = getattr(importlib.import_module(trainer), "Config", None)
+    if cls is None:
+        raise ValueError(f"the trainer {trainer} has no Config")
+    return cls
 
 
-def result_values(trainer, config):
+def result_values(config):
     """What identifies a run's computation: the fields of ``config`` that change its result."""
-    if isinstance(config, dict):  # a trainer without a Config: its parsed command line
-        return dict(config)
     return values_of(config, affects_result_only=True)
 
 
 def key_of(trainer, config):
     """The canonical key of a run: the trainer and its result-changing config fields, sorted, as JSON."""
-    return json.dumps({"trainer": trainer, "config": result_values(trainer, config)}, sort_keys=True)
+    return json.dumps({"trainer": trainer, "config": result_values(config)}, sort_keys=True)
 
 
 def parse_command(command):
@@ -96,15 +97,10 @@ def parse_command(command):
 
 
 def config_of_command(command):
-    """``(trainer, config)`` of a recorded command, parsed with the trainer's own command line.
-
-    A trainer without a ``Config`` yet gives the ``vars`` of its ``parse_args``.
-    """
+    """``(trainer, config)`` of a recorded command, parsed with the trainer's own command line."""
     trainer, argv = parse_command(command)
     cls = config_class(trainer)
     try:
-        if cls is None:
-            return trainer, vars(importlib.import_module(trainer).parse_args(argv))
         return trainer, config_from_argv(cls, argv)
     except SystemExit as error:  # argparse has printed why
         raise ValueError(f"the trainer {trainer} refuses the recorded command {command!r}") from error
@@ -113,10 +109,7 @@ def config_of_command(command):
 def config_of_row(row):
     """``(trainer, config)`` of a results row: its ``trainer`` and ``config``, else its ``command``."""
     if "trainer" in row and "config" in row:
-        cls = config_class(row["trainer"])
-        if cls is None:
-            raise ValueError(f"row of trainer {row['trainer']}, which has no Config")
-        return row["trainer"], config_from_dict(cls, row["config"])
+        return row["trainer"], config_from_dict(config_class(row["trainer"]), row["config"])
     if "command" not in row:
         raise ValueError(f"row without trainer/config or command: key {row.get('key')!r}")
     return config_of_command(row["command"])
@@ -168,7 +161,7 @@ def _row(run, result, command, started, load_before, parallel, threads):
     row.update(run.labels)
     row.update(
         trainer=run.trainer,
-        config=result_values(run.trainer, run.config),
+        config=result_values(run.config),
         key=key_of(run.trainer, run.config),
         command=command,
         elapsed_seconds=time.time() - started,
@@ -242,8 +235,6 @@ def run_all(runs, results, parallel=1, threads=None, summary=None, echo=print):
 def command_of_row(row):
     """The command that reruns a recorded row with the current interface (``python -m <trainer> <flags>``)."""
     trainer, config = config_of_row(row)
-    if isinstance(config, dict):  # a trainer without a Config: its recorded command
-        return row["command"]
     return shlex.join(["python", "-m", trainer, *argv_of(config)])
 
 

@@ -59,6 +59,8 @@ def test_recorded_commands_name_the_trainer_as_a_module_or_a_script_or_by_its_ol
         runner.parse_command("make test")
     with pytest.raises(ValueError, match="refuses the recorded command"):
         runner.config_of_command("python -m examples.gd_vs_sgd --lr -1")
+    with pytest.raises(ValueError, match="the trainer examples.cifar10 has no Config"):
+        runner.config_of_command("python -m examples.cifar10 --lr 1")
 
 
 # -- rows and resume ---------------------------------------------------------------
@@ -188,9 +190,8 @@ def test_every_recorded_row_is_recognised_and_its_command_reproduces_its_config(
     assert len(rows) > 0 and len(keys) == len(rows)  # every row recognised, no two rows the same run
     for row in rows:
         trainer, config = runner.config_of_row(row)
-        cls = runner.config_class(trainer)
-        if cls is not None:  # the command the new interface writes for it parses back to the same config
-            assert config_from_argv(cls, argv_of(config)) == config
+        # The command the current interface writes for it parses back to the same config.
+        assert config_from_argv(runner.config_class(trainer), argv_of(config)) == config
 
 
 def plan(args, rates):
