@@ -90,11 +90,13 @@ test-tf219: venv-tf219
 test-fast: venv
 	$(call pytest,TensorFlow 2.21 without slow tests,KERAS_BACKEND=tensorflow,$(PY),-m "not slow" $(PYTEST_ARGS) $(TESTS))
 
-# `make demo BACKEND=jax` runs the demo on Keras's JAX backend.
+# `make demo BACKEND=jax` runs the demo on Keras's JAX backend. The data: $TF_GRADMIX_DATA, else
+# this machine's copy beside the repository, else keras.datasets downloads it.
+DEMO_DATA := $(or $(TF_GRADMIX_DATA),$(wildcard $(abspath ../shared/data)))
 demo: venv
 	@case " $(BACKENDS) " in *" $(BACKEND) "*) ;; \
 	  *) echo "make demo: BACKEND=$(BACKEND) is not one of: $(BACKENDS)" >&2; exit 2;; esac
-	KERAS_BACKEND=$(BACKEND) $(PY) -m examples.demo $(DEMO_ARGS)
+	KERAS_BACKEND=$(BACKEND) TF_GRADMIX_DATA=$(DEMO_DATA) $(PY) -m examples.demo $(DEMO_ARGS)
 
 clean:
 	rm -rf runs build dist .pytest_cache

@@ -1,11 +1,9 @@
 """CIFAR-10 for the examples: an offline loader and tf.data input pipelines.
 
-Where the images come from, first match wins:
-
-1. ``data_dir`` passed to :func:`load_cifar10` (``--data-dir`` in scripts);
-2. the environment variable ``TF_GRADMIX_DATA``;
-3. ``../shared/data`` next to the repository root (this project's machines);
-4. ``keras.datasets.cifar10.load_data()``, which downloads (users online).
+Where the images come from: ``data_dir`` passed to :func:`load_cifar10`
+(``--data-dir`` in scripts), else ``$TF_GRADMIX_DATA`` (the search of
+``examples/data.py``); with neither, ``keras.datasets.cifar10.load_data()``,
+which downloads.
 
 A data directory may hold ``cifar10-jpeg/cifar10-jpeg.tar.gz`` (or the tar
 directly), or an extracted copy with ``train/<class>/*.jpg`` and
@@ -38,6 +36,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from examples import data
 
 __all__ = [
     "CLASSES",
@@ -76,10 +76,7 @@ MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 
 TAR_NAME = "cifar10-jpeg.tar.gz"
-DATA_ENV = "TF_GRADMIX_DATA"
 CACHE_ENV = "TF_GRADMIX_CACHE"
-_REPO_ROOT = Path(__file__).resolve().parents[1]
-_SHARED_DATA = _REPO_ROOT.parent / "shared" / "data"
 _MEMBER = re.compile(r"^(?:\./)?(train|test)/([a-z]+)/([^/]+\.jpe?g)$", re.IGNORECASE)
 _CACHE_FORMAT = 1
 
@@ -116,17 +113,10 @@ def find_cifar10(data_dir=None):
         FileNotFoundError: ``data_dir`` or ``$TF_GRADMIX_DATA`` is set but
             holds no CIFAR-10 JPEG copy.
     """
-    for origin, directory in (("data_dir", data_dir), (DATA_ENV, os.environ.get(DATA_ENV))):
-        if directory:
-            found = _source_in(directory)
-            if found is None:
-                raise FileNotFoundError(
-                    f"No CIFAR-10 JPEG copy in {origin}={str(directory)!r}: expected "
-                    f"cifar10-jpeg/{TAR_NAME}, {TAR_NAME}, or train/<class>/*.jpg "
-                    "and test/<class>/*.jpg folders."
-                )
-            return found
-    return _source_in(_SHARED_DATA) if _SHARED_DATA.is_dir() else None
+    return data.find(
+        data_dir, _source_in, "CIFAR-10 JPEG copy",
+        f"cifar10-jpeg/{TAR_NAME}, {TAR_NAME}, or train/<class>/*.jpg and test/<class>/*.jpg folders",
+    )
 
 
 # --------------------------------------------------------------------------
@@ -252,21 +242,12 @@ def _save_cache(path, key, arrays):
             os.remove(tmp)
 
 
-def add_data_arguments(parser):
-    """Adds ``--data-dir`` and ``--cache-dir`` (the arguments of :func:`load_cifar10`) to ``parser``."""
-    parser.add_argument("--data-dir", default=None, help="CIFAR-10 JPEG copy (default: $TF_GRADMIX_DATA, then "
-                                                         "../shared/data, then keras.datasets)")
-    parser.add_argument("--cache-dir", default=None, help="decoded-array cache (default: $TF_GRADMIX_CACHE or "
-                                                          "~/.cache/tf_gradmix)")
-    return parser
-
-
 def load_cifar10(data_dir=None, cache_dir=None, verbose=True):
     """Loads CIFAR-10 as uint8 arrays, offline when a local copy exists.
 
     Args:
         data_dir: directory holding the JPEG copy (see module docstring);
-            default ``$TF_GRADMIX_DATA``, then ``../shared/data``.
+            default ``$TF_GRADMIX_DATA``, then ``keras.datasets``.
         cache_dir: where decoded arrays are cached; default
             ``$TF_GRADMIX_CACHE``, then ``~/.cache/tf_gradmix``.
         verbose: print where the data came from.

@@ -12,8 +12,8 @@ epochs, then decayed (its Eq. 15). This script runs that setup:
 * model: ``--model resnet18`` (the CIFAR ResNet-18 of ``examples/resnet.py``,
   11.2M parameters) or ``--model resnet8`` (16-32-64 channels, 79k
   parameters, for CPUs); ``--widths`` overrides the ResNet-8 widths;
-* data: CIFAR-10 from a local JPEG copy (``--data-dir``, ``$TF_GRADMIX_DATA``
-  or ``../shared/data``, read in place; see ``examples/cifar10.py``), else
+* data: CIFAR-10 from a local JPEG copy (``--data-dir`` or ``$TF_GRADMIX_DATA``,
+  read in place; see ``examples/cifar10.py``), else
   CIFAR-10/100 through TensorFlow Datasets (``--dataset cifar100`` always
   uses TFDS); ``--train-size`` trains on a fixed class-balanced subset and
   ``--val-size`` holds a class-balanced validation split out of the training
@@ -45,128 +45,137 @@ Examples::
     python -m examples.cifar_train --quick     # smoke test, seconds
 
 Run it from the repository root (``python -m`` finds the ``examples``
-package there).
+package there). The flags are the fields of :class:`Config`; from Python,
+``run(Config(model="resnet8", train_size=4096))`` trains the same run and
+returns the result dict.
 """
 
-import argparse
-import json
-import math
+import dataclasses
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional, Tuple
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from examples import cifar10, threads  # noqa: E402
+from examples import cifar10, curvature, data, mixing, results, threads  # noqa: E402
+from examples.config import check_choices, config_from_argv, flag_of, option, values_of  # noqa: E402
 
+DATASETS = ("cifar10", "cifar100")
+MODELS = ("resnet18", "resnet8")
 OPTIMIZERS = ("nesterov", "lars", "adam", "lamb")
 SCHEDULES = ("eq15", "cosine")
+SCHEDULE_GROUP = "optimization (the paper's §5.1 schedule)"
 NOISES = ("none", "gaussian", "rademacher")
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
 
+#: What ``--quick`` sets (it wins over the same flags given with it).
+QUICK = dict(model="resnet8", widths=(4, 8, 8), train_size=128, val_size=64, test_size=100, batch_size=32, epochs=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One run of the trainer; each field is the flag ``--field-name`` (booleans also ``--no-field-name``)."""
+
+    dataset: str = option("cifar10", choices=DATASETS, group="data")
+    data_dir: Optional[str] = data.data_dir_field("CIFAR-10 JPEG copy", "TFDS")
+    tfds_data_dir: Optional[str] = option(None, help="TFDS data_dir when loading through TensorFlow Datasets",
+                                          affects_result=False, group="data")
+    cache_dir: Optional[str] = data.cache_dir_field()
+    train_size: Optional[int] = option(None, help="fixed class-balanced training subset (default: all that is "
+                                                  "not validation)", group="data")
+    val_size: int = option(0, help="class-balanced validation split held out of the training set", group="data")
+    test_size: Optional[int] = option(None, help="class-balanced subset of the test set (default: all)",
+                                      group="data")
+    data_seed: int = option(0, help="seed of the subset and the validation split (fixed across --seed)",
+                            group="data")
+    augment: bool = option(True, help="flip + crop", group="data")
+    model: str = option("resnet18", choices=MODELS, group="model")
+    widths: Tuple[int, int, int] = option((16, 32, 64), help="stage widths of --model resnet8", group="model")
+    bn_momentum: float = option(0.9, group="model")
+    weight_decay: float = option(5e-4, help="L2 on kernels (nesterov, adam) or the optimizer's coupled decay "
+                                            "(lars, lamb)", group="model")
+    optimizer: str = option("nesterov", choices=OPTIMIZERS, group=SCHEDULE_GROUP)
+    batch_size: int = option(1024, group=SCHEDULE_GROUP)
+    epochs: int = option(200, group=SCHEDULE_GROUP)
+    schedule: str = option("eq15", choices=SCHEDULES, help="eq15: the paper's polynomial warmup and decay; "
+                           "cosine: linear warmup, cosine decay to 0", group=SCHEDULE_GROUP)
+    base_lr: Optional[float] = option(None, help="rate at --base-batch-size (default: the recipe's)",
+                                      group=SCHEDULE_GROUP)
+    base_batch_size: Optional[int] = option(None, help="default: the recipe's (200)", group=SCHEDULE_GROUP)
+    warmup_epochs: Optional[float] = option(None, help="default: the recipe's 20 of 200 epochs, scaled to "
+                                                       "--epochs", group=SCHEDULE_GROUP)
+    noise: str = option("none", choices=NOISES, group="GradientMix")
+    stddev: float = option(1.0, help="stddev of the weights w = 1 + stddev * xi (unused with --noise none)",
+                           group="GradientMix")
+    noise_batch_size: Optional[int] = option(None, help="instead of --stddev: stddev = sqrt(B / this - 1)",
+                                             group="GradientMix")
+    seed: int = option(0, help="initial weights, batch order, augmentation, mixing noise", group="run")
+    out: Optional[str] = option(None, help="logs, backups and result (default runs/cifar_train/<name>)",
+                                affects_result=False, group="run")
+    json_out: Optional[str] = option(None, help="where to write the result (default <out>/result.json)",
+                                     affects_result=False, group="run")
+    # Only how often fit logs validation numbers; training and the final numbers are the same.
+    validation_freq: int = option(1, help="evaluate the validation split every this many epochs",
+                                  affects_result=False, group="run")
+    ggn_size: int = option(0, help="after training, log Tr(G) (tf_gradmix.diagnostics.ggn_trace) on this many "
+                                   "training examples", group="run")
+    ggn_probes: Optional[int] = option(None, help="Hutchinson probes for Tr(G) (default: exact)", group="run")
+    threads: Optional[int] = threads.threads_field()
+    tensorboard: bool = option(True, help="TensorBoard logs under --out", affects_result=False, group="run")
+    verbose: Optional[int] = option(None, choices=(0, 1, 2), help="Keras fit verbosity (default: 1 on a "
+                                    "terminal, else 2)", affects_result=False, group="run")
+    quick: bool = option(False, help="tiny settings for a smoke test (seconds, meaningless numbers)", group="run")
+
+    def __post_init__(self):
+        check_choices(self)
+        object.__setattr__(self, "widths", tuple(self.widths))
+        if self.quick:
+            for name, value in QUICK.items():
+                object.__setattr__(self, name, value)
+        if self.dataset == "cifar100" and self.data_dir:
+            raise ValueError("--data-dir is the CIFAR-10 JPEG copy; CIFAR-100 loads through TFDS (--tfds-data-dir)")
+        for name in ("batch_size", "epochs", "validation_freq"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{flag_of(name)} must be positive, got {getattr(self, name)}")
+        mixing.check_mixing(self)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    d = p.add_argument_group("data")
-    d.add_argument("--dataset", choices=("cifar10", "cifar100"), default="cifar10")
-    d.add_argument("--data-dir", default=None, help="CIFAR-10 JPEG copy (default $TF_GRADMIX_DATA, then "
-                                                    "../shared/data, then TFDS)")
-    d.add_argument("--tfds-data-dir", default=None, help="TFDS data_dir when loading through TensorFlow Datasets")
-    d.add_argument("--cache-dir", default=None, help="decoded-array cache of the JPEG copy")
-    d.add_argument("--train-size", type=int, default=None, help="fixed class-balanced training subset (default: all "
-                                                                "that is not validation)")
-    d.add_argument("--val-size", type=int, default=0, help="class-balanced validation split held out of the training "
-                                                           "set")
-    d.add_argument("--test-size", type=int, default=None, help="class-balanced subset of the test set (default: all)")
-    d.add_argument("--data-seed", type=int, default=0, help="seed of the subset and the validation split (fixed across "
-                                                            "--seed)")
-    d.add_argument("--no-augment", dest="augment", action="store_false", help="no flip + crop")
-    m = p.add_argument_group("model")
-    m.add_argument("--model", choices=("resnet18", "resnet8"), default="resnet18")
-    m.add_argument("--widths", type=int, nargs=3, default=(16, 32, 64), help="stage widths of --model resnet8")
-    m.add_argument("--bn-momentum", type=float, default=0.9)
-    m.add_argument("--weight-decay", type=float, default=5e-4, help="L2 on kernels (nesterov, adam) or the "
-                                                                    "optimizer's coupled decay (lars, lamb)")
-    o = p.add_argument_group("optimization (the paper's §5.1 schedule)")
-    o.add_argument("--optimizer", choices=OPTIMIZERS, default="nesterov")
-    o.add_argument("--batch-size", type=int, default=1024)
-    o.add_argument("--epochs", type=int, default=200)
-    o.add_argument("--schedule", choices=SCHEDULES, default="eq15",
-                   help="eq15: the paper's polynomial warmup and decay; cosine: linear warmup, cosine decay to 0")
-    o.add_argument("--base-lr", type=float, default=None, help="rate at --base-batch-size (default: the recipe's)")
-    o.add_argument("--base-batch-size", type=int, default=None, help="default: the recipe's (200)")
-    o.add_argument("--warmup-epochs", type=float, default=None, help="default: the recipe's 20 of 200 epochs, scaled "
-                                                                     "to --epochs")
-    g = p.add_argument_group("GradientMix")
-    g.add_argument("--noise", choices=NOISES, default="none")
-    g.add_argument("--stddev", type=float, default=1.0, help="stddev of the weights w = 1 + stddev * xi")
-    g.add_argument("--noise-batch-size", type=int, default=None, help="instead of --stddev: stddev = sqrt(B / this - "
-                                                                      "1)")
-    r = p.add_argument_group("run")
-    r.add_argument("--seed", type=int, default=0, help="initial weights, batch order, augmentation, mixing noise")
-    r.add_argument("--out", default=None, help="logs, backups and result (default runs/cifar_train/<name>)")
-    r.add_argument("--json-out", default=None, help="where to write the result (default <out>/result.json)")
-    r.add_argument("--validation-freq", type=int, default=1, help="evaluate the validation split every this many "
-                                                                  "epochs")
-    r.add_argument("--ggn-size", type=int, default=0, help="after training, log Tr(G) "
-                                                           "(tf_gradmix.diagnostics.ggn_trace) on this many training "
-                                                           "examples")
-    r.add_argument("--ggn-probes", type=int, default=None, help="Hutchinson probes for Tr(G) (default: exact)")
-    r.add_argument("--threads", type=int, default=None, help="TensorFlow intra-op threads (default: all cores)")
-    r.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
-    r.add_argument("--verbose", type=int, default=None, choices=(0, 1, 2))
-    r.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (seconds, meaningless numbers)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.model, args.widths = "resnet8", (4, 8, 8)
-        args.train_size, args.val_size, args.test_size = 128, 64, 100
-        args.batch_size, args.epochs = 32, 2
-    if args.verbose is None:
-        args.verbose = 1 if sys.stdout.isatty() else 2
-    if args.dataset == "cifar100" and args.data_dir:
-        p.error("--data-dir is the CIFAR-10 JPEG copy; CIFAR-100 loads through TFDS (--tfds-data-dir)")
-    if args.noise_batch_size is not None:
-        if args.noise == "none":
-            p.error("--noise-batch-size needs --noise gaussian or rademacher")
-        if not 0 < args.noise_batch_size <= args.batch_size:
-            p.error("--noise-batch-size must be in [1, --batch-size]")
-        args.stddev = math.sqrt(args.batch_size / args.noise_batch_size - 1.0)
-    if args.noise == "none":
-        args.stddev = 0.0
-    return args
+    """The :class:`Config` of a command line (``sys.argv[1:]`` by default)."""
+    return config_from_argv(Config, sys.argv[1:] if argv is None else argv, description=__doc__.split("\n")[0])
 
 
-def run_name(args):
+def run_name(config):
     """A readable name for the run's output folder."""
-    noise = "plain" if args.noise == "none" else f"{args.noise}{args.stddev:.3g}"
-    size = f"n{args.train_size}" if args.train_size else "full"
-    return f"{args.dataset}_{args.model}_{size}_{args.optimizer}_b{args.batch_size}_e{args.epochs}_{noise}_s{args.seed}"
+    noise = "plain" if config.noise == "none" else f"{config.noise}{mixing.mixing_stddev(config):.3g}"
+    size = f"n{config.train_size}" if config.train_size else "full"
+    c = config
+    return f"{c.dataset}_{c.model}_{size}_{c.optimizer}_b{c.batch_size}_e{c.epochs}_{noise}_s{c.seed}"
 
 
 # --------------------------------------------------------------------------
 # Data
 
 
-def load_arrays(args):
+def load_arrays(config):
     """``(x_train, y_train), (x_test, y_test)`` uint8 images and int64 labels."""
-    if args.dataset == "cifar10":
-        source = cifar10.find_cifar10(args.data_dir)
+    if config.dataset == "cifar10":
+        source = cifar10.find_cifar10(config.data_dir)
         if source is not None:
-            return cifar10.load_cifar10(args.data_dir, args.cache_dir)
+            return cifar10.load_cifar10(config.data_dir, config.cache_dir)
     import tensorflow_datasets as tfds
 
-    print(f"{args.dataset}: loading through TensorFlow Datasets (downloads if needed).", flush=True)
+    print(f"{config.dataset}: loading through TensorFlow Datasets (downloads if needed).", flush=True)
     arrays = []
     for split in ("train", "test"):
-        dataset = tfds.load(args.dataset, split=split, as_supervised=True, data_dir=args.tfds_data_dir)
+        dataset = tfds.load(config.dataset, split=split, as_supervised=True, data_dir=config.tfds_data_dir)
         batches = list(tfds.as_numpy(dataset.batch(10000)))
         arrays.append((
             np.concatenate([images for images, _ in batches]).astype(np.uint8),
@@ -175,31 +184,31 @@ def load_arrays(args):
     return tuple(arrays)
 
 
-def split_data(args, arrays):
+def split_data(config, arrays):
     """Training subset, validation split (held out of training) and test set."""
     (x_all, y_all), (x_test, y_test) = arrays
     val_idx = np.array([], np.int64)
-    if args.val_size:
-        val_idx = cifar10.balanced_indices(y_all, args.val_size, seed=args.data_seed + 1)
-    if args.train_size:
+    if config.val_size:
+        val_idx = cifar10.balanced_indices(y_all, config.val_size, seed=config.data_seed + 1)
+    if config.train_size:
         train_idx = cifar10.balanced_indices(
-            y_all, args.train_size, seed=args.data_seed, exclude=val_idx
+            y_all, config.train_size, seed=config.data_seed, exclude=val_idx
         )
     else:
-        train_idx = np.random.default_rng(args.data_seed).permutation(
+        train_idx = np.random.default_rng(config.data_seed).permutation(
             np.setdiff1d(np.arange(len(y_all)), val_idx)
         )
-    if args.test_size and args.test_size < len(y_test):
-        x_test, y_test = cifar10.subset(x_test, y_test, args.test_size, seed=args.data_seed)
-    val = (x_all[val_idx], y_all[val_idx]) if args.val_size else None
+    if config.test_size and config.test_size < len(y_test):
+        x_test, y_test = cifar10.subset(x_test, y_test, config.test_size, seed=config.data_seed)
+    val = (x_all[val_idx], y_all[val_idx]) if config.val_size else None
     return (x_all[train_idx], y_all[train_idx]), val, (x_test, y_test)
 
 
-def make_dataset(args, x, y, batch_size, training):
+def make_dataset(config, x, y, batch_size, training):
     dataset = cifar10.make_dataset(
-        x, y, batch_size, training=training, seed=args.seed, augment=args.augment
+        x, y, batch_size, training=training, seed=config.seed, augment=config.augment
     )
-    if args.dataset == "cifar100":
+    if config.dataset == "cifar100":
         import tensorflow as tf
 
         # cifar10.make_dataset normalised with CIFAR-10 statistics; re-normalise.
@@ -224,7 +233,7 @@ def recipe_for(name):
     }[name]
 
 
-def build_model(args, num_classes):
+def build_model(config, num_classes):
     import keras
 
     import tf_gradmix as gm
@@ -232,32 +241,32 @@ def build_model(args, num_classes):
 
     # Weight decay: an L2 kernel penalty for SGD/Adam; for LARS/LAMB the
     # optimizer's coupled decay (inside the trust ratio, 1-D variables excluded).
-    l2 = args.weight_decay if args.optimizer in ("nesterov", "adam") else 0.0
-    model_class = keras.Model if args.noise == "none" else gm.Model
-    if args.model == "resnet18":
+    l2 = config.weight_decay if config.optimizer in ("nesterov", "adam") else 0.0
+    model_class = keras.Model if config.noise == "none" else gm.Model
+    if config.model == "resnet18":
         return resnet.resnet18_cifar(
-            num_classes=num_classes, bn_momentum=args.bn_momentum, weight_decay=l2,
+            num_classes=num_classes, bn_momentum=config.bn_momentum, weight_decay=l2,
             model_class=model_class,
         )
     return resnet.cifar_resnet(
-        stage_widths=tuple(args.widths), num_classes=num_classes,
-        bn_momentum=args.bn_momentum, weight_decay=l2, model_class=model_class,
+        stage_widths=tuple(config.widths), num_classes=num_classes,
+        bn_momentum=config.bn_momentum, weight_decay=l2, model_class=model_class,
     )
 
 
-def schedule_settings(args, steps_per_epoch):
+def schedule_settings(config, steps_per_epoch):
     """Peak rate, total and warmup steps of the paper's §5.1 schedule."""
     import tf_gradmix as gm
 
-    recipe = recipe_for(args.optimizer)
-    base_lr = args.base_lr if args.base_lr is not None else recipe["base_learning_rate"]
-    base_batch = args.base_batch_size or recipe["base_batch_size"]
-    warmup_epochs = args.warmup_epochs
+    recipe = recipe_for(config.optimizer)
+    base_lr = config.base_lr if config.base_lr is not None else recipe["base_learning_rate"]
+    base_batch = config.base_batch_size or recipe["base_batch_size"]
+    warmup_epochs = config.warmup_epochs
     if warmup_epochs is None:  # 20 of 200 epochs, scaled to this run's length
-        warmup_epochs = recipe["warmup_epochs"] * args.epochs / recipe["epochs"]
-    total_steps = steps_per_epoch * args.epochs
+        warmup_epochs = recipe["warmup_epochs"] * config.epochs / recipe["epochs"]
+    total_steps = steps_per_epoch * config.epochs
     return {
-        "peak_learning_rate": gm.schedules.scaled_learning_rate(base_lr, base_batch, args.batch_size),
+        "peak_learning_rate": gm.schedules.scaled_learning_rate(base_lr, base_batch, config.batch_size),
         "total_steps": total_steps,
         "warmup_steps": min(total_steps, round(warmup_epochs * steps_per_epoch)),
         "warmup_power": recipe["warmup_power"],
@@ -267,13 +276,13 @@ def schedule_settings(args, steps_per_epoch):
     }
 
 
-def build_optimizer(args, settings):
+def build_optimizer(config, settings):
     import keras
 
     import tf_gradmix as gm
 
-    recipe = recipe_for(args.optimizer)
-    if args.schedule == "cosine":
+    recipe = recipe_for(config.optimizer)
+    if config.schedule == "cosine":
         schedule = keras.optimizers.schedules.CosineDecay(
             initial_learning_rate=0.0,
             decay_steps=max(1, settings["total_steps"] - settings["warmup_steps"]),
@@ -288,25 +297,25 @@ def build_optimizer(args, settings):
             warmup_power=settings["warmup_power"],
             decay_power=settings["decay_power"],
         )
-    if args.optimizer == "nesterov":
+    if config.optimizer == "nesterov":
         optimizer = keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True)
-    elif args.optimizer == "adam":
+    elif config.optimizer == "adam":
         optimizer = keras.optimizers.Adam(schedule)
-    elif args.optimizer == "lars":
+    elif config.optimizer == "lars":
         optimizer = gm.optimizers.LARS(
-            schedule, momentum=0.9, weight_decay=args.weight_decay,
+            schedule, momentum=0.9, weight_decay=config.weight_decay,
             trust_coefficient=recipe["trust_coefficient"],
             exclude_1d_variables=recipe["exclude_1d_variables"],
         )
     else:
         optimizer = gm.optimizers.LAMB(
-            schedule, weight_decay=args.weight_decay,
+            schedule, weight_decay=config.weight_decay,
             exclude_1d_variables=recipe["exclude_1d_variables"],
         )
-    if args.noise == "none":
+    if config.noise == "none":
         return optimizer
     return gm.GradientMix(
-        optimizer, level="sample", noise=args.noise, stddev=args.stddev, seed=args.seed + 1
+        optimizer, level="sample", noise=config.noise, stddev=mixing.mixing_stddev(config), seed=config.seed + 1
     )
 
 
@@ -314,60 +323,43 @@ def build_optimizer(args, settings):
 # Training
 
 
-def log_ggn_trace(args, model, x, y):
-    """log Tr(G) on ``--ggn-size`` fixed training examples (Table 1 analogue)."""
-    import keras
-    import tensorflow as tf
-
-    from tf_gradmix import diagnostics
-
-    n = min(args.ggn_size, len(y))
-    idx = cifar10.balanced_indices(y, n, seed=args.data_seed + 2) if n >= 10 else np.arange(n)
-    images = cifar10.normalize(tf.constant(x[idx])).numpy()
-    estimate = diagnostics.ggn_trace(
-        model, images, y[idx],
-        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        num_probes=args.ggn_probes, seed=args.seed, batch_size=32,
-        split="output",  # the model outputs logits: the usual GGN (= Fisher)
-    )
-    return {
-        "ggn_examples": int(n),
-        "ggn_trace": float(estimate.trace),
-        "log_ggn_trace": float(estimate.log_trace),
-        "log_ggn_stderr": float(estimate.log_stderr),
-    }
+def log_ggn_trace(config, model, x, y):
+    """log Tr(G) on ``--ggn-size`` fixed, class-balanced training examples (Table 1 analogue)."""
+    n = min(config.ggn_size, len(y))
+    idx = cifar10.balanced_indices(y, n, seed=config.data_seed + 2) if n >= 10 else np.arange(n)
+    return curvature.log_ggn_trace(model, x[idx], y[idx], num_probes=config.ggn_probes, seed=config.seed)
 
 
-def run(args):
-    """Trains once and returns the result as a JSON-ready dict."""
-    threads.limit_threads(args.threads)
+def run(config):
+    """Trains once as ``config`` says; writes the result to ``--json-out`` and returns it (a JSON-ready dict)."""
+    threads.limit_threads(config.threads)
     import keras
 
     import tf_gradmix as gm
 
     wall_start = time.perf_counter()
-    out = Path(args.out or Path("runs") / "cifar_train" / run_name(args))
+    out = Path(config.out or Path("runs") / "cifar_train" / run_name(config))
     out.mkdir(parents=True, exist_ok=True)
-    (x_train, y_train), val, (x_test, y_test) = split_data(args, load_arrays(args))
-    num_classes = 100 if args.dataset == "cifar100" else 10
-    if len(y_train) < args.batch_size:
-        raise SystemExit(f"--batch-size {args.batch_size} exceeds the {len(y_train)} training examples")
-    steps_per_epoch = len(y_train) // args.batch_size  # partial batches are dropped
-    settings = schedule_settings(args, steps_per_epoch)
+    (x_train, y_train), val, (x_test, y_test) = split_data(config, load_arrays(config))
+    num_classes = 100 if config.dataset == "cifar100" else 10
+    if len(y_train) < config.batch_size:
+        raise SystemExit(f"--batch-size {config.batch_size} exceeds the {len(y_train)} training examples")
+    steps_per_epoch = len(y_train) // config.batch_size  # partial batches are dropped
+    settings = schedule_settings(config, steps_per_epoch)
     print(
-        f"Run {run_name(args)}: {len(y_train)} training images, "
+        f"Run {run_name(config)}: {len(y_train)} training images, "
         f"{0 if val is None else len(val[1])} validation (held out of training), "
-        f"{len(y_test)} test; {steps_per_epoch} steps/epoch x {args.epochs} epochs = "
+        f"{len(y_test)} test; {steps_per_epoch} steps/epoch x {config.epochs} epochs = "
         f"{settings['total_steps']} steps; peak LR {settings['peak_learning_rate']:g} "
         f"({settings['base_learning_rate']:g} x B/{settings['base_batch_size']}), warmup "
-        f"{settings['warmup_steps']} steps; noise {args.noise} stddev {args.stddev:.4g}.",
+        f"{settings['warmup_steps']} steps; noise {config.noise} stddev {mixing.mixing_stddev(config):.4g}.",
         flush=True,
     )
 
-    keras.utils.set_random_seed(args.seed)
-    model = build_model(args, num_classes)
+    keras.utils.set_random_seed(config.seed)
+    model = build_model(config, num_classes)
     model.compile(
-        optimizer=build_optimizer(args, settings),
+        optimizer=build_optimizer(config, settings),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[
             keras.metrics.SparseCategoricalAccuracy(name="acc"),
@@ -378,21 +370,21 @@ def run(args):
         keras.callbacks.BackupAndRestore(str(out / "backup")),
         keras.callbacks.CSVLogger(str(out / "log.csv"), append=True),
     ]
-    if args.tensorboard:
+    if config.tensorboard:
         callbacks.append(keras.callbacks.TensorBoard(str(out / "tensorboard")))
-    train_ds = make_dataset(args, x_train, y_train, args.batch_size, training=True)
+    train_ds = make_dataset(config, x_train, y_train, config.batch_size, training=True)
     eval_batch = 1000
-    val_ds = None if val is None else make_dataset(args, *val, eval_batch, training=False)
+    val_ds = None if val is None else make_dataset(config, *val, eval_batch, training=False)
     fit_start = time.perf_counter()
     history = model.fit(
-        train_ds, epochs=args.epochs, validation_data=val_ds,
-        validation_freq=args.validation_freq, callbacks=callbacks,
-        shuffle=False, verbose=args.verbose,
+        train_ds, epochs=config.epochs, validation_data=val_ds,
+        validation_freq=config.validation_freq, callbacks=callbacks,
+        shuffle=False, verbose=results.fit_verbose(config.verbose),
     )
     fit_seconds = time.perf_counter() - fit_start
 
     def evaluate(x, y):
-        logs = model.evaluate(make_dataset(args, x, y, eval_batch, training=False), verbose=0, return_dict=True)
+        logs = model.evaluate(make_dataset(config, x, y, eval_batch, training=False), verbose=0, return_dict=True)
         return float(logs["acc"]), float(logs["xent"])
 
     # Final numbers in inference mode; train = the training images, no
@@ -403,15 +395,16 @@ def run(args):
     logs = history.history
     gammas = logs.get(gm.model.GAMMA_METRIC)
     result = {
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
-        "name": run_name(args),
-        "seed": args.seed,
+        "config": values_of(config),
+        "name": run_name(config),
+        "seed": config.seed,
         "train_examples": int(len(y_train)),
         "val_examples": 0 if val is None else int(len(val[1])),
         "test_examples": int(len(y_test)),
         "steps": settings["total_steps"],
         "peak_learning_rate": settings["peak_learning_rate"],
         "warmup_steps": settings["warmup_steps"],
+        "stddev": mixing.mixing_stddev(config),
         "train_acc": train_acc,
         "train_loss": train_loss,
         "val_acc": val_acc,
@@ -422,21 +415,20 @@ def run(args):
         "last_epoch_train_loss": float(logs["loss"][-1]) if logs.get("loss") else None,
         # Plain averaging has every w = 1, so gamma = mean(w^2) = 1 exactly.
         # After a resume, the mean covers the epochs run since.
-        "gamma_bar": float(np.mean(gammas)) if gammas else (1.0 if args.noise == "none" else None),
+        "gamma_bar": float(np.mean(gammas)) if gammas else (1.0 if config.noise == "none" else None),
         "fit_seconds": fit_seconds,
         "epochs_run_in_this_process": len(logs.get("loss", [])),
         "history": {k: [float(v) for v in vals] for k, vals in logs.items()},
     }
-    if args.ggn_size:
+    if config.ggn_size:
         try:
-            result.update(log_ggn_trace(args, model, x_train, y_train))
+            result.update(log_ggn_trace(config, model, x_train, y_train))
         except Exception as error:  # keep the training result; say what failed
             print(f"Tr(G) failed: {error!r}", flush=True)
             result["ggn_error"] = repr(error)
     result["wall_seconds"] = time.perf_counter() - wall_start
-    json_out = Path(args.json_out or out / "result.json")
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps(result, indent=1))
+    json_out = Path(config.json_out or out / "result.json")
+    results.write_result(result, json_out)
     gamma = "n/a" if result["gamma_bar"] is None else f"{result['gamma_bar']:.3f}"
     print(
         f"Done {result['name']}: train {100 * train_acc:.1f}%"
@@ -449,7 +441,8 @@ def run(args):
 
 
 def main(argv=None):
-    return run(parse_args(argv))
+    """Trains the CIFAR run of the command line ``argv``; prints its result last, as one JSON line."""
+    return results.main(run, parse_args, argv)
 
 
 if __name__ == "__main__":

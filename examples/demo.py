@@ -27,16 +27,19 @@ control of the same size, other stddevs) is ``experiments/temperature.py``
     python -m examples.demo --quick        # a few steps (smoke test)
 """
 
-import argparse
+import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from examples import cifar10, gd_vs_sgd  # noqa: E402
+from examples import data, gd_vs_sgd  # noqa: E402
+from examples.config import check_choices, config_from_argv, option, values_of  # noqa: E402
 
 CAVEAT = (
     "One seed at CPU scale: the study behind this demo (3 seeds, controls) is in the "
@@ -44,44 +47,50 @@ CAVEAT = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The demo's settings; each field is the flag ``--field-name``."""
+
+    data_dir: Optional[str] = data.data_dir_field("CIFAR-10 JPEG copy", "keras.datasets")
+    cache_dir: Optional[str] = data.cache_dir_field()
+    out: str = option("runs/demo", help="output directory for the table and the plot", affects_result=False)
+    train_size: int = option(1024)
+    batch_size: int = option(32, help="the small batch b")
+    lr: float = option(0.1, help="the one learning rate of all three runs")
+    steps: int = option(2000)
+    seed: int = option(0)
+    noise: str = option("gaussian", choices=("gaussian", "rademacher", "bernoulli"))
+    quick: bool = option(False, help="tiny settings for a smoke test (seconds, meaningless numbers)")
+
+    def __post_init__(self):
+        check_choices(self)
+        if self.quick:
+            object.__setattr__(self, "train_size", 100)
+            object.__setattr__(self, "steps", 4)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    """The demo's :class:`Config` of a command line (``sys.argv[1:]`` by default)."""
+    return config_from_argv(Config, sys.argv[1:] if argv is None else argv, description=__doc__.split("\n")[0])
+
+
+def arm_config(config, batch_size, noise):
+    """The ``examples/gd_vs_sgd.py`` run of one arm (``batch_size`` 0: the full batch)."""
+    evaluation = dict(val_size=100, test_size=200, eval_every=2) if config.quick else dict(
+        eval_every=max(1, config.steps // 10)
     )
-    cifar10.add_data_arguments(p)
-    p.add_argument("--out", default="runs/demo", help="output directory for the table and the plot")
-    p.add_argument("--train-size", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=32, help="the small batch b")
-    p.add_argument("--lr", type=float, default=0.1, help="the one learning rate of all three runs")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--noise", default="gaussian", choices=("gaussian", "rademacher", "bernoulli"))
-    p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (seconds, meaningless numbers)")
-    return p.parse_args(argv)
+    return gd_vs_sgd.Config(
+        train_size=config.train_size, lr=config.lr, steps=config.steps, seed=config.seed,
+        reference_batch_size=config.batch_size, batch_size=batch_size, noise=noise, ggn_size=0,
+        data_dir=config.data_dir, cache_dir=config.cache_dir, **evaluation,
+    )
 
 
-def arm_args(args, batch_size, noise):
-    common = [
-        "--train-size", str(args.train_size), "--lr", f"{args.lr:g}", "--steps", str(args.steps),
-        "--seed", str(args.seed), "--reference-batch-size", str(args.batch_size),
-        "--batch-size", str(batch_size), "--noise", noise, "--ggn-size", "0",
-    ]
-    if args.data_dir:
-        common += ["--data-dir", args.data_dir]
-    if args.cache_dir:
-        common += ["--cache-dir", args.cache_dir]
-    if args.quick:
-        common += ["--val-size", "100", "--test-size", "200", "--eval-every", "2"]
-    else:
-        common += ["--eval-every", str(max(1, args.steps // 10))]
-    return gd_vs_sgd.parse_args(common)
-
-
-def runs_of(args):
+def runs_of(config):
     return [
-        ("small batch", args.batch_size, "none"),
+        ("small batch", config.batch_size, "none"),
         ("full batch (GD)", 0, "none"),
-        (f"GD + GradientMix ({args.noise})", 0, args.noise),
+        (f"GD + GradientMix ({config.noise})", 0, config.noise),
     ]
 
 
@@ -124,22 +133,20 @@ def save_plot(results, path):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    if args.quick:
-        args.train_size, args.steps = 100, 4
-    out = Path(args.out)
+    config = parse_args(argv)
+    out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     print(
-        f"Plan: CIFAR-10, {args.train_size} training images, SGD at rate {args.lr:g} for {args.steps} "
-        f"steps in every run: batch {args.batch_size}; the full batch; the full batch + GradientMix "
-        f"({args.noise}) at the small batch's temperature. Same initial weights (seed {args.seed}).",
+        f"Plan: CIFAR-10, {config.train_size} training images, SGD at rate {config.lr:g} for {config.steps} "
+        f"steps in every run: batch {config.batch_size}; the full batch; the full batch + GradientMix "
+        f"({config.noise}) at the small batch's temperature. Same initial weights (seed {config.seed}).",
         flush=True,
     )
     results = []
-    for label, batch_size, noise in runs_of(args):
+    for label, batch_size, noise in runs_of(config):
         print(f"\n=== {label} ===", flush=True)
-        result = gd_vs_sgd.run(arm_args(args, batch_size, noise))
+        result = gd_vs_sgd.run(arm_config(config, batch_size, noise))
         result["run"] = label
         results.append(result)
         print(
@@ -150,9 +157,9 @@ def main(argv=None):
     table = format_table(results)
     wall = time.perf_counter() - started
     print("\n" + table + f"\n\nWall time {wall:.0f} s. {CAVEAT}")
-    (out / "results.md").write_text(f"{table}\n\nSettings: {json.dumps(vars(args))}\nWall time {wall:.0f} "
+    (out / "results.md").write_text(f"{table}\n\nSettings: {json.dumps(values_of(config))}\nWall time {wall:.0f} "
                                     f"s.\n\n{CAVEAT}\n")
-    summary = {"settings": vars(args), "wall_seconds": wall, "results": results}
+    summary = {"settings": values_of(config), "wall_seconds": wall, "results": results}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     save_plot(results, out / "demo.png")
     print(f"Saved {out / 'results.md'}, {out / 'results.json'} and {out / 'demo.png'}.")

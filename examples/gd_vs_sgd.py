@@ -40,105 +40,124 @@ accuracy and cross-entropy, the validation curve, the mean of ``w^2``
 
     python -m examples.gd_vs_sgd --batch-size 32 --seed 0
     python -m examples.gd_vs_sgd --batch-size 0 --noise gaussian --seed 0
+
+The flags are the fields of :class:`Config` (``--field-name``); from Python,
+``run(Config(batch_size=32))`` returns the same dict.
 """
 
-import argparse
-import json
+import dataclasses
 import math
 import os
+import sys
 import time
-from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from examples import cifar10, threads  # noqa: E402
+from examples import cifar10, curvature, data, results, threads  # noqa: E402
+from examples.config import check_choices, config_from_argv, flag_of, option  # noqa: E402
 
 NOISES = ("none", "gaussian", "rademacher", "bernoulli", "isotropic")
 OPTIMIZERS = ("sgd", "adam")
 
 
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One arm of the equal-rate, equal-steps study: GD, small-batch SGD, or GD + noise or penalty."""
+
+    data_dir: Optional[str] = data.data_dir_field("CIFAR-10 JPEG copy", "keras.datasets")
+    cache_dir: Optional[str] = data.cache_dir_field()
+    train_size: int = option(1024, help="N, the fixed class-balanced training subset")
+    val_size: int = option(1000, help="held out of training, for choosing the rate")
+    test_size: Optional[int] = option(None, help="class-balanced subset of the test images (default: all 10,000)")
+    data_seed: int = option(0, help="seed of the subsets and the validation split")
+    filters: tuple[int, int] = option((16, 32), help="filters of the two convolutions")
+    batch_size: int = option(0, help="b; 0 = full batch (GD)")
+    optimizer: str = option("sgd", choices=OPTIMIZERS, help="the same in every arm")
+    lr: float = option(0.05, help="the fixed learning rate")
+    momentum: float = option(0.0, help="SGD only")
+    steps: int = option(2000, help="optimizer steps")
+    eval_every: int = option(200, help="steps between validation evaluations")
+    noise: str = option("none", choices=NOISES, help="the full batch's noise (none: plain GD or SGD)")
+    stddev: Optional[float] = option(None, help="default: stddev_for_temperature(N, lr, reference b, lr)")
+    reference_batch_size: int = option(32, help="b of the temperature rule and of the penalty's blocks")
+    stddev_factor: float = option(1.0, help="scales the stddev (e.g. 0.5 for the half-stddev arm)")
+    penalty_factor: float = option(0.0, help="GD + the gradient-norm penalty at λ = factor · lr/4 over blocks of "
+                                   "the reference batch size; 0 = none")
+    seed: int = option(0, help="initial weights, batch order and noise stream")
+    ggn_size: int = option(512, help="training examples for log Tr(G); 0 skips it")
+    threads: Optional[int] = threads.threads_field()
+    out: Optional[str] = option(None, affects_result=False, help="write the JSON result here too")
+
+    def __post_init__(self):
+        check_choices(self)
+        for name in ("train_size", "val_size", "steps", "eval_every", "reference_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{flag_of(name)} must be positive, got {getattr(self, name)}")
+        if self.batch_size < 0 or self.batch_size > self.train_size:
+            raise ValueError(f"--batch-size must be in [0, --train-size={self.train_size}], got {self.batch_size}")
+        if self.steps % self.eval_every:
+            raise ValueError(f"--steps ({self.steps}) must be a multiple of --eval-every ({self.eval_every})")
+        if self.noise != "none" and self.batch_size not in (0, self.train_size):
+            raise ValueError(f"--noise is for the full batch (--batch-size 0) in this study, got --noise {self.noise} "
+                             f"with --batch-size {self.batch_size}")
+        if self.penalty_factor < 0 or not math.isfinite(self.penalty_factor):
+            raise ValueError(f"--penalty-factor must be a non-negative number, got {self.penalty_factor}")
+        if self.penalty_factor and (self.noise != "none" or self.batch_size not in (0, self.train_size)):
+            raise ValueError("--penalty-factor is an arm of its own: full batch (--batch-size 0) and --noise none, "
+                             f"got --batch-size {self.batch_size} --noise {self.noise}")
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            raise ValueError(f"--lr must be a positive number, got {self.lr}")
+        if self.momentum and self.optimizer != "sgd":
+            raise ValueError(f"--momentum is for --optimizer sgd, got --momentum {self.momentum} with --optimizer "
+                             f"{self.optimizer}")
+        if self.stddev is not None and (self.stddev < 0 or not math.isfinite(self.stddev)):
+            raise ValueError(f"--stddev must be a non-negative number, got {self.stddev}")
+        if self.test_size is not None and self.test_size <= 0:
+            raise ValueError(f"--test-size must be positive, got {self.test_size}")
+        if self.ggn_size < 0:
+            raise ValueError(f"--ggn-size must be non-negative, got {self.ggn_size}")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    cifar10.add_data_arguments(p)
-    p.add_argument("--train-size", type=int, default=1024, help="N, the fixed class-balanced training subset")
-    p.add_argument("--val-size", type=int, default=1000, help="held out of training, for choosing the rate")
-    p.add_argument("--test-size", type=int, default=None, help="class-balanced subset of the test images (default: all "
-                                                               "10,000)")
-    p.add_argument("--data-seed", type=int, default=0)
-    p.add_argument("--filters", type=int, nargs=2, default=(16, 32))
-    p.add_argument("--batch-size", type=int, default=0, help="b; 0 = full batch (GD)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="the same in every arm")
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--momentum", type=float, default=0.0, help="SGD only")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--eval-every", type=int, default=200, help="steps between validation evaluations")
-    p.add_argument("--noise", choices=NOISES, default="none")
-    p.add_argument("--stddev", type=float, default=None, help="default: stddev_for_temperature(N, lr, reference b, lr)")
-    p.add_argument("--reference-batch-size", type=int, default=32)
-    p.add_argument("--stddev-factor", type=float, default=1.0)
-    p.add_argument("--penalty-factor", type=float, default=0.0,
-                   help="GD + the gradient-norm penalty at λ = factor · lr/4 over blocks of the reference batch "
-                        "size; 0 = none")
-    p.add_argument("--seed", type=int, default=0, help="initial weights, batch order and noise stream")
-    p.add_argument("--ggn-size", type=int, default=512, help="training examples for log Tr(G); 0 skips it")
-    p.add_argument("--threads", type=int, default=None, help="cap TensorFlow's thread pools")
-    p.add_argument("--out", default=None, help="write the JSON result here too")
-    args = p.parse_args(argv)
-    for name in ("train_size", "val_size", "steps", "eval_every", "reference_batch_size"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.batch_size < 0 or args.batch_size > args.train_size:
-        p.error(f"--batch-size must be in [0, --train-size={args.train_size}], got {args.batch_size}")
-    if args.noise != "none" and args.batch_size not in (0, args.train_size):
-        p.error("--noise is for the full batch (--batch-size 0) in this study")
-    if args.penalty_factor < 0 or not math.isfinite(args.penalty_factor):
-        p.error(f"--penalty-factor must be a non-negative number, got {args.penalty_factor}")
-    if args.penalty_factor and (args.noise != "none" or args.batch_size not in (0, args.train_size)):
-        p.error("--penalty-factor is an arm of its own: full batch (--batch-size 0) and --noise none, got "
-                f"--batch-size {args.batch_size} --noise {args.noise}")
-    if args.lr <= 0 or not math.isfinite(args.lr):
-        p.error(f"--lr must be a positive number, got {args.lr}")
-    if args.momentum and args.optimizer != "sgd":
-        p.error(f"--momentum is for --optimizer sgd, got --momentum {args.momentum} with --optimizer {args.optimizer}")
-    return args
+    """The :class:`Config` of a command line (``sys.argv[1:]`` by default)."""
+    return config_from_argv(Config, sys.argv[1:] if argv is None else argv, description=__doc__.split("\n")[0])
 
 
-def stddev_of(args, n):
+def stddev_of(config, n):
     """The arm's stddev: the temperature rule unless given, times the factor."""
-    if args.noise == "none":
+    if config.noise == "none":
         return 0.0
     from tf_gradmix import noise
 
-    base = args.stddev
+    base = config.stddev
     if base is None:
-        base = noise.stddev_for_temperature(n, args.lr, args.reference_batch_size, args.lr)
-    return base * args.stddev_factor
+        base = noise.stddev_for_temperature(n, config.lr, config.reference_batch_size, config.lr)
+    return base * config.stddev_factor
 
 
-def penalty_weight_of(args):
+def penalty_weight_of(config):
     """λ of the gradient-norm penalty: ``--penalty-factor · lr / 4`` (Smith et al. 2021)."""
-    return args.penalty_factor * args.lr / 4
+    return config.penalty_factor * config.lr / 4
 
 
-def make_optimizer(args):
+def make_optimizer(config):
     """The optimizer of every arm: plain SGD (``--momentum``) or Adam (Keras defaults but the rate)."""
     import keras
 
-    if args.optimizer == "adam":
-        return keras.optimizers.Adam(args.lr)
-    return keras.optimizers.SGD(args.lr, momentum=args.momentum)
+    if config.optimizer == "adam":
+        return keras.optimizers.Adam(config.lr)
+    return keras.optimizers.SGD(config.lr, momentum=config.momentum)
 
 
-def build_model(args, cls):
+def build_model(config, cls):
     import keras
 
-    keras.utils.set_random_seed(args.seed)  # the same initial weights in every arm
-    f1, f2 = args.filters
+    keras.utils.set_random_seed(config.seed)  # the same initial weights in every arm
+    f1, f2 = config.filters
     return cls(
         [
             keras.Input(cifar10.IMAGE_SHAPE),
@@ -258,61 +277,54 @@ def gradient_penalty_model_class():
     return GradientNormPenalty
 
 
-def load_data(args):
-    (x_all, y_all), (x_test, y_test) = cifar10.load_cifar10(args.data_dir, args.cache_dir, verbose=False)
-    (x_pool, y_pool), (x_val, y_val) = cifar10.train_val_split(x_all, y_all, args.val_size, seed=args.data_seed)
-    x_train, y_train = cifar10.subset(x_pool, y_pool, args.train_size, seed=args.data_seed + 1)
-    if args.test_size:
+def load_data(config):
+    (x_all, y_all), (x_test, y_test) = cifar10.load_cifar10(config.data_dir, config.cache_dir, verbose=False)
+    (x_pool, y_pool), (x_val, y_val) = cifar10.train_val_split(x_all, y_all, config.val_size, seed=config.data_seed)
+    x_train, y_train = cifar10.subset(x_pool, y_pool, config.train_size, seed=config.data_seed + 1)
+    if config.test_size:
         # The JPEG copy is sorted by class: take a class-balanced subset.
-        x_test, y_test = cifar10.subset(x_test, y_test, args.test_size, seed=args.data_seed)
+        x_test, y_test = cifar10.subset(x_test, y_test, config.test_size, seed=config.data_seed)
     return (x_train, y_train), (x_val, y_val), (x_test, y_test)
 
 
-def training_dataset(args, x, y, batch):
+def training_dataset(config, x, y, batch):
     import tensorflow as tf
 
     if batch == len(y):  # GD: every step is the whole, fixed subset
         images = cifar10.normalize(tf.constant(x))
         return tf.data.Dataset.from_tensors((images, tf.constant(y, tf.int64))).repeat()
-    return cifar10.make_dataset(x, y, batch, training=True, seed=args.seed, augment=False).repeat()
+    return cifar10.make_dataset(x, y, batch, training=True, seed=config.seed, augment=False).repeat()
 
 
-def log_ggn_trace(args, model, x, y):
-    import keras
-    import tensorflow as tf
-
-    from tf_gradmix import diagnostics
-
-    n = min(args.ggn_size, len(y))
-    images = cifar10.normalize(tf.constant(x[:n])).numpy()
-    estimate = diagnostics.ggn_trace(
-        model, images, y[:n], keras.losses.SparseCategoricalCrossentropy(from_logits=True), batch_size=64
-    )
-    return {"ggn_examples": int(n), "log_ggn_trace": float(estimate.log_trace), "ggn_trace": float(estimate.trace)}
+def log_ggn_trace(config, model, x, y):
+    """log Tr(G) of the trained model on the first ``--ggn-size`` training examples."""
+    n = min(config.ggn_size, len(y))
+    return curvature.log_ggn_trace(model, x[:n], y[:n], batch_size=64)
 
 
-def run(args):
-    threads.limit_threads(args.threads)
+def run(config):
+    """Trains the arm of ``config`` (a :class:`Config`) and returns its result dict (see the module docstring)."""
+    threads.limit_threads(config.threads)
     import keras
 
     import tf_gradmix as gm
 
-    (x_train, y_train), (x_val, y_val), (x_test, y_test) = load_data(args)
+    (x_train, y_train), (x_val, y_val), (x_test, y_test) = load_data(config)
     n = len(y_train)
-    batch = args.batch_size or n
-    stddev = stddev_of(args, n)
-    inner = make_optimizer(args)
-    if args.penalty_factor:
-        model, optimizer = build_model(args, gradient_penalty_model_class()), inner
-        model.configure_penalty(penalty_weight_of(args), args.reference_batch_size)
-    elif args.noise == "none":
-        model, optimizer = build_model(args, keras.Sequential), inner
-    elif args.noise == "isotropic":
-        model, optimizer = build_model(args, isotropic_model_class()), inner
-        model.configure_noise(stddev, args.seed)
+    batch = config.batch_size or n
+    stddev = stddev_of(config, n)
+    inner = make_optimizer(config)
+    if config.penalty_factor:
+        model, optimizer = build_model(config, gradient_penalty_model_class()), inner
+        model.configure_penalty(penalty_weight_of(config), config.reference_batch_size)
+    elif config.noise == "none":
+        model, optimizer = build_model(config, keras.Sequential), inner
+    elif config.noise == "isotropic":
+        model, optimizer = build_model(config, isotropic_model_class()), inner
+        model.configure_noise(stddev, config.seed)
     else:
-        model = build_model(args, gm.Sequential)
-        optimizer = gm.GradientMix(inner, noise=args.noise, stddev=stddev, seed=args.seed)
+        model = build_model(config, gm.Sequential)
+        optimizer = gm.GradientMix(inner, noise=config.noise, stddev=stddev, seed=config.seed)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
 
@@ -320,81 +332,72 @@ def run(args):
         result = model.evaluate(cifar10.make_dataset(x, y, 1000, training=False), verbose=0, return_dict=True)
         return float(result["accuracy"]), float(result["loss"])
 
-    if args.steps % args.eval_every:
-        raise SystemExit(f"--steps ({args.steps}) must be a multiple of --eval-every ({args.eval_every})")
     # One fit: Keras keeps the iterator of the repeated dataset across its
     # epochs, so the small batch's order runs on through the whole run.
     started = time.perf_counter()
     logs = model.fit(
-        training_dataset(args, x_train, y_train, batch),
-        steps_per_epoch=args.eval_every,
-        epochs=args.steps // args.eval_every,
+        training_dataset(config, x_train, y_train, batch),
+        steps_per_epoch=config.eval_every,
+        epochs=config.steps // config.eval_every,
         validation_data=cifar10.make_dataset(x_val, y_val, 1000, training=False),
         callbacks=[keras.callbacks.TerminateOnNaN()],
         verbose=0,
     ).history
     fit_seconds = time.perf_counter() - started
-    done = args.eval_every * len(logs["loss"])
+    done = config.eval_every * len(logs["loss"])
     history = {
-        "step": [args.eval_every * (i + 1) for i in range(len(logs["loss"]))],
+        "step": [config.eval_every * (i + 1) for i in range(len(logs["loss"]))],
         "val_acc": [float(v) for v in logs["val_accuracy"]],
         "train_loss": [float(v) for v in logs["loss"]],
     }
     gammas = logs.get("gradmix_gamma")
 
-    train_acc, train_loss = evaluate(x_train, y_train)
-    val_acc, val_loss = evaluate(x_val, y_val)
-    test_acc, test_loss = evaluate(x_test, y_test)
+    metrics = {}  # train_acc, train_loss, val_acc, ..., test_loss
+    for split, (x, y) in (("train", (x_train, y_train)), ("val", (x_val, y_val)), ("test", (x_test, y_test))):
+        metrics[f"{split}_acc"], metrics[f"{split}_loss"] = evaluate(x, y)
     result = {
-        "arm": arm_name(args),
-        "noise": args.noise,
+        "arm": arm_name(config),
+        "noise": config.noise,
         "batch_size": batch,
         "train_size": n,
-        "optimizer": args.optimizer,
-        "lr": args.lr,
-        "momentum": args.momentum,
+        "optimizer": config.optimizer,
+        "lr": config.lr,
+        "momentum": config.momentum,
         "steps": done,
         "stddev": stddev,
-        "penalty_weight": penalty_weight_of(args),
-        "penalty_block_size": args.reference_batch_size if args.penalty_factor else None,
-        "seed": args.seed,
-        "train_acc": train_acc,
-        "train_loss": train_loss,
-        "val_acc": val_acc,
-        "val_loss": val_loss,
-        "test_acc": test_acc,
-        "test_loss": test_loss,
+        "penalty_weight": penalty_weight_of(config),
+        "penalty_block_size": config.reference_batch_size if config.penalty_factor else None,
+        "seed": config.seed,
+        **metrics,
         "gamma_bar": float(np.mean(gammas)) if gammas else None,
         "history": history,
         "parameters": int(model.count_params()),
         "fit_seconds": fit_seconds,
     }
-    if args.ggn_size and math.isfinite(train_loss):
-        result.update(log_ggn_trace(args, model, x_train, y_train))
+    if config.ggn_size and math.isfinite(metrics["train_loss"]):
+        result.update(log_ggn_trace(config, model, x_train, y_train))
     return result
 
 
-def arm_name(args):
+def arm_name(config):
     """A short label: ``sgd32``, ``gd``, ``gd+gaussian``, ``gd+gaussian x0.5``, ``gd+penalty x4``."""
-    if args.batch_size and args.batch_size != args.train_size:
-        return f"sgd{args.batch_size}"
-    if args.penalty_factor:
-        return "gd+penalty" + ("" if args.penalty_factor == 1.0 else f" x{args.penalty_factor:g}")
-    if args.noise == "none":
+    if config.batch_size and config.batch_size != config.train_size:
+        return f"sgd{config.batch_size}"
+    if config.penalty_factor:
+        return "gd+penalty" + ("" if config.penalty_factor == 1.0 else f" x{config.penalty_factor:g}")
+    if config.noise == "none":
         return "gd"
-    factor = "" if args.stddev_factor == 1.0 else f" x{args.stddev_factor:g}"
-    given = "" if args.stddev is None else f" s={args.stddev:g}"
-    return f"gd+{args.noise}{given}{factor}"
+    factor = "" if config.stddev_factor == 1.0 else f" x{config.stddev_factor:g}"
+    given = "" if config.stddev is None else f" s={config.stddev:g}"
+    return f"gd+{config.noise}{given}{factor}"
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    result = run(args)
-    text = json.dumps(result)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    config = parse_args(argv)
+    result = run(config)
+    if config.out:
+        results.write_result(result, config.out)
+    results.print_result(result)
 
 
 if __name__ == "__main__":

@@ -25,64 +25,68 @@ Usage::
     python -m examples.ggn_trace --quick      # smoke test, seconds
 """
 
-import argparse
+import dataclasses
 import os
+import sys
 import time
 from pathlib import Path
+from typing import Optional, Tuple
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from examples import cifar_train  # noqa: E402
+from examples import cifar_train, data  # noqa: E402
+from examples.config import config_from_argv, option  # noqa: E402
 
 #: Table 1 of the paper (ResNet-18, CIFAR-10, batch 8K).
 PAPER_LOG_TRACE = {"SGD": 5.87, "Gaussian": 4.21, "Rademacher": 4.58}
 
 
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The preset's settings; each field is the flag ``--field-name``."""
+
+    quick: bool = option(False, help="tiny settings for a smoke test")
+    train_size: int = option(3000, help="training subset (class-balanced)")
+    test_size: int = option(2000)
+    measure_size: int = option(256, help="fixed training examples for Tr G")
+    batch_size: int = option(500)
+    epochs: int = option(12)
+    lr: float = option(0.4, help="peak learning rate (SGD + Nesterov 0.9)")
+    stddev: float = option(1.0, help="GradientMix stddev of w")
+    widths: Tuple[int, int, int] = option((16, 32, 64))
+    num_probes: Optional[int] = option(None, help="Hutchinson probes (default exact)")
+    seed: int = option(0)
+    data_dir: Optional[str] = data.data_dir_field("CIFAR-10 JPEG copy", "TFDS")
+    cache_dir: Optional[str] = data.cache_dir_field()
+    out: str = option("runs/ggn_trace", help="each run's logs and result.json, in a folder of its own",
+                      affects_result=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "widths", tuple(self.widths))
+        if self.quick:
+            quick = dict(train_size=100, test_size=100, measure_size=16, batch_size=100, epochs=1, widths=(4, 8, 8),
+                         num_probes=self.num_probes or 8)
+            for name, value in quick.items():
+                object.__setattr__(self, name, value)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test")
-    p.add_argument("--train-size", type=int, default=3000, help="training subset (class-balanced)")
-    p.add_argument("--test-size", type=int, default=2000)
-    p.add_argument("--measure-size", type=int, default=256, help="fixed training examples for Tr G")
-    p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--lr", type=float, default=0.4, help="peak learning rate (SGD + Nesterov 0.9)")
-    p.add_argument("--stddev", type=float, default=1.0, help="GradientMix stddev of w")
-    p.add_argument("--widths", type=int, nargs=3, default=(16, 32, 64))
-    p.add_argument("--num-probes", type=int, default=None, help="Hutchinson probes (default exact)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--cache-dir", default=None)
-    p.add_argument("--out", default="runs/ggn_trace", help="each run's logs and result.json, in a folder of its own")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.train_size, args.test_size, args.measure_size = 100, 100, 16
-        args.batch_size, args.epochs, args.widths = 100, 1, (4, 8, 8)
-        args.num_probes = args.num_probes or 8
-    return args
+    """The preset's :class:`Config` of a command line (``sys.argv[1:]`` by default)."""
+    return config_from_argv(Config, sys.argv[1:] if argv is None else argv, description=__doc__.split("\n")[0])
 
 
-def trainer_flags(args, noise, out):
-    """The preset: ``examples/cifar_train.py`` flags of one run (10% warmup, cosine decay)."""
-    flags = [
-        "--model", "resnet8", "--widths", *map(str, args.widths),
-        "--optimizer", "nesterov", "--schedule", "cosine",
-        "--base-lr", str(args.lr), "--base-batch-size", str(args.batch_size),
-        "--warmup-epochs", str(0.1 * args.epochs),
-        "--batch-size", str(args.batch_size), "--epochs", str(args.epochs),
-        "--train-size", str(args.train_size), "--test-size", str(args.test_size),
-        "--data-seed", str(args.seed), "--seed", str(args.seed),
-        "--noise", noise, "--stddev", str(args.stddev),
-        "--ggn-size", str(args.measure_size),
-        "--out", str(out), "--no-tensorboard", "--verbose", "0",
-    ]
-    if args.num_probes:
-        flags += ["--ggn-probes", str(args.num_probes)]
-    for flag, value in (("--data-dir", args.data_dir), ("--cache-dir", args.cache_dir)):
-        if value:
-            flags += [flag, value]
-    return flags
+def trainer_config(args, noise, out):
+    """The preset: the ``examples/cifar_train.py`` run of one arm (10% warmup, cosine decay)."""
+    return cifar_train.Config(
+        model="resnet8", widths=tuple(args.widths), optimizer="nesterov", schedule="cosine",
+        base_lr=args.lr, base_batch_size=args.batch_size, warmup_epochs=0.1 * args.epochs,
+        batch_size=args.batch_size, epochs=args.epochs,
+        train_size=args.train_size, test_size=args.test_size, data_seed=args.seed, seed=args.seed,
+        noise=noise, stddev=args.stddev, ggn_size=args.measure_size, ggn_probes=args.num_probes,
+        data_dir=args.data_dir, cache_dir=args.cache_dir,
+        out=str(out), tensorboard=False, verbose=0,
+    )
 
 
 def main(argv=None):
@@ -91,7 +95,7 @@ def main(argv=None):
     rows = []
     for name in ("SGD", "Gaussian", "Rademacher"):
         noise = "none" if name == "SGD" else name.lower()
-        result = cifar_train.run(cifar_train.parse_args(trainer_flags(args, noise, Path(args.out) / noise)))
+        result = cifar_train.run(trainer_config(args, noise, Path(args.out) / noise))
         if "ggn_error" in result:
             raise SystemExit(f"Tr G of the {name} run failed: {result['ggn_error']}")
         rows.append((name, result))

@@ -10,8 +10,8 @@ Strategies (``--strategy``):
 
 * ``tpu``: ``TPUStrategy`` (``--tpu`` names the TPU; default: the local one);
 * ``multi_worker``: ``MultiWorkerMirroredStrategy``, one process per host,
-  cluster from ``TF_CONFIG``; ``--collective_timeout`` makes survivors of a
-  dead worker fail instead of hanging (restart all; ``--backup_dir`` resumes
+  cluster from ``TF_CONFIG``; ``--collective-timeout`` makes survivors of a
+  dead worker fail instead of hanging (restart all; ``--backup-dir`` resumes
   at the last finished epoch);
 * ``mirrored``: ``MirroredStrategy`` over the local GPUs;
 * ``default``: no distribution (debugging).
@@ -28,7 +28,7 @@ data order is a function of the epoch).
 Example (8 hosts, 4 GPUs each: per-replica batch 1024)::
 
     TF_CONFIG=... python -m examples.imagenet_resnet50 --strategy multi_worker \\
-        --recipe lars --data_dir gs://my-bucket/tfds --backup_dir /ckpt
+        --recipe lars --data-dir gs://my-bucket/tfds --backup-dir /ckpt
 
 Offline test: ``tests/test_imagenet_example.py`` runs the pipeline and a few
 steps on ``tfds.testing.mock_data`` at 32x32 pixels and batch 8.
@@ -233,19 +233,19 @@ def parse_args(argv=None):
                         choices=["tpu", "multi_worker", "mirrored", "default"])
     parser.add_argument("--tpu", default=None, help="TPU name or address")
     parser.add_argument("--recipe", default="lars", choices=sorted(RECIPES))
-    parser.add_argument("--data_dir", default=None)
-    parser.add_argument("--global_batch_size", type=int, default=None,
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--global-batch-size", type=int, default=None,
                         help="default: the recipe's (32768)")
-    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
-    parser.add_argument("--steps_per_epoch", type=int, default=None,
+    parser.add_argument("--steps-per-epoch", type=int, default=None,
                         help="default: ImageNet train examples // batch")
-    parser.add_argument("--validation_steps", type=int, default=None)
-    parser.add_argument("--steps_per_execution", type=int, default=1)
-    parser.add_argument("--mixing_stddev", type=float, default=None)
-    parser.add_argument("--backup_dir", default=None,
+    parser.add_argument("--validation-steps", type=int, default=None)
+    parser.add_argument("--steps-per-execution", type=int, default=1)
+    parser.add_argument("--mixing-stddev", type=float, default=None)
+    parser.add_argument("--backup-dir", default=None,
                         help="keras.callbacks.BackupAndRestore directory")
-    parser.add_argument("--collective_timeout", type=float, default=None,
+    parser.add_argument("--collective-timeout", type=float, default=None,
                         help="seconds; multi_worker only")
     return parser.parse_args(argv)
 

@@ -1,10 +1,8 @@
 """Multi30k English→German for the examples: an offline loader and a word tokenizer.
 
-Where the files come from, first match wins:
-
-1. ``data_dir`` passed to :func:`load_multi30k` (``--data-dir`` in scripts);
-2. the environment variable ``TF_GRADMIX_DATA``;
-3. ``../shared/data`` next to the repository root (this project's machines).
+Where the files come from: ``data_dir`` passed to :func:`load_multi30k`
+(``--data-dir`` in scripts), else ``$TF_GRADMIX_DATA`` (the search of
+``examples/data.py``).
 
 A data directory holds ``multi30k/{train,val,test}.{en,de}`` (or those files
 directly): one untokenized UTF-8 sentence a line, aligned by line (Multi30k
@@ -30,11 +28,12 @@ Example::
 """
 
 import collections
-import os
 import re
 from pathlib import Path
 
 import numpy as np
+
+from examples import data
 
 __all__ = [
     "PAD", "UNK", "BOS", "EOS", "find_multi30k", "load_multi30k", "tokenize",
@@ -43,9 +42,6 @@ __all__ = [
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
-DATA_ENV = "TF_GRADMIX_DATA"
-_REPO_ROOT = Path(__file__).resolve().parents[1]
-_SHARED_DATA = _REPO_ROOT.parent / "shared" / "data"
 _TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 
 
@@ -64,16 +60,9 @@ def find_multi30k(data_dir=None):
         FileNotFoundError: ``data_dir`` or ``$TF_GRADMIX_DATA`` is set but
             holds no Multi30k files.
     """
-    for origin, directory in (("data_dir", data_dir), (DATA_ENV, os.environ.get(DATA_ENV))):
-        if directory:
-            found = _folder_in(directory)
-            if found is None:
-                raise FileNotFoundError(
-                    f"No Multi30k files in {origin}={str(directory)!r}: expected "
-                    "multi30k/train.en and multi30k/train.de (or those files directly)."
-                )
-            return found
-    return _folder_in(_SHARED_DATA) if _SHARED_DATA.is_dir() else None
+    return data.find(
+        data_dir, _folder_in, "Multi30k files", "multi30k/train.en and multi30k/train.de (or those files directly)"
+    )
 
 
 def _read(folder, split):
@@ -102,9 +91,8 @@ def load_multi30k(data_dir=None, val_source="auto", val_size=1000, seed=0):
     folder = find_multi30k(data_dir)
     if folder is None:
         raise FileNotFoundError(
-            "No Multi30k copy found: pass --data-dir, set TF_GRADMIX_DATA, or put "
-            "multi30k/{train,val,test}.{en,de} in ../shared/data (files: "
-            "https://github.com/multi30k/dataset)."
+            "No Multi30k copy found: pass --data-dir or set TF_GRADMIX_DATA to a folder with "
+            "multi30k/{train,val,test}.{en,de} (files: https://github.com/multi30k/dataset)."
         )
     if val_source not in ("auto", "file", "holdout"):
         raise ValueError(f"Invalid value for argument `val_source`: {val_source!r}.")

@@ -7,7 +7,7 @@ inverse-square-root schedule and 4000 warmup steps at batch 64 scaled to
 keras-hub):
 
 * data: ``examples/multi30k.py`` reads ``train/val/test.{en,de}`` in place
-  from ``--data-dir``, ``$TF_GRADMIX_DATA`` or ``../shared/data/multi30k``.
+  from ``--data-dir`` or ``$TF_GRADMIX_DATA`` (a folder holding ``multi30k/``).
   Validation is the official ``val`` split when present, else
   (``--val-source holdout``) ``--val-size`` pairs held out of the training
   set; the choice is printed and stored in the result. Word-level tokenizer
@@ -39,22 +39,27 @@ Examples::
         --optimizer lamb --noise gaussian --stddev 1
     python -m examples.multi30k_transformer --size small --epochs 10   # CPU
     python -m examples.multi30k_transformer --quick                    # smoke test
+
+The flags are the fields of :class:`Config`; from Python,
+``run(Config(size="small", epochs=10))`` trains the same run and returns the
+result dict.
 """
 
-import argparse
-import json
+import dataclasses
 import math
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from examples import multi30k, threads  # noqa: E402
+from examples import data, mixing, multi30k, results, threads  # noqa: E402
+from examples.config import check_choices, config_from_argv, flag_of, option, values_of  # noqa: E402
 
 SIZES = {
     # layers (encoder = decoder), d_model, heads, FFN width, dropout
@@ -62,86 +67,105 @@ SIZES = {
     "small": dict(layers=3, d_model=256, heads=4, ff=1024, dropout=0.1),
     "tiny": dict(layers=1, d_model=32, heads=2, ff=64, dropout=0.0),
 }
+VAL_SOURCES = ("auto", "file", "holdout")
+OPTIMIZERS = ("adam", "lamb")
+NOISES = ("none", "gaussian", "rademacher")
+
+
+#: What ``--quick`` sets (it wins over the same flags given with it).
+QUICK = dict(size="tiny", train_size=256, batch_size=32, epochs=2, max_len=20, bleu_size=16, vocab_size=2000)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One run of the trainer; each field is the flag ``--field-name`` (``--quick`` also ``--no-quick``)."""
+
+    data_dir: Optional[str] = data.data_dir_field("folder with multi30k/")
+    val_source: str = option("auto", choices=VAL_SOURCES, help="official val files, or a hold-out of the "
+                             "training set", group="data")
+    val_size: int = option(1000, help="pairs held out of training with --val-source holdout", group="data")
+    train_size: Optional[int] = option(None, help="use only the first N training pairs (after any hold-out)",
+                                       group="data")
+    max_len: int = option(40, help="tokens per sentence (longer ones are truncated)", group="data")
+    vocab_size: int = option(10000, group="data")
+    min_count: int = option(2, group="data")
+    size: str = option("small", choices=tuple(SIZES), group="model")
+    layers: Optional[int] = option(None, help="override the --size value", group="model")
+    d_model: Optional[int] = option(None, help="override the --size value", group="model")
+    heads: Optional[int] = option(None, help="override the --size value", group="model")
+    ff: Optional[int] = option(None, help="override the --size value", group="model")
+    dropout: Optional[float] = option(None, help="override the --size value", group="model")
+    optimizer: str = option("adam", choices=OPTIMIZERS, group="optimization")
+    batch_size: int = option(64, help="sentences per step", group="optimization")
+    epochs: int = option(10, group="optimization")
+    lr: Optional[float] = option(None, help="peak learning rate (default d_model^-0.5 * warmup^-0.5)",
+                                 group="optimization")
+    warmup_steps: Optional[int] = option(None, help="default round(4000 * 64 / B)", group="optimization")
+    weight_decay: float = option(0.0, help="LAMB's coupled weight decay", group="optimization")
+    clipnorm: Optional[float] = option(None, group="optimization")
+    noise: str = option("none", choices=NOISES, group="GradientMix")
+    stddev: float = option(1.0, help="unused with --noise none", group="GradientMix")
+    noise_batch_size: Optional[int] = option(None, help="instead of --stddev: sqrt(B / this - 1)",
+                                             group="GradientMix")
+    seed: int = option(0, group="run")
+    bleu_size: Optional[int] = option(None, help="sentences decoded for BLEU per split (default: all)", group="run")
+    out: Optional[str] = option(None, help="default runs/multi30k_transformer/<name>", affects_result=False,
+                                group="run")
+    json_out: Optional[str] = option(None, help="where to write the result (default <out>/result.json)",
+                                     affects_result=False, group="run")
+    threads: Optional[int] = threads.threads_field()
+    verbose: Optional[int] = option(None, choices=(0, 1, 2), help="Keras fit verbosity (default: 1 on a "
+                                    "terminal, else 2)", affects_result=False, group="run")
+    quick: bool = option(False, help="tiny settings for a smoke test", group="run")
+
+    def __post_init__(self):
+        check_choices(self)
+        if self.quick:
+            for name, value in QUICK.items():
+                object.__setattr__(self, name, value)
+        shape = architecture(self)
+        for name in ("layers", "d_model", "heads", "ff"):
+            if shape[name] <= 0:
+                raise ValueError(f"{flag_of(name)} must be positive, got {shape[name]}")
+        if not 0.0 <= shape["dropout"] < 1.0:
+            raise ValueError(f"--dropout must be in [0, 1), got {shape['dropout']}")
+        if shape["d_model"] % shape["heads"]:
+            raise ValueError(f"--d-model must be a multiple of --heads, got {shape['d_model']} and {shape['heads']}")
+        for name in ("batch_size", "epochs", "max_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{flag_of(name)} must be positive, got {getattr(self, name)}")
+        mixing.check_mixing(self)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    d = p.add_argument_group("data")
-    d.add_argument("--data-dir", default=None, help="folder with multi30k/ (default $TF_GRADMIX_DATA, then "
-                                                    "../shared/data)")
-    d.add_argument("--val-source", choices=("auto", "file", "holdout"), default="auto", help="official val files, or a "
-                                                                                             "hold-out of the training "
-                                                                                             "set")
-    d.add_argument("--val-size", type=int, default=1000, help="pairs held out of training with --val-source holdout")
-    d.add_argument("--train-size", type=int, default=None, help="use only the first N training pairs (after any "
-                                                                "hold-out)")
-    d.add_argument("--max-len", type=int, default=40, help="tokens per sentence (longer ones are truncated)")
-    d.add_argument("--vocab-size", type=int, default=10000)
-    d.add_argument("--min-count", type=int, default=2)
-    m = p.add_argument_group("model")
-    m.add_argument("--size", choices=tuple(SIZES), default="small")
-    for name in ("layers", "d_model", "heads", "ff"):
-        m.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help="override the --size value")
-    m.add_argument("--dropout", type=float, default=None, help="override the --size value")
-    o = p.add_argument_group("optimization")
-    o.add_argument("--optimizer", choices=("adam", "lamb"), default="adam")
-    o.add_argument("--batch-size", type=int, default=64, help="sentences per step")
-    o.add_argument("--epochs", type=int, default=10)
-    o.add_argument("--lr", type=float, default=None, help="peak learning rate (default d_model^-0.5 * warmup^-0.5)")
-    o.add_argument("--warmup-steps", type=int, default=None, help="default round(4000 * 64 / B)")
-    o.add_argument("--weight-decay", type=float, default=0.0, help="LAMB's coupled weight decay")
-    o.add_argument("--clipnorm", type=float, default=None)
-    g = p.add_argument_group("GradientMix")
-    g.add_argument("--noise", choices=("none", "gaussian", "rademacher"), default="none")
-    g.add_argument("--stddev", type=float, default=1.0)
-    g.add_argument("--noise-batch-size", type=int, default=None, help="instead of --stddev: sqrt(B / this - 1)")
-    r = p.add_argument_group("run")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--bleu-size", type=int, default=None, help="sentences decoded for BLEU per split (default: all)")
-    r.add_argument("--out", default=None, help="default runs/multi30k_transformer/<name>")
-    r.add_argument("--json-out", default=None)
-    r.add_argument("--threads", type=int, default=None)
-    r.add_argument("--verbose", type=int, default=None, choices=(0, 1, 2))
-    r.add_argument("--quick", action="store_true", help="tiny settings for a smoke test")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.size, args.train_size, args.batch_size, args.epochs = "tiny", 256, 32, 2
-        args.max_len, args.bleu_size, args.vocab_size = 20, 16, 2000
-    for key, value in SIZES[args.size].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.d_model % args.heads:
-        p.error("--d-model must be a multiple of --heads")
-    if args.verbose is None:
-        args.verbose = 1 if sys.stdout.isatty() else 2
-    if args.noise_batch_size is not None:
-        if args.noise == "none" or not 0 < args.noise_batch_size <= args.batch_size:
-            p.error("--noise-batch-size needs a --noise and a value in [1, --batch-size]")
-        args.stddev = math.sqrt(args.batch_size / args.noise_batch_size - 1.0)
-    if args.noise == "none":
-        args.stddev = 0.0
-    return args
+    """The :class:`Config` of a command line (``sys.argv[1:]`` by default)."""
+    return config_from_argv(Config, sys.argv[1:] if argv is None else argv, description=__doc__.split("\n")[0])
 
 
-def run_name(args):
-    noise = "plain" if args.noise == "none" else f"{args.noise}{args.stddev:.3g}"
-    return f"multi30k_{args.size}_{args.optimizer}_b{args.batch_size}_e{args.epochs}_{noise}_s{args.seed}"
+def architecture(config):
+    """``{layers, d_model, heads, ff, dropout}``: the ``--size`` values, each overridden by its flag if given."""
+    return {key: value if getattr(config, key) is None else getattr(config, key)
+            for key, value in SIZES[config.size].items()}
+
+
+def run_name(config):
+    noise = "plain" if config.noise == "none" else f"{config.noise}{mixing.mixing_stddev(config):.3g}"
+    return f"multi30k_{config.size}_{config.optimizer}_b{config.batch_size}_e{config.epochs}_{noise}_s{config.seed}"
 
 
 # --------------------------------------------------------------------------
 # The Transformer
 
 
-def build_model(args, src_vocab_size, tgt_vocab_size):
+def build_model(config, src_vocab_size, tgt_vocab_size):
     """A functional encoder-decoder: ``(src ids, target-in ids) -> logits``."""
     import keras
     from keras import layers, ops
 
     import tf_gradmix as gm
 
-    d_model, heads, ff, dropout = args.d_model, args.heads, args.ff, args.dropout
+    shape = architecture(config)
+    d_model, heads, ff, dropout = shape["d_model"], shape["heads"], shape["ff"], shape["dropout"]
 
     class Embed(layers.Layer):
         """Token embedding times sqrt(d_model) plus sinusoidal positions."""
@@ -185,13 +209,13 @@ def build_model(args, src_vocab_size, tgt_vocab_size):
     tgt = keras.Input((None,), dtype="int32", name="target_in")
     # [B, 1, S]: every query may attend to the source's non-padding tokens.
     src_mask = layers.Reshape((1, -1), name="source_mask")(NotPad(name="source_valid")(src))
-    x = layers.Dropout(dropout)(Embed(src_vocab_size, args.max_len + 1, name="source_embed")(src))
-    for i in range(args.layers):
+    x = layers.Dropout(dropout)(Embed(src_vocab_size, config.max_len + 1, name="source_embed")(src))
+    for i in range(shape["layers"]):
         x = attention(x, None, src_mask, f"enc{i}_self")
         x = feed_forward(x, f"enc{i}_ff")
     memory = layers.LayerNormalization(epsilon=1e-6, name="enc_final_ln")(x)
-    y = layers.Dropout(dropout)(Embed(tgt_vocab_size, args.max_len + 1, name="target_embed")(tgt))
-    for i in range(args.layers):
+    y = layers.Dropout(dropout)(Embed(tgt_vocab_size, config.max_len + 1, name="target_embed")(tgt))
+    for i in range(shape["layers"]):
         # Causal self-attention: padding comes after the sentence, so a real
         # token never sees it; padded positions are excluded from the loss.
         y = attention(y, None, None, f"dec{i}_self", causal=True)
@@ -199,7 +223,7 @@ def build_model(args, src_vocab_size, tgt_vocab_size):
         y = feed_forward(y, f"dec{i}_ff")
     y = layers.LayerNormalization(epsilon=1e-6, name="dec_final_ln")(y)
     logits = layers.Dense(tgt_vocab_size, name="logits")(y)
-    model_class = keras.Model if args.noise == "none" else gm.Model
+    model_class = keras.Model if config.noise == "none" else gm.Model
     return model_class([src, tgt], logits, name="transformer")
 
 
@@ -245,22 +269,22 @@ class MaskedTokenAccuracy:
         return _Metric()
 
 
-def build_optimizer(args):
+def build_optimizer(config):
     import keras
 
     import tf_gradmix as gm
 
-    warmup = args.warmup_steps or gm.schedules.inverse_sqrt_warmup_steps(args.batch_size)
-    peak = args.lr if args.lr is not None else args.d_model ** -0.5 * warmup ** -0.5
+    warmup = config.warmup_steps or gm.schedules.inverse_sqrt_warmup_steps(config.batch_size)
+    peak = config.lr if config.lr is not None else architecture(config)["d_model"] ** -0.5 * warmup ** -0.5
     schedule = gm.schedules.InverseSqrtWarmup(peak, warmup)
-    if args.optimizer == "adam":
-        inner = keras.optimizers.Adam(schedule, beta_1=0.9, beta_2=0.98, epsilon=1e-9, clipnorm=args.clipnorm)
+    if config.optimizer == "adam":
+        inner = keras.optimizers.Adam(schedule, beta_1=0.9, beta_2=0.98, epsilon=1e-9, clipnorm=config.clipnorm)
     else:
         inner = gm.optimizers.LAMB(
-            schedule, weight_decay=args.weight_decay, exclude_1d_variables=True, clipnorm=args.clipnorm
+            schedule, weight_decay=config.weight_decay, exclude_1d_variables=True, clipnorm=config.clipnorm
         )
-    optimizer = inner if args.noise == "none" else gm.GradientMix(
-        inner, level="sample", noise=args.noise, stddev=args.stddev, seed=args.seed + 1
+    optimizer = inner if config.noise == "none" else gm.GradientMix(
+        inner, level="sample", noise=config.noise, stddev=mixing.mixing_stddev(config), seed=config.seed + 1
     )
     return optimizer, peak, warmup
 
@@ -313,50 +337,51 @@ def bleu(model, src_sentences, references, src_vocab, tgt_vocab, max_len, limit=
 # Training
 
 
-def run(args):
-    threads.limit_threads(args.threads)
+def run(config):
+    """Trains once as ``config`` says; writes the result to ``--json-out`` and returns it (a JSON-ready dict)."""
+    threads.limit_threads(config.threads)
     import keras
 
     import tf_gradmix as gm
 
     wall_start = time.perf_counter()
-    out = Path(args.out or Path("runs") / "multi30k_transformer" / run_name(args))
+    out = Path(config.out or Path("runs") / "multi30k_transformer" / run_name(config))
     out.mkdir(parents=True, exist_ok=True)
-    data = multi30k.load_multi30k(args.data_dir, args.val_source, args.val_size, args.seed)
-    train_src, train_tgt = data["train"]
-    if args.train_size:
-        train_src, train_tgt = train_src[: args.train_size], train_tgt[: args.train_size]
-    src_vocab = multi30k.Vocab.build(train_src, args.vocab_size, args.min_count)
-    tgt_vocab = multi30k.Vocab.build(train_tgt, args.vocab_size, args.min_count)
-    train = multi30k.encode_pairs(train_src, train_tgt, src_vocab, tgt_vocab, args.max_len)
-    val = multi30k.encode_pairs(*data["val"], src_vocab, tgt_vocab, args.max_len)
-    test = multi30k.encode_pairs(*data["test"], src_vocab, tgt_vocab, args.max_len)
-    if len(train[0]) < args.batch_size:
-        raise SystemExit(f"--batch-size {args.batch_size} exceeds the {len(train[0])} training pairs")
-    steps_per_epoch = len(train[0]) // args.batch_size
+    corpus = multi30k.load_multi30k(config.data_dir, config.val_source, config.val_size, config.seed)
+    train_src, train_tgt = corpus["train"]
+    if config.train_size:
+        train_src, train_tgt = train_src[: config.train_size], train_tgt[: config.train_size]
+    src_vocab = multi30k.Vocab.build(train_src, config.vocab_size, config.min_count)
+    tgt_vocab = multi30k.Vocab.build(train_tgt, config.vocab_size, config.min_count)
+    train = multi30k.encode_pairs(train_src, train_tgt, src_vocab, tgt_vocab, config.max_len)
+    val = multi30k.encode_pairs(*corpus["val"], src_vocab, tgt_vocab, config.max_len)
+    test = multi30k.encode_pairs(*corpus["test"], src_vocab, tgt_vocab, config.max_len)
+    if len(train[0]) < config.batch_size:
+        raise SystemExit(f"--batch-size {config.batch_size} exceeds the {len(train[0])} training pairs")
+    steps_per_epoch = len(train[0]) // config.batch_size
 
-    keras.utils.set_random_seed(args.seed)
-    model = build_model(args, len(src_vocab), len(tgt_vocab))
-    optimizer, peak, warmup = build_optimizer(args)
+    keras.utils.set_random_seed(config.seed)
+    model = build_model(config, len(src_vocab), len(tgt_vocab))
+    optimizer, peak, warmup = build_optimizer(config)
     model.compile(
         optimizer=optimizer,
         loss=make_loss(),
         metrics=[MaskedTokenAccuracy.create()],
     )
     print(
-        f"Run {run_name(args)}: {len(train[0])} training pairs, validation "
-        f"{len(val[0])} ({'official val files' if data['val_source'] == 'file' else 'held out of training'}), "
+        f"Run {run_name(config)}: {len(train[0])} training pairs, validation "
+        f"{len(val[0])} ({'official val files' if corpus['val_source'] == 'file' else 'held out of training'}), "
         f"test {len(test[0])}; vocab en {len(src_vocab)} de {len(tgt_vocab)}; "
-        f"{model.count_params():,} parameters; {steps_per_epoch} steps/epoch x {args.epochs}; "
-        f"{args.optimizer} peak LR {peak:.3g}, warmup {warmup} steps; noise {args.noise} "
-        f"stddev {args.stddev:.4g}.",
+        f"{model.count_params():,} parameters; {steps_per_epoch} steps/epoch x {config.epochs}; "
+        f"{config.optimizer} peak LR {peak:.3g}, warmup {warmup} steps; noise {config.noise} "
+        f"stddev {mixing.mixing_stddev(config):.4g}.",
         flush=True,
     )
-    train_ds = multi30k.make_dataset(*train, args.batch_size, training=True, seed=args.seed)
+    train_ds = multi30k.make_dataset(*train, config.batch_size, training=True, seed=config.seed)
     val_ds = multi30k.make_dataset(*val, 256, training=False)
     fit_start = time.perf_counter()
     history = model.fit(
-        train_ds, epochs=args.epochs, validation_data=val_ds, verbose=args.verbose,
+        train_ds, epochs=config.epochs, validation_data=val_ds, verbose=results.fit_verbose(config.verbose),
         shuffle=False,  # the dataset shuffles itself, seeded (Keras would warn)
         callbacks=[
             keras.callbacks.BackupAndRestore(str(out / "backup")),
@@ -366,38 +391,44 @@ def run(args):
     fit_seconds = time.perf_counter() - fit_start
     val_logs = model.evaluate(val_ds, verbose=0, return_dict=True)
     test_logs = model.evaluate(multi30k.make_dataset(*test, 256, training=False), verbose=0, return_dict=True)
-    val_bleu, examples = bleu(model, *data["val"], src_vocab, tgt_vocab, args.max_len, args.bleu_size)
-    test_bleu, _ = bleu(model, *data["test"], src_vocab, tgt_vocab, args.max_len, args.bleu_size)
+    val_bleu, examples = bleu(model, *corpus["val"], src_vocab, tgt_vocab, config.max_len, config.bleu_size)
+    test_bleu, _ = bleu(model, *corpus["test"], src_vocab, tgt_vocab, config.max_len, config.bleu_size)
     logs = history.history
     gammas = logs.get(gm.model.GAMMA_METRIC)
     result = {
-        "config": vars(args),
-        "name": run_name(args),
-        "seed": args.seed,
-        "val_source": data["val_source"],
+        "config": values_of(config),
+        "name": run_name(config),
+        "seed": config.seed,
+        "val_source": corpus["val_source"],
         "train_pairs": len(train[0]),
         "val_pairs": len(val[0]),
         "test_pairs": len(test[0]),
         "parameters": int(model.count_params()),
-        "steps": steps_per_epoch * args.epochs,
+        "steps": steps_per_epoch * config.epochs,
         "peak_learning_rate": peak,
         "warmup_steps": warmup,
+        "stddev": mixing.mixing_stddev(config),
         "val_token_acc": float(val_logs["token_acc"]),
         "val_loss": float(val_logs["loss"]),
         "val_bleu": val_bleu,
         "test_token_acc": float(test_logs["token_acc"]),
         "test_loss": float(test_logs["loss"]),
         "test_bleu": test_bleu,
-        "bleu_sentences": args.bleu_size,
-        "gamma_bar": float(np.mean(gammas)) if gammas else (1.0 if args.noise == "none" else None),
+        "bleu_sentences": config.bleu_size,
+        # The accuracy fields every sweep row has: token accuracies; train = the last epoch's running value,
+        # in training mode (dropout on), not re-evaluated.
+        "train_acc": float(logs["token_acc"][-1]) if logs.get("token_acc") else None,
+        "train_loss": float(logs["loss"][-1]) if logs.get("loss") else None,
+        "val_acc": float(val_logs["token_acc"]),
+        "test_acc": float(test_logs["token_acc"]),
+        "gamma_bar": float(np.mean(gammas)) if gammas else (1.0 if config.noise == "none" else None),
         "fit_seconds": fit_seconds,
         "history": {k: [float(v) for v in vals] for k, vals in logs.items()},
         "examples": examples,
     }
     result["wall_seconds"] = time.perf_counter() - wall_start
-    json_out = Path(args.json_out or out / "result.json")
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    json_out = Path(config.json_out or out / "result.json")
+    results.write_result(result, json_out)
     for src, hyp, ref in examples:
         print(f"  EN  {src}\n  OUT {hyp}\n  REF {ref}")
     print(
@@ -409,7 +440,8 @@ def run(args):
 
 
 def main(argv=None):
-    return run(parse_args(argv))
+    """Trains the Transformer run of the command line ``argv``; prints its result last, as one JSON line."""
+    return results.main(run, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -56,61 +56,39 @@ Usage::
 """
 
 import argparse
-import concurrent.futures
-import json
+import dataclasses
+import hashlib
 import math
-import os
-import subprocess
-import sys
-import tempfile
-import threading
-import time
 from pathlib import Path
 
+from examples import cifar_train, multi30k_transformer
+from examples.config import argv_of, config_from_argv
+from experiments import runner
 from tf_gradmix.noise import stddev_for_noise_batch_size
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results"
 PHASES = ("lr", "gap", "select", "seeds", "all", "curve")
 
-#: Flags of examples/cifar_train.py shared by every run of the sweep.
+#: The examples/cifar_train.py run shared by every run of the sweep.
 #: Fixed, class-balanced 2048-image training subset, 1000 validation images
 #: held out of the rest of the training set, the full 10,000-image test set;
 #: no augmentation, so that both batch sizes can fit the subset in few epochs.
-COMMON = {
-    "dataset": "cifar10",
-    "model": "resnet8",
-    "widths": [16, 32, 64],
-    "train_size": 2048,
-    "val_size": 1000,
-    "test_size": None,
-    "data_seed": 0,
-    "augment": False,
-    "bn_momentum": 0.9,
-    "weight_decay": 5e-4,
-    "optimizer": "nesterov",
-    "epochs": 40,
-}
+COMMON = cifar_train.Config(
+    dataset="cifar10", model="resnet8", widths=(16, 32, 64), train_size=2048, val_size=1000, test_size=None,
+    data_seed=0, augment=False, bn_momentum=0.9, weight_decay=5e-4, optimizer="nesterov", epochs=40,
+)
 
-#: Flags of examples/multi30k_transformer.py shared by every run of
+#: The examples/multi30k_transformer.py run shared by every run of
 #: ``--task multi30k``: a 2+2-layer, d_model 128 Transformer (the ``small``
 #: size narrowed to fit a CPU sweep), the first 10,000 training pairs, 8
 #: epochs, the official validation files for selection and the test files for
 #: reporting, BLEU on the first 500 sentences of each. The learning rate and
 #: warmup depend on the batch size (``multi30k_schedule``).
-MULTI30K_COMMON = {
-    "size": "small",
-    "layers": 2,
-    "d_model": 128,
-    "heads": 4,
-    "ff": 512,
-    "dropout": 0.1,
-    "train_size": 10000,
-    "max_len": 30,
-    "optimizer": "adam",
-    "epochs": 8,
-    "bleu_size": 500,
-}
+MULTI30K_COMMON = multi30k_transformer.Config(
+    size="small", layers=2, d_model=128, heads=4, ff=512, dropout=0.1, train_size=10000, max_len=30,
+    optimizer="adam", epochs=8, bleu_size=500,
+)
 
 #: The CPU sweep's Transformer schedule at batch 64: peak rate and warmup.
 #: The paper's 4000 warmup steps at batch 64 are 3 of our 8 epochs at batch
@@ -127,9 +105,9 @@ def multi30k_schedule(batch_size):
 
 
 #: Per task: the example (a module, run with ``python -m`` from the
-#: repository root), its shared flags, the default results file, the
-#: training-set size when ``train_size`` is None (for the plan), and the
-#: optimizers the example offers.
+#: repository root), its shared config, the default results file, the
+#: training-set size when ``train_size`` is None (for the plan), the
+#: optimizers the example offers, and how the sweep runs it (logging only).
 TASKS = {
     "cifar10": dict(
         example="examples.cifar_train",
@@ -139,6 +117,7 @@ TASKS = {
         optimizers=("nesterov", "lars", "adam", "lamb"),
         small_batch=64,
         large_batch=512,
+        logging=dict(tensorboard=False, validation_freq=10, verbose=2),
     ),
     "multi30k": dict(
         example="examples.multi30k_transformer",
@@ -148,12 +127,11 @@ TASKS = {
         optimizers=("adam", "lamb"),
         small_batch=64,
         large_batch=512,
+        logging=dict(verbose=2),
     ),
 }
 #: Flags that only the CIFAR example has.
 CIFAR_ONLY = ("val_size", "test_size", "augment", "widths", "ggn_size", "base_lr")
-
-_lock = threading.Lock()
 
 
 def parse_args(argv=None):
@@ -207,7 +185,8 @@ def parse_args(argv=None):
     p.add_argument("--run-dir", type=Path, default=REPO / "runs" / "sweep", help="logs and backups of each run (not "
                                                                                  "committed)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for the example (e.g. --extra "
-                                                                         "--quick)")
+                                                                         "--quick); they are part of each run's "
+                                                                         "config")
     p.add_argument("--dry-run", action="store_true", help="print the plan only")
     args = p.parse_args(argv)
     task = TASKS[args.task]
@@ -221,11 +200,11 @@ def parse_args(argv=None):
     common = task["common"]
     defaults = dict(
         results=task["results"], small_batch=task["small_batch"], large_batch=task["large_batch"],
-        epochs=common["epochs"], train_size=common["train_size"], optimizer=common["optimizer"],
+        epochs=common.epochs, train_size=common.train_size, optimizer=common.optimizer,
         images_per_second=550.0 if args.task == "cifar10" else 180.0,
     )
     if args.task == "cifar10":
-        defaults.update(val_size=COMMON["val_size"], augment=COMMON["augment"], widths=COMMON["widths"], ggn_size=128)
+        defaults.update(val_size=COMMON.val_size, augment=COMMON.augment, widths=COMMON.widths, ggn_size=128)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -237,32 +216,43 @@ def parse_args(argv=None):
 
 
 def common(args):
-    config = dict(TASKS[args.task]["common"])
-    config.update(epochs=args.epochs, train_size=args.train_size, optimizer=args.optimizer)
+    """The task's shared config with this sweep's flags and ``--extra``."""
+    task = TASKS[args.task]
+    config = dataclasses.replace(task["common"], epochs=args.epochs, train_size=args.train_size,
+                                 optimizer=args.optimizer)
     if args.task == "cifar10":
-        config.update(
-            val_size=args.val_size, test_size=args.test_size, augment=bool(args.augment), widths=list(args.widths)
-        )
-        if args.base_lr is not None:  # only when given, so that earlier runs keep their keys
-            config["base_lr"] = args.base_lr
-    return config
+        config = dataclasses.replace(config, val_size=args.val_size, test_size=args.test_size,
+                                     augment=bool(args.augment), widths=tuple(args.widths), base_lr=args.base_lr)
+    return with_extra(config, args.extra)
+
+
+def with_extra(config, extra):
+    """``config`` with the trainer flags ``extra`` (from ``--extra``) applied on top: the last of a flag wins."""
+    return config_from_argv(type(config), argv_of(config) + list(extra)) if extra else config
 
 
 def make_config(args, batch_size, noise="none", stddev=0.0, seed=0, role=""):
-    config = common(args)
+    """One run of the sweep: a :class:`experiments.runner.Run` of the task's example, labelled with ``role``."""
     stddev = round(float(stddev), 6) if noise != "none" else 0.0
-    config.update(batch_size=batch_size, noise=noise, stddev=stddev, seed=seed)
+    changes = dict(batch_size=batch_size, noise=noise, stddev=stddev, seed=seed)
     if args.task == "cifar10":
-        config["ggn_size"] = args.ggn_size
+        changes["ggn_size"] = args.ggn_size
     else:
-        config["lr"], config["warmup_steps"] = multi30k_schedule(batch_size)
-    config["role"] = role
-    return config
+        changes["lr"], changes["warmup_steps"] = multi30k_schedule(batch_size)
+    return with_changes(args, runner.Run(TASKS[args.task]["example"], common(args), {"role": role}), **changes)
 
 
-def key_of(config):
-    """What identifies a run in the JSONL (``role`` is only a label)."""
-    return json.dumps({k: v for k, v in config.items() if k != "role"}, sort_keys=True)
+def with_changes(args, run, **changes):
+    """``run`` with ``changes`` to its config; its logs and backup go to a folder of its own under ``--run-dir``."""
+    config = dataclasses.replace(run.config, **changes)
+    config = dataclasses.replace(config, out=str(args.run_dir / run_name(args, config)),
+                                 **TASKS[args.task]["logging"])
+    return runner.Run(run.trainer, config, run.labels)
+
+
+def key_of(run):
+    """What identifies a run in the JSONL (``role`` is only a label; logging and paths are left out)."""
+    return runner.key_of(run.trainer, run.config)
 
 
 def candidate_stddevs(args):
@@ -293,12 +283,12 @@ def chosen_stddevs(args, results):
     chosen = {}
     for noise in args.noises:
         scores = {}
-        for config in select_configs(args):
-            if config["noise"] != noise:
+        for run in select_configs(args):
+            if run.config.noise != noise:
                 continue
-            found = results.get(key_of(config))
+            found = results.get(key_of(run))
             if found is not None and found.get("val_acc") is not None:
-                scores[config["stddev"]] = found["val_acc"]
+                scores[run.config.stddev] = found["val_acc"]
         if scores:
             # Ties go to the smaller stddev (less noise).
             chosen[noise] = max(sorted(scores), key=lambda sd: scores[sd])
@@ -307,17 +297,13 @@ def chosen_stddevs(args, results):
 
 def lr_configs(args):
     """Plain large-batch runs, one per ``--base-lrs`` value, on the selection seed."""
-    configs = []
-    for rate in args.base_lrs:
-        config = make_config(args, args.large_batch, seed=args.select_seed, role="lr")
-        config["base_lr"] = rate
-        configs.append(config)
-    return configs
+    run = make_config(args, args.large_batch, seed=args.select_seed, role="lr")
+    return [with_changes(args, run, base_lr=rate) for rate in args.base_lrs]
 
 
 def best_base_lr(args, results):
     """The ``--base-lrs`` value with the best validation accuracy (None before any run)."""
-    scores = {c["base_lr"]: results[key_of(c)]["val_acc"] for c in lr_configs(args) if key_of(c) in results}
+    scores = {r.config.base_lr: results[key_of(r)]["val_acc"] for r in lr_configs(args) if key_of(r) in results}
     return max(sorted(scores), key=lambda rate: scores[rate]) if scores else None
 
 
@@ -358,151 +344,54 @@ def seed_configs(args, results):
 
 
 def load_results(path):
-    """``{key: result}`` of the runs already in the JSONL file."""
-    results = {}
-    if Path(path).exists():
-        for line in Path(path).read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                results[record["key"]] = record
-    return results
+    """``{key: row}`` of the runs already in the JSONL file (rows of every format the sweep has written)."""
+    return runner.rows_by_key(path)
 
 
-def append_result(path, record):
-    with _lock:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def flags_of(config):
-    """The command-line flags of the example (cifar_train.py, multi30k_transformer.py) for ``config``."""
-    flags = []
-    for key, value in config.items():
-        if key in ("role",) or value is None:
-            continue
-        if key == "augment":
-            if not value:
-                flags.append("--no-augment")
-            continue
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, list):
-            flags += [flag, *map(str, value)]
-        else:
-            flags += [flag, str(value)]
-    return flags
-
-
-def run_minutes(args, config):
-    train_size = config["train_size"] or TASKS[args.task]["full_train_size"]
-    steps = train_size // config["batch_size"] * config["epochs"]
-    seconds = steps * config["batch_size"] / args.images_per_second + args.overhead_seconds
+def run_minutes(args, run):
+    config = run.config
+    train_size = config.train_size or TASKS[args.task]["full_train_size"]
+    steps = train_size // config.batch_size * config.epochs
+    seconds = steps * config.batch_size / args.images_per_second + args.overhead_seconds
     return seconds / 60
 
 
 def run_name(args, config):
     """The run's folder name: unique per configuration (a folder holds its backup, which a rerun resumes)."""
-    size = f"n{config['train_size']}" if config["train_size"] else "nall"
+    size = f"n{config.train_size}" if config.train_size else "nall"
     prefix = "" if args.task == "cifar10" else f"{args.task}_"
-    rate = "" if config.get("base_lr") is None else f"_lr{config['base_lr']:g}"
+    rate = "" if getattr(config, "base_lr", None) is None else f"_lr{config.base_lr:g}"
     name = (
-        f"{prefix}b{config['batch_size']}_{config['noise']}{config['stddev']:g}_s{config['seed']}"
-        f"_{config['optimizer']}{rate}_{size}_e{config['epochs']}"
+        f"{prefix}b{config.batch_size}_{config.noise}{config.stddev:g}_s{config.seed}"
+        f"_{config.optimizer}{rate}_{size}_e{config.epochs}"
     )
     defaults = TASKS[args.task]["common"]
-    # Any other departure from the task's shared flags (widths, augmentation, ...).
+    # Any other departure from the task's shared config (widths, augmentation, ...).
+    fields = [f.name for f in dataclasses.fields(defaults) if f.metadata.get("affects_result", True)]
     others = sorted(
-        k for k in defaults if k not in ("epochs", "train_size", "optimizer") and config.get(k) != defaults[k]
+        k for k in fields
+        if k not in ("epochs", "train_size", "optimizer", "batch_size", "noise", "stddev", "seed", "base_lr",
+                     "ggn_size", "lr", "warmup_steps")
+        and getattr(config, k) != getattr(defaults, k)
     )
-    suffix = "".join(f"_{k}{config[k]}" for k in others)
-    return name + suffix.replace(" ", "").replace(",", "-").replace("[", "").replace("]", "")
+    suffix = "".join(f"_{k}{getattr(config, k)}" for k in others)
+    name += suffix.replace(" ", "").replace(",", "-").replace("(", "").replace(")", "")
+    if "quick" in others:  # --quick overrides the batch size and more: tell its runs apart by their key
+        name += "_" + hashlib.sha256(runner.key_of(TASKS[args.task]["example"], config).encode()).hexdigest()[:8]
+    return name
 
 
-#: Result fields copied from the example's JSON into the sweep's record.
-CIFAR_FIELDS = (
-    "train_acc", "train_loss", "val_acc", "val_loss", "test_acc", "test_loss",
-    "steps", "peak_learning_rate", "warmup_steps", "gamma_bar", "fit_seconds",
-    "wall_seconds", "last_epoch_train_loss", "log_ggn_trace", "log_ggn_stderr",
-    "ggn_trace", "ggn_examples", "ggn_error", "train_examples", "val_examples",
-    "test_examples",
-)
-MULTI30K_FIELDS = (
-    "val_loss", "val_bleu", "test_loss", "test_bleu", "steps", "peak_learning_rate",
-    "warmup_steps", "gamma_bar", "fit_seconds", "wall_seconds", "train_pairs",
-    "val_pairs", "test_pairs", "val_source", "parameters", "bleu_sentences",
-)
-
-
-def record_of(args, config, result):
-    """The JSONL record of one finished run (same accuracy fields for every task)."""
-    history = result["history"]
-    if args.task == "cifar10":
-        fields = {k: result.get(k) for k in CIFAR_FIELDS}
-        fields.update(val_acc_history=history.get("val_acc"), train_loss_history=history.get("loss"))
-    else:
-        fields = {k: result.get(k) for k in MULTI30K_FIELDS}
-        fields.update(
-            # Training token accuracy: the last epoch's running value, in
-            # training mode (dropout on); the example does not re-evaluate it.
-            train_acc=history["token_acc"][-1],
-            train_loss=history["loss"][-1],
-            val_acc=result["val_token_acc"],
-            test_acc=result["test_token_acc"],
-            val_acc_history=history.get("val_token_acc"),
-            train_loss_history=history.get("loss"),
-        )
-    example = TASKS[args.task]["example"]
-    return {
-        "key": key_of(config),
-        "config": config,
-        "role": config["role"],
-        "seed": config["seed"],
-        **fields,
-        "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "parallel_runs": args.jobs, "threads_per_run": args.threads},
-        "command": " ".join(["python", "-m", example, *flags_of(config)]),
-    }
-
-
-def run_one(args, config):
-    name = run_name(args, config)
-    run_dir = args.run_dir / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd, json_out = tempfile.mkstemp(suffix=".json", dir=run_dir)
-    os.close(fd)
-    command = [
-        sys.executable, "-m", TASKS[args.task]["example"], *flags_of(config), "--out", str(run_dir),
-        "--json-out", json_out, "--verbose", "2",
-    ]
-    if args.task == "cifar10":
-        command += ["--no-tensorboard", "--validation-freq", "10"]
-    if args.threads:
-        command += ["--threads", str(args.threads)]
-    command += list(args.extra)
-    start = time.time()
-    print(f"[{time.strftime('%H:%M:%S')}] start {name}", flush=True)
-    with open(run_dir / "stdout.log", "a") as log:
-        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    if code != 0:
-        print(f"[{time.strftime('%H:%M:%S')}] FAILED {name} (exit {code}); see {run_dir / 'stdout.log'}", flush=True)
-        return None
-    result = json.loads(Path(json_out).read_text())
-    os.remove(json_out)
-    record = record_of(args, config, result)
-    record["elapsed_seconds"] = time.time() - start
-    append_result(args.results, record)
-    bleu = f" BLEU val {record['val_bleu']:.2f} test {record['test_bleu']:.2f}" if "val_bleu" in record else ""
-    print(
-        f"[{time.strftime('%H:%M:%S')}] done {name}: train {100 * record['train_acc']:.1f}% "
-        f"val {100 * record['val_acc']:.1f}% test {100 * record['test_acc']:.1f}%{bleu} "
-        f"gamma-bar {record['gamma_bar']} ({record['elapsed_seconds']:.0f} s)",
-        flush=True,
+def summary(row):
+    """The progress line of a finished run."""
+    bleu = f" BLEU val {row['val_bleu']:.2f} test {row['test_bleu']:.2f}" if "val_bleu" in row else ""
+    return (
+        f"{row['role']}: train {100 * row['train_acc']:.1f}% val {100 * row['val_acc']:.1f}% "
+        f"test {100 * row['test_acc']:.1f}%{bleu} gamma-bar {row['gamma_bar']}"
     )
-    return record
 
 
 def pending(args, configs):
-    """The configurations of ``configs`` not yet in the results file."""
+    """The runs of ``configs`` not yet in the results file."""
     results = load_results(args.results)
     return [c for c in configs if key_of(c) not in results]
 
@@ -518,12 +407,11 @@ def run_configs(args, configs, label):
         flush=True,
     )
     for c in todo:
-        print(f"  b{c['batch_size']:<5} {c['noise']:<10} stddev {c['stddev']:<8g} seed {c['seed']}  "
-              f"~{run_minutes(args, c):.1f} min", flush=True)
+        print(f"  b{c.config.batch_size:<5} {c.config.noise:<10} stddev {c.config.stddev:<8g} seed "
+              f"{c.config.seed}  ~{run_minutes(args, c):.1f} min", flush=True)
     if args.dry_run or not todo:
         return
-    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        list(pool.map(lambda c: run_one(args, c), todo))
+    runner.run_all(todo, args.results, parallel=args.jobs, threads=args.threads, summary=summary)
 
 
 def gap_found(args):
@@ -565,10 +453,10 @@ def main(argv=None):
             raise SystemExit("--phase lr needs --task cifar10 and --base-lrs (e.g. --base-lrs 0.01 0.03)")
         run_configs(args, lr_configs(args), "lr")
         results = load_results(args.results)
-        for config in lr_configs(args):
-            found = results.get(key_of(config))
+        for run in lr_configs(args):
+            found = results.get(key_of(run))
             if found:
-                print(f"  base lr {config['base_lr']:g}: train {100 * found['train_acc']:.1f}% val "
+                print(f"  base lr {run.config.base_lr:g}: train {100 * found['train_acc']:.1f}% val "
                       f"{100 * found['val_acc']:.1f}%", flush=True)
         print(f"Best on validation: --base-lr {best_base_lr(args, results)}", flush=True)
     if args.phase == "curve":

@@ -1,9 +1,10 @@
 """Regime A sweep: equal rate, equal steps; GD vs small-batch SGD vs GD + GradientMix.
 
-Runs ``examples/gd_vs_sgd.py`` once per configuration, in priority order,
-and appends one JSON line per finished run (with its exact command) to
-``--results``. A configuration already in that file is skipped, so the
-sweep resumes where it stopped: kill it at any time and start it again.
+Runs ``examples/gd_vs_sgd.py`` once per configuration (a ``Config``), in
+priority order, through ``experiments/runner.py``, which appends one JSON line
+per finished run (with its config and exact command) to ``--results``. A
+configuration already in that file is skipped, so the sweep resumes where it
+stopped: stop it at any time (Ctrl-C) and start it again.
 
 Phases, in the order they run (``--phase all`` runs them in turn):
 
@@ -33,17 +34,15 @@ Phases, in the order they run (``--phase all`` runs them in turn):
 """
 
 import argparse
-import json
-import os
-import subprocess
-import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from pathlib import Path
 
+from examples import gd_vs_sgd
+from examples.config import config_from_argv, flags_of
+from experiments import runner
+
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-EXAMPLE = "examples.gd_vs_sgd"  # run as `python -m` from the repository root
+EXAMPLE = "examples.gd_vs_sgd"  # the trainer, run as `python -m` from the repository root
 DEFAULT_RESULTS = HERE / "results" / "cifar10_gd_vs_sgd.jsonl"
 ADAM_RESULTS = HERE / "results" / "cifar10_gd_vs_sgd_adam.jsonl"
 
@@ -95,17 +94,11 @@ def parse_args(argv=None):
     return args
 
 
-def base_args(args, lr, seed):
-    # SGD runs keep the arguments (hence the keys) they had before --optimizer existed.
-    optimizer = ["--momentum", f"{args.momentum:g}"] if args.optimizer == "sgd" else ["--optimizer", args.optimizer]
-    return [
-        "--train-size", str(args.train_size),
-        "--steps", str(args.steps),
-        *optimizer,
-        "--lr", f"{lr:g}",
-        "--seed", str(seed),
-        "--reference-batch-size", str(args.batch_size),
-    ] + list(args.extra)
+def base_config(args, lr, seed):
+    """The settings every arm of one rate and seed shares; ``--extra`` flags come last and win."""
+    shared = dict(train_size=args.train_size, steps=args.steps, optimizer=args.optimizer, momentum=args.momentum,
+                  lr=lr, seed=seed, reference_batch_size=args.batch_size)
+    return config_from_argv(gd_vs_sgd.Config, flags_of(gd_vs_sgd.Config, shared) + list(args.extra))
 
 
 def noise_arms(args):
@@ -116,75 +109,28 @@ def noise_arms(args):
 
 
 def small_batch(args, lr, seed):
-    return base_args(args, lr, seed) + ["--batch-size", str(args.batch_size)]
+    return dataclasses.replace(base_config(args, lr, seed), batch_size=args.batch_size)
 
 
 def full_batch(args, lr, seed, noise="none", factor=1.0):
-    run = base_args(args, lr, seed) + ["--batch-size", "0", "--noise", noise]
-    return run + (["--stddev-factor", f"{factor:g}"] if factor != 1.0 else [])
+    return dataclasses.replace(base_config(args, lr, seed), batch_size=0, noise=noise, stddev_factor=factor)
 
 
 def penalized(args, lr, seed, factor):
-    return base_args(args, lr, seed) + ["--batch-size", "0", "--penalty-factor", f"{factor:g}"]
+    return dataclasses.replace(base_config(args, lr, seed), batch_size=0, penalty_factor=factor)
 
 
-def key_of(run_args):
-    """The configuration's identity: its arguments, order-free."""
-    pairs = {}
-    it = iter(run_args)
-    for flag in it:
-        pairs[flag] = next(it)
-    return json.dumps(pairs, sort_keys=True)
+def summary(row):
+    return (f"{row['arm']:<22} lr={row['lr']:g} seed={row['seed']} train {row['train_acc']:.3f} "
+            f"val {row['val_acc']:.3f} test {row['test_acc']:.3f}")
 
 
-def load_results(path):
-    results = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                results[record["key"]] = record
-    return results
-
-
-def run_one(args, run_args, phase):
-    command = [sys.executable, "-m", EXAMPLE] + run_args + ["--threads", str(args.threads)]
-    shown = " ".join(["python", "-m", EXAMPLE] + run_args)
-    started = time.time()
-    print(f"[{time.strftime('%H:%M:%S')}] {shown}", flush=True)
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    if done.returncode != 0:
-        print(done.stderr[-3000:], file=sys.stderr, flush=True)
-        raise RuntimeError(f"run failed ({done.returncode}): {shown}")
-    record = json.loads(done.stdout.strip().splitlines()[-1])
-    record.update(
-        key=key_of(run_args),
-        phase=phase,
-        command=shown,
-        elapsed_seconds=time.time() - started,
-        finished_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        machine={"cpus": os.cpu_count(), "parallel_runs": args.parallel, "threads_per_run": args.threads},
-    )
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.results, "a") as f:  # one short append per run: resumable
-        f.write(json.dumps(record) + "\n")
-    print(
-        f"    {record['arm']:<22} lr={record['lr']:g} seed={record['seed']} "
-        f"train {record['train_acc']:.3f} val {record['val_acc']:.3f} test {record['test_acc']:.3f} "
-        f"({record['elapsed_seconds']:.0f} s)",
-        flush=True,
-    )
-    return record
-
-
-def run_all(args, runs, phase):
-    done = load_results(args.results)
-    todo = [r for r in runs if key_of(r) not in done]
-    print(f"phase {phase}: {len(runs) - len(todo)} of {len(runs)} runs already done", flush=True)
-    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        list(pool.map(lambda r: run_one(args, r, phase), todo))
-    done = load_results(args.results)
-    return [done[key_of(r)] for r in runs]
+def run_all(args, configs, phase):
+    """The rows of ``configs`` (gd_vs_sgd Configs), running those not yet in ``--results``."""
+    print(f"phase {phase}:", flush=True)
+    runs = [runner.Run(EXAMPLE, config, {"phase": phase}) for config in configs]
+    return runner.run_all(runs, args.results, parallel=args.parallel, threads=args.threads, summary=summary,
+                          echo=lambda line: print(line, flush=True))
 
 
 def choose_rate(args, records):

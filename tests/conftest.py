@@ -21,6 +21,11 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The examples find real data through $TF_GRADMIX_DATA; this machine keeps it beside the repository.
+_SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared",
+                            "data")
+if "TF_GRADMIX_DATA" not in os.environ and os.path.isdir(_SHARED_DATA):
+    os.environ["TF_GRADMIX_DATA"] = _SHARED_DATA
 
 BACKEND = os.environ["KERAS_BACKEND"]
 NUM_DEVICES = 4

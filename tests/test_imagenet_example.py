@@ -51,12 +51,12 @@ def test_a_few_training_steps(example):
     # on 2 cores; the distributed paths are covered in test_distribute.py.
     args = [
         "--recipe", "lars",
-        "--global_batch_size", "8",
-        "--image_size", "32",
+        "--global-batch-size", "8",
+        "--image-size", "32",
         "--epochs", "1",
-        "--steps_per_epoch", "4",
-        "--steps_per_execution", "2",
-        "--validation_steps", "1",
+        "--steps-per-epoch", "4",
+        "--steps-per-execution", "2",
+        "--validation-steps", "1",
     ]
     with tfds.testing.mock_data(num_examples=16):
         history = example.main(args, strategy=tf.distribute.get_strategy())

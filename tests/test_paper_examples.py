@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from examples import cifar10, cifar_train, multi30k
-from experiments import plot, sweep
+from examples import cifar10, cifar_train, mixing, multi30k
+from experiments import plot, runner, sweep
 
 import real_data
 
@@ -89,14 +89,14 @@ def test_cifar_train_flags_and_schedule():
     args = cifar_train.parse_args(
         ["--batch-size", "8192", "--noise", "gaussian", "--noise-batch-size", "1024", "--epochs", "200"]
     )
-    assert args.stddev == pytest.approx(math.sqrt(8192 / 1024 - 1))
+    assert mixing.mixing_stddev(args) == pytest.approx(math.sqrt(8192 / 1024 - 1))
     settings = cifar_train.schedule_settings(args, steps_per_epoch=6)
     assert settings["peak_learning_rate"] == pytest.approx(0.1 * 8192 / 200)
     assert settings["total_steps"] == 1200 and settings["warmup_steps"] == 120
     for name, base in (("lars", 0.1), ("adam", 1e-3), ("lamb", 1e-3)):
         a = cifar_train.parse_args(["--optimizer", name, "--batch-size", "400", "--epochs", "10"])
         assert cifar_train.schedule_settings(a, 5)["peak_learning_rate"] == pytest.approx(2 * base)
-    assert cifar_train.parse_args(["--stddev", "3"]).stddev == 0.0  # --noise none
+    assert mixing.mixing_stddev(cifar_train.parse_args(["--stddev", "3"])) == 0.0  # --noise none
 
 
 def test_cifar_train_tfds_path_with_mock_data():
@@ -152,7 +152,8 @@ def test_multi30k_transformer_optimizers_and_schedule():
     assert isinstance(optimizer.inner_optimizer, gm.optimizers.LAMB)
     assert warmup == round(4000 * 64 / 1024)
     assert peak == pytest.approx(512 ** -0.5 * warmup ** -0.5)
-    assert (args.layers, args.d_model, args.heads, args.ff) == (6, 512, 8, 2048)
+    shape = mt.architecture(args)
+    assert (shape["layers"], shape["d_model"], shape["heads"], shape["ff"]) == (6, 512, 8, 2048)
     plain, _, _ = mt.build_optimizer(mt.parse_args(["--stddev", "2"]))
     assert not isinstance(plain, gm.GradientMix)
 
@@ -233,37 +234,47 @@ def _sweep_args(tmp_path, *extra):
     return sweep.parse_args(["--results", str(tmp_path / "r.jsonl"), "--dry-run", *extra])
 
 
-def _record(config, train, val, test):
+def _record(run, train, val, test):
+    """The row the runner writes for ``run`` (a sweep.make_config), with made-up numbers."""
     return {
-        "key": sweep.key_of(config), "config": config, "role": config["role"],
-        "seed": config["seed"], "train_acc": train, "val_acc": val, "test_acc": test,
-        "gamma_bar": 1.0 + config["stddev"] ** 2, "wall_seconds": 60.0,
+        "key": sweep.key_of(run), "trainer": run.trainer, "config": runner.result_values(run.trainer, run.config),
+        "role": run.labels["role"], "seed": run.config.seed, "train_acc": train, "val_acc": val, "test_acc": test,
+        "gamma_bar": 1.0 + run.config.stddev ** 2, "wall_seconds": 60.0,
         "log_ggn_trace": 3.0,
     }
 
 
 def test_sweep_flags_reach_the_example(tmp_path):
     args = _sweep_args(tmp_path)
-    config = sweep.make_config(args, 512, "rademacher", 2.5, seed=1, role="select")
-    parsed = cifar_train.parse_args(sweep.flags_of(config))
+    run = sweep.make_config(args, 512, "rademacher", 2.5, seed=1, role="select")
+    assert run.trainer == "examples.cifar_train" and run.labels == {"role": "select"}
+    parsed = cifar_train.parse_args(runner.command_of(run)[2:])
+    assert parsed == run.config
     assert (parsed.batch_size, parsed.noise, parsed.stddev, parsed.seed) == (512, "rademacher", 2.5, 1)
     assert (parsed.train_size, parsed.val_size, parsed.model, parsed.augment) == (2048, 1000, "resnet8", False)
     assert parsed.epochs == 40 and parsed.test_size is None
     assert parsed.bn_momentum == 0.9 and parsed.ggn_size == args.ggn_size
+    # Logs and backup in a folder of the run's own; logging only, not part of the run's key.
+    assert parsed.out == str(args.run_dir / sweep.run_name(args, parsed))
+    assert (parsed.tensorboard, parsed.validation_freq, parsed.verbose) == (False, 10, 2)
+    assert sweep.key_of(run) == runner.key_of(run.trainer, cifar_train.Config(**{
+        **{k: getattr(parsed, k) for k in ("batch_size", "noise", "stddev", "seed", "ggn_size")},
+        **{k: getattr(sweep.COMMON, k) for k in ("model", "train_size", "val_size", "augment", "epochs")},
+    }))
 
 
 def test_sweep_multi30k_flags_reach_the_example(tmp_path):
     args = _sweep_args(tmp_path, "--task", "multi30k", "--optimizer", "lamb")
-    config = sweep.make_config(args, 1024, "gaussian", 1.5, seed=2, role="select")
+    run = sweep.make_config(args, 1024, "gaussian", 1.5, seed=2, role="select")
     from examples import multi30k_transformer
 
-    parsed = multi30k_transformer.parse_args(sweep.flags_of(config))
+    parsed = multi30k_transformer.parse_args(runner.command_of(run)[2:])
+    assert parsed == run.config and run.trainer == "examples.multi30k_transformer"
     assert (parsed.batch_size, parsed.noise, parsed.stddev, parsed.seed) == (1024, "gaussian", 1.5, 2)
     assert (parsed.optimizer, parsed.epochs, parsed.layers, parsed.d_model) == ("lamb", 8, 2, 128)
     assert parsed.train_size == 10000 and parsed.val_source == "auto"
     # Peak rate scaled as sqrt(B), warmup as 1/B, from 1e-3 and 250 steps at batch 64.
     assert parsed.lr == pytest.approx(1e-3 * 4) and parsed.warmup_steps == 16
-    assert "ggn_size" not in config
     # Flags of the CIFAR example are refused for the Transformer, by name.
     with pytest.raises(SystemExit):
         _sweep_args(tmp_path, "--task", "multi30k", "--widths", "8", "16", "32")
@@ -288,13 +299,13 @@ def test_sweep_resumes_and_chooses_stddev_on_validation(tmp_path):
     assert sweep.candidate_stddevs(args) == [0.5, 1.0, round(math.sqrt(512 / 64 - 1), 6)]
     assert sweep.candidate_stddevs(_sweep_args(tmp_path, "--stddevs", "1", "--no-noise-equivalent")) == [1.0]
     select = sweep.select_configs(args)
-    assert len(select) == 6 and {c["batch_size"] for c in select} == {512}
+    assert len(select) == 6 and {c.config.batch_size for c in select} == {512}
     gap = sweep.gap_configs(args, [0])
     # Validation prefers stddev 1 for Gaussian; the test set would prefer 0.5.
     scores = {0.5: (0.60, 0.70), 1.0: (0.65, 0.60), round(math.sqrt(7), 6): (0.55, 0.50)}
     records = [_record(c, 1.0, 0.6, 0.6) for c in gap]
     for c in select:
-        val, test = scores[c["stddev"]]
+        val, test = scores[c.config.stddev]
         records.append(_record(c, 1.0, val, test))
     with open(args.results, "w") as f:
         for r in records[:-1]:  # the last selection run is "interrupted"
@@ -304,25 +315,25 @@ def test_sweep_resumes_and_chooses_stddev_on_validation(tmp_path):
     chosen = sweep.chosen_stddevs(args, results)
     assert chosen["gaussian"] == 1.0
     seeds = sweep.seed_configs(args, results)
-    assert {c["seed"] for c in seeds} == {1}
-    assert [c["stddev"] for c in seeds if c["noise"] == "gaussian"] == [1.0]
+    assert {c.config.seed for c in seeds} == {1}
+    assert [c.config.stddev for c in seeds if c.config.noise == "gaussian"] == [1.0]
     sweep.main(["--results", str(args.results), "--dry-run", "--phase", "all"])  # prints the plan only
     assert len(sweep.load_results(args.results)) == len(records) - 1
     # The curve phase reuses the stddev chosen at the large batch at other batch sizes.
     curve_args = _sweep_args(tmp_path, "--phase", "curve", "--curve-batches", "64", "1024", "--seeds", "0")
     curve = sweep.curve_configs(curve_args, results)
-    assert [(c["batch_size"], c["noise"], c["stddev"]) for c in curve] == [
+    assert [(c.config.batch_size, c.config.noise, c.config.stddev) for c in curve] == [
         (64, "none", 0.0), (64, "gaussian", 1.0), (64, "rademacher", chosen["rademacher"]),
         (1024, "none", 0.0), (1024, "gaussian", 1.0), (1024, "rademacher", chosen["rademacher"]),
     ]
-    assert sweep.pending(curve_args, curve)[0]["batch_size"] == 64 and len(sweep.pending(curve_args, curve)) == 5
+    assert sweep.pending(curve_args, curve)[0].config.batch_size == 64 and len(sweep.pending(curve_args, curve)) == 5
     with pytest.raises(SystemExit, match="run --phase select first"):
         sweep.curve_configs(_sweep_args(tmp_path, "--large-batch", "256"), results)
 
 
 def test_plot_table_and_figures(tmp_path):
     args = _sweep_args(tmp_path)
-    records = [_record(c, 1.0, 0.6, 0.55 + 0.01 * c["seed"]) for c in sweep.gap_configs(args, [0, 1])]
+    records = [_record(c, 1.0, 0.6, 0.55 + 0.01 * c.config.seed) for c in sweep.gap_configs(args, [0, 1])]
     records += [_record(c, 0.9, 0.62, 0.6) for c in sweep.select_configs(args)]
     path = tmp_path / "r.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -332,10 +343,11 @@ def test_plot_table_and_figures(tmp_path):
     assert sweep.best_base_lr(lamb, {r["key"]: r for r in records}) == 0.01
     # Every configuration gets its own run folder (a folder's backup is resumed by a rerun).
     probes = sweep.lr_configs(_sweep_args(tmp_path, "--optimizer", "lamb", "--base-lrs", "0.01", "0.03"))
-    names = {sweep.run_name(lamb, c) for c in probes + sweep.select_configs(args) + sweep.gap_configs(args, [0, 1])}
+    runs = probes + sweep.select_configs(args) + sweep.gap_configs(args, [0, 1])
+    names = {sweep.run_name(lamb, c.config) for c in runs}
     assert len(names) == 2 + 6 + 4
     wide = _sweep_args(tmp_path, "--widths", "8", "16", "32")
-    assert sweep.run_name(wide, sweep.make_config(wide, 64)) == "b64_none0_s0_nesterov_n2048_e40_widths8-16-32"
+    assert sweep.run_name(wide, sweep.make_config(wide, 64).config) == "b64_none0_s0_nesterov_n2048_e40_widths8-16-32"
     # A second setup (80 epochs) gets its own table and figures.
     longer = _sweep_args(tmp_path, "--epochs", "80")
     records += [_record(c, 1.0, 0.5, 0.5) for c in sweep.gap_configs(longer, [0])]
