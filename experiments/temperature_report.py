@@ -55,6 +55,11 @@ def parse_args(argv=None):
                    help="rewrite the marked blocks of experiments/README.md and README.md and the figure")
     p.add_argument("--sgd-lr", type=float, default=SGD_LR, help="--write: the SGD runs' rate")
     p.add_argument("--adam-lr", type=float, default=ADAM_LR, help="--write: the Adam runs' rate")
+    p.add_argument("--adam-results", type=Path, default=ADAM_RESULTS, help="--write: the Adam runs (--results: SGD)")
+    p.add_argument("--step-time", type=Path, default=STEP_TIME, help="--write: the penalty's step-time JSON")
+    p.add_argument("--into", type=Path, default=None,
+                   help="--write: write copies of the two READMEs (README.md, experiments_README.md) and the figure "
+                        "into this folder instead of in place")
     args = p.parse_args(argv)
     if args.lr is None and not args.write:
         p.error("give --lr (one table) or --write (every block and the figure)")
@@ -430,12 +435,19 @@ def blocks(sgd_records, adam_records, cost, sgd_lr, adam_lr):
     }
 
 
-def write_all(sgd_lr=SGD_LR, adam_lr=ADAM_LR, results=RESULTS, readmes=None, figure_path=FIGURE):
-    """Rewrite every block of both READMEs and the figure from the results files in ``results``."""
-    readmes = readmes or {"experiments": HERE / "README.md", "root": ROOT / "README.md"}
-    sgd_records = stats.load(results / DEFAULT_RESULTS.name, key=None)
-    adam_records = stats.load(results / ADAM_RESULTS.name, key=None)
-    cost = step_time_ratios(results / STEP_TIME.name)
+def write_all(sgd_lr=SGD_LR, adam_lr=ADAM_LR, sgd_results=DEFAULT_RESULTS, adam_results=ADAM_RESULTS,
+              step_time=STEP_TIME, into=None):
+    """Rewrite every block of both READMEs and the figure; with ``into``, copies of them in that folder."""
+    readmes = {"experiments": HERE / "README.md", "root": ROOT / "README.md"}
+    figure_path = FIGURE
+    if into is not None:
+        into.mkdir(parents=True, exist_ok=True)
+        copies = {"experiments": into / "experiments_README.md", "root": into / "README.md"}
+        for readme, path in copies.items():
+            path.write_text(readmes[readme].read_text())
+        readmes, figure_path = copies, into / FIGURE.name
+    sgd_records, adam_records = stats.load(sgd_results, key=None), stats.load(adam_results, key=None)
+    cost = step_time_ratios(step_time)
     for (readme, name), text in blocks(sgd_records, adam_records, cost, sgd_lr, adam_lr).items():
         write_block(readmes[readme], name, text)
         print(f"{readmes[readme]}: {name}")
@@ -447,7 +459,7 @@ def write_all(sgd_lr=SGD_LR, adam_lr=ADAM_LR, results=RESULTS, readmes=None, fig
 def main(argv=None):
     args = parse_args(argv)
     if args.write:
-        write_all(args.sgd_lr, args.adam_lr)
+        write_all(args.sgd_lr, args.adam_lr, args.results, args.adam_results, args.step_time, args.into)
     if args.lr is None:
         return
     runs = stats.by_arm_seed(stats.load(args.results, key=None), args.lr)

@@ -88,6 +88,10 @@ ENTRIES = [
           "--out experiments/results/cifar10_gd_vs_sgd_penalty_step_time.json",
           "--rounds 1 --steps 1 --warmup-steps 1 --train-size 64 --out {tmp}/step_time.json",
           (("step_time.json", None),)),
+    Entry(("cifar10_gd_vs_sgd_sgd_and_adam.png",), "python -m experiments.temperature_report --write",
+          "--results {tmp}/sgd.jsonl --adam-results {tmp}/adam.jsonl --adam-lr 1e-3 "
+          "--step-time {tmp}/step_time.json --into {tmp}",
+          (("cifar10_gd_vs_sgd_sgd_and_adam.png", None), ("README.md", None), ("experiments_README.md", None))),
     # sweep.py: the first command of each task on quick settings (every run --quick); the others are its
     # phases on the recorded rows (tests/scripts/test_recorded_commands.py: they rerun nothing).
     Entry(("cifar10_resnet8_gap.jsonl",), SWEEP_COMMANDS[0], "--results {tmp}/gap.jsonl --extra --quick",

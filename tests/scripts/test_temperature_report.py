@@ -130,3 +130,28 @@ def test_the_committed_blocks_are_what_the_results_files_give():
     # The recorded Regime A numbers (computed before this report existed).
     assert "| gd+gaussian | 5.57 | 3 | 34.0 ± 1.2 | +1.7 ± 0.4 | +0.1 ± 0.2 | 105 ± 14 % | 121, 95, 98 % |" in (
         blocks[("experiments", "sgd")])
+
+
+def test_write_into_a_folder_leaves_the_repository_alone_and_copes_with_a_tiny_sweep(tmp_path, capsys):
+    """--into: copies of both READMEs and the figure; a sweep of one seed, batch 16, no mixing arm but isotropic."""
+    sgd, adam = tmp_path / "sgd.jsonl", tmp_path / "adam.jsonl"
+    sgd_rows = [_run("sgd16", 0, 0.40), _run("gd", 0, 0.30), _run("gd+gaussian", 0, 0.36),
+                _run("gd+penalty", 0, 0.31, factor=1), _run("gd+penalty x4", 0, 0.33, factor=4)]
+    adam_rows = [dict(_run("sgd16", 0, 0.40, lr=1e-3), phase="rate"), dict(_run("gd", 0, 0.30, lr=1e-3), phase="rate"),
+                 _run("gd+isotropic", 0, 0.29, lr=1e-3)]
+    sgd.write_text("".join(json.dumps(r) + "\n" for r in sgd_rows))
+    adam.write_text("".join(json.dumps(r) + "\n" for r in adam_rows))
+    step_time = tmp_path / "step_time.json"
+    step_time.write_text(json.dumps({"configs": {c: {"step_ms": [t]} for c, t in
+                                                 (("plain", 100.0), ("mix", 104.0), ("penalty", 290.0))}}))
+    before = {p: p.read_text() for p in (report.HERE / "README.md", report.ROOT / "README.md")}
+    report.main(["--write", "--results", str(sgd), "--adam-results", str(adam), "--adam-lr", "1e-3",
+                 "--step-time", str(step_time), "--into", str(tmp_path / "out")])
+    assert {p: p.read_text() for p in before} == before
+    readme = " ".join((tmp_path / "out" / "README.md").read_text().split())  # the wrapped lines as one
+    # Isotropic: (0.29 - 0.30) / (0.40 - 0.30) = -10%; the penalty at 4 lr/4: 30%, at 2.9x plain GD.
+    assert "the isotropic control -10% (seed 0 only)" in readme
+    assert "at λ = 4·lr/4 30% (seed 0 only); it costs 2.9× the step time" in readme
+    experiments = (tmp_path / "out" / "experiments_README.md").read_text()
+    assert "| 0.001 (chosen) | 100.0 | 30.0 | 40.0 | 100.0 | 30.0 |" in experiments
+    assert (tmp_path / "out" / report.FIGURE.name).stat().st_size > 0
