@@ -31,14 +31,33 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.stats import format_mean_std, load, mean_std
+from experiments import runner, stats
+from experiments.stats import format_mean_std, mean_std
 
 DEFAULT = Path(__file__).resolve().parent / "results" / "cifar10_resnet8_gap.jsonl"
 
 
 #: Config entries that vary within a setup (and the label-only ``role``).
-#: (``lr`` and ``warmup_steps`` of the Multi30k sweep follow the batch size.)
-PER_RUN = ("optimizer", "base_lr", "batch_size", "noise", "stddev", "seed", "role", "ggn_size", "lr", "warmup_steps")
+#: (``lr`` and ``warmup_steps`` of the Multi30k sweep follow the batch size; ``noise_batch_size`` sets the stddev.)
+PER_RUN = ("optimizer", "base_lr", "batch_size", "noise", "stddev", "noise_batch_size", "seed", "role", "ggn_size",
+           "lr", "warmup_steps")
+
+
+def load(path):
+    """The runs of a results file, each row's ``config`` replaced by its run's whole result-changing config.
+
+    Rows of every format the sweeps have written (``sweep.py``'s own config
+    dict, the runner's rows) go through ``runner.config_of_row`` (a row
+    without the runner's ``trainer`` and ``config`` parses from its
+    ``command``), so an old and a new row of the same setup have the same
+    config fields and land in the same table, and a later row of the same run
+    (by ``runner.key_of``) replaces an earlier one.
+    """
+    runs = {}
+    for row in stats.load(path, key=None):
+        trainer, config = runner.config_of_row(row)
+        runs[runner.key_of(trainer, config)] = dict(row, config=runner.result_values(config))
+    return list(runs.values())
 
 
 def setup_of(record):
