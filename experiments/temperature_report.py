@@ -308,7 +308,8 @@ def sgd_summary(sgd, cost, per_seed=True):
     text = (f"With SGD at equal rate and steps, full-batch descent tested {gap_phrase(sgd, per_seed)}; at the rule's "
             f"stddev the share of that gap recovered was: {mixing_sentence(sgd, SGD_NAMES, per_seed)}. ")
     if penalty:
-        names = {a: f"at λ = {penalty_factor_of(sgd, a):g}·lr/4" for a in penalty}
+        names = {a: "at λ = lr/4" if penalty_factor_of(sgd, a) == 1 else f"at λ = {penalty_factor_of(sgd, a):g}·lr/4"
+                 for a in penalty}
         text += (f"The noise-free penalty (the mean squared block-gradient norm) recovered: "
                  f"{mixing_sentence(sgd, names, per_seed)}; it costs {cost['gd+penalty'][0][0]:.1f}× the step time "
                  f"of plain GD (GD + GradientMix: {cost['gd+gaussian'][0][0]:.2f}×).")
