@@ -29,7 +29,7 @@ from oracles import assert_float32_close
 
 pytestmark = pytest.mark.backends("tensorflow")
 
-WORKER = Path(__file__).parent / "workers" / "mwms_worker.py"
+WORKER = Path(__file__).resolve().parents[1] / "workers" / "mwms_worker.py"
 SEED = 1234  # as in the worker script
 LR = 0.1
 PROCESS_TIMEOUT = 240  # seconds, per worker process

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "tf_gradmix"
 
 
@@ -289,7 +289,7 @@ def python_files(*folders):
 
 def test_no_test_module_imports_another():
     """Shared test helpers live in conftest.py and oracles.py, not in test modules."""
-    tests = {p.stem for p in (REPO / "tests").glob("test_*.py")}
+    tests = {p.stem for p in (REPO / "tests").rglob("test_*.py")}
     offenders = []
     for path in python_files("tests"):
         for node in ast.walk(ast.parse(path.read_text())):

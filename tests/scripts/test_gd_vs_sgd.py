@@ -20,7 +20,7 @@ from oracles import assert_float32_close, flat, per_example_gradients, weights_o
 
 pytestmark = pytest.mark.backends("tensorflow")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_default_stddev_is_the_temperature_rule():

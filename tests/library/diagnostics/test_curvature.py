@@ -25,7 +25,7 @@ from oracles import NUM_CLASSES, build_model, cnn, data, flat, mlp, relative_err
 
 pytestmark = pytest.mark.backends("tensorflow")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 # -- float64 references -----------------------------------------------------------
