@@ -589,7 +589,7 @@ def test_gradient_accumulation_mixes_the_whole_logical_batch(data):
     """Logical batch 24 = 3 micro-batches of 8, on one device.
 
     (Under a tf.distribute strategy Keras 3.15's own gradient accumulation
-    fails: see the next test.)
+    fails: tests/upstream/test_keras_distribute.py.)
     """
     _, x, y = data
     k = 3
@@ -618,34 +618,6 @@ def test_gradient_accumulation_mixes_the_whole_logical_batch(data):
     assert distribute.accumulation_steps(32768, 1024) == 32
     with pytest.raises(ValueError, match="logical_batch_size"):
         distribute.accumulation_steps(32768, 1000)
-
-
-def test_stock_gradient_accumulation_still_fails_under_a_strategy(mirrored_strategy, data):
-    """Upstream keras-team/keras#20582: `BaseOptimizer.apply` wraps the
-    cross-replica update in `ops.cond`, and tf.distribute forbids a
-    `merge_call` inside a cond. Plain Keras, no tf_gradmix involved. When this
-    test fails upstream fixed it: add replicas to the accumulation test."""
-    _, x, y = data
-    with mirrored_strategy.scope():
-        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
-        model.compile(keras.optimizers.SGD(LR, gradient_accumulation_steps=3), "mse")
-    ds = tf.data.Dataset.from_tensor_slices((x[:24], y[:24])).batch(8)
-    with pytest.raises(RuntimeError, match="merge_call"):
-        model.fit(ds, epochs=1, verbose=0)
-
-
-def test_stock_steps_per_execution_still_fails_under_a_strategy(mirrored_strategy, data):
-    """Upstream keras-team/keras#19246, stock Keras only (README "Limitation"):
-    ``steps_per_execution > 1`` under MirroredStrategy fails in graph
-    construction. When this test fails, upstream fixed it: drop the
-    limitation from the README and test GradientMix with it."""
-    _, x, y = data
-    with mirrored_strategy.scope():
-        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
-        model.compile(keras.optimizers.SGD(LR), "mse", steps_per_execution=2)
-    ds = tf.data.Dataset.from_tensor_slices((x[:24], y[:24])).batch(8)
-    with pytest.raises(Exception, match="You must feed a value for placeholder tensor"):
-        model.fit(ds, epochs=1, verbose=0)
 
 
 def test_free_local_ports_are_distinct_and_bindable():

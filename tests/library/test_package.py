@@ -1,4 +1,4 @@
-"""The package as a whole: its import graph, Keras internals, ``python -OO``."""
+"""The package as a whole: its import graph, Keras internals, ``python -OO``, its metadata."""
 
 import ast
 import os
@@ -10,7 +10,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "tf_gradmix"
-
 
 
 def module_name(path):
@@ -311,3 +310,22 @@ def test_examples_experiments_benchmarks_and_tests_never_edit_sys_path():
         if path != Path(__file__).resolve() and any(edit in path.read_text() for edit in edits)
     ]
     assert not offenders, offenders
+
+
+def test_the_bare_package_does_not_force_a_tensorflow_build():
+    """``pip install tf_gradmix`` leaves the TensorFlow build to the user; the
+    ``[cpu]``, ``[gpu]`` and ``[tpu]`` extras pick one, TensorFlow 2.19 to 2.21
+    (2.19.1 on TPUs, the last release with TPU support)."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    requirements = [Requirement(r) for r in requires("tf_gradmix")]
+    assert not [r for r in requirements if r.name.startswith("tensorflow") and r.marker is None], requirements
+    builds = ("tensorflow", "tensorflow-cpu", "tensorflow-tpu")
+    build = {str(r.marker): r for r in requirements if r.name in builds}
+    assert {extra: (r.name, sorted(r.extras), str(r.specifier)) for extra, r in build.items()} == {
+        'extra == "cpu"': ("tensorflow-cpu", [], "<2.22,>=2.19"),
+        'extra == "gpu"': ("tensorflow", ["and-cuda"], "<2.22,>=2.19"),
+        'extra == "tpu"': ("tensorflow-tpu", [], "==2.19.1"),
+    }
