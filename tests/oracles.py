@@ -213,6 +213,17 @@ def plain_copy(model):
     return ref
 
 
+def float64_copy(builder, model, **kwargs):
+    """``builder(**kwargs)`` built in float64, with ``model``'s weights: a float64 reference model."""
+    keras.config.set_dtype_policy("float64")
+    try:
+        copy = builder(**kwargs)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    copy.set_weights([w.astype(np.float64) for w in model.get_weights()])
+    return copy
+
+
 def mixer(noise="gaussian", stddev=0.7, seed=5, inner=None, **kwargs):
     """A seeded ``GradientMix`` around ``SGD(1.0)`` (the update is the gradient)."""
     import keras
