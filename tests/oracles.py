@@ -3,7 +3,7 @@
 The references (per-example loops in float64, tolerances) use no
 tf_gradmix code; the weights a test compares against come from
 ``GradientMix.example_weights`` / ``device_weights``, whose statistics are
-tested on their own in ``test_noise.py``. The last section builds the small
+tested on their own in ``library/test_noise.py``. The last section builds the small
 models and data several test modules share.
 
 Backend-agnostic: gradients come from a ``tf.GradientTape`` on TensorFlow

@@ -1,4 +1,4 @@
-"""One training process for tests/test_distribute.py (run as a subprocess).
+"""One training process for tests/library/test_distribute.py (run as a subprocess).
 
 Usage: ``python mwms_worker.py SPEC.json``. The spec says which cluster to
 join (``ports``/``index``; none: a single process without a cluster), which
