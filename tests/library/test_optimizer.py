@@ -142,8 +142,9 @@ def clip(grads, kind, limit):
 @pytest.mark.parametrize("kind", ["clipnorm", "global_clipnorm"])
 @pytest.mark.backends("tensorflow")
 def test_inner_clipping_acts_per_replica_after_the_device_weights(mirrored_strategy, kind):
-    """README: clipping acts "per replica, on that replica's gradients, after
-    the device weights": replica k contributes clip(w_k g_k / K)."""
+    """The inner optimizer's clipping acts per replica, on that replica's
+    gradients, after the device weights (docs/api.md): replica k contributes
+    clip(w_k g_k / K)."""
     x, y = data(16)
     with mirrored_strategy.scope():
         model = functional(keras.Model)

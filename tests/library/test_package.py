@@ -287,7 +287,7 @@ def python_files(*folders):
 
 
 def test_no_test_module_imports_another():
-    """Shared test helpers live in conftest.py and oracles.py, not in test modules."""
+    """Shared test helpers live in conftest.py and helper modules (oracles.py, mwms_cluster.py), not in test modules."""
     tests = {p.stem for p in (REPO / "tests").rglob("test_*.py")}
     offenders = []
     for path in python_files("tests"):
