@@ -33,7 +33,7 @@ K = 4  # logical CPU replicas (conftest)
 @pytest.mark.backends("tensorflow")
 def test_gradient_accumulation_across_replicas(mirrored_strategy, level):
     # Stock Keras 3.15 cannot accumulate under a strategy (keras-team/keras#20582,
-    # see test_distribute.py); GradientMix does it in cross-replica context.
+    # tests/upstream/test_keras_distribute.py); GradientMix does it in cross-replica context.
     x, y = data(48)
     with mirrored_strategy.scope():
         model = functional(gm.Model)
