@@ -7,7 +7,6 @@ float32. Tolerances: 1e-4 relative for exact traces and GGN-vector
 products, 10% for Hutchinson with 1000 probes.
 """
 
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -19,8 +18,6 @@ from tf_gradmix import diagnostics as diag
 from oracles import NUM_CLASSES, build_model, cnn, data, flat, float64_copy, mlp, relative_error
 
 pytestmark = pytest.mark.backends("tensorflow")
-
-REPO = Path(__file__).resolve().parents[3]
 
 
 # -- float64 references -----------------------------------------------------------
