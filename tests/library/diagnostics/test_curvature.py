@@ -7,7 +7,6 @@ float32. Tolerances: 1e-4 relative for exact traces and GGN-vector
 products, 10% for Hutchinson with 1000 probes.
 """
 
-
 import keras
 import numpy as np
 import pytest
