@@ -171,6 +171,7 @@ def test_keras_private_attributes_only_in_compat_and_backend():
     assert not offenders, offenders
 
 
+@pytest.mark.slow  # a TensorFlow import in a subprocess: tens of seconds
 def test_imports_under_python_OO():
     """``-OO`` strips docstrings; nothing may depend on them at import time."""
     import tensorflow as tf

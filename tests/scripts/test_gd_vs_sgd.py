@@ -228,6 +228,7 @@ def test_lazy_rate_search_runs_gd_only_where_it_can_change_the_choice(monkeypatc
     )
 
 
+@pytest.mark.slow
 def test_penalty_arm_runs_end_to_end_on_real_cifar10(tmp_path):
     if cifar10.find_cifar10() is None:
         real_data.missing("CIFAR-10 JPEG")
