@@ -12,7 +12,8 @@ over rounds). Configurations, all from the same initial weights, plain
 * ``plain b=8``: stock ``keras.Sequential``, micro-batch ``--micro-batch``
   (8), no accumulation; ``control``: a second identical model (A/A test);
 * ``plain b=64``: the same at the logical batch of ``k=8`` (``k`` times the
-  micro-batch) at once;
+  micro-batch) at once, and at the other batch sizes of ``--batches``
+  (8 to 256): time per example against the batch;
 * ``keras k=8``: stock Keras with ``gradient_accumulation_steps=8`` on the
   ``SGD``, micro-batch 8;
 * ``gradmix b=8``, ``gradmix k=8``: ``tf_gradmix.Sequential`` with
@@ -63,12 +64,13 @@ LAYERS = (784, 2048, 1536, 10)
 OP_LAYER = (2048, 1536)
 
 
-def step_configurations(micro_batch, k):
+def step_configurations(micro_batch, k, batches=()):
     """``(name, batch, accumulation steps or None, gradmix, baseline name)``."""
+    plain = sorted({micro_batch * k, *batches} - {micro_batch})
     return [
         (f"plain b={micro_batch}", micro_batch, None, False, None),
         ("control", micro_batch, None, False, None),
-        (f"plain b={micro_batch * k}", micro_batch * k, None, False, None),
+        *[(f"plain b={b}", b, None, False, None) for b in plain],
         (f"keras k={k}", micro_batch, k, False, f"plain b={micro_batch}"),
         (f"gradmix b={micro_batch}", micro_batch, None, True, None),
         (f"gradmix k={k}", micro_batch, k, True, f"gradmix b={micro_batch}"),
@@ -83,7 +85,7 @@ def time_steps(args, log):
     import tf_gradmix as gm
 
     k = args.k
-    configs = step_configurations(args.micro_batch, k)
+    configs = step_configurations(args.micro_batch, k, args.batches)
     rng = np.random.default_rng(0)
     largest = max(c[1] for c in configs)
     x = rng.normal(size=(largest, LAYERS[0])).astype("float32")
@@ -147,6 +149,7 @@ def time_steps(args, log):
             "ratio_to_plain": median / statistics.median(per_step[base]),
             "ratio_to_plain_iqr": [q[0], q[2]],
             "ms_per_extra_micro_step": None,
+            "ms_per_example": 1000 * median / batch,
         }
         if steps:
             t_update = steps * median
@@ -210,15 +213,16 @@ def time_ops(args):
 
 def print_tables(result):
     k = result["args"]["k"]
-    print("| configuration | batch | ms / step | ratio to the plain step (IQR) "
+    print("| configuration | batch | ms / step | ms / example | ratio to the plain step (IQR) "
           f"| ms / update (k={k}) | ms per extra micro-step |")
-    print("|---|---:|---:|---|---:|---:|")
+    print("|---|---:|---:|---:|---|---:|---:|")
     for row in result["steps"]["rows"]:
         iqr = row["ratio_to_plain_iqr"]
         extra = row["ms_per_extra_micro_step"]
         update = row.get("ms_per_update")
+        per_example = row["median_ms_per_step"] / row["batch"]
         print(f"| {row['config']} | {row['batch']} | {row['median_ms_per_step']:.1f} "
-              f"| {row['ratio_to_plain']:.2f} ({iqr[0]:.2f}–{iqr[1]:.2f}) "
+              f"| {per_example:.2f} | {row['ratio_to_plain']:.2f} ({iqr[0]:.2f}–{iqr[1]:.2f}) "
               f"| {'—' if update is None else f'{update:.0f}'} "
               f"| {'—' if extra is None else f'{extra:.1f}'} |")
     print(f"\n| op (one thread; Dense {OP_LAYER[0]}→{OP_LAYER[1]}) | batch | median ms |")
@@ -236,6 +240,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--k", type=int, default=8, help="accumulation steps")
+    parser.add_argument(
+        "--batches", default="8,16,32,64,128,256",
+        help="batch sizes of the plain steps (time per example against the batch)",
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--updates", type=int, default=2, help="updates per timed block")
     parser.add_argument("--op-repeats", type=int, default=15)
@@ -246,6 +254,16 @@ def main(argv=None):
     if args.table_from:
         print_tables(json.loads(args.table_from.read_text()))
         return None
+    try:
+        batches = tuple(int(b) for b in args.batches.split(","))
+    except ValueError:
+        batches = (0,)
+    if any(b < 1 for b in batches):
+        parser.error(
+            f"Invalid value for --batches: {args.batches!r}; expected positive "
+            "integers separated by commas."
+        )
+    args.batches = batches
     for name in ("micro_batch", "k", "rounds", "updates", "op_repeats", "threads"):
         if getattr(args, name) < (2 if name == "k" else 1):
             parser.error(f"Invalid value for --{name.replace('_', '-')}: {getattr(args, name)}")
