@@ -44,7 +44,7 @@ script only reports.
 
 Usage::
 
-    python -m benchmarks.micro_step_cost                      # about 3 minutes on 2 cores
+    python -m benchmarks.micro_step_cost                      # a minute or two on 2 cores
     TF_ENABLE_ONEDNN_OPTS=1 python -m benchmarks.micro_step_cost --out runs/benchmarks/micro_step_cost_onednn.json
     python -m benchmarks.micro_step_cost --table-from runs/benchmarks/micro_step_cost.json
 """
