@@ -38,7 +38,9 @@ weight gradient ``xᵀ @ dy``; the same input gradient computed as
 to a plain step).
 
 Set ``TF_ENABLE_ONEDNN_OPTS=1`` in the environment to time the oneDNN kernels
-(recorded in the JSON). The load average (``os.getloadavg()``) is recorded
+(recorded in the JSON). With ``KERAS_BACKEND=jax`` the steps run on Keras's
+JAX backend (one device; ``XLA_FLAGS`` limits XLA CPU to one thread unless set)
+and the ops are ``jax.jit`` products. The load average (``os.getloadavg()``) is recorded
 before, at every round and after. Timings are never asserted anywhere: this
 script only reports.
 
@@ -46,6 +48,7 @@ Usage::
 
     python -m benchmarks.micro_step_cost                      # a minute or two on 2 cores
     TF_ENABLE_ONEDNN_OPTS=1 python -m benchmarks.micro_step_cost --out runs/benchmarks/micro_step_cost_onednn.json
+    KERAS_BACKEND=jax python -m benchmarks.micro_step_cost --out runs/benchmarks/micro_step_cost_jax.json
     python -m benchmarks.micro_step_cost --table-from runs/benchmarks/micro_step_cost.json
 """
 
@@ -211,6 +214,51 @@ def time_ops(args):
     return rows
 
 
+def time_ops_jax(args):
+    """:func:`time_ops` on Keras's JAX backend: ``jax.jit`` products, XLA CPU."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    n_in, n_out = OP_LAYER
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=(n_in, n_out)).astype("float32"))
+
+    def median_ms(fn, *operands):
+        fn = jax.jit(fn)
+        jax.block_until_ready(fn(*operands))
+        times = []
+        for _ in range(args.op_repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*operands))
+            times.append(time.perf_counter() - start)
+        return 1000 * statistics.median(times)
+
+    rows = []
+    for batch in (args.micro_batch, args.micro_batch * args.k):
+        x = jnp.asarray(rng.normal(size=(batch, n_in)).astype("float32"))
+        dy = jnp.asarray(rng.normal(size=(batch, n_out)).astype("float32"))
+        ops = {
+            "forward x @ W": (lambda x, w: x @ w, x),
+            "input gradient dy @ Wᵀ": (lambda dy, w: dy @ w.T, dy),
+            "the same as (W @ dyᵀ)ᵀ": (lambda dy, w: (w @ dy.T).T, dy),
+            "weight gradient xᵀ @ dy": (lambda x, dy: x.T @ dy, x),
+        }
+        for name, (op, first) in ops.items():
+            second = dy if name.startswith("weight") else w
+            rows.append({"op": name, "batch": batch, "median_ms": median_ms(op, first, second)})
+    shapes = [(a, b) for a, b in zip(LAYERS[:-1], LAYERS[1:])]
+    shapes = [s for pair in shapes for s in (pair, (pair[1],))]
+    accumulators = [jnp.zeros(s) for s in shapes]
+    grads = [jnp.asarray(rng.normal(size=s).astype("float32")) for s in shapes]
+    parameters = int(sum(np.prod(s) for s in shapes))
+    rows.append({"op": f"add into accumulators of all {parameters:,} parameters",
+                 "batch": None,
+                 "median_ms": median_ms(lambda a, g: [x + y for x, y in zip(a, g)],
+                                        accumulators, grads)})
+    return rows
+
+
 def print_tables(result):
     k = result["args"]["k"]
     print("| configuration | batch | ms / step | ms / example | ratio to the plain step (IQR) "
@@ -225,7 +273,8 @@ def print_tables(result):
               f"| {per_example:.2f} | {row['ratio_to_plain']:.2f} ({iqr[0]:.2f}–{iqr[1]:.2f}) "
               f"| {'—' if update is None else f'{update:.0f}'} "
               f"| {'—' if extra is None else f'{extra:.1f}'} |")
-    print(f"\n| op (one thread; Dense {OP_LAYER[0]}→{OP_LAYER[1]}) | batch | median ms |")
+    backend = result["machine"].get("keras_backend", "tensorflow")
+    print(f"\n| op ({backend}, one thread; Dense {OP_LAYER[0]}→{OP_LAYER[1]}) | batch | median ms |")
     print("|---|---:|---:|")
     for row in result["ops"]:
         print(f"| {row['op']} | {row['batch'] or '—'} | {row['median_ms']:.2f} |")
@@ -233,6 +282,7 @@ def print_tables(result):
     load = ", ".join(f"{x:.2f}" for x in m["load_before"])
     after = ", ".join(f"{x:.2f}" for x in m["load_after"])
     print(f"\nload average (1, 5, 15 min): before {load}, after {after}; "
+          f"Keras backend {m.get('keras_backend', 'tensorflow')}; "
           f"TF_ENABLE_ONEDNN_OPTS={m['onednn']}")
 
 
@@ -267,8 +317,13 @@ def main(argv=None):
     for name in ("micro_batch", "k", "rounds", "updates", "op_repeats", "threads"):
         if getattr(args, name) < (2 if name == "k" else 1):
             parser.error(f"Invalid value for --{name.replace('_', '-')}: {getattr(args, name)}")
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    backend = os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if backend == "jax" and "XLA_FLAGS" not in os.environ:
+        os.environ["XLA_FLAGS"] = (
+            "--xla_cpu_multi_thread_eigen=false "
+            f"intra_op_parallelism_threads={args.threads}"
+        )
     load_before = os.getloadavg()
     started = time.time()
     import keras
@@ -276,13 +331,14 @@ def main(argv=None):
 
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-    ops = time_ops(args)
+    ops = time_ops_jax(args) if backend == "jax" else time_ops(args)
     steps = time_steps(args, lambda line: print(line, flush=True))
     result = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "load_before": load_before, "load_after": os.getloadavg(),
-                    "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default")},
+                    "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
+                    "keras_backend": backend, "xla_flags": os.environ.get("XLA_FLAGS")},
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
                      "python": platform.python_version()},
         "wall_seconds": time.time() - started,
