@@ -66,7 +66,7 @@ endef
 # The whole suite on each backend and TensorFlow version, each in its own
 # process (KERAS_BACKEND is fixed per process). All three run; the target
 # fails if any of them fails. Narrow every run with e.g.
-# `make test TESTS=tests/test_noise.py PYTEST_ARGS=-x`, or run one suite:
+# `make test TESTS=tests/library/test_noise.py PYTEST_ARGS=-x`, or run one suite:
 # `make test-tf`, `make test-jax`, `make test-tf219`.
 test: venv venv-tf219
 	@failed=""; \

@@ -12,7 +12,14 @@ initial weights:
 * ``whole k``: the logical batch of ``k=8`` / ``k=32`` (``k`` micro-batches per
   worker) fed at once, no accumulation: the anchor, one all-reduce of the
   gradients per update, the least communication an update can have (the same
-  sample-level GradientMix, so only the accumulation differs).
+  sample-level GradientMix, so only the accumulation differs);
+* ``local b=8``, ``local k=8`` (the reference): stock ``keras.Sequential`` +
+  ``SGD`` built outside the strategy's scope, so without any strategy, in each
+  worker process, at the micro-batch, without and with Keras's own
+  ``gradient_accumulation_steps`` (the smallest ``k > 1`` of ``--ks``); timed
+  in the same rounds as the rest, so both workers run it at the same time and
+  it shares their machine load. Its ``ms per extra micro-step`` is what a
+  micro-step costs stock Keras on one device under the same conditions.
 
 What is measured is the time per *update*: ``k`` micro-steps and their one
 update for ``k > 1``. With accumulation every worker adds its micro-batch
@@ -44,6 +51,9 @@ from an idle one: the two workers synchronise at every step (the logs), so
 whichever is slowed down holds the other back, and per-step costs grow with
 the load.
 
+``--layers`` sets the MLP's widths (e.g. ``784,8,8,10``, the tiny model whose
+micro-step is almost only ``fit``'s per-step work).
+
 ``--onednn on|off`` sets ``TF_ENABLE_ONEDNN_OPTS`` for the workers (default:
 TensorFlow's own choice, which is off on CPUs without AVX-512). On such CPUs
 TensorFlow's default (Eigen) kernel for the backward pass's ``dy @ W^T``
@@ -57,6 +67,7 @@ Usage::
     python -m benchmarks.accumulation_comm --ks 1,8,32      # a few minutes on 2 cores
     python -m benchmarks.accumulation_comm --rounds 3 --updates 2
     python -m benchmarks.accumulation_comm --ks 1,8,32 --onednn on
+    python -m benchmarks.accumulation_comm --ks 1,8 --layers 784,8,8,10
     python -m benchmarks.accumulation_comm --table-from runs/benchmarks/accumulation_comm.json
 """
 
@@ -130,6 +141,42 @@ def configurations(ks, micro_batch):
     return configs
 
 
+def local_configurations(ks, micro_batch):
+    """The stock-Keras references each worker runs on its own, no strategy.
+
+    ``(name, batch per step, gradient_accumulation_steps or 1)``: plain
+    ``SGD`` at the micro-batch, and Keras's own accumulation over the
+    smallest ``k > 1`` of ``ks``.
+    """
+    configs = [(f"local b={micro_batch}", micro_batch, 1)]
+    accumulating = [k for k in ks if k > 1]
+    if accumulating:
+        configs.append((f"local k={accumulating[0]}", micro_batch, accumulating[0]))
+    return configs
+
+
+def summarize_local(worker_result, ks, micro_batch):
+    """Rows of the stock-Keras references (see :func:`local_configurations`)."""
+    per_update = worker_result["per_update_seconds"]
+    configs = local_configurations(ks, micro_batch)
+    base = statistics.median(per_update[configs[0][0]])
+    rows = []
+    for name, batch, steps in configs:
+        median = statistics.median(per_update[name])
+        rows.append(
+            {
+                "config": name,
+                "batch": batch,
+                "micro_steps_per_update": steps,
+                "median_ms_per_update": 1000 * median,
+                "ms_per_extra_micro_step": (
+                    1000 * (median - base) / (steps - 1) if steps > 1 else None
+                ),
+            }
+        )
+    return rows
+
+
 def summarize(worker_result, ks, micro_batch):
     per_update = worker_result["per_update_seconds"]  # name -> list over rounds
     median = {name: statistics.median(times) for name, times in per_update.items()}
@@ -176,7 +223,25 @@ def print_table(result):
             f"| {row['ratio_to_whole_batch']:.2f} "
             f"| {_format(row.get('ms_per_extra_micro_step'), '.1f')} |"
         )
+    local = result.get("rows_local")
+    if local:
+        print(
+            "\nReference: stock `keras.Sequential` + `SGD` in each worker process, no "
+            "strategy, timed in the same rounds (worker 0):\n"
+        )
+        print("| configuration | batch × micro-steps | median ms / update | ms per extra micro-step |")
+        print("|---|---:|---:|---:|")
+        for row in local:
+            print(
+                f"| {row['config']} | {row['batch']} × {row['micro_steps_per_update']} "
+                f"| {row['median_ms_per_update']:.0f} "
+                f"| {_format(row.get('ms_per_extra_micro_step'), '.1f')} |"
+            )
     machine = result.get("machine", {})
+    workers = result.get("workers")
+    if workers:
+        layers = result["args"].get("layers", ",".join(map(str, LAYERS)))
+        print(f"\nMLP {layers.replace(',', '-')}, {workers[0]['parameters']:,} parameters")
     if machine:
         print(
             f"\nload average (1, 5, 15 min): before {_format_load(machine.get('load_before'))}, "
@@ -199,6 +264,10 @@ def main(argv=None):
     parser.add_argument(
         "--micro-batch", type=int, default=8, help="examples per worker and micro-step"
     )
+    parser.add_argument(
+        "--layers", default=",".join(map(str, LAYERS)),
+        help="MLP widths, input to classes (default: the 4.7M-parameter MLP)",
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--updates", type=int, default=3, help="updates per timed block")
     parser.add_argument("--warmup-updates", type=int, default=1)
@@ -220,6 +289,15 @@ def main(argv=None):
     ks = [int(k) for k in args.ks.split(",")]
     if ks[0] != 1 or any(k < 1 for k in ks):
         parser.error(f"Invalid value for --ks: {args.ks!r}; expected 1 first, then integers >= 2.")
+    try:
+        widths = [int(n) for n in args.layers.split(",")]
+    except ValueError:
+        widths = []
+    if len(widths) < 2 or any(n < 1 for n in widths):
+        parser.error(
+            f"Invalid value for --layers: {args.layers!r}; expected at least two "
+            "positive integers separated by commas."
+        )
     started = time.time()
     workers = run_workers(args)
     result = {
@@ -233,6 +311,8 @@ def main(argv=None):
         "wall_seconds": time.time() - started,
         "rows": summarize(workers[0], ks, args.micro_batch),
         "rows_worker1": summarize(workers[1], ks, args.micro_batch),
+        "rows_local": summarize_local(workers[0], ks, args.micro_batch),
+        "rows_local_worker1": summarize_local(workers[1], ks, args.micro_batch),
         "workers": workers,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -268,14 +348,15 @@ def worker(spec):
     configs = configurations(ks, spec["micro_batch"])
     rng = np.random.default_rng(0)
     largest = max(batch for _, batch, _ in configs)
-    x = rng.normal(size=(largest, LAYERS[0])).astype("float32")
-    y = rng.integers(0, LAYERS[-1], size=largest)
+    sizes = [int(n) for n in spec["layers"].split(",")]
+    x = rng.normal(size=(largest, sizes[0])).astype("float32")
+    y = rng.integers(0, sizes[-1], size=largest)
 
-    def mlp():
-        layers = [keras.Input((LAYERS[0],))]
-        layers += [keras.layers.Dense(n, activation="relu") for n in LAYERS[1:-1]]
-        layers += [keras.layers.Dense(LAYERS[-1])]
-        return gm.Sequential(layers)
+    def mlp(model_class=gm.Sequential):
+        layers = [keras.Input((sizes[0],))]
+        layers += [keras.layers.Dense(n, activation="relu") for n in sizes[1:-1]]
+        layers += [keras.layers.Dense(sizes[-1])]
+        return model_class(layers)
 
     models, datasets, init = {}, {}, None
     for name, batch, steps in configs:
@@ -298,6 +379,16 @@ def worker(spec):
             return tf.data.Dataset.from_tensors((x[:batch], y[:batch])).repeat()
 
         datasets[name] = gm.distribute.distribute_dataset(strategy, dataset_fn)
+    local_configs = local_configurations(ks, spec["micro_batch"])
+    for name, batch, steps in local_configs:  # outside the strategy's scope: no strategy
+        model = mlp(keras.Sequential)
+        model.set_weights(init)
+        model.compile(
+            keras.optimizers.SGD(0.01, gradient_accumulation_steps=steps if steps > 1 else None),
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        models[name] = model
+        datasets[name] = tf.data.Dataset.from_tensors((x[:batch], y[:batch])).repeat()
     parameters = int(sum(np.prod(w.shape) for w in init))
 
     class BlockTimer(keras.callbacks.Callback):
@@ -308,7 +399,7 @@ def worker(spec):
             self.seconds = time.perf_counter() - self.start
 
     def block(name, updates):
-        _, _, steps = next(c for c in configs if c[0] == name)
+        _, _, steps = next(c for c in configs + local_configs if c[0] == name)
         timer = BlockTimer()
         models[name].fit(
             datasets[name], epochs=1, steps_per_epoch=updates * steps, verbose=0,
@@ -316,7 +407,7 @@ def worker(spec):
         )
         return timer.seconds / updates
 
-    names = [c[0] for c in configs]
+    names = [c[0] for c in configs + local_configs]
     for name in names:
         print("warm-up", name, flush=True)
         block(name, spec["warmup_updates"])
@@ -328,7 +419,7 @@ def worker(spec):
         for name in order:
             per_update[name].append(block(name, spec["updates"]))
         print("round", r, {n: round(1000 * per_update[n][-1]) for n in names}, flush=True)
-    for name in names:  # every configuration trained the same number of updates
+    for name in (c[0] for c in configs):  # every configuration trained the same updates
         mixer = gm.optimizer.find_gradient_mix(models[name].optimizer)
         updates = spec["warmup_updates"] + spec["rounds"] * spec["updates"]
         assert int(mixer.iterations.numpy()) == updates, (name, int(mixer.iterations.numpy()))

@@ -30,7 +30,7 @@ Example (8 hosts, 4 GPUs each: per-replica batch 1024)::
     TF_CONFIG=... python -m examples.imagenet_resnet50 --strategy multi_worker \\
         --recipe lars --data-dir gs://my-bucket/tfds --backup-dir /ckpt
 
-Offline test: ``tests/test_imagenet_example.py`` runs the pipeline and a few
+Offline test: ``tests/scripts/test_imagenet_example.py`` runs the pipeline and a few
 steps on ``tfds.testing.mock_data`` at 32x32 pixels and batch 8.
 """
 

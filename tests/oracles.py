@@ -3,7 +3,7 @@
 The references (per-example loops in float64, tolerances) use no
 tf_gradmix code; the weights a test compares against come from
 ``GradientMix.example_weights`` / ``device_weights``, whose statistics are
-tested on their own in ``test_noise.py``. The last section builds the small
+tested on their own in ``library/test_noise.py``. The last section builds the small
 models and data several test modules share.
 
 Backend-agnostic: gradients come from a ``tf.GradientTape`` on TensorFlow
@@ -211,6 +211,17 @@ def plain_copy(model):
     ref = functional(keras.Model)
     ref.set_weights(model.get_weights())
     return ref
+
+
+def float64_copy(builder, model, **kwargs):
+    """``builder(**kwargs)`` built in float64, with ``model``'s weights: a float64 reference model."""
+    keras.config.set_dtype_policy("float64")
+    try:
+        copy = builder(**kwargs)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    copy.set_weights([w.astype(np.float64) for w in model.get_weights()])
+    return copy
 
 
 def mixer(noise="gaussian", stddev=0.7, seed=5, inner=None, **kwargs):

@@ -15,7 +15,7 @@ replicas is the mean over the global micro-batch) and ``a_k`` replica
 ``k``'s own accumulator of one variable. A micro-step costs its forward and
 backward pass and one local in-place add per variable; the gradients cross
 the workers once per update, in the inner optimizer's own all-reduce of
-``a_k / n``. ``tests/test_distribute.py`` checks on a real two-worker
+``a_k / n``. ``tests/library/test_distribute.py`` checks on a real two-worker
 cluster that the traced micro-step holds no collective op outside the
 update's branch.
 
@@ -23,7 +23,7 @@ Why this module exists: Keras 3.15 runs the accumulated update, whose
 cross-replica sum is a ``merge_call``, inside an ``ops.cond`` in replica
 context, which ``tf.distribute`` forbids, so ``gradient_accumulation_steps``
 fails under every strategy (https://github.com/keras-team/keras/issues/20582,
-open; ``tests/test_distribute.py`` notices an upstream fix).
+open; ``tests/upstream/test_keras_distribute.py`` notices an upstream fix).
 ``GradientMix.build`` calls :func:`build_with_per_replica_accumulators` and
 ``GradientMix.apply`` calls :func:`apply_accumulated_across_replicas` instead
 of ``inner.apply`` when the inner optimizer accumulates and there is more

@@ -2,7 +2,7 @@
 
 The other Keras internals tf_gradmix relies on are in
 :mod:`tf_gradmix.backend.keras_internals`; both are checked by
-``tests/test_compat.py``.
+``tests/upstream/test_keras_internals.py``.
 """
 
 from tf_gradmix.backend.keras_internals import optimizer_trainable_variables
@@ -14,7 +14,7 @@ __all__ = ["optimizer_trainable_variables", "gradient_accumulators", "raw_iterat
 # tf_gradmix.accumulation (keras-team/keras#20582) builds the inner optimizer's
 # accumulators itself and runs its micro-steps; it reads these private parts of
 # keras.optimizers.Optimizer (Keras 3.15, `BaseOptimizer`), checked by
-# tests/test_compat.py.
+# tests/upstream/test_keras_internals.py.
 
 
 def gradient_accumulators(optimizer, variables):

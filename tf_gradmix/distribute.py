@@ -140,7 +140,7 @@ def multi_worker_fit_supported():
     True when the installed Keras is in the range the workaround for
     keras-team/keras#20585 is written for
     (:data:`tf_gradmix.backend.tensorflow_multi_worker.MULTI_WORKER_FIT_BROKEN`;
-    ``tests/test_compat.py``).
+    ``tests/upstream/test_keras_internals.py``).
     """
     from tf_gradmix.backend import tensorflow_multi_worker
 

@@ -1,4 +1,4 @@
-"""A JAX training process for tests/test_jax.py, configured by a JSON spec in argv[1].
+"""A JAX training process for tests/library/backend/test_jax.py, configured by a JSON spec in argv[1].
 
 Modes:
 

@@ -1,7 +1,7 @@
 """Keras internals that tf_gradmix relies on, the same on every backend.
 
 Everything here is tied to the Keras versions we test (:data:`TESTED_KERAS`)
-and is checked by ``tests/test_compat.py``, which fails when upstream
+and is checked by ``tests/upstream/test_keras_internals.py``, which fails when upstream
 behaviour changes. Importing this module warns once on an untested Keras.
 """
 

@@ -16,7 +16,7 @@ Keras's softmax and sigmoid, so cross-entropies on probabilities are computed
 from the logits), and they also recognise a raw ``Softmax``/``Sigmoid`` op by
 its type (``keras/src/backend/tensorflow/nn.py::_get_logits``). A transformed
 output must carry the same annotations, or the loss changes value:
-:func:`transform_output` keeps them (checked by ``tests/test_compat.py``).
+:func:`transform_output` keeps them (checked by ``tests/upstream/test_keras_internals.py``).
 """
 
 import tensorflow as tf

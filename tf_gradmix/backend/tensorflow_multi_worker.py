@@ -39,7 +39,7 @@ from tf_gradmix.backend.keras_internals import keras_version
 #
 # Both changes act only when the model's strategy is a MultiWorkerMirroredStrategy
 # with more than one worker; every other strategy runs stock Keras code.
-# `tests/test_distribute.py` checks that stock fit still fails on the
+# `tests/upstream/test_keras_multi_worker.py` checks that stock fit still fails on the
 # installed Keras (so we notice an upstream fix) and that the guard below
 # covers the installed version.
 

@@ -20,7 +20,7 @@ from oracles import assert_float32_close, flat, per_example_gradients, weights_o
 
 pytestmark = pytest.mark.backends("tensorflow")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_default_stddev_is_the_temperature_rule():
@@ -218,6 +218,7 @@ def test_lazy_rate_search_runs_gd_only_where_it_can_change_the_choice(monkeypatc
         lr=0.1, seed=2, steps=4, eval_every=2, ggn_size=0, noise="gaussian", stddev_factor=0.5)
 
 
+@pytest.mark.slow
 def test_penalty_arm_runs_end_to_end_on_real_cifar10(tmp_path):
     if cifar10.find_cifar10() is None:
         real_data.missing("CIFAR-10 JPEG")

@@ -1,20 +1,18 @@
 """tf.distribute at scale: multi-worker fit, fault tolerance, uneven data,
-large logical batches (issue 4).
+large logical batches.
 
 Multi-worker tests run real ``MultiWorkerMirroredStrategy`` clusters of
-worker subprocesses on 127.0.0.1 (``tests/workers/mwms_worker.py``, the same
-interpreter, ports picked at run time, every wait bounded); the parent
+worker subprocesses on 127.0.0.1 (``tests/mwms_cluster.py`` starts
+``tests/workers/mwms_worker.py``, the same interpreter, ports picked at run
+time, every wait bounded); the parent
 process recomputes each mixed update independently. MirroredStrategy tests
 use the 4 logical CPUs of the pytest process (``conftest.py``).
 """
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -25,73 +23,14 @@ import tf_gradmix as gm
 from tf_gradmix import accumulation, distribute
 from tf_gradmix.backend import tensorflow_multi_worker
 
+from mwms_cluster import PROCESS_TIMEOUT, kill, run_cluster, start, tail, wait_all
 from oracles import assert_float32_close
 
 pytestmark = pytest.mark.backends("tensorflow")
 
-WORKER = Path(__file__).parent / "workers" / "mwms_worker.py"
 SEED = 1234  # as in the worker script
 LR = 0.1
-PROCESS_TIMEOUT = 240  # seconds, per worker process
 COLLECTIVE_TIMEOUT = 20  # seconds: a survivor of a killed peer gives up
-
-
-# -- process helpers ---------------------------------------------------------
-
-
-def start(spec, tmp_path, name):
-    spec_path = tmp_path / f"{name}.json"
-    spec_path.write_text(json.dumps(spec))
-    log = open(tmp_path / f"{name}.log", "w")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("TF_CONFIG", None)
-    process = subprocess.Popen(
-        [sys.executable, str(WORKER), str(spec_path)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
-    process.log_path = tmp_path / f"{name}.log"
-    return process
-
-
-def kill(process):
-    if process.poll() is None:
-        os.kill(process.pid, signal.SIGKILL)
-    process.wait(timeout=30)
-
-
-def tail(process):
-    return process.log_path.read_text()[-3000:]
-
-
-def wait_all(processes, timeout=PROCESS_TIMEOUT):
-    """Waits for every process; kills the rest and fails on a timeout."""
-    deadline = time.monotonic() + timeout
-    try:
-        for p in processes:
-            p.wait(timeout=max(1, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        for p in processes:
-            kill(p)
-        pytest.fail("worker timed out:\n" + "\n----\n".join(tail(p) for p in processes))
-    finally:
-        for p in processes:
-            if p.poll() is None:
-                kill(p)
-    for p in processes:
-        assert p.returncode == 0, tail(p)
-
-
-def run_cluster(spec, tmp_path, name, workers=2):
-    ports = distribute.free_local_ports(workers)
-    processes = [
-        start(dict(spec, ports=ports, index=i, out=str(tmp_path / f"{name}{i}.npz")), tmp_path, f"{name}{i}")
-        for i in range(workers)
-    ]
-    wait_all(processes)
-    return [dict(np.load(tmp_path / f"{name}{i}.npz")) for i in range(workers)]
 
 
 # -- the independent oracle ----------------------------------------------------
@@ -199,6 +138,7 @@ def cluster_results(data, tmp_path_factory):
         "shards": EVEN,
         "uneven": UNEVEN,
         "learning_rate": LR,
+        "skip_stock": True,  # stock Keras's failure: tests/upstream/test_keras_multi_worker.py
         "default_seed": True,
         "compat_off": True,
         "traced_steps": TRACED_LEVELS,
@@ -207,23 +147,9 @@ def cluster_results(data, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_stock_keras_fit_still_fails_under_multi_worker(cluster_results):
-    """Notices an upstream fix of keras-team/keras#20585 (then revisit compat)."""
-    for result in cluster_results:
-        assert "Attempt to convert a value (PerReplica" in str(result["stock_fit_error"])
-        assert "Invalid reduction dimension 0" in str(result["stock_reduce_error"])
-    assert tensorflow_multi_worker.multi_worker_fit_workaround_applies(), (
-        f"Keras {keras.__version__} is outside the range the multi-worker fit "
-        f"workaround covers ({tensorflow_multi_worker.MULTI_WORKER_FIT_BROKEN}): re-check "
-        f"{tensorflow_multi_worker.MULTI_WORKER_FIT_ISSUE} and update the guard."
-    )
-    assert distribute.multi_worker_fit_supported()
-    assert not tensorflow_multi_worker.multi_worker_fit_workaround_applies((3, 16))
-
-
-@pytest.mark.slow
 def test_workaround_switches_itself_off_with_a_warning_on_newer_keras(cluster_results):
-    """README: "off with a warning on newer versions". Each worker simulates
+    """The workaround is off, with a warning, on a Keras newer than its guard
+    (docs/distributed.md). Each worker simulates
     a Keras one minor version past the guard: one warning naming the issue,
     then fit fails exactly as stock Keras does (nothing silently patched)."""
     for result in cluster_results:
@@ -589,7 +515,7 @@ def test_gradient_accumulation_mixes_the_whole_logical_batch(data):
     """Logical batch 24 = 3 micro-batches of 8, on one device.
 
     (Under a tf.distribute strategy Keras 3.15's own gradient accumulation
-    fails: see the next test.)
+    fails: tests/upstream/test_keras_distribute.py.)
     """
     _, x, y = data
     k = 3
@@ -618,34 +544,6 @@ def test_gradient_accumulation_mixes_the_whole_logical_batch(data):
     assert distribute.accumulation_steps(32768, 1024) == 32
     with pytest.raises(ValueError, match="logical_batch_size"):
         distribute.accumulation_steps(32768, 1000)
-
-
-def test_stock_gradient_accumulation_still_fails_under_a_strategy(mirrored_strategy, data):
-    """Upstream keras-team/keras#20582: `BaseOptimizer.apply` wraps the
-    cross-replica update in `ops.cond`, and tf.distribute forbids a
-    `merge_call` inside a cond. Plain Keras, no tf_gradmix involved. When this
-    test fails upstream fixed it: add replicas to the accumulation test."""
-    _, x, y = data
-    with mirrored_strategy.scope():
-        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
-        model.compile(keras.optimizers.SGD(LR, gradient_accumulation_steps=3), "mse")
-    ds = tf.data.Dataset.from_tensor_slices((x[:24], y[:24])).batch(8)
-    with pytest.raises(RuntimeError, match="merge_call"):
-        model.fit(ds, epochs=1, verbose=0)
-
-
-def test_stock_steps_per_execution_still_fails_under_a_strategy(mirrored_strategy, data):
-    """Upstream keras-team/keras#19246, stock Keras only (README "Limitation"):
-    ``steps_per_execution > 1`` under MirroredStrategy fails in graph
-    construction. When this test fails, upstream fixed it: drop the
-    limitation from the README and test GradientMix with it."""
-    _, x, y = data
-    with mirrored_strategy.scope():
-        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
-        model.compile(keras.optimizers.SGD(LR), "mse", steps_per_execution=2)
-    ds = tf.data.Dataset.from_tensor_slices((x[:24], y[:24])).batch(8)
-    with pytest.raises(Exception, match="You must feed a value for placeholder tensor"):
-        model.fit(ds, epochs=1, verbose=0)
 
 
 def test_free_local_ports_are_distinct_and_bindable():

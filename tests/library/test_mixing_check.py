@@ -40,7 +40,7 @@ if keras.backend.backend() == "tensorflow":  # the tests that use it are marked
     import tensorflow as tf
 
 B = 16
-DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
+DOCS = pathlib.Path(__file__).resolve().parents[2] / "docs"
 
 
 class PerExampleLoss(keras.layers.Layer):

@@ -133,16 +133,6 @@ def test_mirrored_strategy_matches_reference(mirrored_strategy):
 KERAS_LAMB_ULPS = 256
 
 
-def test_keras_still_lacks_what_these_optimizers_add():
-    """README: Keras 3 has no LARS, and its Lamb cannot exclude variables
-    from layer adaptation. When this fails, Keras caught up: revise the README."""
-    import inspect
-
-    assert not hasattr(keras.optimizers, "LARS") and not hasattr(keras.optimizers, "Lars")
-    lamb_args = inspect.signature(keras.optimizers.Lamb).parameters
-    assert not any("adaptation" in name for name in lamb_args), list(lamb_args)
-
-
 def test_matches_keras_lamb_step_for_step():
     ours_vars, theirs_vars = two_dense_layers_variables(), two_dense_layers_variables()
     grads = make_grads(ours_vars, steps=6)

@@ -26,7 +26,7 @@ import real_data
 
 pytestmark = pytest.mark.backends("tensorflow")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _run(module, *flags):

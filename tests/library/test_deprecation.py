@@ -61,3 +61,11 @@ def test_an_unknown_name_is_an_ordinary_attribute_error():
 def test_the_helper_refuses_an_entry_it_cannot_serve():
     with pytest.raises(TypeError, match=r"names\['old'\] must be a Renamed or Moved entry"):
         deprecation.module_getattr("m", {"old": "tf_gradmix.residual.set_residual_gamma"})
+
+
+def test_the_moved_callback_name_says_where_it_went():
+    import tf_gradmix as gm
+
+    with pytest.raises(AttributeError, match=r"moved to tf_gradmix\.callbacks\.DiagnosticsLogger"):
+        gm.diagnostics.DiagnosticsLogger  # noqa: B018
+    assert gm.DiagnosticsLogger.__module__ == "tf_gradmix.callbacks"

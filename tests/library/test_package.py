@@ -1,4 +1,4 @@
-"""The package as a whole: its import graph, Keras internals, ``python -OO``."""
+"""The package as a whole: its import graph, Keras internals, ``python -OO``, its metadata."""
 
 import ast
 import os
@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "tf_gradmix"
-
 
 
 def module_name(path):
@@ -172,6 +171,7 @@ def test_keras_private_attributes_only_in_compat_and_backend():
     assert not offenders, offenders
 
 
+@pytest.mark.slow  # a TensorFlow import in a subprocess: tens of seconds
 def test_imports_under_python_OO():
     """``-OO`` strips docstrings; nothing may depend on them at import time."""
     import tensorflow as tf
@@ -288,8 +288,8 @@ def python_files(*folders):
 
 
 def test_no_test_module_imports_another():
-    """Shared test helpers live in conftest.py and oracles.py, not in test modules."""
-    tests = {p.stem for p in (REPO / "tests").glob("test_*.py")}
+    """Shared test helpers live in conftest.py and helper modules (oracles.py, mwms_cluster.py), not in test modules."""
+    tests = {p.stem for p in (REPO / "tests").rglob("test_*.py")}
     offenders = []
     for path in python_files("tests"):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -311,3 +311,22 @@ def test_examples_experiments_benchmarks_and_tests_never_edit_sys_path():
         if path != Path(__file__).resolve() and any(edit in path.read_text() for edit in edits)
     ]
     assert not offenders, offenders
+
+
+def test_the_bare_package_does_not_force_a_tensorflow_build():
+    """``pip install tf_gradmix`` leaves the TensorFlow build to the user; the
+    ``[cpu]``, ``[gpu]`` and ``[tpu]`` extras pick one, TensorFlow 2.19 to 2.21
+    (2.19.1 on TPUs, the last release with TPU support)."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    requirements = [Requirement(r) for r in requires("tf_gradmix")]
+    assert not [r for r in requirements if r.name.startswith("tensorflow") and r.marker is None], requirements
+    builds = ("tensorflow", "tensorflow-cpu", "tensorflow-tpu")
+    build = {str(r.marker): r for r in requirements if r.name in builds}
+    assert {extra: (r.name, sorted(r.extras), str(r.specifier)) for extra, r in build.items()} == {
+        'extra == "cpu"': ("tensorflow-cpu", [], "<2.22,>=2.19"),
+        'extra == "gpu"': ("tensorflow", ["and-cuda"], "<2.22,>=2.19"),
+        'extra == "tpu"': ("tensorflow-tpu", [], "==2.19.1"),
+    }

@@ -34,7 +34,7 @@ from oracles import (
 
 pytestmark = pytest.mark.backends("jax")
 
-WORKER = Path(__file__).parent / "workers" / "jax_worker.py"
+WORKER = Path(__file__).resolve().parents[2] / "workers" / "jax_worker.py"
 B, K = 16, 4
 
 
@@ -115,7 +115,7 @@ def test_device_level_on_one_device_warns():
 
 
 def worker(spec, check=True, timeout=600):
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[3]))
     env.pop("XLA_FLAGS", None)
     result = subprocess.run(
         [sys.executable, str(WORKER), json.dumps(spec)], capture_output=True, text=True, timeout=timeout, env=env
@@ -190,7 +190,7 @@ def test_two_processes_on_loopback_end_identical_and_equal_to_the_oracle(tmp_pat
     batch, steps = 16, 2
     specs = [{"mode": "multi_process", "port": port, "num_processes": 2, "process_id": p, "local_devices": 2,
               "batch": batch, "steps": steps, "out": str(tmp_path / f"p{p}.npz")} for p in range(2)]
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[3]))
     env.pop("XLA_FLAGS", None)
     processes = [subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec)], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for spec in specs]

@@ -13,8 +13,8 @@ TensorFlow's XLA lowering of the stateless random ops draws a different
 stream from the same seed than its CPU kernels (measured on 2.19.1 and 2.21.0:
 ``tf.random.experimental.stateless_fold_in``, ``stateless_uniform`` and
 ``stateless_normal`` all differ), so the weights a jit-compiled ``fit``
-applies are not those ``example_weights`` returns eagerly: see the expected
-failure at the end.
+applies are not those ``example_weights`` returns eagerly
+(tests/upstream/test_tensorflow_xla.py holds it as a strict expected failure).
 
 Under ``MirroredStrategy`` on logical CPU devices, stock Keras fails with
 ``jit_compile=True`` before any GradientMix code runs ("Trying to access
@@ -140,17 +140,3 @@ def test_gradient_accumulation_draws_fresh_weights_per_micro_batch(level):
         expected = expected + grad / micro_batches
     assert_float32_close(update, expected)
     assert int(opt.raw_step.numpy()) == micro_batches and int(opt.iterations.numpy()) == 1
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="TensorFlow's XLA lowering of the stateless random ops (fold_in, uniform, normal) draws another "
-    "stream from the same seed than its CPU kernels, so a jit-compiled fit applies other weights than "
-    "example_weights/device_weights return eagerly",
-)
-@pytest.mark.parametrize("noise", ["gaussian", "rademacher", "bernoulli"])
-def test_xla_draws_the_weights_example_weights_reports(noise):
-    opt = mixer(noise, stddev=0.9)
-    for step in range(2):
-        eager = opt.example_weights(B, step=step, replica_id=0).numpy().astype(np.float64)
-        np.testing.assert_allclose(xla_example_weights(opt, step), eager, rtol=1e-6)

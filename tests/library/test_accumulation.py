@@ -1,0 +1,206 @@
+"""Gradient accumulation across replicas (``tf_gradmix.accumulation``):
+``gradient_accumulation_steps`` on the inner optimizer under MirroredStrategy,
+against the per-example oracle."""
+
+import keras
+import numpy as np
+import pytest
+
+import tf_gradmix as gm
+
+from oracles import (
+    SCCE,
+    assert_float32_close,
+    data,
+    flat,
+    functional,
+    mixer,
+    numpy,
+    per_example_gradients,
+    plain_copy,
+    regularization_gradient,
+    weights_of,
+)
+
+if keras.backend.backend() == "tensorflow":  # the tests that use it are marked
+    import tensorflow as tf
+
+K = 4  # logical CPU replicas (conftest)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("level", ["sample", "device"])
+@pytest.mark.backends("tensorflow")
+def test_gradient_accumulation_across_replicas(mirrored_strategy, level):
+    # Stock Keras 3.15 cannot accumulate under a strategy (keras-team/keras#20582,
+    # tests/upstream/test_keras_distribute.py); GradientMix does it in cross-replica context.
+    x, y = data(48)
+    with mirrored_strategy.scope():
+        model = functional(gm.Model)
+        opt = mixer(level=level, stddev=0.6, seed=3, inner=keras.optimizers.SGD(1.0, gradient_accumulation_steps=3))
+        model.compile(opt, SCCE)
+    ref = plain_copy(model)
+    before = flat(weights_of(model))
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    update = before - flat(weights_of(model))
+
+    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+    regularization = regularization_gradient(ref, x)
+    expected = regularization if level == "sample" else 0.0
+    for step in range(3):
+        device = numpy(opt.device_weights(K, step=step))
+        for k in range(K):
+            s = slice(16 * step + 4 * k, 16 * step + 4 * k + 4)
+            grads = per_example_gradients(ref, x[s], y[s], loss_fn)
+            if level == "sample":
+                w = numpy(opt.example_weights(4, step=step, replica_id=k))
+            else:  # the replica's whole loss, regularizer included, weighs w_k
+                w = np.full(4, device[k])
+                expected = expected + device[k] * regularization / K / 3
+            # Each micro-batch: Keras's pi = w / (K B_k); the update averages the 3.
+            expected = expected + grads.T @ w / (K * 4) / 3
+    assert_float32_close(update, expected)
+    assert int(numpy(opt.raw_step)) == 3 and int(numpy(opt.iterations)) == 1
+    assert int(numpy(opt.inner_optimizer._iterations)) == 3  # Keras's micro-step count
+
+
+def accumulation_terms(opt, ref, x, y, level, steps, micro_batch=16):
+    """``terms[s][k]``: what replica ``k`` adds at micro-step ``s`` (float64).
+
+    Keras weighs replica ``k``'s examples by ``1 / (K B_k)`` and adds the
+    regularizer once per replica's loss, scaled by ``1 / K``; GradientMix
+    multiplies by ``w_b`` (sample level) or by ``w_k`` (device level: the
+    replica's whole loss).
+    """
+    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+    regularization = regularization_gradient(ref, x)
+    size = micro_batch // K
+    terms = []
+    for step in range(steps):
+        device = numpy(opt.device_weights(K, step=step))
+        row = []
+        for k in range(K):
+            s = slice(micro_batch * step + size * k, micro_batch * step + size * (k + 1))
+            grads = per_example_gradients(ref, x[s], y[s], loss_fn)
+            if level == "sample":
+                w = numpy(opt.example_weights(size, step=step, replica_id=k))
+                row.append(grads.T @ w / (K * size) + regularization / K)
+            else:
+                w = np.full(size, device[k])
+                row.append(grads.T @ w / (K * size) + device[k] * regularization / K)
+        terms.append(row)
+    return terms
+
+
+def local_accumulators(strategy, optimizer):
+    """Each replica's own copy of the inner optimizer's accumulators, flat."""
+    accumulators = optimizer.inner_optimizer._accumulated_gradients
+    return [
+        flat([strategy.experimental_local_results(a.value)[k] for a in accumulators])
+        for k in range(K)
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("level", ["sample", "device"])
+@pytest.mark.backends("tensorflow")
+def test_accumulators_hold_per_replica_values_until_the_update(mirrored_strategy, level, tmp_path):
+    """Across replicas each replica accumulates on its own (no all-reduce per
+    micro-batch); the update sums the replicas once and is exact. A weights
+    file or checkpoint saved mid-window holds the sum over replicas; loading it
+    gives each replica a 1/K share, so the resumed update equals the
+    uninterrupted one to float32 rounding."""
+    x, y = data(48)
+    with mirrored_strategy.scope():
+        inner = keras.optimizers.SGD(1.0, gradient_accumulation_steps=3)
+        model = functional(gm.Model)
+        opt = mixer(level=level, stddev=0.6, seed=3, inner=inner)
+        model.compile(opt, SCCE)
+        opt.build(model.trainable_variables)
+    ref = plain_copy(model)
+    accumulators = inner._accumulated_gradients
+    from tf_gradmix import accumulation
+
+    assert all(accumulation.is_per_replica(a) for a in accumulators)
+    assert [a.path for a in accumulators] == [
+        f"{inner.name}/{v.path.replace('/', '_')}_gradient_accumulator" for v in model.trainable_variables
+    ]
+    assert sum(any(a is v for v in inner.variables) for a in accumulators) == len(accumulators)
+    terms = accumulation_terms(opt, ref, x, y, level, steps=3)
+
+    before = flat(weights_of(model))
+    model.fit(x[:32], y[:32], batch_size=16, epochs=1, shuffle=False, verbose=0)
+    # Two micro-steps of three: no update, and each replica holds its own sum.
+    np.testing.assert_array_equal(flat(weights_of(model)), before)
+    local = local_accumulators(mirrored_strategy, opt)
+    for k in range(K):
+        assert_float32_close(local[k], terms[0][k] + terms[1][k])
+    assert not np.allclose(local[0], local[1])
+    total = sum(terms[0][k] + terms[1][k] for k in range(K))
+    assert_float32_close(flat([numpy(a) for a in accumulators]), total)  # read: the sum
+    weights_file = tmp_path / "mid_window.weights.h5"
+    model.save_weights(weights_file)  # what BackupAndRestore writes
+    checkpoint = tf.train.Checkpoint(optimizer=opt).write(str(tmp_path / "mid_window"))
+
+    model.fit(x[32:], y[32:], batch_size=16, epochs=1, shuffle=False, verbose=0)
+    update = before - flat(weights_of(model))
+    assert_float32_close(update, sum(sum(row) for row in terms) / 3)
+    for k in range(K):
+        np.testing.assert_array_equal(local_accumulators(mirrored_strategy, opt)[k], 0.0)
+    assert int(numpy(opt.raw_step)) == 3 and int(numpy(opt.iterations)) == 1
+
+    # Restart from the mid-window file: each replica gets 1/K of the sum.
+    with mirrored_strategy.scope():
+        restarted_inner = keras.optimizers.SGD(1.0, gradient_accumulation_steps=3)
+        restarted = functional(gm.Model)
+        restarted_opt = mixer(level=level, stddev=0.6, seed=3, inner=restarted_inner)
+        restarted.compile(restarted_opt, SCCE)
+        restarted_opt.build(restarted.trainable_variables)
+    for restore in (
+        lambda: tf.train.Checkpoint(optimizer=restarted_opt).read(checkpoint).assert_consumed(),
+        lambda: restarted.load_weights(weights_file),
+    ):
+        restore()
+        for k in range(K):
+            assert_float32_close(local_accumulators(mirrored_strategy, restarted_opt)[k], total / K)
+    restarted.fit(x[32:], y[32:], batch_size=16, epochs=1, shuffle=False, verbose=0)
+    assert_float32_close(before - flat(weights_of(restarted)), update)
+
+
+@pytest.mark.backends("tensorflow")
+@pytest.mark.slow
+def test_clipping_under_accumulation_acts_per_replica_on_the_accumulated_mean(mirrored_strategy):
+    """``clipvalue`` on the inner optimizer: once per update, on each replica's
+    accumulated mean (its share of the update), before the sum across
+    replicas; as without accumulation, where Keras clips each replica's
+    gradients."""
+    x, y = data(48)
+    clip = 0.01
+    with mirrored_strategy.scope():
+        inner = keras.optimizers.SGD(1.0, clipvalue=clip, gradient_accumulation_steps=3)
+        model = functional(gm.Model)
+        opt = mixer(level="sample", stddev=0.6, seed=3, inner=inner)
+        model.compile(opt, SCCE)
+    ref = plain_copy(model)
+    terms = accumulation_terms(opt, ref, x, y, "sample", steps=3)
+    before = flat(weights_of(model))
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    update = before - flat(weights_of(model))
+    means = [sum(terms[s][k] for s in range(3)) / 3 for k in range(K)]
+    assert np.mean([np.mean(np.abs(m) > clip) for m in means]) > 0.2  # clipping acts
+    expected = sum(np.clip(m, -clip, clip) for m in means)
+    assert_float32_close(update, expected)
+    # Not the same as clipping the summed update.
+    assert np.max(np.abs(np.clip(sum(means), -clip, clip) - expected)) > 1e-3
+
+
+@pytest.mark.backends("tensorflow")
+def test_inner_optimizer_built_before_the_wrapper_fails_clearly_under_accumulation(mirrored_strategy):
+    x, y = data(48)
+    with mirrored_strategy.scope():
+        inner = keras.optimizers.SGD(1.0, gradient_accumulation_steps=3)
+        model = functional(gm.Model)
+        inner.build(model.trainable_variables)  # mirrored accumulators, Keras's
+        model.compile(mixer(inner=inner), SCCE)
+    with pytest.raises(RuntimeError, match="per-replica variables.*strategy's scope.*20582"):
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
