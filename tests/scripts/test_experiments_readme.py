@@ -20,7 +20,8 @@ import pytest
 
 from examples import cifar10
 from experiments import runner, temperature
-from tests import real_data
+
+import real_data
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "experiments" / "results"
