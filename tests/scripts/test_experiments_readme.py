@@ -20,7 +20,8 @@ import pytest
 
 from examples import cifar10
 from experiments import runner, temperature
-from tests import real_data
+
+import real_data
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "experiments" / "results"
@@ -50,6 +51,10 @@ MULTI30K_COMMANDS = [
     "python -m experiments.sweep --task multi30k --phase select --stddevs 1.0 --no-noise-equivalent --jobs 2 "
     "--threads 1",
 ]
+
+#: cifar_train on a tiny subset and ResNet, for every run of a sweep.py command.
+TINY_CIFAR = ("--train-size 128 --val-size 64 --test-size 100 --epochs 1 --small-batch 16 --large-batch 32 "
+              "--widths 4 8 8 --ggn-size 8")
 
 #: gd_vs_sgd on a tiny subset, for every run of a temperature.py command.
 TINY_ARMS = "--train-size 64 --batch-size 16 --steps 4 --fit-threshold 0 --seeds 0"
@@ -94,8 +99,8 @@ ENTRIES = [
           (("cifar10_gd_vs_sgd_sgd_and_adam.png", None), ("README.md", None), ("experiments_README.md", None))),
     # sweep.py: the first command of each task on quick settings (every run --quick); the others are its
     # phases on the recorded rows (tests/scripts/test_recorded_commands.py: they rerun nothing).
-    Entry(("cifar10_resnet8_gap.jsonl",), SWEEP_COMMANDS[0], "--results {tmp}/gap.jsonl --extra --quick",
-          (("gap.jsonl", 2),)),  # the gap phase's two runs; no gap on quick settings, so it stops there
+    Entry(("cifar10_resnet8_gap.jsonl",), SWEEP_COMMANDS[0], f"{TINY_CIFAR} --results {{tmp}}/gap.jsonl",
+          (("gap.jsonl", 2),)),  # the gap phase's two runs; one epoch fits nothing, so it stops there
     *(Entry(("cifar10_resnet8_gap.jsonl",), command) for command in SWEEP_COMMANDS[1:]),
     Entry(("multi30k_transformer.jsonl",), MULTI30K_COMMANDS[0], "--results {tmp}/multi30k.jsonl --extra --quick",
           (("multi30k.jsonl", 2),)),
@@ -108,7 +113,9 @@ ENTRIES = [
           "python -m experiments.plot experiments/results/multi30k_transformer.jsonl", "--out {tmp}",
           (("multi30k_transformer_n10000_e8_d128_accuracy_vs_batch.png", None),)),
     Entry(("cifar10_resnet8_capped_rate.jsonl",), "python -m experiments.capped_rate --parallel 2 --threads 1",
-          "--seeds 0 --epochs 1 --results {tmp}/capped.jsonl --extra --quick", (("capped.jsonl", 3),)),
+          "--seeds 0 --epochs 1 --small-batch 16 --large-batch 64 --results {tmp}/capped.jsonl "
+          "--extra --train-size 128 --val-size 64 --test-size 100 --widths 4 8 8 --ggn-size 8",
+          (("capped.jsonl", 3),)),
 ]
 
 

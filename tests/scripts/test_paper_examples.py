@@ -237,7 +237,7 @@ def _sweep_args(tmp_path, *extra):
 def _record(run, train, val, test):
     """The row the runner writes for ``run`` (a sweep.make_config), with made-up numbers."""
     return {
-        "key": sweep.key_of(run), "trainer": run.trainer, "config": runner.result_values(run.trainer, run.config),
+        "key": sweep.key_of(run), "trainer": run.trainer, "config": runner.result_values(run.config),
         "role": run.labels["role"], "seed": run.config.seed, "train_acc": train, "val_acc": val, "test_acc": test,
         "gamma_bar": 1.0 + run.config.stddev ** 2, "wall_seconds": 60.0,
         "log_ggn_trace": 3.0,
