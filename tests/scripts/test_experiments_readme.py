@@ -161,6 +161,7 @@ def test_the_regime_a_commands_rerun_nothing_that_is_recorded(tmp_path, monkeypa
 
 
 @pytest.mark.slow
+@pytest.mark.backends("tensorflow")  # minutes of training; the scripts and their rows do not change per backend
 def test_every_command_runs_on_quick_settings(tmp_path):
     if cifar10.find_cifar10() is None:
         real_data.missing("CIFAR-10 JPEG")
