@@ -1,7 +1,8 @@
 """TensorFlow's XLA lowering of the stateless random ops draws another stream
 than its CPU kernels from the same seed (measured on 2.19.1 and 2.21.0:
 ``tf.random.experimental.stateless_fold_in``, ``stateless_uniform`` and
-``stateless_normal`` all differ; no upstream issue is cited for it).
+``stateless_normal`` all differ; tensorflow/tensorflow#121243 and #117644,
+open; tensorflow/tensorflow#121252 documents it as a known limitation).
 
 No compatibility code: GradientMix's weights come from those ops, so a
 jit-compiled ``fit`` applies other weights than ``example_weights`` returns
@@ -31,8 +32,8 @@ def xla_example_weights(opt, step):
 @pytest.mark.xfail(
     strict=True,
     reason="TensorFlow's XLA lowering of the stateless random ops (fold_in, uniform, normal) draws another "
-    "stream from the same seed than its CPU kernels, so a jit-compiled fit applies other weights than "
-    "example_weights/device_weights return eagerly",
+    "stream from the same seed than its CPU kernels (tensorflow/tensorflow#121243), so a jit-compiled fit "
+    "applies other weights than example_weights/device_weights return eagerly",
 )
 @pytest.mark.parametrize("noise", ["gaussian", "rademacher", "bernoulli"])
 def test_xla_draws_the_weights_example_weights_reports(noise):
