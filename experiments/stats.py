@@ -9,7 +9,10 @@ table:
 * :func:`mean_std`: mean and sample standard deviation (``ddof = 1``) of the
   finite values, and their count; :func:`format_mean_std` writes it as
   ``mean ± std`` (the mean alone for one value, ``–`` for none).
-* :func:`by_arm_seed`: ``{(arm, seed): run}`` at one learning rate.
+* :func:`by_arm_seed`: ``{(arm, seed): run}`` at one learning rate;
+  :func:`diverged` tells a run whose training loss became NaN or infinite
+  (the trainer then stops), and :func:`converged` keeps the others, which
+  the statistics are taken over.
 * :func:`paired_differences`: per seed, ``x_arm − x_ref`` of two arms run
   from the same initial weights and data order.
 * :func:`gap_recovered`: per seed, the share of the gap between a worse arm
@@ -74,6 +77,22 @@ def by_arm_seed(records, lr=None):
         for r in records
         if lr is None or math.isclose(r["lr"], lr, rel_tol=1e-9)
     }
+
+
+def diverged(run):
+    """Whether a run's training loss became NaN or infinite (a run without the field did not)."""
+    loss = run.get("train_loss")
+    return loss is not None and not math.isfinite(loss)
+
+
+def converged(runs):
+    """The runs of ``{(arm, seed): run}`` that did not diverge."""
+    return {k: r for k, r in runs.items() if not diverged(r)}
+
+
+def diverged_seeds(runs, arm):
+    """The sorted seeds of ``arm`` whose run diverged."""
+    return sorted(s for (a, s), r in runs.items() if a == arm and diverged(r))
 
 
 def arms(runs):

@@ -125,15 +125,19 @@ def table(runs, arms=None, cost=None):
         header += " step time vs GD | vs GD + GradientMix |"
         rule += "---:|---:|"
     rows = [header, rule]
+    every, runs = runs, stats.converged(runs)
     for arm in arms:
+        first = every[(arm, stats.seeds(every, arm)[0])]
         mine = [runs[(arm, s)] for s in stats.seeds(runs, arm)]
         vs_gd = stats.paired_differences(runs, arm, "gd")
         vs_small = stats.paired_differences(runs, arm, small) if small else {}
         recovered = stats.gap_recovered(runs, arm, "gd", small) if small and arm not in ("gd", small) else {}
-        factor = penalty_factor_of(runs, arm)
-        strength = f"λ={mine[0]['penalty_weight']:g}" if factor else f"{mine[0]['stddev']:.2f}"
+        factor = penalty_factor_of(every, arm)
+        strength = f"λ={first['penalty_weight']:g}" if factor else f"{first['stddev']:.2f}"
+        lost = stats.diverged_seeds(every, arm)
+        count = f"{len(mine)} (+{len(lost)} diverged)" if lost else f"{len(mine)}"
         row = (
-            f"| {arm} | {strength} | {len(mine)} | {stats.format_mean_std([r['test_acc'] for r in mine], 100)} | "
+            f"| {arm} | {strength} | {count} | {stats.format_mean_std([r['test_acc'] for r in mine], 100)} | "
             f"{stats.format_mean_std(vs_gd.values(), 100, signed=True) if arm != 'gd' else '–'} | "
             f"{stats.format_mean_std(vs_small.values(), 100, signed=True) if arm != small else '–'} | "
             f"{stats.format_mean_std(recovered.values(), 100, 0) + ' %' if recovered else '–'} | "
@@ -164,13 +168,19 @@ def per_seed(runs, arms=None):
     seeds = stats.seeds(runs)
     lines = ["| arm | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---:|" * len(seeds)]
     for arm in arms:
-        cells = [f"{100 * runs[(arm, s)]['test_acc']:.1f}" if (arm, s) in runs else "–" for s in seeds]
+        cells = [("diverged" if stats.diverged(runs[(arm, s)]) else f"{100 * runs[(arm, s)]['test_acc']:.1f}")
+                 if (arm, s) in runs else "–" for s in seeds]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def report(runs, arms=None, cost=None):
-    """The table and the per-seed test accuracies."""
+    """The table and the per-seed test accuracies.
+
+    A run that diverged (its training loss became NaN) is counted in the
+    ``seeds`` column and marked in the per-seed table, and left out of every
+    statistic: its 10% chance accuracy is not a generalization result.
+    """
     return table(runs, arms, cost) + "\n\nTest accuracy (%) per seed:\n\n" + per_seed(runs, arms)
 
 
@@ -211,8 +221,8 @@ def penalty_selection(runs):
     for r in records:
         factor = r["penalty_weight"] / (r["lr"] / 4)
         mark = "yes" if chosen is not None and abs(factor - chosen) < 1e-9 else ("always run" if factor == 1 else "")
-        lines.append(f"| {factor:g} | {r['penalty_weight']:g} | {100 * r['val_acc']:.1f} | "
-                     f"{100 * r['train_acc']:.1f} | {mark} |")
+        val = f"{100 * r['val_acc']:.1f}" + (f" (diverged at step {r['steps']})" if stats.diverged(r) else "")
+        lines.append(f"| {factor:g} | {r['penalty_weight']:g} | {val} | {100 * r['train_acc']:.1f} | {mark} |")
     return "\n".join(lines)
 
 
@@ -222,16 +232,21 @@ def recovered_phrase(runs, arm, per_seed=True):
     ``per_seed=False`` leaves the seeds' values out: ``"105 ± 14 % (3 seeds)"``.
     """
     small = small_arm(runs)
+    lost = stats.diverged_seeds(runs, arm)
+    note = ""
+    if lost:
+        note = f"; {'seeds' if len(lost) > 1 else 'seed'} {', '.join(map(str, lost))} diverged"
+    runs = stats.converged(runs)
     shares = stats.gap_recovered(runs, arm, "gd", small) if small else {}
     if not shares:
-        return "not run yet"
+        return f"diverged (seed{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))})" if lost else "not run yet"
     if len(shares) == 1:
         (seed, share), = shares.items()
-        return f"{100 * share:.0f} % (seed {seed} only)"
+        return f"{100 * share:.0f} % (seed {seed} only{note})"
     if not per_seed:
-        return f"{stats.format_mean_std(shares.values(), 100, 0)} % ({len(shares)} seeds)"
+        return f"{stats.format_mean_std(shares.values(), 100, 0)} % ({len(shares)} seeds{note})"
     seeds = ", ".join(str(s) for s in shares)
-    return f"{stats.format_mean_std(shares.values(), 100, 0)} % (seeds {seeds}: {percent_list(shares)})"
+    return f"{stats.format_mean_std(shares.values(), 100, 0)} % (seeds {seeds}: {percent_list(shares)}{note})"
 
 
 def gap_phrase(runs, per_seed=True):
@@ -337,7 +352,7 @@ def figure(panels, path, slots=None):
     ``panels``: ``[(title, {(arm, seed): run})]``. Every panel has the same
     ``slots`` (arms; ``"small"`` for the small batch; default: small batch,
     GD, Gaussian, Bernoulli, isotropic, the penalties); an arm not run shows
-    as such.
+    as such, and a seed that diverged is named instead of drawn at chance.
     """
     import matplotlib
 
@@ -350,7 +365,8 @@ def figure(panels, path, slots=None):
         slots = ["small", "gd", "gd+gaussian", "gd+bernoulli", "gd+isotropic"] + (penalties or ["gd+penalty"])
     all_seeds = sorted({s for _, runs in panels for s in stats.seeds(runs)})
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1, 4.4), squeeze=False)
-    for ax, (title, runs) in zip(axes[0], panels):
+    for ax, (title, every) in zip(axes[0], panels):
+        runs = stats.converged(every)
         arms = [small_arm(runs) if slot == "small" else slot for slot in slots]
         for j, seed in enumerate(all_seeds):
             xs = [i for i, a in enumerate(arms) if (a, seed) in runs]
@@ -362,9 +378,13 @@ def figure(panels, path, slots=None):
         middle = (min(accs) + max(accs)) / 2
         for i, arm in enumerate(arms):
             mine = list(stats.values(runs, arm, "test_acc").values())
+            lost = stats.diverged_seeds(every, arm)
             if mine:
                 ax.hlines(100 * stats.mean_std(mine)[0], i - 0.25, i + 0.25, color="k", lw=1.5, zorder=2)
-            else:
+            if lost:
+                label = f"seed{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))} diverged"
+                ax.text(i, middle, label, rotation=90, ha="center", va="center", fontsize=7, color="C3")
+            elif not mine:
                 ax.text(i, middle, "not run", rotation=90, ha="center", va="center", fontsize=8, color="0.4")
         ax.set_xticks(range(len(slots)))
         ax.set_xticklabels([slot_label(s) for s in slots], rotation=30, ha="right", fontsize=8)

@@ -75,6 +75,20 @@ def test_phrases_mark_single_seeds_and_a_missing_gap():
     assert report.gap_phrase(runs).endswith("(2 seeds: 10.0, -1.0; not in every seed)")
 
 
+def test_a_diverged_run_is_counted_and_named_but_left_out_of_every_statistic():
+    runs = _runs()
+    runs[("gd+penalty x4", 2)] = dict(_run("gd+penalty x4", 2, 0.10, factor=4, train_loss=float("nan")), steps=600)
+    runs[("gd+penalty x16", 0)] = dict(_run("gd+penalty x16", 0, 0.10, factor=16, train_loss=float("nan")), steps=1200)
+    penalty = _cells(report.table(runs), "gd+penalty x4")
+    # Seeds 0 and 1 only: 80% and 100%, as without the diverged run.
+    assert penalty[2] == "2 (+1 diverged)" and penalty[6:8] == ["90 ± 14 %", "80, 100 %"]
+    assert _cells(report.table(runs), "gd+penalty x16")[2:5] == ["0 (+1 diverged)", "–", "–"]
+    assert "| gd+penalty x4 | 38.0 | 44.0 | diverged |" in report.per_seed(runs)
+    assert report.recovered_phrase(runs, "gd+penalty x4") == "90 ± 14 % (seeds 0, 1: 80, 100 %; seed 2 diverged)"
+    assert report.recovered_phrase(runs, "gd+penalty x16") == "diverged (seed 0)"
+    assert "| 16 | 0.4 | 30.0 (diverged at step 1200) |" in report.penalty_selection(runs)
+
+
 def test_penalty_selection_chooses_the_larger_factor_on_validation():
     runs = _runs()
     runs[("gd+penalty x16", 0)] = _run("gd+penalty x16", 0, 0.39, factor=16, val=0.33)
