@@ -18,9 +18,8 @@ Why this module exists: a JAX step is one compiled function, so both cases
 are computed and one is chosen. Keras 3.15's JAX optimizer
 (``keras/src/backend/jax/optimizer.py``, ``_backend_apply_gradients``)
 chooses with four ``lax.cond`` over the trainable variables, every
-optimizer variable and the accumulators. On XLA CPU such a conditional
-copies all the state it passes through: an accumulating step of a
-4.7M-parameter MLP costs about 3.5 times a plain step
+optimizer variable and the accumulators. On XLA CPU an accumulating step
+of a 4.7M-parameter MLP then costs about 3.4 times a plain step
 (``benchmarks/micro_step_cost.py``; ``tests/upstream/test_keras_jax.py``
 notices when Keras changes this). Here each variable's new value is chosen
 elementwise (``jnp.where`` on the update condition), which XLA fuses into
