@@ -18,8 +18,9 @@ over rounds). Configurations, all from the same initial weights, plain
   ``SGD``, micro-batch 8;
 * ``gradmix b=8``, ``gradmix k=8``: ``tf_gradmix.Sequential`` with
   sample-level ``GradientMix(SGD, stddev=1)``, without and with
-  ``gradient_accumulation_steps=8`` on the inner ``SGD`` (one device: Keras's
-  own accumulation inside the inner optimizer).
+  ``gradient_accumulation_steps=8`` on the inner ``SGD`` (one device: on
+  TensorFlow Keras's own accumulation inside the inner optimizer, on JAX
+  ``tf_gradmix.backend.jax_accumulation``).
 
 For each, ``ms / step`` (block time over its ``fit`` steps) and, for the
 accumulating ones, ``ms per extra micro-step`` =

@@ -142,7 +142,9 @@ def apply_accumulated_across_replicas(inner, grads, trainable_variables):
     accumulators (see :func:`build_with_per_replica_accumulators`): no
     communication. The conditional update (named :data:`UPDATE_BRANCH_NAME`)
     runs in cross-replica context, as ``LossScaleOptimizer`` does, and calls
-    the inner optimizer on every replica with its own accumulation off and the
+    the inner optimizer's update step on every replica
+    (:func:`tf_gradmix.compat.update_with_accumulated_gradients`, with
+    ``iterations`` counting updates as Adam's bias correction expects) on the
     replica's ``accumulated / n``, read from its own copy inside the branch;
     the inner optimizer's cross-replica sum, the one all-reduce of the update,
     turns these into the mean of the ``n`` micro-batch gradients of all
@@ -186,7 +188,7 @@ def apply_accumulated_across_replicas(inner, grads, trainable_variables):
     counter = compat.raw_iterations(inner)
     is_update = (counter + 1) % steps == 0
     update_variables = [v for _, v in pairs]
-    scale = 1.0 / steps
+    scale = 1.0 / steps / (inner.loss_scale_factor or 1.0)
 
     def update_on_each_replica():
         # In replica context: this replica's copy, no communication (in
@@ -195,11 +197,7 @@ def apply_accumulated_across_replicas(inner, grads, trainable_variables):
             tf.convert_to_tensor(_local_copy(a)) * tf.cast(scale, a.dtype)
             for a in accumulators
         ]
-        inner.gradient_accumulation_steps = None  # read while tracing
-        try:
-            inner.apply(means, update_variables)
-        finally:
-            inner.gradient_accumulation_steps = steps
+        compat.update_with_accumulated_gradients(inner, means, update_variables)
         for accumulator in accumulators:
             _local_copy(accumulator).assign(
                 tf.zeros(accumulator.shape, accumulator.dtype), read_value=False
@@ -215,5 +213,5 @@ def apply_accumulated_across_replicas(inner, grads, trainable_variables):
         )
 
     context.merge_call(cross_replica)
-    # inner.apply advanced the raw counter on update steps; do it on the others.
+    # The update advanced the raw counter on update steps; do it on the others.
     counter.assign_add(1 - tf.cast(is_update, counter.dtype))

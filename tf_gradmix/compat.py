@@ -1,20 +1,29 @@
-"""Keras optimizer internals read by :mod:`tf_gradmix.accumulation` (TensorFlow only).
+"""Keras optimizer internals used by gradient accumulation (:mod:`tf_gradmix.accumulation`
+on TensorFlow, :mod:`tf_gradmix.backend.jax_accumulation` on JAX).
 
 The other Keras internals tf_gradmix relies on are in
 :mod:`tf_gradmix.backend.keras_internals`; both are checked by
 ``tests/upstream/test_keras_internals.py``.
 """
 
+import keras
+
 from tf_gradmix.backend.keras_internals import optimizer_trainable_variables
 
-__all__ = ["optimizer_trainable_variables", "gradient_accumulators", "raw_iterations", "track_optimizer_variable"]
+__all__ = [
+    "optimizer_trainable_variables",
+    "gradient_accumulators",
+    "raw_iterations",
+    "track_optimizer_variable",
+    "update_with_accumulated_gradients",
+]
 
 # -- Optimizer internals used by gradient accumulation across replicas
 #
-# tf_gradmix.accumulation (keras-team/keras#20582) builds the inner optimizer's
-# accumulators itself and runs its micro-steps; it reads these private parts of
-# keras.optimizers.Optimizer (Keras 3.15, `BaseOptimizer`), checked by
-# tests/upstream/test_keras_internals.py.
+# tf_gradmix.accumulation (keras-team/keras#20582) and, on JAX,
+# tf_gradmix.backend.jax_accumulation run the inner optimizer's micro-steps
+# themselves; they read these private parts of keras.optimizers.Optimizer
+# (Keras 3.15, `BaseOptimizer`), checked by tests/upstream/test_keras_internals.py.
 
 
 def gradient_accumulators(optimizer, variables):
@@ -41,3 +50,39 @@ def raw_iterations(optimizer):
 def track_optimizer_variable(optimizer, variable):
     """Adds a variable created outside ``add_variable`` to ``optimizer.variables``."""
     optimizer._track_variable(variable)
+
+
+def update_with_accumulated_gradients(optimizer, means, variables):
+    """The update step of an accumulating optimizer, given the mean gradients.
+
+    What Keras 3.15 runs on an update step of ``gradient_accumulation_steps``
+    (``BaseOptimizer._backend_apply_gradients``, its update branch, then the
+    rest of ``apply``): clipping and weight decay, ``_backend_update_step``
+    (on TensorFlow under a strategy, the cross-replica sum), the variables'
+    constraints, the moving average when ``use_ema`` is set, and one more raw
+    step. Accumulation stays configured, so ``optimizer.iterations`` is the
+    number of updates made, as Adam's and LAMB's bias corrections expect (the
+    raw counter would count micro-steps). The caller resets the accumulators.
+
+    Args:
+        optimizer: the accumulating optimizer.
+        means: the mean gradient of the accumulated micro-batches, one per
+            variable, already divided by any ``loss_scale_factor``.
+        variables: the trainable variables of ``means``.
+    """
+    means = optimizer._clip_gradients(means)
+    optimizer._apply_weight_decay(variables)
+    optimizer._backend_update_step(means, variables, optimizer.learning_rate)
+    for variable in variables:
+        if variable.constraint is not None:
+            variable.assign(variable.constraint(variable))
+    if optimizer.use_ema:
+        optimizer._update_model_variables_moving_average(optimizer._trainable_variables)
+        if optimizer.ema_overwrite_frequency:
+            overwrite = (optimizer.iterations + 1) % optimizer.ema_overwrite_frequency == 0
+            keras.ops.cond(
+                overwrite,
+                lambda: optimizer._overwrite_model_variables_with_average_value(optimizer._trainable_variables),
+                lambda: None,
+            )
+    optimizer._iterations.assign_add(1)

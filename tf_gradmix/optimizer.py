@@ -296,14 +296,26 @@ class GradientMix(keras.optimizers.Optimizer):
             variables = trainable_variables or self._trainable_variables
             grads = [g if getattr(v, "overwrite_with_gradient", False) else module.scale_gradient(g, weight)
                      for g, v in zip(grads, variables)]
-        if module.GRADIENTS_PER_REPLICA and self.inner_optimizer.gradient_accumulation_steps \
-                and module.num_replicas() > 1:
+        inner = self.inner_optimizer
+        if module.GRADIENTS_PER_REPLICA and inner.gradient_accumulation_steps and module.num_replicas() > 1:
             from tf_gradmix import accumulation  # Keras cannot accumulate under a strategy (keras-team/keras#20582)
 
-            accumulation.apply_accumulated_across_replicas(self.inner_optimizer, grads, trainable_variables)
+            accumulation.apply_accumulated_across_replicas(inner, grads, trainable_variables)
+        elif backend.name() == "jax" and self._accumulates_on_jax(inner, trainable_variables):
+            from tf_gradmix.backend import jax_accumulation  # without Keras's conditionals over the state
+
+            jax_accumulation.apply_accumulated(inner, grads, trainable_variables)
         else:
-            self.inner_optimizer.apply(grads, trainable_variables)
+            inner.apply(grads, trainable_variables)
         self._iterations.assign_add(1)
+
+    @staticmethod
+    def _accumulates_on_jax(inner, trainable_variables):
+        if not inner.gradient_accumulation_steps:
+            return False
+        from tf_gradmix.backend import jax_accumulation
+
+        return jax_accumulation.handles(inner, trainable_variables)
 
     def _check_hook(self):
         if self._sample_weights_requested:

@@ -1,6 +1,13 @@
-"""Gradient accumulation across replicas (``tf_gradmix.accumulation``):
-``gradient_accumulation_steps`` on the inner optimizer under MirroredStrategy,
-against the per-example oracle."""
+"""Gradient accumulation: ``gradient_accumulation_steps`` on the inner optimizer.
+
+Across replicas (``tf_gradmix.accumulation``, TensorFlow, MirroredStrategy)
+against the per-example oracle; on every backend (on JAX through
+``tf_gradmix.backend.jax_accumulation``) against stock Keras's own
+accumulation on one device, for optimizers whose update depends on the
+update count (Adam's and LAMB's bias corrections), on clipping, weight decay
+and loss scaling."""
+
+import contextlib
 
 import keras
 import numpy as np
@@ -26,6 +33,79 @@ if keras.backend.backend() == "tensorflow":  # the tests that use it are marked
     import tensorflow as tf
 
 K = 4  # logical CPU replicas (conftest)
+
+#: Inner optimizers whose accumulated update is compared with stock Keras's.
+#: ``epsilon`` is large against the gradients (about 0.1 here) so that
+#: float32 rounding of a gradient entry near zero cannot flip the sign of an
+#: Adam step; counting micro-steps instead of updates in the bias corrections
+#: changes the first Adam step by about a third.
+INNER_OPTIMIZERS = {
+    "sgd_momentum": lambda steps: keras.optimizers.SGD(0.1, momentum=0.9, gradient_accumulation_steps=steps),
+    "sgd_clipnorm": lambda steps: keras.optimizers.SGD(0.1, clipnorm=0.05, gradient_accumulation_steps=steps),
+    "adam": lambda steps: keras.optimizers.Adam(0.1, epsilon=0.01, gradient_accumulation_steps=steps),
+    "adamw": lambda steps: keras.optimizers.AdamW(
+        0.1, weight_decay=0.1, epsilon=0.01, gradient_accumulation_steps=steps),
+    "lamb": lambda steps: gm.optimizers.LAMB(0.1, epsilon=0.01, gradient_accumulation_steps=steps),
+    "sgd_loss_scale": lambda steps: keras.optimizers.SGD(
+        0.1, loss_scale_factor=128.0, gradient_accumulation_steps=steps),
+}
+
+
+def updates_of(make_inner, model_class, steps, updates=2, micro_batch=16, strategy=None):
+    """Weight changes after each of ``updates`` updates of ``fit`` (float64, flat)."""
+    x, y = data(micro_batch * steps * updates)
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        model = functional(model_class)  # seeded: the same initial weights
+        inner = make_inner(steps)
+        optimizer = inner if model_class is keras.Model else mixer(stddev=0.0, inner=inner)
+        model.compile(optimizer, SCCE)
+    changes, before = [], flat(weights_of(model))
+    for u in range(updates):
+        part = slice(u * micro_batch * steps, (u + 1) * micro_batch * steps)
+        model.fit(x[part], y[part], batch_size=micro_batch, epochs=1, shuffle=False, verbose=0)
+        after = flat(weights_of(model))
+        changes.append(after - before)
+        before = after
+    return changes, optimizer
+
+
+def assert_updates_close(actual, expected):
+    """Updates of float32 training from equal weights and data, up to rounding.
+
+    The gradients agree to a few float32 ulps of their largest entry, and an
+    update (SGD, Adam with the large ``epsilon`` above, LAMB's trust ratio)
+    is a smooth function of them; ``1e-5`` of the largest update entry leaves
+    room for that, while the errors these tests catch (bias corrections that
+    count micro-steps, a gradient accumulated twice or dropped, clipping or
+    decay on the wrong quantity) move entries by percents of it.
+    """
+    for a, e in zip(actual, expected):
+        np.testing.assert_allclose(a, e, rtol=0, atol=1e-5 * np.max(np.abs(e)))
+
+
+@pytest.mark.parametrize("name", sorted(INNER_OPTIMIZERS))
+def test_accumulated_updates_equal_stock_keras_on_one_device(name):
+    """``GradientMix(stddev=0)`` mixes nothing, so it must update as the inner optimizer alone does."""
+    make_inner = INNER_OPTIMIZERS[name]
+    expected, _ = updates_of(make_inner, keras.Model, steps=3)
+    actual, optimizer = updates_of(make_inner, gm.Model, steps=3)
+    assert_updates_close(actual, expected)
+    assert int(numpy(optimizer.iterations)) == 2 and int(numpy(optimizer.raw_step)) == 6
+
+
+@pytest.mark.slow
+@pytest.mark.backends("tensorflow")
+@pytest.mark.parametrize("name", sorted(set(INNER_OPTIMIZERS) - {"sgd_clipnorm"}))
+def test_accumulated_updates_across_replicas_equal_stock_keras_on_one_device(name, mirrored_strategy):
+    """Under MirroredStrategy (where Keras cannot accumulate) the update of a
+    global micro-batch spread over ``K`` replicas is the one-device update.
+    (Clipping acts per replica there, as in Keras without accumulation: the
+    clipping test above.)"""
+    make_inner = INNER_OPTIMIZERS[name]
+    expected, _ = updates_of(make_inner, keras.Model, steps=3)
+    actual, optimizer = updates_of(make_inner, gm.Model, steps=3, strategy=mirrored_strategy)
+    assert_updates_close(actual, expected)
+    assert int(numpy(optimizer.iterations)) == 2 and int(numpy(optimizer.raw_step)) == 6
 
 
 @pytest.mark.slow

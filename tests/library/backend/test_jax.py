@@ -15,6 +15,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from jax_steps import conditionals, traced_train_step
 
 import tf_gradmix as gm
 
@@ -223,3 +224,34 @@ def test_two_processes_on_loopback_end_identical_and_equal_to_the_oracle(tmp_pat
                 w = np.repeat(w, batch // K)  # process p feeds shards 2p, 2p + 1
             flat_weights = flat_weights - grads.T @ w / batch
         assert_float32_close(results[0][f"{level}/final"], flat_weights)
+
+
+@pytest.mark.parametrize("level", ["sample", "device"])
+def test_an_accumulating_step_selects_values_without_a_conditional(level):
+    """Keras's JAX accumulation keeps or drops a computed update with
+    ``lax.cond`` over all the state, which XLA CPU executes at several times
+    the cost of a plain step (tests/upstream/test_keras_jax.py);
+    ``tf_gradmix.backend.jax_accumulation`` selects values elementwise
+    instead. A step that went through Keras's path holds four conditionals."""
+    x, y = data(B)
+    with data_parallel().scope():
+        model = functional()
+        model.compile(mixer(level=level, inner=keras.optimizers.Adam(gradient_accumulation_steps=2)), SCCE)
+        model.fit(x, y, batch_size=B, epochs=1, verbose=0)  # builds everything
+        assert conditionals(traced_train_step(model, x, y)) == 0
+
+
+def test_accumulation_under_data_parallel_equals_the_one_device_run():
+    """Two micro-batches of 16 on 4 devices, Adam: the same weights as on one device."""
+    x, y = data(4 * B)
+    runs = []
+    for distribution in (data_parallel(), None):
+        with distribution.scope() if distribution is not None else _nothing():
+            model = functional()
+            inner = keras.optimizers.Adam(0.05, epsilon=0.01, gradient_accumulation_steps=2)
+            model.compile(mixer(stddev=0.7, inner=inner), SCCE)
+            before = flat(weights_of(model))
+            model.fit(x, y, batch_size=B, epochs=1, shuffle=False, verbose=0)
+        runs.append(flat(weights_of(model)) - before)
+        assert int(numpy(model.optimizer.iterations)) == 2
+    np.testing.assert_allclose(runs[0], runs[1], rtol=0, atol=1e-5 * np.max(np.abs(runs[1])))
