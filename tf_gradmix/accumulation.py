@@ -92,6 +92,7 @@ def build_with_per_replica_accumulators(inner, var_list):
     ):
         inner.build(var_list)
         return
+    _refuse_what_is_not_supported(inner, var_list)
     keras_add_variable_from_reference = inner.add_variable_from_reference
 
     def add_variable_from_reference(reference_variable, name=None, initializer="zeros"):
@@ -122,6 +123,31 @@ def build_with_per_replica_accumulators(inner, var_list):
         inner.build(var_list)
     finally:
         del inner.add_variable_from_reference
+
+
+def _refuse_what_is_not_supported(inner, var_list):
+    """Raises ``ValueError`` for inner-optimizer settings accumulation across replicas does not run.
+
+    ``use_ema``: Keras advances the moving average on every micro-step, and
+    its ``ema_overwrite_frequency`` conditional cannot run in replica
+    context. ``overwrite_with_gradient`` variables (float8 scaling factors):
+    Keras accumulates their maximum, not their mean.
+    """
+    if inner.use_ema:
+        raise ValueError(
+            f"GradientMix cannot accumulate across replicas with `use_ema=True` on the inner optimizer "
+            f"{inner.name!r} (gradient_accumulation_steps={inner.gradient_accumulation_steps}, "
+            f"{tf.distribute.get_strategy().num_replicas_in_sync} replicas): Keras advances the moving "
+            "average on every micro-step, which this update, made once per window, does not reproduce. "
+            "Use `use_ema=False`, or accumulate on one device."
+        )
+    overwritten = [v.path for v in var_list if getattr(v, "overwrite_with_gradient", False)]
+    if overwritten:
+        raise ValueError(
+            "GradientMix cannot accumulate across replicas for variables with `overwrite_with_gradient` "
+            f"(float8 scaling factors): {overwritten}. Keras accumulates their maximum, which this "
+            "update does not do; train them without gradient_accumulation_steps or on one device."
+        )
 
 
 def _local_copy(accumulator):

@@ -6,7 +6,6 @@ The other Keras internals tf_gradmix relies on are in
 ``tests/upstream/test_keras_internals.py``.
 """
 
-import keras
 
 from tf_gradmix.backend.keras_internals import optimizer_trainable_variables
 
@@ -59,10 +58,12 @@ def update_with_accumulated_gradients(optimizer, means, variables):
     (``BaseOptimizer._backend_apply_gradients``, its update branch, then the
     rest of ``apply``): clipping and weight decay, ``_backend_update_step``
     (on TensorFlow under a strategy, the cross-replica sum), the variables'
-    constraints, the moving average when ``use_ema`` is set, and one more raw
-    step. Accumulation stays configured, so ``optimizer.iterations`` is the
-    number of updates made, as Adam's and LAMB's bias corrections expect (the
-    raw counter would count micro-steps). The caller resets the accumulators.
+    constraints and one more raw step. Accumulation stays configured, so
+    ``optimizer.iterations`` is the number of updates made, as Adam's and
+    LAMB's bias corrections expect (the raw counter would count micro-steps).
+    The caller resets the accumulators, and does not call this for an
+    optimizer with ``use_ema`` (Keras advances the average on every
+    micro-step) or for ``overwrite_with_gradient`` variables.
 
     Args:
         optimizer: the accumulating optimizer.
@@ -76,13 +77,4 @@ def update_with_accumulated_gradients(optimizer, means, variables):
     for variable in variables:
         if variable.constraint is not None:
             variable.assign(variable.constraint(variable))
-    if optimizer.use_ema:
-        optimizer._update_model_variables_moving_average(optimizer._trainable_variables)
-        if optimizer.ema_overwrite_frequency:
-            overwrite = (optimizer.iterations + 1) % optimizer.ema_overwrite_frequency == 0
-            keras.ops.cond(
-                overwrite,
-                lambda: optimizer._overwrite_model_variables_with_average_value(optimizer._trainable_variables),
-                lambda: None,
-            )
     optimizer._iterations.assign_add(1)

@@ -284,3 +284,20 @@ def test_inner_optimizer_built_before_the_wrapper_fails_clearly_under_accumulati
         model.compile(mixer(inner=inner), SCCE)
     with pytest.raises(RuntimeError, match="per-replica variables.*strategy's scope.*20582"):
         model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+
+
+@pytest.mark.backends("tensorflow")
+def test_accumulation_across_replicas_refuses_a_moving_average_and_gradient_overwritten_variables(mirrored_strategy):
+    """Neither is reproduced by an update made once per window; both fail at the first step, naming the setting."""
+    x, y = data(48)
+    with mirrored_strategy.scope():
+        model = functional(gm.Model)
+        model.compile(mixer(inner=keras.optimizers.SGD(0.1, use_ema=True, gradient_accumulation_steps=3)), SCCE)
+    with pytest.raises(ValueError, match=r"`use_ema=True`.*gradient_accumulation_steps=3, 4 replicas"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    with mirrored_strategy.scope():
+        model = functional(gm.Model)
+        model.trainable_variables[-1].overwrite_with_gradient = True
+        model.compile(mixer(inner=keras.optimizers.SGD(0.1, gradient_accumulation_steps=3)), SCCE)
+    with pytest.raises(ValueError, match=r"`overwrite_with_gradient`.*\['dense_[0-9]+/bias'\]"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0)

@@ -70,7 +70,8 @@ def apply_accumulated(inner, grads, trainable_variables=None):
     if trainable_variables is None:
         trainable_variables = compat.optimizer_trainable_variables(inner)
     pairs = [(g, v) for g, v in zip(grads, trainable_variables) if g is not None]
-    if not pairs:
+    if not pairs:  # what Keras does with no gradient at all
+        inner.apply(grads, trainable_variables)
         return
     variables = [v for _, v in pairs]
     scale = inner.loss_scale_factor
