@@ -19,11 +19,11 @@ are computed and one is chosen. Keras 3.15's JAX optimizer
 (``keras/src/backend/jax/optimizer.py``, ``_backend_apply_gradients``)
 chooses with four ``lax.cond`` over the trainable variables, every
 optimizer variable and the accumulators. On XLA CPU an accumulating step
-of a 4.7M-parameter MLP then costs about 3.4 times a plain step (a
-conditional costing more than its branch is known upstream:
-https://github.com/jax-ml/jax/issues/24259)
-(``benchmarks/micro_step_cost.py``; ``tests/upstream/test_keras_jax.py``
-notices when Keras changes this). Here each variable's new value is chosen
+of a 4.7M-parameter MLP then costs about 3.4 times a plain step
+(``benchmarks/micro_step_cost.py``; that a conditional can cost far more
+than its branch is known upstream,
+https://github.com/jax-ml/jax/issues/24259;
+``tests/upstream/test_keras_jax.py`` notices when Keras changes this). Here each variable's new value is chosen
 elementwise (``jnp.where`` on the update condition), which XLA fuses into
 the computation of that value, so a micro-step costs its forward and
 backward pass, one add per variable and the elementwise part of an update.
