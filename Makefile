@@ -66,15 +66,27 @@ define pytest
 endef
 
 # The whole suite on each backend and TensorFlow version, each in its own
-# process (KERAS_BACKEND is fixed per process). All three run; the target
-# fails if any of them fails. Narrow every run with e.g.
-# `make test TESTS=tests/library/test_noise.py PYTEST_ARGS=-x`, or run one suite:
-# `make test-tf`, `make test-jax`, `make test-tf219`.
+# process (KERAS_BACKEND is fixed per process). Two at a time, for the two
+# cores CI has: TensorFlow 2.21 in the foreground, JAX and then TensorFlow
+# 2.19.1 beside it, their output kept in $(TEST_LOGS)/ and printed when they
+# end. All three run; the target fails if any of them fails. Narrow every run
+# with e.g. `make test TESTS=tests/library/test_noise.py PYTEST_ARGS=-x`, or
+# run one suite: `make test-tf`, `make test-jax`, `make test-tf219`.
+TEST_LOGS ?= runs/test-logs
 test: venv venv-tf219
-	@failed=""; \
-	$(MAKE) --no-print-directory test-tf || failed="$$failed test-tf"; \
-	$(MAKE) --no-print-directory test-jax || failed="$$failed test-jax"; \
-	$(MAKE) --no-print-directory test-tf219 || failed="$$failed test-tf219"; \
+	@mkdir -p $(TEST_LOGS); rm -f $(TEST_LOGS)/*.status; \
+	( for suite in test-jax test-tf219; do \
+	    $(MAKE) --no-print-directory $$suite > $(TEST_LOGS)/$$suite.log 2>&1; \
+	    echo $$? > $(TEST_LOGS)/$$suite.status; \
+	  done ) & \
+	beside=$$!; \
+	$(MAKE) --no-print-directory test-tf; echo $$? > $(TEST_LOGS)/test-tf.status; \
+	wait $$beside; \
+	failed=""; \
+	for suite in test-jax test-tf219; do cat $(TEST_LOGS)/$$suite.log; done; \
+	for suite in test-tf test-jax test-tf219; do \
+	  [ "$$(cat $(TEST_LOGS)/$$suite.status 2>/dev/null)" = 0 ] || failed="$$failed $$suite"; \
+	done; \
 	if [ -n "$$failed" ]; then echo "make test: failed:$$failed" >&2; exit 1; fi; \
 	echo "make test: test-tf, test-jax and test-tf219 passed"
 
