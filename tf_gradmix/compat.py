@@ -6,7 +6,6 @@ The other Keras internals tf_gradmix relies on are in
 ``tests/upstream/test_keras_internals.py``.
 """
 
-
 from tf_gradmix.backend.keras_internals import optimizer_trainable_variables
 
 __all__ = [

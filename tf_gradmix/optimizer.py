@@ -301,21 +301,13 @@ class GradientMix(keras.optimizers.Optimizer):
             from tf_gradmix import accumulation  # Keras cannot accumulate under a strategy (keras-team/keras#20582)
 
             accumulation.apply_accumulated_across_replicas(inner, grads, trainable_variables)
-        elif backend.name() == "jax" and self._accumulates_on_jax(inner, trainable_variables):
+        elif backend.name() == "jax" and inner.gradient_accumulation_steps:
             from tf_gradmix.backend import jax_accumulation  # without Keras's conditionals over the state
 
             jax_accumulation.apply_accumulated(inner, grads, trainable_variables)
         else:
             inner.apply(grads, trainable_variables)
         self._iterations.assign_add(1)
-
-    @staticmethod
-    def _accumulates_on_jax(inner, trainable_variables):
-        if not inner.gradient_accumulation_steps:
-            return False
-        from tf_gradmix.backend import jax_accumulation
-
-        return jax_accumulation.handles(inner, trainable_variables)
 
     def _check_hook(self):
         if self._sample_weights_requested:

@@ -4,7 +4,7 @@ Keras 3.15's JAX optimizer (``keras/src/backend/jax/optimizer.py``) runs
 ``gradient_accumulation_steps`` by computing the update on every micro-step
 and keeping or dropping it with ``lax.cond`` over the trainable variables,
 all optimizer variables and the accumulators; on XLA CPU an accumulating
-step then costs about 3.5 times a plain one (``benchmarks/micro_step_cost.py``).
+step then costs about 3.4 times a plain one (``benchmarks/micro_step_cost.py``).
 When this test fails, Keras changed that path: re-measure, and drop the
 module if Keras's own accumulation costs no more than its micro-step.
 """

@@ -23,17 +23,19 @@ of a 4.7M-parameter MLP then costs about 3.4 times a plain step
 (``benchmarks/micro_step_cost.py``; that a conditional can cost far more
 than its branch is known upstream,
 https://github.com/jax-ml/jax/issues/24259;
-``tests/upstream/test_keras_jax.py`` notices when Keras changes this). Here each variable's new value is chosen
-elementwise (``jnp.where`` on the update condition), which XLA fuses into
-the computation of that value, so a micro-step costs its forward and
-backward pass, one add per variable and the elementwise part of an update.
+``tests/upstream/test_keras_jax.py`` notices when Keras changes this).
+Here each variable's new value is chosen elementwise (``jnp.where`` on the
+update condition), which XLA fuses into the computation of that value, so a
+micro-step costs its forward and backward pass, one add per variable and
+the elementwise part of an update.
 
 ``GradientMix.apply`` calls :func:`apply_accumulated` on JAX when the inner
 optimizer accumulates (inside the ``StatelessScope`` of Keras's
-``stateless_apply``). Keras's own path runs instead (:func:`handles`) when
-the inner optimizer keeps a moving average (``use_ema``, which Keras
-advances on every micro-step) or a variable is overwritten with its
-gradient (``overwrite_with_gradient``, float8 scaling factors).
+``stateless_apply``). It hands the step to Keras's own path (see
+:func:`handles`) when the inner optimizer keeps a moving average
+(``use_ema``, which Keras advances on every micro-step), a variable is
+overwritten with its gradient (``overwrite_with_gradient``, float8 scaling
+factors) or no variable has a gradient.
 """
 
 import jax
@@ -72,7 +74,7 @@ def apply_accumulated(inner, grads, trainable_variables=None):
     if trainable_variables is None:
         trainable_variables = compat.optimizer_trainable_variables(inner)
     pairs = [(g, v) for g, v in zip(grads, trainable_variables) if g is not None]
-    if not pairs:  # what Keras does with no gradient at all
+    if not pairs or not handles(inner, trainable_variables):
         inner.apply(grads, trainable_variables)
         return
     variables = [v for _, v in pairs]
@@ -85,18 +87,17 @@ def apply_accumulated(inner, grads, trainable_variables=None):
     before = [v.value for v in state]
     is_update = (counter.value + 1) % steps == 0
 
-    accumulated = [gradient.astype(a.dtype) + a.value for gradient, a in zip(grads, accumulators)]
+    totals = [gradient.astype(a.dtype) + a.value for gradient, a in zip(grads, accumulators)]
     with keras.StatelessScope(state_mapping=list(zip(state, before))) as scope:
-        means = [total / steps for total in accumulated]
-        compat.update_with_accumulated_gradients(inner, means, variables)
+        compat.update_with_accumulated_gradients(inner, [total / steps for total in totals], variables)
     updated = [scope.get_current_value(v) for v in state]
 
-    accumulated = {id(a): total for a, total in zip(accumulators, accumulated)}
+    total_of = {id(a): total for a, total in zip(accumulators, totals)}
     for variable, old, new in zip(state, before, updated):
         if variable is counter:
             value = old + 1
-        elif id(variable) in accumulated:
-            value = jax.numpy.where(is_update, 0, accumulated[id(variable)]).astype(variable.dtype)
+        elif id(variable) in total_of:
+            value = jax.numpy.where(is_update, 0, total_of[id(variable)]).astype(variable.dtype)
         else:
             value = jax.numpy.where(is_update, new, old)
         variable.assign(value)

@@ -232,7 +232,7 @@ def test_an_accumulating_step_selects_values_without_a_conditional(level):
     ``lax.cond`` over all the state, which XLA CPU executes at several times
     the cost of a plain step (tests/upstream/test_keras_jax.py);
     ``tf_gradmix.backend.jax_accumulation`` selects values elementwise
-    instead. A step that went through Keras's path holds four conditionals."""
+    instead. A step that went through Keras's path holds at least four conditionals."""
     x, y = data(B)
     with data_parallel().scope():
         model = functional()
