@@ -11,7 +11,9 @@ directly), or an extracted copy with ``train/<class>/*.jpg`` and
 holds neither is an error, never a silent download.
 
 The tar is read in place (nothing is copied into the repository), decoded with
-``tf.io.decode_jpeg`` in sorted path order, and the uint8 arrays are cached as
+``tf.io.decode_jpeg`` (with Pillow where TensorFlow is not installed) in sorted
+path order (the two decoders round differently: about 1 of 255 intensity levels
+on average, at most 5, so each has its own cache file), and the uint8 arrays are cached as
 an ``.npz`` under ``cache_dir``, ``$TF_GRADMIX_CACHE`` or ``~/.cache/tf_gradmix``,
 keyed by the tar's sha256 (the folder's file names, sizes and mtimes for an
 extracted copy). A cache file is checked (shapes, labels, a checksum of the
@@ -155,10 +157,50 @@ def _read_encoded(source):
     return found
 
 
-def _decode(records, split, expected_per_class):
-    """Sorted, decoded ``(images uint8 [N,32,32,3], labels int64 [N])``."""
+def decoder():
+    """``"tensorflow"`` where TensorFlow imports, else ``"pillow"`` (machines without TensorFlow)."""
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        return "pillow"
+    return "tensorflow"
+
+
+def _decode_with_tensorflow(jpegs):
     import tensorflow as tf
 
+    def decode(jpeg):
+        image = tf.io.decode_jpeg(jpeg, channels=3)
+        return tf.ensure_shape(image, IMAGE_SHAPE)
+
+    dataset = (
+        tf.data.Dataset.from_tensor_slices(jpegs)
+        .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .batch(5000)
+    )
+    return np.concatenate([batch.numpy() for batch in dataset])
+
+
+def _decode_with_pillow(jpegs):
+    import io
+
+    from PIL import Image
+
+    images = np.empty((len(jpegs), *IMAGE_SHAPE), np.uint8)
+    for i, jpeg in enumerate(jpegs):
+        with Image.open(io.BytesIO(jpeg)) as image:
+            images[i] = np.asarray(image.convert("RGB"))
+    return images
+
+
+def _decode(records, split, expected_per_class, using=None):
+    """Sorted, decoded ``(images uint8 [N,32,32,3], labels int64 [N])``.
+
+    ``using``: ``"tensorflow"`` or ``"pillow"``; default :func:`decoder`.
+    """
+    using = using or decoder()
+    if using not in ("tensorflow", "pillow"):
+        raise ValueError(f"`using` must be 'tensorflow' or 'pillow', got {using!r}")
     unknown = sorted({cls for cls, _, _ in records} - set(CLASSES))
     if unknown:
         raise ValueError(f"Unknown CIFAR-10 class folders in {split}/: {unknown}")
@@ -171,16 +213,8 @@ def _decode(records, split, expected_per_class):
             f"{expected_per_class} each."
         )
 
-    def decode(jpeg):
-        image = tf.io.decode_jpeg(jpeg, channels=3)
-        return tf.ensure_shape(image, IMAGE_SHAPE)
-
-    dataset = (
-        tf.data.Dataset.from_tensor_slices([jpeg for _, _, jpeg in records])
-        .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        .batch(5000)
-    )
-    images = np.concatenate([batch.numpy() for batch in dataset])
+    jpegs = [jpeg for _, _, jpeg in records]
+    images = _decode_with_tensorflow(jpegs) if using == "tensorflow" else _decode_with_pillow(jpegs)
     return images, labels
 
 
@@ -271,16 +305,19 @@ def load_cifar10(data_dir=None, cache_dir=None, verbose=True):
             y_test.reshape(-1).astype(np.int64),
         )
 
+    using = decoder()
     key = _source_key(source)
-    cache = _cache_dir(cache_dir) / f"cifar10-jpeg-{key[:24]}.npz"
+    if using != "tensorflow":  # the decoders' IDCTs differ by a few intensity levels: one cache each
+        key += f"-{using}"
+    cache = _cache_dir(cache_dir) / f"cifar10-jpeg-{key[:24]}{'' if using == 'tensorflow' else '-' + using}.npz"
     arrays = _load_cache(cache, key) if cache.exists() else None
     if arrays is not None:
         say(f"CIFAR-10: {source} (decoded cache {cache})")
     else:
         say(f"CIFAR-10: decoding {source} ...", flush=True)
         records = _read_encoded(source)
-        x_train, y_train = _decode(records["train"], "train", NUM_TRAIN_PER_CLASS)
-        x_test, y_test = _decode(records["test"], "test", NUM_TEST_PER_CLASS)
+        x_train, y_train = _decode(records["train"], "train", NUM_TRAIN_PER_CLASS, using)
+        x_test, y_test = _decode(records["test"], "test", NUM_TEST_PER_CLASS, using)
         arrays = (x_train, y_train, x_test, y_test)
         _check_arrays(*arrays)
         _save_cache(cache, key, arrays)
