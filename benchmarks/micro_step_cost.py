@@ -45,7 +45,9 @@ inner optimizer (``SGD(0.01, momentum=0.9)``, ``Adam(1e-3)``,
 ``Lamb(1e-3)``), each configuration in its own process (in one process the
 order in which models are built moved step times by up to 1.7x), with an A/A
 ``control`` (a second process of ``gradmix b=8``) and, with ``--stock``,
-stock Keras's own accumulation (``keras k=8``, ``keras.Sequential``). The
+stock Keras's own accumulation (``keras k=8``, ``keras.Sequential``) and,
+with ``--one-step`` (JAX), GradientMix's accumulation in one compiled step
+with the update in a ``lax.cond`` (what a custom loop gets). The
 processes of one optimizer start together, build, compile and warm up; then
 in every round each in a rotating order, one at a time, times a ``fit``
 block of ``k - 1`` steps (for ``k=8`` the ``k - 1`` micro-steps of one
@@ -287,9 +289,11 @@ OPTIMIZERS = {
 }
 
 
-def optimizer_configurations(k, stock):
+def optimizer_configurations(k, stock, one_step=False):
     """``(name, accumulation steps or None, gradmix)`` of each process of one optimizer."""
     configs = [("gradmix b=8", None, True), ("control", None, True), (f"gradmix k={k}", k, True)]
+    if one_step:
+        configs.append((f"gradmix k={k}, one step", k, True))
     if stock:
         configs.append((f"keras k={k}", k, False))
     return configs
@@ -308,6 +312,11 @@ def child(spec):
 
     import tf_gradmix as gm
 
+    if spec.get("one_step"):
+        # What a custom loop gets on JAX: one compiled step, the update in a lax.cond.
+        from tf_gradmix.backend import jax_accumulation
+
+        jax_accumulation.train_function = lambda model: None
     k, batch = spec["k"], spec["micro_batch"]
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, LAYERS[0])).astype("float32")
@@ -349,11 +358,12 @@ def time_optimizers(args, log):
     """Each configuration of each optimizer in its own process, alternating (see module docstring)."""
     results = {}
     for optimizer in args.optimizers:
-        configs = optimizer_configurations(args.k, args.stock)
+        configs = optimizer_configurations(args.k, args.stock, args.one_step)
         processes = {}
         for name, steps, gradmix in configs:
             spec = {"optimizer": optimizer, "steps": steps, "gradmix": gradmix, "k": args.k,
-                    "micro_batch": args.micro_batch, "threads": args.threads}
+                    "micro_batch": args.micro_batch, "threads": args.threads,
+                    "one_step": name.endswith("one step")}
             processes[name] = subprocess.Popen(
                 [sys.executable, "-m", "benchmarks.micro_step_cost", "--child", json.dumps(spec)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
@@ -450,6 +460,8 @@ def main(argv=None):
     parser.add_argument("--table-from", type=Path, help="re-print the tables of a saved run")
     parser.add_argument("--optimizers", help="comma-separated of sgd, adam, lamb: the per-optimizer comparison")
     parser.add_argument("--stock", action="store_true", help="with --optimizers: also stock Keras k=8")
+    parser.add_argument("--one-step", action="store_true",
+                        help="with --optimizers on JAX: also GradientMix k=8 in one compiled step (lax.cond)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
