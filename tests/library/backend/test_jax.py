@@ -269,6 +269,21 @@ def test_fit_runs_a_micro_step_that_makes_no_update(level):
         assert conditionals(traced_train_step(model, x, y)) == 1
 
 
+def test_an_enabled_model_runs_the_two_compiled_steps_with_the_same_updates():
+    """``gm.enable`` installs the same micro-step and update step as ``gm.Model``:
+    equal weights after two updates of LAMB, the same steps run."""
+    x, y = data(4 * B)
+    runs = []
+    for enabled in (True, False):
+        model = gm.enable(functional(keras.Model)) if enabled else functional()
+        inner = gm.optimizers.LAMB(0.05, epsilon=0.01, gradient_accumulation_steps=2)
+        model.compile(mixer(stddev=0.7, inner=inner), SCCE)
+        model.fit(x, y, batch_size=B, epochs=1, shuffle=False, verbose=0)
+        assert model.train_function.__wrapped__.steps_run == {"micro_step": 2, "update_step": 2}
+        runs.append(flat(weights_of(model)))
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
 def test_accumulation_under_data_parallel_equals_the_one_device_run():
     """Two micro-batches of 16 on 4 devices, Adam: the same weights as on one device."""
     x, y = data(4 * B)
