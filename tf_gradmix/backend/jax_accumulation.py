@@ -30,8 +30,8 @@ one add per accumulator, nothing else:
   counter from the device only when the state did not come from its own
   previous step: at the start of ``fit``, or after a callback changed the
   state). Neither holds a conditional; the micro-step's optimizer state
-  other than the accumulators and step counters passes through unchanged
-  (and, being donated, is not even copied).
+  other than the accumulators and step counters passes through unchanged,
+  unread.
 * **Elsewhere** (a custom loop calling ``stateless_apply``, another
   wrapper such as ``LossScaleOptimizer`` around the ``GradientMix``, whose
   skipped steps the host could not count, ``run_eagerly``) one
