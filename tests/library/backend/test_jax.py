@@ -284,6 +284,24 @@ def test_an_enabled_model_runs_the_two_compiled_steps_with_the_same_updates():
     np.testing.assert_array_equal(runs[0], runs[1])
 
 
+def test_the_host_counts_micro_steps_across_steps_per_execution_and_fits():
+    """The host chooses each step's phase by its own count of the raw step
+    counter: with ``steps_per_execution=3`` (windows of 2 straddle the calls)
+    and over two ``fit`` calls of 3 micro-batches each (the second starts
+    mid-window), Adam ends where one ``fit`` of the same 6 micro-batches ends."""
+    x, y = data(6 * B)
+    runs = []
+    for steps_per_execution, parts in ((1, [slice(0, 6 * B)]), (3, [slice(0, 3 * B), slice(3 * B, 6 * B)])):
+        model = functional()
+        inner = keras.optimizers.Adam(0.05, epsilon=0.01, gradient_accumulation_steps=2)
+        model.compile(mixer(stddev=0.7, inner=inner), SCCE, steps_per_execution=steps_per_execution)
+        for part in parts:
+            model.fit(x[part], y[part], batch_size=B, epochs=1, shuffle=False, verbose=0)
+        assert int(numpy(model.optimizer.iterations)) == 3
+        runs.append(flat(weights_of(model)))
+    np.testing.assert_allclose(runs[1], runs[0], rtol=0, atol=1e-6 * np.max(np.abs(runs[0])))
+
+
 def test_accumulation_under_data_parallel_equals_the_one_device_run():
     """Two micro-batches of 16 on 4 devices, Adam: the same weights as on one device."""
     x, y = data(4 * B)
