@@ -87,7 +87,8 @@ def update_with_accumulated_gradients(optimizer, means, variables):
 # and builds Keras's train function around them the way Keras 3.15's
 # JAXTrainer.make_train_function does (keras/src/backend/jax/trainer.py):
 # the loop over ``steps_per_execution`` batches (``_make_function``) and the
-# state's shardings under a distribution (``_get_state_sharding_spec``).
+# state's shardings under a distribution (``_get_state_sharding_spec``);
+# checked by tests/upstream/test_keras_jax.py.
 
 
 def jax_step_function(model, step):

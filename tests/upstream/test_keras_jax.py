@@ -25,3 +25,26 @@ def test_stock_keras_jax_accumulation_still_selects_with_conditionals():
     model.compile(keras.optimizers.Adam(gradient_accumulation_steps=2), SCCE)
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
     assert conditionals(traced_train_step(model, x, y)) >= 4
+
+
+def test_keras_jax_train_function_is_still_built_as_tf_gradmix_rebuilds_it():
+    """``jax_accumulation.train_function`` builds ``fit``'s train function the
+    way Keras 3.15's ``JAXTrainer.make_train_function`` does: ``jax.jit`` of
+    ``train_step`` with the state donated and, under a distribution, the
+    state's shardings as ``out_shardings`` (``compat.jax_state_shardings``),
+    inside ``_make_function`` (``compat.jax_step_function``). When this
+    fails, compare with Keras's new ``make_train_function``."""
+    import inspect
+
+    from keras.src.backend.jax.trainer import JAXTrainer
+
+    source = inspect.getsource(JAXTrainer.make_train_function)
+    for fragment in ("donate_argnums=0", "out_shardings = (None, state_shardings)",
+                     "self._get_state_sharding_spec()", "self._make_function(train_step)"):
+        assert fragment in source, fragment
+    assert list(inspect.signature(JAXTrainer._make_function).parameters)[:2] == ["self", "step_function"]
+    x, y = data(16)
+    model = functional(keras.Model)
+    model.compile(keras.optimizers.SGD(), SCCE)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert len(model._get_state_sharding_spec()) == 4
