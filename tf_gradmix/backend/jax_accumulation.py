@@ -169,11 +169,9 @@ def _accumulating_mixer(model):
     inner = optimizer.inner_optimizer
     if not inner.gradient_accumulation_steps or not handles(inner):
         return None
-    if model.run_eagerly or not model.jit_compile:
+    if model.run_eagerly or not model.jit_compile or keras.config.is_nnx_enabled():
         return None
-    from keras.src.backend.config import is_nnx_enabled
-
-    return None if is_nnx_enabled() else optimizer
+    return optimizer
 
 
 def train_function(model):
