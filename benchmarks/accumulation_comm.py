@@ -60,6 +60,17 @@ TensorFlow's default (Eigen) kernel for the backward pass's ``dy @ W^T``
 costs about as much for a micro-batch of 8 as for 64: the micro-steps, not
 the accumulation, pay for it.
 
+``--profile DIR``: after the rounds, each worker runs one more window of the
+smallest ``k > 1`` under the TensorFlow profiler (``tf.profiler.experimental``,
+traces in ``DIR/worker{i}``), timing only its ``k - 1`` micro-steps (the
+window's update runs untimed and unprofiled after them), and reports per
+micro-step: the wall time, the profiler's self time of every TensorFlow op
+type (``framework_op_stats``, summed over all threads, so the input
+pipeline's ops, which run beside the step, overlap the step's own) and the
+part of them that are collectives (the cross-worker reduction of ``fit``'s
+logs; a micro-step holds no other). Reported under ``profile`` in the JSON
+and printed.
+
 Timings are never asserted anywhere: this script only reports.
 
 Usage::
@@ -69,6 +80,7 @@ Usage::
     python -m benchmarks.accumulation_comm --ks 1,8,32 --onednn on
     python -m benchmarks.accumulation_comm --ks 1,8 --layers 784,8,8,10
     python -m benchmarks.accumulation_comm --table-from runs/benchmarks/accumulation_comm.json
+    python -m benchmarks.accumulation_comm --ks 1,8 --rounds 2 --updates 1 --profile runs/profile
 """
 
 import argparse
@@ -101,6 +113,7 @@ def run_workers(args):
         spec = dict(vars(args), ports=ports, index=index, result=str(tmp / f"worker{index}.json"))
         spec.pop("table_from", None)
         spec["out"] = str(spec["out"])
+        spec["profile"] = str(Path(args.profile).resolve()) if args.profile else None
         spec_path = tmp / f"worker{index}.spec.json"
         spec_path.write_text(json.dumps(spec))
         log = open(tmp / f"worker{index}.log", "w")
@@ -279,6 +292,8 @@ def main(argv=None):
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--table-from", type=Path, help="re-print the table of a saved run")
+    parser.add_argument("--profile", type=Path,
+                        help="profile one window of micro-steps of the smallest k > 1 on each worker into this folder")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -315,9 +330,13 @@ def main(argv=None):
         "rows_local_worker1": summarize_local(workers[1], ks, args.micro_batch),
         "workers": workers,
     }
+    if args.profile:
+        result["profile"] = [w.get("profile") for w in workers]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print_table(result)
+    if args.profile:
+        print_profile(result["profile"])
     print(f"\nwall {result['wall_seconds']:.0f} s; written to {args.out}")
     return result
 
@@ -423,7 +442,13 @@ def worker(spec):
         mixer = gm.optimizer.find_gradient_mix(models[name].optimizer)
         updates = spec["warmup_updates"] + spec["rounds"] * spec["updates"]
         assert int(mixer.iterations.numpy()) == updates, (name, int(mixer.iterations.numpy()))
+    profile = None
+    if spec.get("profile"):
+        k = min(k for k in ks if k > 1)
+        profile = profile_micro_steps(models[f"k={k}"], datasets[f"k={k}"], k,
+                                      Path(spec["profile"]) / f"worker{spec['index']}", BlockTimer)
     result = {
+        "profile": profile,
         "per_update_seconds": per_update,
         "parameters": parameters,
         "load_before": load_before,
@@ -434,6 +459,59 @@ def worker(spec):
     }
     Path(spec["result"]).write_text(json.dumps(result))
     return None
+
+
+def profile_micro_steps(model, dataset, k, logdir, timer_class):
+    """The ``k - 1`` micro-steps of one window under the profiler: wall time and op self times, per micro-step."""
+    import glob
+
+    import tensorflow as tf
+    from tensorflow.python.profiler.internal import _pywrap_profiler_plugin
+
+    timer = timer_class()
+    tf.profiler.experimental.start(str(logdir))
+    try:
+        model.fit(dataset, epochs=1, steps_per_epoch=k - 1, verbose=0, callbacks=[timer])
+    finally:
+        tf.profiler.experimental.stop()
+    model.fit(dataset, epochs=1, steps_per_epoch=1, verbose=0)  # the window's update
+    paths = sorted(glob.glob(str(logdir / "**" / "*.xplane.pb"), recursive=True))
+    data, ok = _pywrap_profiler_plugin.xspace_to_tools_data(paths[-1:], "framework_op_stats", {})
+    if not ok:
+        raise RuntimeError(f"the profiler's op statistics of {paths[-1:]} could not be read: {data[:200]!r}")
+    table = json.loads(data)[0]
+    columns = [c["id"] for c in table["cols"]]
+    by_type = {}
+    for row in table["rows"]:
+        values = dict(zip(columns, (cell.get("v") if cell else None for cell in row["c"])))
+        op_type = values.get("type") or "?"
+        by_type[op_type] = by_type.get(op_type, 0.0) + float(values.get("total_self_time") or 0.0)
+    steps = k - 1
+    idle_ms = by_type.pop("IDLE", 0.0) / 1000 / steps  # the profiler's time with no op running
+    per_step_ms = {t: us / 1000 / steps for t, us in sorted(by_type.items(), key=lambda item: -item[1])}
+    ops_ms = sum(per_step_ms.values())
+    wall_ms = 1000 * timer.seconds / steps
+    return {
+        "micro_steps": steps,
+        "wall_ms_per_micro_step": wall_ms,
+        "op_self_ms_per_micro_step": ops_ms,
+        "collective_ms_per_micro_step": sum(v for t, v in per_step_ms.items() if "Collective" in t),
+        "profiler_idle_ms_per_micro_step": idle_ms,
+        "op_types_ms_per_micro_step": per_step_ms,
+        "trace": paths[-1] if paths else None,
+    }
+
+
+def print_profile(profiles):
+    for index, profile in enumerate(profiles):
+        if not profile:
+            continue
+        print(f"\nworker {index}: {profile['micro_steps']} profiled micro-steps, per micro-step: wall "
+              f"{profile['wall_ms_per_micro_step']:.1f} ms; self time of TensorFlow ops, all threads "
+              f"(overlapping): {profile['op_self_ms_per_micro_step']:.1f} ms, of which collectives "
+              f"{profile['collective_ms_per_micro_step']:.1f} ms")
+        for op_type, ms in list(profile["op_types_ms_per_micro_step"].items())[:12]:
+            print(f"  {op_type:40s} {ms:8.2f} ms")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,24 @@ weight gradient ``xᵀ @ dy``; the same input gradient computed as
 ``assign_add`` into an accumulator of every parameter (what a micro-step adds
 to a plain step).
 
+**Optimizers** (``--optimizers sgd,adam,lamb``, instead of the two parts
+above): a micro-step of ``gradmix k=8`` against a whole step of ``gradmix
+b=8`` (sample-level ``GradientMix``, ``stddev=1``, micro-batch 8), for each
+inner optimizer (``SGD(0.01, momentum=0.9)``, ``Adam(1e-3)``,
+``Lamb(1e-3)``), each configuration in its own process (in one process the
+order in which models are built moved step times by up to 1.7x), with an A/A
+``control`` (a second process of ``gradmix b=8``) and, with ``--stock``,
+stock Keras's own accumulation (``keras k=8``, ``keras.Sequential``) and,
+with ``--one-step`` (JAX), GradientMix's accumulation in one compiled step
+with the update in a ``lax.cond`` (what a custom loop gets). The
+processes of one optimizer start together, build, compile and warm up; then
+in every round each in a rotating order, one at a time, times a ``fit``
+block of ``k - 1`` steps (for ``k=8`` the ``k - 1`` micro-steps of one
+window) and runs one untimed step (the window's update, and a plain step for
+the others, so every configuration runs the same blocks). Reported: the
+median ms per step of the timed blocks and the median over rounds of each
+round's ratio to ``gradmix b=8``, with its IQR. One thread (``--threads``).
+
 Set ``TF_ENABLE_ONEDNN_OPTS=1`` in the environment to time the oneDNN kernels
 (recorded in the JSON). With ``KERAS_BACKEND=jax`` the steps run on Keras's
 JAX backend (one device; ``XLA_FLAGS`` limits XLA CPU to one thread unless set)
@@ -51,6 +69,8 @@ Usage::
     TF_ENABLE_ONEDNN_OPTS=1 python -m benchmarks.micro_step_cost --out runs/benchmarks/micro_step_cost_onednn.json
     KERAS_BACKEND=jax python -m benchmarks.micro_step_cost --out runs/benchmarks/micro_step_cost_jax.json
     python -m benchmarks.micro_step_cost --table-from runs/benchmarks/micro_step_cost.json
+    KERAS_BACKEND=jax python -m benchmarks.micro_step_cost --optimizers sgd,adam,lamb \
+        --out runs/benchmarks/micro_step_optimizers_jax.json
 """
 
 import argparse
@@ -58,6 +78,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -260,6 +282,141 @@ def time_ops_jax(args):
     return rows
 
 
+OPTIMIZERS = {
+    "sgd": lambda keras, steps: keras.optimizers.SGD(0.01, momentum=0.9, gradient_accumulation_steps=steps),
+    "adam": lambda keras, steps: keras.optimizers.Adam(1e-3, gradient_accumulation_steps=steps),
+    "lamb": lambda keras, steps: keras.optimizers.Lamb(1e-3, gradient_accumulation_steps=steps),
+}
+
+
+def optimizer_configurations(k, stock, one_step=False):
+    """``(name, accumulation steps or None, gradmix)`` of each process of one optimizer."""
+    configs = [("gradmix b=8", None, True), ("control", None, True), (f"gradmix k={k}", k, True)]
+    if one_step:
+        configs.append((f"gradmix k={k}, one step", k, True))
+    if stock:
+        configs.append((f"keras k={k}", k, False))
+    return configs
+
+
+def child(spec):
+    """One configuration's process: builds, warms up, then times a block per ``run`` line on stdin."""
+    threads = spec["threads"]
+    if os.environ.get("KERAS_BACKEND") == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    import keras
+    import numpy as np
+
+    import tf_gradmix as gm
+
+    if spec.get("one_step"):
+        # What a custom loop gets on JAX: one compiled step, the update in a lax.cond.
+        from tf_gradmix.backend import jax_accumulation
+
+        jax_accumulation.train_function = lambda model: None
+    k, batch = spec["k"], spec["micro_batch"]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch, LAYERS[0])).astype("float32")
+    y = rng.integers(0, LAYERS[-1], size=batch)
+    keras.utils.set_random_seed(0)
+    model_class = gm.Sequential if spec["gradmix"] else keras.Sequential
+    layers = [keras.Input((LAYERS[0],))]
+    layers += [keras.layers.Dense(n, activation="relu") for n in LAYERS[1:-1]]
+    model = model_class(layers + [keras.layers.Dense(LAYERS[-1])])
+    inner = OPTIMIZERS[spec["optimizer"]](keras, spec["steps"])
+    optimizer = gm.GradientMix(inner, level="sample", stddev=1.0, seed=0) if spec["gradmix"] else inner
+    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    timed = (np.tile(x, (k - 1, 1)), np.tile(y, k - 1))
+
+    class BlockTimer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds = time.perf_counter() - self.start
+
+    def window():
+        timer = BlockTimer()
+        model.fit(*timed, batch_size=batch, epochs=1, shuffle=False, verbose=0, callbacks=[timer])
+        model.fit(x, y, batch_size=batch, epochs=1, verbose=0)  # the update of a window
+        return timer.seconds / (k - 1)
+
+    for _ in range(2):
+        window()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        times = [window() for _ in range(int(line))]
+        print(json.dumps({"ms_per_step": [1000 * t for t in times]}), flush=True)
+
+
+def time_optimizers(args, log):
+    """Each configuration of each optimizer in its own process, alternating (see module docstring)."""
+    results = {}
+    for optimizer in args.optimizers:
+        configs = optimizer_configurations(args.k, args.stock, args.one_step)
+        processes = {}
+        for name, steps, gradmix in configs:
+            spec = {"optimizer": optimizer, "steps": steps, "gradmix": gradmix, "k": args.k,
+                    "micro_batch": args.micro_batch, "threads": args.threads,
+                    "one_step": name.endswith("one step")}
+            processes[name] = subprocess.Popen(
+                [sys.executable, "-m", "benchmarks.micro_step_cost", "--child", json.dumps(spec)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+            )
+        try:
+            for name, process in processes.items():
+                line = process.stdout.readline()
+                if line.strip() != "ready":
+                    raise RuntimeError(f"{optimizer} {name}: the process did not start ({line!r})")
+            names = [c[0] for c in configs]
+            per_round = {name: [] for name in names}
+            loads = []
+            for r in range(args.rounds):
+                loads.append(os.getloadavg())
+                for name in names[r % len(names):] + names[: r % len(names)]:
+                    processes[name].stdin.write(f"{args.updates}\n")
+                    processes[name].stdin.flush()
+                    times = json.loads(processes[name].stdout.readline())["ms_per_step"]
+                    per_round[name].append(statistics.median(times))
+                log(f"{optimizer} round {r} " + str({n: round(per_round[n][-1], 1) for n in names}))
+        finally:
+            for process in processes.values():
+                if process.poll() is None:
+                    process.stdin.close()
+            for process in processes.values():
+                process.wait(timeout=120)
+        base = per_round[names[0]]
+        rows = []
+        for name, steps, gradmix in configs:
+            ratios = [t / b for t, b in zip(per_round[name], base)]
+            q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+            rows.append({"config": name, "accumulation_steps": steps, "gradmix": gradmix,
+                         "median_ms_per_step": statistics.median(per_round[name]),
+                         "median_ratio": statistics.median(ratios), "ratio_iqr": [q[0], q[2]]})
+        results[optimizer] = {"rows": rows, "per_round_ms": per_round, "load_per_round": loads}
+    return results
+
+
+def print_optimizer_tables(result):
+    backend = result["machine"].get("keras_backend")
+    print(f"| optimizer ({backend}) | configuration | ms / step | ratio to gradmix b=8 (IQR) |")
+    print("|---|---|---:|---|")
+    for optimizer, part in result["optimizers"].items():
+        for row in part["rows"]:
+            lo, hi = row["ratio_iqr"]
+            print(f"| {optimizer} | {row['config']} | {row['median_ms_per_step']:.1f} "
+                  f"| {row['median_ratio']:.2f} ({lo:.2f}–{hi:.2f}) |")
+    m = result["machine"]
+    loads = [load[0] for part in result["optimizers"].values() for load in part["load_per_round"]]
+    print(f"\nload average (1 min): before {m['load_before'][0]:.2f}, rounds {min(loads):.2f}–{max(loads):.2f}, "
+          f"after {m['load_after'][0]:.2f}; Keras backend {backend}")
+
+
 def print_tables(result):
     k = result["args"]["k"]
     print("| configuration | batch | ms / step | ms / example | ratio to the plain step (IQR) "
@@ -301,10 +458,25 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="TF intra-op threads")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--table-from", type=Path, help="re-print the tables of a saved run")
+    parser.add_argument("--optimizers", help="comma-separated of sgd, adam, lamb: the per-optimizer comparison")
+    parser.add_argument("--stock", action="store_true", help="with --optimizers: also stock Keras k=8")
+    parser.add_argument("--one-step", action="store_true",
+                        help="with --optimizers on JAX: also GradientMix k=8 in one compiled step (lax.cond)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.table_from:
-        print_tables(json.loads(args.table_from.read_text()))
+    if args.child:
+        _set_threads(args.threads)
+        child(json.loads(args.child))
         return None
+    if args.table_from:
+        result = json.loads(args.table_from.read_text())
+        (print_optimizer_tables if "optimizers" in result else print_tables)(result)
+        return None
+    if args.optimizers is not None:
+        args.optimizers = args.optimizers.split(",")
+        unknown = [o for o in args.optimizers if o not in OPTIMIZERS]
+        if unknown:
+            parser.error(f"Invalid value for --optimizers: {unknown}; expected some of {sorted(OPTIMIZERS)}.")
     try:
         batches = tuple(int(b) for b in args.batches.split(","))
     except ValueError:
@@ -318,15 +490,26 @@ def main(argv=None):
     for name in ("micro_batch", "k", "rounds", "updates", "op_repeats", "threads"):
         if getattr(args, name) < (2 if name == "k" else 1):
             parser.error(f"Invalid value for --{name.replace('_', '-')}: {getattr(args, name)}")
-    backend = os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if backend == "jax" and "XLA_FLAGS" not in os.environ:
-        os.environ["XLA_FLAGS"] = (
-            "--xla_cpu_multi_thread_eigen=false "
-            f"intra_op_parallelism_threads={args.threads}"
-        )
+    backend = _set_threads(args.threads)
     load_before = os.getloadavg()
     started = time.time()
+    if args.optimizers is not None:
+        import keras
+
+        result = {
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_before": load_before,
+                        "keras_backend": backend, "xla_flags": os.environ.get("XLA_FLAGS")},
+            "versions": {"keras": keras.__version__, "python": platform.python_version()},
+            "optimizers": time_optimizers(args, lambda line: print(line, flush=True)),
+        }
+        result["machine"]["load_after"] = os.getloadavg()
+        result["wall_seconds"] = time.time() - started
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+        print_optimizer_tables(result)
+        print(f"\nwall {result['wall_seconds']:.0f} s; written to {args.out}")
+        return result
     import keras
     import tensorflow as tf
 
@@ -351,6 +534,18 @@ def main(argv=None):
     print_tables(result)
     print(f"\nwall {result['wall_seconds']:.0f} s; written to {args.out}")
     return result
+
+
+def _set_threads(threads):
+    """The Keras backend; XLA CPU limited to ``threads`` unless ``XLA_FLAGS`` is set (before jax loads)."""
+    backend = os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if backend == "jax" and "XLA_FLAGS" not in os.environ:
+        os.environ["XLA_FLAGS"] = (
+            "--xla_cpu_multi_thread_eigen=false "
+            f"intra_op_parallelism_threads={threads}"
+        )
+    return backend
 
 
 if __name__ == "__main__":

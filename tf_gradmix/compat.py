@@ -14,6 +14,8 @@ __all__ = [
     "raw_iterations",
     "track_optimizer_variable",
     "update_with_accumulated_gradients",
+    "jax_step_function",
+    "jax_state_shardings",
 ]
 
 # -- Optimizer internals used by gradient accumulation across replicas
@@ -77,3 +79,23 @@ def update_with_accumulated_gradients(optimizer, means, variables):
         if variable.constraint is not None:
             variable.assign(variable.constraint(variable))
     optimizer._iterations.assign_add(1)
+
+
+# -- Trainer internals used by the two compiled steps of accumulation on JAX
+#
+# tf_gradmix.backend.jax_accumulation compiles a micro-step and an update step
+# and builds Keras's train function around them the way Keras 3.15's
+# JAXTrainer.make_train_function does (keras/src/backend/jax/trainer.py):
+# the loop over ``steps_per_execution`` batches (``_make_function``) and the
+# state's shardings under a distribution (``_get_state_sharding_spec``);
+# checked by tests/upstream/test_keras_jax.py.
+
+
+def jax_step_function(model, step):
+    """Keras's train function around ``step(state, data)``: ``steps_per_execution`` steps a call."""
+    return model._make_function(step)
+
+
+def jax_state_shardings(model):
+    """The shardings of Keras's train-step state (trainable, non-trainable, optimizer, metrics)."""
+    return model._get_state_sharding_spec()

@@ -164,6 +164,7 @@ class _Hook:
             return logs
 
         train_function._gradmix_train_function = True
+        train_function.__wrapped__ = function
         model.train_function = train_function
         return train_function
 
@@ -292,6 +293,7 @@ def enable(model, per_example_gradients=False):
 
 
 def _install_hook(model):
+    backend.current().install_fit(model)  # first: it may wrap make_train_function
     base_compute_loss = model.compute_loss
     base_train_step = model.train_step
     base_test_step = model.test_step
@@ -313,7 +315,6 @@ def _install_hook(model):
         return _Hook.train_function(self)
 
     _Hook.create_gamma_metric(model)
-    backend.current().install_fit(model)
     set_compute_loss(model, types.MethodType(compute_loss, model))
     model.train_step = types.MethodType(train_step, model)
     model.test_step = types.MethodType(test_step, model)

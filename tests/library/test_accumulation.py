@@ -93,6 +93,22 @@ def test_accumulated_updates_equal_stock_keras_on_one_device(name):
     assert int(numpy(optimizer.iterations)) == 2 and int(numpy(optimizer.raw_step)) == 6
 
 
+@pytest.mark.backends("jax")
+@pytest.mark.parametrize("name", ["adamw", "lamb", "sgd_loss_scale"])
+def test_accumulated_updates_in_one_jax_step_with_a_conditional_equal_stock_keras(name, monkeypatch):
+    """Where ``fit``'s two compiled steps do not apply (a custom loop, another
+    wrapper around the ``GradientMix``), one step holds the update in a
+    conditional: the same updates as stock Keras."""
+    from tf_gradmix.backend import jax_accumulation
+
+    monkeypatch.setattr(jax_accumulation, "train_function", lambda model: None)
+    make_inner = INNER_OPTIMIZERS[name]
+    expected, _ = updates_of(make_inner, keras.Model, steps=3)
+    actual, optimizer = updates_of(make_inner, gm.Model, steps=3)
+    assert_updates_close(actual, expected)
+    assert int(numpy(optimizer.iterations)) == 2 and int(numpy(optimizer.raw_step)) == 6
+
+
 @pytest.mark.slow
 @pytest.mark.backends("tensorflow")
 @pytest.mark.parametrize("name", sorted(set(INNER_OPTIMIZERS) - {"sgd_clipnorm"}))

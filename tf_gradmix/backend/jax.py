@@ -161,10 +161,17 @@ def _compute_loss_and_updates(model, base, args, kwargs):
 
 
 class FitMixin:
-    """Mixin for ``keras.Model`` subclasses: the optimizer state reaches the loss hook (see module docstring)."""
+    """Mixin for ``keras.Model`` subclasses: the optimizer state reaches the loss hook (see module
+    docstring); an accumulating ``GradientMix`` gets a compiled micro-step and update step
+    (:func:`tf_gradmix.backend.jax_accumulation.train_function`)."""
 
     def compute_loss_and_updates(self, *args, **kwargs):
         return _compute_loss_and_updates(self, super().compute_loss_and_updates, args, kwargs)
+
+    def make_train_function(self, force=False):
+        from tf_gradmix.backend import jax_accumulation
+
+        return jax_accumulation.make_train_function(self, super().make_train_function, force)
 
 
 def install_fit(model):
@@ -172,11 +179,18 @@ def install_fit(model):
     if isinstance(model, FitMixin) or getattr(model, "_gradmix_fit_installed", False):
         return model
     base = model.compute_loss_and_updates
+    base_make_train_function = model.make_train_function
 
     def compute_loss_and_updates(*args, **kwargs):
         return _compute_loss_and_updates(model, base, args, kwargs)
 
+    def make_train_function(force=False):
+        from tf_gradmix.backend import jax_accumulation
+
+        return jax_accumulation.make_train_function(model, base_make_train_function, force)
+
     model.compute_loss_and_updates = compute_loss_and_updates
+    model.make_train_function = make_train_function
     model._gradmix_fit_installed = True
     return model
 

@@ -1,4 +1,4 @@
-r"""Gradient accumulation on JAX without conditionals over the state.
+r"""Gradient accumulation on JAX: a micro-step that makes no update.
 
 With ``gradient_accumulation_steps = n`` on the inner optimizer, an update
 uses the mean of the gradients of ``n`` micro-batches:
@@ -12,22 +12,34 @@ uses the mean of the gradients of ``n`` micro-batches:
 
 with ``g_s`` the (already mixed) gradient of micro-batch ``s``, ``a`` the
 accumulator of one variable and ``theta`` every variable the update changes
-(weights and optimizer state). The arithmetic is Keras's own.
+(weights and optimizer state). The arithmetic is Keras's own
+(:func:`tf_gradmix.compat.update_with_accumulated_gradients`).
 
-Why this module exists: a JAX step is one compiled function, so both cases
-are computed and one is chosen. Keras 3.15's JAX optimizer
-(``keras/src/backend/jax/optimizer.py``, ``_backend_apply_gradients``)
-chooses with four ``lax.cond`` over the trainable variables, every
-optimizer variable and the accumulators. On XLA CPU an accumulating step
-of a 4.7M-parameter MLP then costs about 3.4 times a plain step
-(``benchmarks/micro_step_cost.py``; that a conditional can cost far more
-than its branch is known upstream,
-https://github.com/jax-ml/jax/issues/24259;
-``tests/upstream/test_keras_jax.py`` notices when Keras changes this).
-Here each variable's new value is chosen elementwise (``jnp.where`` on the
-update condition), which XLA fuses into the computation of that value, so a
-micro-step costs its forward and backward pass, one add per variable and
-the elementwise part of an update.
+Why this module exists: a JAX train step is one compiled function, and
+Keras 3.15's JAX optimizer (``keras/src/backend/jax/optimizer.py``,
+``_backend_apply_gradients``) computes the update on every micro-step and
+keeps or drops it with four ``lax.cond`` over the trainable variables, every
+optimizer variable and the accumulators, so each micro-step pays a whole
+update and more (``tests/upstream/test_keras_jax.py`` notices when Keras
+changes this). Here a micro-step computes its forward and backward pass and
+one add per accumulator, nothing else:
+
+* **In ``fit``** (:func:`train_function`) two steps are compiled, a
+  micro-step and an update step, and the host chooses between them by the
+  inner optimizer's raw step counter, which it counts itself (it reads the
+  counter from the device only when the state did not come from its own
+  previous step: at the start of ``fit``, or after a callback changed the
+  state). Neither holds a conditional; the micro-step's optimizer state
+  other than the accumulators and step counters passes through unchanged,
+  unread.
+* **Elsewhere** (a custom loop calling ``stateless_apply``, another
+  wrapper such as ``LossScaleOptimizer`` around the ``GradientMix``, whose
+  skipped steps the host could not count, ``run_eagerly``) one
+  ``lax.cond`` holds the update. On GPU and TPU its untaken branch costs
+  nothing; on XLA CPU a conditional over the whole state costs more than
+  its branch (https://github.com/jax-ml/jax/issues/24259), still far less
+  than computing the update and selecting elementwise
+  (``docs/performance.md``).
 
 ``GradientMix.apply`` calls :func:`apply_accumulated` on JAX when the inner
 optimizer accumulates (inside the ``StatelessScope`` of Keras's
@@ -38,12 +50,36 @@ overwritten with its gradient (``overwrite_with_gradient``, float8 scaling
 factors) or no variable has a gradient.
 """
 
+import contextlib
+
 import jax
 import keras
 
 from tf_gradmix import compat
 
-__all__ = ["handles", "apply_accumulated"]
+__all__ = ["PHASES", "handles", "phase", "apply_accumulated", "train_function"]
+
+#: The two compiled steps of :func:`train_function`.
+PHASES = ("micro_step", "update_step")
+
+_PHASE = []  # the phase whose step is being traced, innermost last
+
+
+@contextlib.contextmanager
+def phase(name):
+    """While a step is traced in this block, :func:`apply_accumulated` makes only that phase.
+
+    Args:
+        name: ``"micro_step"`` (accumulate only) or ``"update_step"``
+            (accumulate and update, unconditionally).
+    """
+    if name not in PHASES:
+        raise ValueError(f"Invalid value for argument `name`: {name!r}; expected one of {PHASES}.")
+    _PHASE.append(name)
+    try:
+        yield
+    finally:
+        _PHASE.pop()
 
 
 def handles(inner, trainable_variables=None):
@@ -58,9 +94,11 @@ def handles(inner, trainable_variables=None):
 def apply_accumulated(inner, grads, trainable_variables=None):
     """One micro-step of ``inner``'s gradient accumulation; every ``n``-th also updates.
 
+    Inside :func:`phase` the step makes that phase only; otherwise one
+    ``lax.cond`` on the raw step counter chooses (see module docstring).
     The update (:func:`tf_gradmix.compat.update_with_accumulated_gradients`,
-    with ``iterations`` counting updates) is computed in a ``StatelessScope``
-    on every micro-step and kept only on update steps.
+    with ``iterations`` counting updates) gets the mean of the accumulated
+    gradients and resets the accumulators.
 
     Args:
         inner: the accumulating inner optimizer (built;
@@ -82,22 +120,121 @@ def apply_accumulated(inner, grads, trainable_variables=None):
     grads = [g if scale is None else g / scale for g, _ in pairs]  # as Keras's apply
     accumulators = compat.gradient_accumulators(inner, variables)
     counter = compat.raw_iterations(inner)
+    totals = [gradient.astype(a.dtype) + a.value for gradient, a in zip(grads, accumulators)]
+
+    def update():
+        compat.update_with_accumulated_gradients(inner, [total / steps for total in totals], variables)
+        for accumulator in accumulators:
+            accumulator.assign(jax.numpy.zeros(accumulator.shape, accumulator.dtype))
+
+    def accumulate():
+        for accumulator, total in zip(accumulators, totals):
+            accumulator.assign(total)
+        counter.assign(counter.value + 1)
+
+    current = _PHASE[-1] if _PHASE else None
+    if current == "update_step":
+        update()
+        return
+    if current == "micro_step":
+        accumulate()
+        return
+
     # Everything the step may change.
     state = variables + [v for v in inner.variables if all(v is not t for t in variables)]
-    before = [v.value for v in state]
+
+    def branch(make):
+        def run(values):
+            with keras.StatelessScope(state_mapping=list(zip(state, values))) as scope:
+                make()
+            return [jax.numpy.asarray(scope.get_current_value(v), v.dtype) for v in state]
+
+        return run
+
     is_update = (counter.value + 1) % steps == 0
-
-    totals = [gradient.astype(a.dtype) + a.value for gradient, a in zip(grads, accumulators)]
-    with keras.StatelessScope(state_mapping=list(zip(state, before))) as scope:
-        compat.update_with_accumulated_gradients(inner, [total / steps for total in totals], variables)
-    updated = [scope.get_current_value(v) for v in state]
-
-    total_of = {id(a): total for a, total in zip(accumulators, totals)}
-    for variable, old, new in zip(state, before, updated):
-        if variable is counter:
-            value = old + 1
-        elif id(variable) in total_of:
-            value = jax.numpy.where(is_update, 0, total_of[id(variable)]).astype(variable.dtype)
-        else:
-            value = jax.numpy.where(is_update, new, old)
+    values = jax.lax.cond(
+        is_update, branch(update), branch(accumulate), [jax.numpy.asarray(v.value, v.dtype) for v in state]
+    )
+    for variable, value in zip(state, values):
         variable.assign(value)
+
+
+def _accumulating_mixer(model):
+    """The model's ``GradientMix`` if :func:`train_function` can run its accumulation, else None."""
+    from tf_gradmix.optimizer import GradientMix
+
+    optimizer = getattr(model, "optimizer", None)
+    if not isinstance(optimizer, GradientMix) or not optimizer.built:
+        return None
+    inner = optimizer.inner_optimizer
+    if not inner.gradient_accumulation_steps or not handles(inner):
+        return None
+    if model.run_eagerly or not model.jit_compile or keras.config.is_nnx_enabled():
+        return None
+    return optimizer
+
+
+def train_function(model):
+    """Keras's ``fit`` train function with a compiled micro-step and update step, or None.
+
+    Built as Keras 3.15's ``JAXTrainer.make_train_function`` builds its one
+    compiled step (``jax.jit`` of ``model.train_step``, the state donated,
+    its shardings kept under a distribution), once per phase (:func:`phase`).
+    The host runs the update step when the inner optimizer's raw step
+    counter ``c`` has ``(c + 1) % n == 0`` and the micro-step otherwise,
+    counting ``c`` itself from the value it read last (see module
+    docstring). None (Keras's own train function stays) unless the model's
+    optimizer is a built :class:`tf_gradmix.GradientMix` whose inner
+    optimizer accumulates in :func:`apply_accumulated` and the step is
+    compiled (no ``run_eagerly``, ``jit_compile``, no Flax NNX).
+
+    Args:
+        model: a compiled Keras model on the JAX backend.
+    """
+    optimizer = _accumulating_mixer(model)
+    if optimizer is None:
+        return None
+    inner = optimizer.inner_optimizer
+    steps = inner.gradient_accumulation_steps
+    counter = compat.raw_iterations(inner)
+    index = next(i for i, v in enumerate(optimizer.variables) if v is counter)
+    out_shardings = None
+    if keras.distribution.distribution() is not None:
+        out_shardings = (None, compat.jax_state_shardings(model))
+
+    def traced_in(name):
+        def step(state, data):
+            with phase(name):
+                return model.train_step(state, data)
+
+        return jax.jit(step, donate_argnums=0, out_shardings=out_shardings)
+
+    compiled = {name: traced_in(name) for name in PHASES}
+    host = {"array": None, "count": 0}  # the counter array last returned, and its value
+    runs = dict.fromkeys(PHASES, 0)
+
+    def step(state, data):
+        array = state[2][index]
+        if array is not host["array"]:
+            host["count"] = int(array)  # a state this function did not return: read it once
+        name = "update_step" if (host["count"] + 1) % steps == 0 else "micro_step"
+        logs, state = compiled[name](state, data)
+        host["array"], host["count"] = state[2][index], host["count"] + 1
+        runs[name] += 1
+        return logs, state
+
+    function = compat.jax_step_function(model, step)
+    function.compiled_steps = compiled
+    function.steps_run = runs  # how many steps of each phase ran
+    return function
+
+
+def make_train_function(model, base_make_train_function, force=False):
+    """``base_make_train_function(force)``, then :func:`train_function` in place of a new Keras one."""
+    before = model.train_function
+    base_make_train_function(force)
+    if model.train_function is not before or force:
+        replacement = train_function(model)
+        if replacement is not None:
+            model.train_function = replacement
+    return model.train_function

@@ -226,19 +226,80 @@ def test_two_processes_on_loopback_end_identical_and_equal_to_the_oracle(tmp_pat
         assert_float32_close(results[0][f"{level}/final"], flat_weights)
 
 
+def _state_positions(model, jaxpr_out_leaves):
+    """``(input, output)`` positions in a traced train step of each optimizer variable's value."""
+    offset = len(model.trainable_variables) + len(model.non_trainable_variables)
+    logs = jaxpr_out_leaves - offset - len(model.optimizer.variables) - len(model.metrics_variables)
+    return [(offset + i, logs + offset + i) for i in range(len(model.optimizer.variables))]
+
+
 @pytest.mark.parametrize("level", ["sample", "device"])
-def test_an_accumulating_step_selects_values_without_a_conditional(level):
-    """Keras's JAX accumulation keeps or drops a computed update with
-    ``lax.cond`` over all the state, which XLA CPU executes at several times
-    the cost of a plain step (tests/upstream/test_keras_jax.py);
-    ``tf_gradmix.backend.jax_accumulation`` selects values elementwise
-    instead. A step that went through Keras's path holds at least four conditionals."""
+def test_fit_runs_a_micro_step_that_makes_no_update(level):
+    """``fit`` with ``gradient_accumulation_steps=2`` runs a compiled micro-step
+    and a compiled update step, in turn. Neither holds a conditional; in the
+    micro-step every optimizer variable but the accumulators and the two step
+    counters is its input, untouched (Adam's moments are not even read), so a
+    micro-step computes no update. Traced without a phase (a custom loop), the
+    step holds one conditional, Keras's path four or more
+    (tests/upstream/test_keras_jax.py)."""
+    from tf_gradmix.backend import jax_accumulation
+
     x, y = data(B)
     with data_parallel().scope():
         model = functional()
         model.compile(mixer(level=level, inner=keras.optimizers.Adam(gradient_accumulation_steps=2)), SCCE)
-        model.fit(x, y, batch_size=B, epochs=1, verbose=0)  # builds everything
-        assert conditionals(traced_train_step(model, x, y)) == 0
+        model.fit(*data(4 * B), batch_size=B, epochs=1, verbose=0)
+        assert model.train_function.__wrapped__.steps_run == {"micro_step": 2, "update_step": 2}
+        optimizer, inner = model.optimizer, model.optimizer.inner_optimizer
+        changing = {id(v) for v in inner._accumulated_gradients} | {id(optimizer.raw_step), id(inner._iterations)}
+        moments = [v for v in inner.variables if "momentum" in v.path or "velocity" in v.path]
+        assert len(moments) == 2 * len(model.trainable_variables)
+        for name in jax_accumulation.PHASES:
+            with jax_accumulation.phase(name):
+                jaxpr = traced_train_step(model, x, y)
+            assert conditionals(jaxpr) == 0
+            passed_through = [
+                v for v, (i, o) in zip(optimizer.variables, _state_positions(model, len(jaxpr.outvars)))
+                if jaxpr.outvars[o] is jaxpr.invars[i]
+            ]
+            if name == "micro_step":
+                assert {id(v) for v in passed_through} == {id(v) for v in optimizer.variables} - changing
+            else:
+                assert not any(any(v is m for m in moments) for v in passed_through)
+        assert conditionals(traced_train_step(model, x, y)) == 1
+
+
+def test_an_enabled_model_runs_the_two_compiled_steps_with_the_same_updates():
+    """``gm.enable`` installs the same micro-step and update step as ``gm.Model``:
+    equal weights after two updates of LAMB, the same steps run."""
+    x, y = data(4 * B)
+    runs = []
+    for enabled in (True, False):
+        model = gm.enable(functional(keras.Model)) if enabled else functional()
+        inner = gm.optimizers.LAMB(0.05, epsilon=0.01, gradient_accumulation_steps=2)
+        model.compile(mixer(stddev=0.7, inner=inner), SCCE)
+        model.fit(x, y, batch_size=B, epochs=1, shuffle=False, verbose=0)
+        assert model.train_function.__wrapped__.steps_run == {"micro_step": 2, "update_step": 2}
+        runs.append(flat(weights_of(model)))
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_the_host_counts_micro_steps_across_steps_per_execution_and_fits():
+    """The host chooses each step's phase by its own count of the raw step
+    counter: with ``steps_per_execution=3`` (windows of 2 straddle the calls)
+    and over two ``fit`` calls of 3 micro-batches each (the second starts
+    mid-window), Adam ends where one ``fit`` of the same 6 micro-batches ends."""
+    x, y = data(6 * B)
+    runs = []
+    for steps_per_execution, parts in ((1, [slice(0, 6 * B)]), (3, [slice(0, 3 * B), slice(3 * B, 6 * B)])):
+        model = functional()
+        inner = keras.optimizers.Adam(0.05, epsilon=0.01, gradient_accumulation_steps=2)
+        model.compile(mixer(stddev=0.7, inner=inner), SCCE, steps_per_execution=steps_per_execution)
+        for part in parts:
+            model.fit(x[part], y[part], batch_size=B, epochs=1, shuffle=False, verbose=0)
+        assert int(numpy(model.optimizer.iterations)) == 3
+        runs.append(flat(weights_of(model)))
+    np.testing.assert_allclose(runs[1], runs[0], rtol=0, atol=1e-6 * np.max(np.abs(runs[0])))
 
 
 def test_accumulation_under_data_parallel_equals_the_one_device_run():
