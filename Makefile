@@ -28,7 +28,7 @@ BACKEND ?= tensorflow
 DEMO_ARGS ?=
 BACKENDS := tensorflow jax
 
-.PHONY: venv venv-tf219 lint test test-tf test-jax test-tf219 test-fast demo clean distclean
+.PHONY: venv venv-tf219 lint test test-tf test-jax test-tf219 test-fast mutations demo clean distclean
 
 venv: $(STAMP)
 venv-tf219: $(STAMP_TF219)
@@ -73,22 +73,27 @@ endef
 # with e.g. `make test TESTS=tests/library/test_noise.py PYTEST_ARGS=-x`, or
 # run one suite: `make test-tf`, `make test-jax`, `make test-tf219`.
 TEST_LOGS ?= runs/test-logs
+# The suite in the foreground and the suites run one after another beside it.
+# A new backend's suite is one more target here (balance the two lines by
+# their process times, CONTRIBUTING.md).
+FOREGROUND_SUITE := test-tf
+SIDE_SUITES := test-jax test-tf219
 test: venv venv-tf219
 	@mkdir -p $(TEST_LOGS); rm -f $(TEST_LOGS)/*.status; \
-	( for suite in test-jax test-tf219; do \
+	( for suite in $(SIDE_SUITES); do \
 	    $(MAKE) --no-print-directory $$suite > $(TEST_LOGS)/$$suite.log 2>&1; \
 	    echo $$? > $(TEST_LOGS)/$$suite.status; \
 	  done ) & \
 	beside=$$!; \
-	$(MAKE) --no-print-directory test-tf; echo $$? > $(TEST_LOGS)/test-tf.status; \
+	$(MAKE) --no-print-directory $(FOREGROUND_SUITE); echo $$? > $(TEST_LOGS)/$(FOREGROUND_SUITE).status; \
 	wait $$beside; \
 	failed=""; \
-	for suite in test-jax test-tf219; do cat $(TEST_LOGS)/$$suite.log; done; \
-	for suite in test-tf test-jax test-tf219; do \
+	for suite in $(SIDE_SUITES); do cat $(TEST_LOGS)/$$suite.log; done; \
+	for suite in $(FOREGROUND_SUITE) $(SIDE_SUITES); do \
 	  [ "$$(cat $(TEST_LOGS)/$$suite.status 2>/dev/null)" = 0 ] || failed="$$failed $$suite"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "make test: failed:$$failed" >&2; exit 1; fi; \
-	echo "make test: test-tf, test-jax and test-tf219 passed"
+	echo "make test: $(FOREGROUND_SUITE) $(SIDE_SUITES) passed"
 
 test-tf: venv
 	$(call pytest,TensorFlow 2.21,KERAS_BACKEND=tensorflow,$(PY),$(PYTEST_ARGS) $(TESTS))
@@ -103,6 +108,12 @@ test-tf219: venv-tf219
 # (real training runs of tens of seconds).
 test-fast: venv
 	$(call pytest,TensorFlow 2.21 without slow tests,KERAS_BACKEND=tensorflow,$(PY),-m "not slow" $(PYTEST_ARGS) $(TESTS))
+
+# The mutation table of CONTRIBUTING.md: one-line bugs in the library, each
+# run against its module's tests on a temporary copy (`MUTATIONS=name ...` for some).
+MUTATIONS ?=
+mutations: venv
+	$(PY) tests/mutations.py $(MUTATIONS)
 
 # `make demo BACKEND=jax` runs the demo on Keras's JAX backend. The data: $TF_GRADMIX_DATA, else
 # this machine's copy beside the repository, else keras.datasets downloads it.

@@ -4,7 +4,10 @@ Modes:
 
 * ``"resume"``: ``fit`` with ``BackupAndRestore`` (epoch backups); with
   ``kill_at`` ``[epoch, batch]`` the process sends itself SIGKILL at the start
-  of that batch. Writes the final weights to ``out`` (npz).
+  of that batch. Writes the final weights to ``out`` (npz). With
+  ``straight_out``, the same process then trains the uninterrupted run with
+  the seed it ended with (a new model and optimizer, an empty backup folder
+  ``straight_backup``) and writes it there: one process start fewer.
 * ``"multi_process"``: one of ``num_processes`` JAX processes joined through
   ``keras.distribution.initialize`` on 127.0.0.1; ``DataParallel`` over every
   device of every process; each process feeds its half of each global batch.
@@ -39,10 +42,15 @@ def model_and_data(n):
 
 
 def resume():
+    seed = resume_run(SPEC["seed"], SPEC["backup"], SPEC.get("kill_at"), SPEC["out"])
+    if SPEC.get("straight_out"):
+        resume_run(seed, SPEC["straight_backup"], None, SPEC["straight_out"])
+
+
+def resume_run(seed, backup, kill_at, out):
     model, x, y = model_and_data(64)
-    opt = gm.GradientMix(keras.optimizers.SGD(0.1, momentum=0.9), stddev=1.0, seed=SPEC["seed"])
+    opt = gm.GradientMix(keras.optimizers.SGD(0.1, momentum=0.9), stddev=1.0, seed=seed)
     model.compile(opt, "sparse_categorical_crossentropy")
-    kill_at = SPEC.get("kill_at")
 
     class Kill(keras.callbacks.Callback):
         epoch = 0
@@ -54,9 +62,10 @@ def resume():
             if kill_at and [self.epoch, batch] == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    callbacks = [keras.callbacks.BackupAndRestore(SPEC["backup"]), Kill()]
+    callbacks = [keras.callbacks.BackupAndRestore(backup), Kill()]
     model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0, callbacks=callbacks)
-    np.savez(SPEC["out"], *model.get_weights(), seed=opt.seed, raw_step=int(opt.raw_step.numpy()))
+    np.savez(out, *model.get_weights(), seed=opt.seed, raw_step=int(opt.raw_step.numpy()))
+    return opt.seed
 
 
 def multi_process():

@@ -20,6 +20,10 @@ Tasks:
 * ``fault``: a run with ``keras.callbacks.BackupAndRestore`` (sample level,
   or ``level``, e.g. ``"sample-acc3"``); with ``pause_at`` (epoch, batch) this
   process stops after that batch, writes ``marker`` and waits to be killed.
+  With ``reference_out``, the same process then trains the uninterrupted
+  reference: a new model from the same initial weights, with its own backup
+  folder ``reference_backup_dir`` (empty, so nothing is restored), written to
+  ``reference_out`` (one process start instead of two).
 """
 
 import json
@@ -322,15 +326,21 @@ class PauseAt(keras.callbacks.Callback):
 
 
 def fault(strategy, out):
+    fault_run(strategy, out, SPEC["backup_dir"], pause=True)
+    if SPEC.get("reference_out"):
+        fault_run(strategy, SPEC["reference_out"], SPEC["reference_backup_dir"], pause=False)
+
+
+def fault_run(strategy, out, backup_dir, pause):
     epochs = SPEC["epochs"]
     with strategy.scope():
         keras.utils.set_random_seed(0)
         model = build("model")
         model.compile(optimizer(SPEC.get("level", "sample"), momentum=0.9), "mse")
     callbacks = [
-        keras.callbacks.BackupAndRestore(SPEC["backup_dir"], save_freq="epoch"),
+        keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch"),
     ]
-    if SPEC.get("pause_at") and SPEC.get("pause_index", 0) == SPEC.get("index", 0):
+    if pause and SPEC.get("pause_at") and SPEC.get("pause_index", 0) == SPEC.get("index", 0):
         callbacks.append(PauseAt(*SPEC["pause_at"], SPEC["marker"]))
     epochs_seen = []
     callbacks.append(

@@ -174,11 +174,13 @@ def test_sigkill_mid_epoch_then_restart_ends_like_an_uninterrupted_run(tmp_path,
                      "out": str(tmp_path / "killed.npz")}, check=False)
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert not (tmp_path / "killed.npz").exists()
-    worker({"mode": "resume", "seed": seed, "backup": backup, "out": str(tmp_path / "resumed.npz")})
+    # The restarted process resumes, then trains the uninterrupted run with the
+    # seed the resumed run ended with (a fresh model and optimizer, an empty backup folder).
+    worker({"mode": "resume", "seed": seed, "backup": backup, "out": str(tmp_path / "resumed.npz"),
+            "straight_backup": str(tmp_path / "other"), "straight_out": str(tmp_path / "straight.npz")})
     resumed = np.load(tmp_path / "resumed.npz")
-    worker({"mode": "resume", "seed": int(resumed["seed"]), "backup": str(tmp_path / "other"),
-            "out": str(tmp_path / "straight.npz")})
     straight = np.load(tmp_path / "straight.npz")
+    assert int(straight["seed"]) == int(resumed["seed"])
     assert int(resumed["raw_step"]) == int(straight["raw_step"]) == 12
     names = [n for n in straight.files if n.startswith("arr_")]
     for name in names:
