@@ -295,6 +295,19 @@ class NoiseStream:
         self.noise = get(noise)
         self.stddev = stddev
 
+    @property
+    def is_plain(self):
+        """True where every weight is exactly 1 at every step: ``stddev`` is the number 0, not a schedule.
+
+        The model hook then leaves the predictions untouched, so training is
+        plain training bit for bit on every backend (an identity with a
+        custom gradient, even one multiplying by 1, changes how XLA fuses the
+        backward pass on JAX, and with it the float32 rounding).
+        """
+        if isinstance(self.stddev, keras.optimizers.schedules.LearningRateSchedule):
+            return False
+        return float(self.stddev) == 0.0
+
     def stddev_at(self, step):
         """``stddev`` at the raw ``step``, float32."""
         if isinstance(self.stddev, keras.optimizers.schedules.LearningRateSchedule):
