@@ -118,9 +118,9 @@ class _Hook:
             loss = base_compute_loss(x, y, y_pred, sample_weight, training=training)
         else:
             loss = base_compute_loss(x, y, mix_predictions(y_pred, weights), sample_weight, training=training)
-            if mixer.level == "sample":
-                # Refuses a loss that reads no prediction (nothing would be mixed).
-                mixing_check.check_sample_mixing(model, base_compute_loss, x, y, y_pred, sample_weight)
+        if mixer.level == "sample":
+            # Refuses a loss that reads no prediction (nothing would be mixed).
+            mixing_check.check_sample_mixing(model, base_compute_loss, x, y, y_pred, sample_weight)
         if mixer.level == "device":
             weights = mixer.device_weights()
         model._gradmix_gamma.update_state(noise_lib.gamma(weights))
