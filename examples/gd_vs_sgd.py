@@ -197,11 +197,12 @@ def isotropic_model_class():
             grads = tape.gradient(mean_loss, variables)
             noise_norm = tf.linalg.global_norm(tape.gradient(mixing_noise, variables))
             del tape
-            direction_seed = noise_lib.step_seed(self.noise_seed, step, noise_lib.DEVICE_STREAM)
-            directions = [
-                tf.random.stateless_normal(tf.shape(v), tf.random.experimental.stateless_fold_in(direction_seed, i))
-                for i, v in enumerate(variables)
-            ]
+            # One standard normal number per parameter, from the stream no device weight uses here.
+            sizes = [int(np.prod(v.shape)) for v in variables]
+            normal = noise_lib.normal(
+                [sum(sizes)], noise_lib.step_seed(self.noise_seed, step, noise_lib.DEVICE_STREAM)
+            )
+            directions = [tf.reshape(d, v.shape) for d, v in zip(tf.split(normal, sizes), variables)]
             scale = noise_norm / tf.linalg.global_norm(directions)  # uniform on the sphere of that radius
             self.optimizer.apply([g + scale * d for g, d in zip(grads, directions)], variables)
             for metric in self.metrics:

@@ -14,7 +14,9 @@ to a JSONL results file: the result's fields, the sweep's labels (e.g.
 * ``key``: the run's identity, :func:`key_of` the trainer and that config;
 * ``command``: the exact command that ran;
 * ``elapsed_seconds``, ``finished_utc`` and ``machine`` (cores, runs in
-  parallel, threads per run, the load average before and after the run).
+  parallel, threads per run, the load average before and after the run);
+* ``tf_gradmix_version``: the version of the package the trainer ran (its
+  noise stream changed in 0.2.0); rows without it were made by 0.1.0.
 
 A run whose key is in the results file is not run again, so a sweep that was
 stopped (Ctrl-C, or a kill of its process group) continues where it stopped
@@ -31,6 +33,7 @@ import dataclasses
 import importlib
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -47,7 +50,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MOVED_TRAINERS = {"examples.cifar_resnet18": "examples.cifar_train"}
 
 #: Row fields the runner writes; they replace result fields of the same name.
-RUNNER_FIELDS = ("trainer", "config", "key", "command", "elapsed_seconds", "finished_utc", "machine")
+RUNNER_FIELDS = (
+    "trainer", "config", "key", "command", "elapsed_seconds", "finished_utc", "machine", "tf_gradmix_version",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +161,12 @@ def command_of(run, threads=None):
     return ["-m", run.trainer, *argv_of(config)]
 
 
+def package_version():
+    """The version of the tf_gradmix the trainers import: the repository's own (they run from its root)."""
+    text = (ROOT / "tf_gradmix" / "__init__.py").read_text()
+    return re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)
+
+
 def _row(run, result, command, started, load_before, parallel, threads):
     row = dict(result)
     row.update(run.labels)
@@ -168,6 +179,7 @@ def _row(run, result, command, started, load_before, parallel, threads):
         finished_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         machine={"cpus": os.cpu_count(), "parallel_runs": parallel, "threads_per_run": threads,
                  "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg())},
+        tf_gradmix_version=package_version(),
     )
     return row
 

@@ -1,10 +1,11 @@
 """Independent references for the tests, and the small models they check.
 
-The references (per-example loops in float64, tolerances) use no
-tf_gradmix code; the weights a test compares against come from
-``GradientMix.example_weights`` / ``device_weights``, whose statistics are
-tested on their own in ``library/test_noise.py``. The last section builds the small
-models and data several test modules share.
+The references (per-example loops in float64, tolerances, the noise stream
+in NumPy) use no tf_gradmix code; the weights a test compares against come
+from ``GradientMix.example_weights`` / ``device_weights``, which
+``library/test_random.py`` checks against :func:`stream_weights` on every
+backend and compiler, and whose statistics ``library/test_noise.py`` tests.
+The last section builds the small models and data several test modules share.
 
 Backend-agnostic: gradients come from a ``tf.GradientTape`` on TensorFlow
 and from ``jax.grad`` of ``model.stateless_call`` on JAX (:func:`gradient`),
@@ -144,6 +145,106 @@ def float32_error_ulps(actual, expected):
 def relative_error(actual, expected):
     """``max |actual - expected| / max |expected|`` in float64."""
     return np.max(np.abs(np.asarray(actual, np.float64) - expected)) / np.max(np.abs(expected))
+
+
+# -- the noise stream: Threefry-2x32 in NumPy ------------------------------------
+
+#: Random123's known-answer vectors for threefry2x32 (its ``tests/kat_vectors``;
+#: the 20-round ones are also in JAX's ``tests/random_test.py``):
+#: ``(rounds, counter, key, output)``, words as uint32.
+THREEFRY2X32_KNOWN_ANSWERS = (
+    (13, (0x00000000, 0x00000000), (0x00000000, 0x00000000), (0x9D1C5EC6, 0x8BD50731)),
+    (13, (0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF), (0xFD36D048, 0x2D17272C)),
+    (13, (0x243F6A88, 0x85A308D3), (0x13198A2E, 0x03707344), (0xBA3E4725, 0xF27D669E)),
+    (20, (0x00000000, 0x00000000), (0x00000000, 0x00000000), (0x6B200159, 0x99BA4EFE)),
+    (20, (0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF), (0x1CB996FC, 0xBB002BE7)),
+    (20, (0x243F6A88, 0x85A308D3), (0x13198A2E, 0x03707344), (0xC4923A9C, 0x483DF7A0)),
+    (32, (0x00000000, 0x00000000), (0x00000000, 0x00000000), (0xCEE3D47E, 0xA23DFD5C)),
+    (32, (0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF), (0x6E2FE0D0, 0xB1B76F82)),
+    (32, (0x243F6A88, 0x85A308D3), (0x13198A2E, 0x03707344), (0xE2827716, 0xC3C05CDF)),
+)
+
+#: The stream ids of the two levels (tf_gradmix.noise.SAMPLE_STREAM, DEVICE_STREAM).
+SAMPLE_STREAM, DEVICE_STREAM = 0x5A, 0xD3
+
+
+def threefry2x32(key, count, rounds=20):
+    """Threefry-2x32 (Salmon et al. 2011) in uint32 NumPy, written from the paper's
+    description: ``rounds`` rounds of add, rotate, xor, with the key schedule
+    injected after every fourth round. Returns the two output words."""
+    rotations = (13, 15, 26, 6, 17, 29, 16, 24)
+    k0, k1 = (np.uint32(k) for k in key)
+    schedule = (k0, k1, k0 ^ k1 ^ np.uint32(0x1BD11BDA))
+    x0, x1 = (np.asarray(c, np.uint32) for c in count)
+    with np.errstate(over="ignore"):
+        x0, x1 = x0 + schedule[0], x1 + schedule[1]
+        for n in range(rounds):
+            r = np.uint32(rotations[n % 8])
+            x0 = x0 + x1
+            x1 = ((x1 << r) | (x1 >> (np.uint32(32) - r))) ^ x0
+            if n % 4 == 3:
+                i = n // 4 + 1
+                x0 = x0 + schedule[i % 3]
+                x1 = x1 + schedule[(i + 1) % 3] + np.uint32(i)
+    return x0, x1
+
+
+def stream_words(seed, stream, step, replica, size):
+    """The two uint32 words of units ``0 .. size - 1``: key ``(seed, stream * 2^24 + replica)``,
+    counter ``(unit, step)``, each taken modulo ``2^32``."""
+    key = (seed % 2**32, (stream * 2**24 + replica) % 2**32)
+    units = np.arange(size, dtype=np.uint32)
+    return threefry2x32(key, (units, np.full(size, step % 2**32, np.uint32)))
+
+
+def stream_uniform(word):
+    """The top 24 bits of a word times 2^-24: float32, exact."""
+    return ((np.asarray(word, np.uint32) >> np.uint32(8)).astype(np.float64) * 2.0**-24).astype(np.float32)
+
+
+def stream_weights(noise, stddev, seed, stream, step, replica, size):
+    """The mixing weights ``w`` the package must draw, and a float32 tolerance for them.
+
+    Rademacher and Bernoulli weights are computed in float32 with the
+    package's operations (``1 + stddev * xi``; ``1 + stddev^2`` kept where
+    ``u * (1 + stddev^2) < 1``), so they must match bit for bit: tolerance 0.
+    Gaussian ones are float64 Box-Muller of the same bits,
+    ``sqrt(-2 log(1 - u1)) cos(2 pi u2)``; float32 ``log``, ``sqrt`` and
+    ``cos`` and the float32 angle ``fl(fl(2 pi) u2)`` err by at most about
+    ``(2 pi + 2) eps`` of the radius absolutely plus ``1.5 eps`` relatively
+    (``eps`` the float32 machine epsilon), so ``z`` is within ``16 eps`` of
+    the radius (a few ulps, with a factor of 1.5 to spare), and the float32
+    ``1 + stddev * z`` adds at most ``eps |w|``.
+    """
+    y0, y1 = stream_words(seed, stream, step, replica, size)
+    stddev32 = np.float32(stddev)
+    u = stream_uniform(y0)
+    if noise == "rademacher":
+        xi = np.where(y0 >> np.uint32(31), np.float32(1), np.float32(-1))
+        return (np.float32(1) + stddev32 * xi).astype(np.float32), np.zeros(size)
+    if noise == "bernoulli":
+        scale = np.float32(1) + stddev32 * stddev32
+        return np.where(u * scale < np.float32(1), scale, np.float32(0)).astype(np.float32), np.zeros(size)
+    if noise == "gaussian":
+        radius = np.sqrt(-2.0 * np.log(1.0 - u.astype(np.float64)))
+        z = radius * np.cos(2.0 * np.pi * stream_uniform(y1).astype(np.float64))
+        w = 1.0 + float(stddev32) * z
+        return w, float(stddev32) * 16 * FLOAT32_EPS * radius + FLOAT32_EPS * np.abs(w)
+    raise ValueError(f"Invalid value for argument `noise`: {noise!r}.")
+
+
+def assert_stream_weights(actual, noise, stddev, seed, stream, step, replica=0):
+    """``actual`` (any backend's weights) equals :func:`stream_weights` within its tolerance."""
+    actual = numpy(actual)
+    expected, tolerance = stream_weights(noise, stddev, seed, stream, step, replica, actual.shape[0])
+    if noise != "gaussian":
+        np.testing.assert_array_equal(actual, expected)
+        return
+    error = np.abs(actual.astype(np.float64) - expected)
+    worst = int(np.argmax(error / tolerance))
+    assert np.all(error <= tolerance), (
+        f"unit {worst}: {actual[worst]!r} vs {expected[worst]!r}, error {error[worst]:.3g} > {tolerance[worst]:.3g}"
+    )
 
 
 def two_dense_layers_variables():

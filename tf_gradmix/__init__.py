@@ -8,7 +8,7 @@ The TensorFlow-only modules (``diagnostics``, ``per_example``, ``exact``)
 are imported when first used.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from tf_gradmix import (
     callbacks,

@@ -111,13 +111,16 @@ class _Hook:
         if not training or mixer is None:
             return base_compute_loss(x, y, y_pred, sample_weight, training=training)
         weights = mixer.batch_weights(_batch_size(y_pred))
-        if weights is None:  # device level on TensorFlow: GradientMix.apply weights each replica
+        if weights is None or mixer.stream.is_plain:
+            # Device level on TensorFlow: GradientMix.apply weights each replica.
+            # stddev=0: every weight is 1; the predictions stay untouched, so
+            # the step is plain Keras's, bit for bit.
             loss = base_compute_loss(x, y, y_pred, sample_weight, training=training)
         else:
             loss = base_compute_loss(x, y, mix_predictions(y_pred, weights), sample_weight, training=training)
-            if mixer.level == "sample":
-                # Refuses a loss that reads no prediction (nothing would be mixed).
-                mixing_check.check_sample_mixing(model, base_compute_loss, x, y, y_pred, sample_weight)
+        if mixer.level == "sample":
+            # Refuses a loss that reads no prediction (nothing would be mixed).
+            mixing_check.check_sample_mixing(model, base_compute_loss, x, y, y_pred, sample_weight)
         if mixer.level == "device":
             weights = mixer.device_weights()
         model._gradmix_gamma.update_state(noise_lib.gamma(weights))

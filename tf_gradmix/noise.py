@@ -20,12 +20,14 @@ The noise amount of the paper's Theorem 1 is
     \gamma = N \sum_n \pi_n^2 = \operatorname{mean}(w^2)
     \approx 1 + \sigma^2 .
 
-Every draw is a pure function of ``(seed, step, level, replica)``: the
-seed of a draw is derived from them by :func:`step_seed`, and the numbers
-come from the backend's stateless generators (:func:`normal`,
-:func:`uniform`, :func:`bits`: ``tf.random.stateless_*`` on TensorFlow,
-``jax.random`` on JAX). So a resumed run continues the same stream and
-replicas draw different weights without communicating. A
+Every draw is a pure function of ``(seed, step, level, replica, unit)``:
+the key of a draw is made of them by :func:`step_seed`, and the numbers
+(:func:`normal`, :func:`uniform`, :func:`bits`) come from the counter-based
+generator of :mod:`tf_gradmix.random` (Threefry-2x32 in integer
+``keras.ops``), which computes the same bits on every backend, eagerly and
+compiled (XLA, ``jax.jit``). So a resumed run continues the same stream, on
+any backend and under any compilation, and replicas draw different weights
+without communicating. A
 :class:`NoiseStream` holds what the draws of a run share (the noise and its
 ``stddev``); the optimizer, the model hook, the per-example mode and
 :class:`tf_gradmix.GammaLogger` all draw through one.
@@ -36,7 +38,7 @@ import math
 import keras
 from keras import ops
 
-from tf_gradmix import backend, validation
+from tf_gradmix import random, validation
 
 __all__ = [
     "Noise",
@@ -213,38 +215,37 @@ def serialize(noise):
 
 
 def normal(shape, seed):
-    """float32 standard normal numbers, a pure function of ``shape`` and ``seed``."""
-    return backend.current().normal(shape, seed)
+    """float32 standard normal numbers, a pure function of ``shape`` and ``seed`` (Box-Muller, ``|z| <= 5.77``)."""
+    return random.normal(shape, seed)
 
 
 def uniform(shape, seed):
-    """float32 numbers uniform in ``[0, 1)``, a pure function of ``shape`` and ``seed``."""
-    return backend.current().uniform(shape, seed)
+    """float32 numbers uniform in ``[0, 1)`` (multiples of ``2^-24``), a pure function of ``shape`` and ``seed``."""
+    return random.uniform(shape, seed)
 
 
 def bits(shape, seed):
     """int32 numbers, 0 or 1 with probability 1/2 each, a pure function of ``shape`` and ``seed``."""
-    return backend.current().bits(shape, seed)
+    return random.bits(shape, seed)
 
 
 def step_seed(seed, step, stream, replica_id=0):
-    """The stateless seed of one draw: a pure function of its arguments.
+    """The key of one draw: a pure function of its arguments.
 
     Args:
         seed: the ``GradientMix`` seed: a Python int or an integer scalar
             tensor (the optimizer's saved seed).
-        step: scalar integer, the raw optimizer step.
+        step: scalar integer, the raw optimizer step (modulo ``2^32``).
         stream: :data:`SAMPLE_STREAM` or :data:`DEVICE_STREAM`.
-        replica_id: scalar integer, the global replica id (sample level on
-            TensorFlow; 0 on JAX, whose step covers the global batch).
+        replica_id: scalar integer in ``[0, 2^24)``, the global replica id
+            (sample level on TensorFlow; 0 on JAX, whose step covers the
+            global batch).
 
     Returns:
-        The backend's stateless seed (int32 ``[2]`` on TensorFlow, uint32
-        ``[2]`` key data on JAX).
+        int32 ``[3]``, the Threefry key and step word of
+        :func:`tf_gradmix.random.draw_key`; the draw counts over the units.
     """
-    ops_ = backend.current()
-    key = ops_.fold_in(ops_.key(seed, stream), step)
-    return ops_.fold_in(key, replica_id)
+    return random.draw_key(seed, stream, step, replica_id)
 
 
 def mixing_weights(noise, stddev, shape, seed):
@@ -293,6 +294,19 @@ class NoiseStream:
     def __init__(self, noise, stddev):
         self.noise = get(noise)
         self.stddev = stddev
+
+    @property
+    def is_plain(self):
+        """True where every weight is exactly 1 at every step: ``stddev`` is the number 0, not a schedule.
+
+        The model hook then leaves the predictions untouched, so training is
+        plain training bit for bit on every backend (an identity with a
+        custom gradient, even one multiplying by 1, changes how XLA fuses the
+        backward pass on JAX, and with it the float32 rounding).
+        """
+        if isinstance(self.stddev, keras.optimizers.schedules.LearningRateSchedule):
+            return False
+        return float(self.stddev) == 0.0
 
     def stddev_at(self, step):
         """``stddev`` at the raw ``step``, float32."""

@@ -5,16 +5,10 @@ default wherever an accelerator is present (``jit_compile="auto"``), while on
 a CPU-only machine it does not: these tests make XLA explicit. Each checks the
 updates of real ``fit`` steps with ``SGD(1.0)`` (the update is the gradient)
 against the float64 per-example loop of ``oracles.py``, using the weights
-of each step as XLA draws them (``example_weights`` / ``device_weights``
-compiled with XLA), so a step whose noise XLA froze, repeated or dropped, or a
-weight applied to the wrong example, fails.
-
-TensorFlow's XLA lowering of the stateless random ops draws a different
-stream from the same seed than its CPU kernels (measured on 2.19.1 and 2.21.0:
-``tf.random.experimental.stateless_fold_in``, ``stateless_uniform`` and
-``stateless_normal`` all differ), so the weights a jit-compiled ``fit``
-applies are not those ``example_weights`` returns eagerly
-(tests/upstream/test_tensorflow_xla.py holds it as a strict expected failure).
+``example_weights`` / ``device_weights`` return eagerly for each step (the
+noise stream computes the same bits under XLA, ``test_random.py``), so a step
+whose noise XLA froze, repeated or dropped, or a weight applied to the wrong
+example, fails.
 
 Under ``MirroredStrategy`` on logical CPU devices, stock Keras fails with
 ``jit_compile=True`` before any GradientMix code runs ("Trying to access
@@ -27,7 +21,6 @@ import warnings
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import tf_gradmix as gm
 
@@ -56,16 +49,14 @@ LOSS = keras.losses.SparseCategoricalCrossentropy()
 SINGLE_REPLICA = "GradientMix\\(level='device'\\) on a single replica"
 
 
-def xla_example_weights(opt, step):
-    """``w`` of the sample level at ``step`` as a jit-compiled step draws them."""
-    draw = tf.function(lambda: opt.example_weights(B, step=tf.constant(step, tf.int64), replica_id=0), jit_compile=True)
-    return draw().numpy().astype(np.float64)
+def eager_example_weights(opt, step):
+    """``w`` of the sample level at ``step``, drawn eagerly."""
+    return opt.example_weights(B, step=step, replica_id=0).numpy().astype(np.float64)
 
 
-def xla_device_weight(opt, step):
-    """``w_0`` of the device level (one replica) at ``step``, drawn under XLA."""
-    draw = tf.function(lambda: opt.device_weights(1, step=tf.constant(step, tf.int64)), jit_compile=True)
-    return float(draw().numpy()[0])
+def eager_device_weight(opt, step):
+    """``w_0`` of the device level (one replica) at ``step``, drawn eagerly."""
+    return float(opt.device_weights(1, step=step).numpy()[0])
 
 
 def compiled(model_class, optimizer, regularizer=True):
@@ -88,7 +79,7 @@ def test_sample_level_steps_equal_the_per_example_mix():
         update = before - flat(weights_of(model))
 
         grads = per_example_gradients(ref, x[part], y[part], LOSS)
-        w = xla_example_weights(opt, step)
+        w = eager_example_weights(opt, step)
         assert_float32_close(update, grads.T @ (w / B) + regularization_gradient(ref, x[part]))
     assert int(opt.raw_step.numpy()) == STEPS
 
@@ -108,7 +99,7 @@ def test_device_level_steps_are_the_weighted_mean_gradient():
             model.fit(x[part], y[part], batch_size=B, epochs=1, shuffle=False, verbose=0)
             update = before - flat(weights_of(model))
 
-            w = xla_device_weight(opt, step)
+            w = eager_device_weight(opt, step)
             assert abs(w - 1.0) > 1e-2  # the weight acts
             assert_float32_close(update, w * mean_gradient(ref, x[part], y[part], LOSS))
 
@@ -132,11 +123,11 @@ def test_gradient_accumulation_draws_fresh_weights_per_micro_batch(level):
     for step in range(micro_batches):
         part = slice(step * B, (step + 1) * B)
         if level == "sample":
-            w = xla_example_weights(opt, step)
+            w = eager_example_weights(opt, step)
             grad = per_example_gradients(ref, x[part], y[part], LOSS).T @ (w / B)
             grad = grad + regularization_gradient(ref, x[part])
         else:
-            grad = xla_device_weight(opt, step) * mean_gradient(ref, x[part], y[part], LOSS)
+            grad = eager_device_weight(opt, step) * mean_gradient(ref, x[part], y[part], LOSS)
         expected = expected + grad / micro_batches
     assert_float32_close(update, expected)
     assert int(opt.raw_step.numpy()) == micro_batches and int(opt.iterations.numpy()) == 1

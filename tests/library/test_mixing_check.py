@@ -104,6 +104,63 @@ def test_add_loss_only_trains_at_device_level():
     assert np.isfinite(history.history["loss"][0])
 
 
+class SummedPerExampleLoss(keras.layers.Layer):
+    """Endpoint layer: ``add_loss`` of the per-example losses (Keras sums them), or returns them."""
+
+    def __init__(self, as_output=False, **kwargs):
+        super().__init__(**kwargs)
+        self.as_output = as_output
+
+    def call(self, labels, probabilities):
+        losses = keras.losses.sparse_categorical_crossentropy(labels, probabilities)
+        if self.as_output:
+            return losses
+        self.add_loss(losses)
+        return probabilities
+
+
+class PerExample(keras.losses.Loss):
+    """The refusal's remedy: a compiled loss whose per-example values are the model's output."""
+
+    def call(self, y_true, y_pred):
+        return y_pred
+
+
+def test_add_loss_remedy_keeps_the_sum_only_with_a_sum_reduction():
+    """What the refusal says: ``loss=lambda y_true, y_pred: y_pred`` averages the
+    per-example losses ``add_loss`` summed (a gradient B times smaller), and a
+    loss with ``reduction='sum'`` keeps the sum."""
+    x, y = data()
+
+    def endpoint(as_output):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((5,))
+        labels = keras.Input((), dtype="int32")
+        probabilities = keras.layers.Dense(3, activation="softmax")(keras.layers.Dense(8, activation="tanh")(inputs))
+        return keras.Model([inputs, labels], SummedPerExampleLoss(as_output)(labels, probabilities))
+
+    def update(model, optimizer, targets, **compile_kwargs):
+        model.compile(optimizer=optimizer, **compile_kwargs)
+        before = flat(weights_of(model))
+        model.fit([x, y], targets, batch_size=B, epochs=1, shuffle=False, verbose=0)
+        return before - flat(weights_of(model))
+
+    summed = update(endpoint(False), keras.optimizers.SGD(1.0), None)  # plain Keras, add_loss's sum
+    refused = gm.enable(endpoint(False))
+    refused.compile(optimizer=mixer(stddev=0.0))
+    with pytest.raises(ValueError) as error:
+        refused.fit([x, y], epochs=1, batch_size=B, verbose=0)
+    message = str(error.value)
+    for part in ("`loss=lambda y_true, y_pred: y_pred`", "mean over the batch", "sums", "reduction='sum'"):
+        assert part in message
+
+    zeros = np.zeros(B, "float32")  # a compiled loss wants targets; unused
+    mean = update(gm.enable(endpoint(True)), mixer(stddev=0.0), zeros, loss=lambda y_true, y_pred: y_pred)
+    assert_float32_close(mean, summed / B)
+    kept = update(gm.enable(endpoint(True)), mixer(stddev=0.0), zeros, loss=PerExample(reduction="sum"))
+    assert_float32_close(kept, summed)
+
+
 def test_compute_loss_that_ignores_y_pred_is_refused():
     class CallsItselfAgain(keras.Model):
         def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
@@ -174,6 +231,7 @@ def test_compute_loss_reaching_a_second_model_warns_once_with_its_variables():
     for name in ("other_hidden/kernel", "other_hidden/bias", "other_out/kernel", "other_out/bias"):
         assert name in message
     assert "student_dense" not in message
+    assert "`teacher.trainable = False`" in message
 
     # What the warning says: the student's gradient is mixed, the other
     # model's is the plain mean (SGD(1.0): update = gradient).
@@ -202,6 +260,34 @@ def test_compute_loss_reaching_a_second_model_warns_once_with_its_variables():
     with warnings.catch_warnings():
         warnings.simplefilter("error", PartialMixingWarning)
         model.fit(x, y, batch_size=B, epochs=1, verbose=0)  # warned once per model
+
+
+def test_freezing_the_second_model_removes_the_warning_and_its_updates():
+    """What the warning suggests for a distillation teacher: ``teacher.trainable = False``.
+
+    The student's first update is the one of the unfrozen run (checked
+    against the oracle above); the frozen model's weights do not move.
+    """
+    x, y = data()
+
+    def first_step(frozen):
+        model = gm.enable(distiller())
+        model.other.trainable = not frozen
+        model.compile(optimizer=mixer())
+        students = [numpy(v) for v in model.student.trainable_variables]
+        others = [numpy(v) for v in model.other.weights]
+        model.fit(x, y, batch_size=B, epochs=1, shuffle=False, verbose=0)
+        moved = [not np.array_equal(a, numpy(v)) for a, v in zip(others, model.other.weights)]
+        return flat(students) - flat(weights_of(model.student)), moved
+
+    with pytest.warns(PartialMixingWarning, match="teacher.trainable = False"):
+        unfrozen, moved = first_step(frozen=False)
+    assert any(moved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PartialMixingWarning)
+        frozen, moved = first_step(frozen=True)
+    assert not any(moved)
+    np.testing.assert_array_equal(frozen, unfrozen)
 
 
 def _softmax(z):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import tf_gradmix
 from examples import gd_vs_sgd
 from examples.config import argv_of, config_from_argv
 from experiments import runner, temperature
@@ -84,6 +85,7 @@ def test_a_row_holds_the_result_labels_config_key_exact_command_timing_and_load(
     assert machine["cpus"] == os.cpu_count() and machine["parallel_runs"] == 1 and machine["threads_per_run"] == 1
     assert len(machine["loadavg_before"]) == 3 and len(machine["loadavg_after"]) == 3
     assert 0 < row["elapsed_seconds"] < 600 and time.strptime(row["finished_utc"], "%Y-%m-%dT%H:%M:%SZ")
+    assert row["tf_gradmix_version"] == tf_gradmix.__version__  # the package the trainer ran
     # The row reproduces its run: its command gives the same result, its config the same key.
     words = shlex.split(row["command"])
     again = subprocess.run([sys.executable, *words[1:]], cwd=REPO, capture_output=True, text=True, check=True)

@@ -4,9 +4,9 @@ The core of tf_gradmix (noise, optimizer, model hook) is written once with
 ``keras.ops``; it asks :func:`current` for the few things a backend does its
 own way:
 
-* stateless random numbers keyed by an explicit seed (``key``, ``fold_in``,
-  ``normal``, ``uniform``, ``bits``), which ``keras.random`` does not take as
-  tensors on every backend;
+* ``compile_pure``: a pure function compiled as one program, so eager callers
+  of the noise generator (:mod:`tf_gradmix.random`, written in ``keras.ops``)
+  do not pay one dispatch per integer op;
 * where a train step runs: ``replica_id()`` and ``num_replicas()`` (TensorFlow:
   ``tf.distribute`` replicas, whose gradients reach the optimizer one replica
   at a time; JAX: one global program over ``keras.distribution`` shards, whose

@@ -1,4 +1,4 @@
-"""The JAX backend: ``jax.random`` keys, ``keras.distribution`` shards, optimizer state in the loss hook.
+"""The JAX backend: ``keras.distribution`` shards, optimizer state in the loss hook, ``jax.jit``.
 
 Imported only when Keras runs on JAX (:func:`tf_gradmix.backend.current`).
 
@@ -27,11 +27,7 @@ import keras
 from keras.src.backend.common import masking
 
 __all__ = [
-    "key",
-    "fold_in",
-    "normal",
-    "uniform",
-    "bits",
+    "compile_pure",
     "replica_id",
     "num_replicas",
     "num_data_shards",
@@ -49,39 +45,16 @@ __all__ = [
 GRADIENTS_PER_REPLICA = False
 
 
-# -- stateless random numbers (typed threefry keys, stored as uint32 [2]) -------
+# -- compiling -------------------------------------------------------------------
 
 
-def key(seed, stream):
-    """The uint32 ``[2]`` key data for ``(seed, stream)``."""
-    return jax.numpy.stack(
-        [jax.numpy.asarray(seed).astype("uint32"), jax.numpy.asarray(stream, "uint32")]
-    )
+def compile_pure(fn):
+    """``fn``, a pure function of an integer size (its first argument) and arrays, under ``jax.jit``.
 
-
-def _typed(key):
-    return jax.random.wrap_key_data(key, impl="threefry2x32")
-
-
-def fold_in(key, data):
-    """A new key, a pure function of ``key`` and the integer ``data``."""
-    data = jax.numpy.asarray(data).astype("uint32")
-    return jax.random.key_data(jax.random.fold_in(_typed(key), data))
-
-
-def normal(shape, key):
-    """float32 standard normal numbers."""
-    return jax.random.normal(_typed(key), tuple(shape), "float32")
-
-
-def uniform(shape, key):
-    """float32 numbers uniform in ``[0, 1)``."""
-    return jax.random.uniform(_typed(key), tuple(shape), "float32")
-
-
-def bits(shape, key):
-    """int32 numbers, 0 or 1 with probability 1/2 each."""
-    return jax.random.bernoulli(_typed(key), 0.5, tuple(shape)).astype("int32")
+    Called eagerly it runs as one compiled program (one per size) instead of
+    one dispatch per op; called inside a traced step it is inlined.
+    """
+    return jax.jit(fn, static_argnums=0)
 
 
 # -- the global program ------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The TensorFlow backend: ``tf.random.stateless_*``, ``tf.distribute`` replicas, tensor annotations.
+"""The TensorFlow backend: ``tf.distribute`` replicas, tensor annotations, ``tf.function``.
 
 Imported only when Keras runs on TensorFlow (:func:`tf_gradmix.backend.current`).
 
@@ -24,11 +24,7 @@ import tensorflow as tf
 from tf_gradmix.backend.tensorflow_multi_worker import FitMixin, install_fit
 
 __all__ = [
-    "key",
-    "fold_in",
-    "normal",
-    "uniform",
-    "bits",
+    "compile_pure",
     "replica_id",
     "num_replicas",
     "scale_gradient",
@@ -47,32 +43,17 @@ GRADIENTS_PER_REPLICA = True
 _PROBABILITY_OPS = {"Softmax": tf.nn.softmax, "Sigmoid": tf.math.sigmoid}
 
 
-# -- stateless random numbers ----------------------------------------------------
+# -- compiling -------------------------------------------------------------------
 
 
-def key(seed, stream):
-    """The int32 ``[2]`` seed of ``tf.random.stateless_*`` for ``(seed, stream)``."""
-    return tf.stack([tf.cast(seed, tf.int32), tf.constant(stream, tf.int32)])
+def compile_pure(fn):
+    """``fn``, a pure function of integer sizes and tensors, as one ``tf.function``.
 
-
-def fold_in(key, data):
-    """A new key, a pure function of ``key`` and the integer ``data``."""
-    return tf.random.experimental.stateless_fold_in(key, tf.cast(data, tf.int64))
-
-
-def normal(shape, key):
-    """float32 standard normal numbers."""
-    return tf.random.stateless_normal(shape, seed=key, dtype=tf.float32)
-
-
-def uniform(shape, key):
-    """float32 numbers uniform in ``[0, 1)``."""
-    return tf.random.stateless_uniform(shape, seed=key, dtype=tf.float32)
-
-
-def bits(shape, key):
-    """int32 numbers, 0 or 1 with probability 1/2 each."""
-    return tf.random.stateless_uniform(shape, seed=key, minval=0, maxval=2, dtype=tf.int32)
+    Called eagerly it runs as one graph (traced once per Python argument value)
+    instead of one dispatch per op; called while a graph is traced (a train
+    step, also under XLA) it is inlined into that graph.
+    """
+    return tf.function(fn, autograph=False, reduce_retracing=True)
 
 
 # -- replicas ------------------------------------------------------------------
