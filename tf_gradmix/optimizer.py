@@ -119,6 +119,9 @@ class GradientMix(keras.optimizers.Optimizer):
         training.
     """
 
+    #: Read by :mod:`tf_gradmix.backend`, which cannot import this module (it sits below it).
+    is_gradient_mix = True
+
     def __init__(self, inner_optimizer, level="sample", noise="gaussian",
                  stddev=DEFAULT_STDDEV, seed=None, name=None, **kwargs):
         backend.require("tf_gradmix.GradientMix")

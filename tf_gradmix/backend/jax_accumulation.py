@@ -161,10 +161,9 @@ def apply_accumulated(inner, grads, trainable_variables=None):
 
 def _accumulating_mixer(model):
     """The model's ``GradientMix`` if :func:`train_function` can run its accumulation, else None."""
-    from tf_gradmix.optimizer import GradientMix
-
     optimizer = getattr(model, "optimizer", None)
-    if not isinstance(optimizer, GradientMix) or not optimizer.built:
+    # GradientMix says so itself: this module sits below tf_gradmix.optimizer and must not import it.
+    if not getattr(optimizer, "is_gradient_mix", False) or not optimizer.built:
         return None
     inner = optimizer.inner_optimizer
     if not inner.gradient_accumulation_steps or not handles(inner):
