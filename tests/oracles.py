@@ -102,7 +102,7 @@ def recover_weights(update, per_example):
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
 
 
-def assert_float32_close(actual, expected, ulps=32):
+def assert_float32_close(actual, expected, ulps=32, scale=None):
     """``actual`` (float32 training) equals the float64 ``expected`` to rounding.
 
     A float32 forward and backward pass rounds at every operation, so each
@@ -113,13 +113,18 @@ def assert_float32_close(actual, expected, ulps=32):
     largest gradient entry at the default ``ulps``. A plausible bug (a wrong
     or missing weight on one example of a batch of 16) moves entries by about
     ``|w_b g_b| / B``, percents of the largest entry, far outside it.
+
+    Where ``expected`` is a sum whose terms cancel (a one-element bias after
+    a weighted sum of per-example gradients), its largest element
+    understates what it was computed from: pass ``scale``, the largest
+    magnitude of the terms (e.g. ``|v| + lr * sum_b |w_b g_b| / N``), and
+    the absolute tolerance is ``ulps * eps32`` of that instead.
     """
     actual = np.asarray(actual, np.float64)
     expected = np.asarray(expected, np.float64)
     tolerance = ulps * FLOAT32_EPS
-    np.testing.assert_allclose(
-        actual, expected, rtol=tolerance, atol=tolerance * np.max(np.abs(expected))
-    )
+    largest = np.max(np.abs(expected)) if scale is None else max(float(np.max(scale)), np.max(np.abs(expected)))
+    np.testing.assert_allclose(actual, expected, rtol=tolerance, atol=tolerance * largest)
 
 
 #: ``ulps`` for deep models: the backward pass rounds in every layer it

@@ -497,11 +497,16 @@ def test_uneven_batches_and_empty_replicas_mirrored(level, mirrored_strategy, da
 
 
 def accumulated_sgd(init, x, y, shards, level, steps_per_update):
-    """One SGD update on the mix over a logical batch of micro-batches."""
+    """One SGD update on the mix over a logical batch of micro-batches.
+
+    Returns the updated weights and, per variable, the magnitude they were
+    computed from (``|v| + lr * sum_b |w_b g_b| / N``, the scale of float32 rounding).
+    """
     mixer = gm.GradientMix(keras.optimizers.SGD(LR), level="sample", seed=SEED)
     model = oracle_model(init)
     replicas = len(shards)
     total = [np.zeros_like(w) for w in model.get_weights()]
+    magnitude = [np.zeros_like(w) for w in model.get_weights()]
     for step in range(steps_per_update):
         device = mixer.device_weights(replicas, step=step).numpy()
         for k in range(replicas):
@@ -512,10 +517,13 @@ def accumulated_sgd(init, x, y, shards, level, steps_per_update):
             else:
                 w = np.full(len(rows), device[k])
             for b, g in enumerate(grads):
-                for t, gb in zip(total, g):
+                for t, m, gb in zip(total, magnitude, g):
                     # pi = w / N over the logical batch: N = steps * K * B_k.
                     t += w[b] * gb / (steps_per_update * replicas * len(rows))
-    return [v - LR * g for v, g in zip(model.get_weights(), total)]
+                    m += np.abs(w[b] * gb) / (steps_per_update * replicas * len(rows))
+    weights = model.get_weights()
+    return ([v - LR * g for v, g in zip(weights, total)],
+            [np.abs(v) + LR * m for v, m in zip(weights, magnitude)])
 
 
 def test_gradient_accumulation_mixes_the_whole_logical_batch(data):
@@ -539,9 +547,9 @@ def test_gradient_accumulation_mixes_the_whole_logical_batch(data):
     assert int(mixer.raw_step.numpy()) == k and int(mixer.iterations.numpy()) == 1
     draws = [mixer.example_weights(8, step=s, replica_id=0).numpy() for s in range(k)]
     assert not np.allclose(draws[0], draws[1]) and not np.allclose(draws[1], draws[2])
-    expected = accumulated_sgd(init, x, y, shards, "sample", k)
-    for got, want in zip(model.get_weights(), expected):
-        assert_float32_close(got, want)
+    expected, magnitude = accumulated_sgd(init, x, y, shards, "sample", k)
+    for got, want, scale in zip(model.get_weights(), expected, magnitude):
+        assert_float32_close(got, want, scale=scale)
     # Schedules see the raw micro-step: build them with micro_steps().
     schedule = keras.optimizers.schedules.PolynomialDecay(
         LR, decay_steps=distribute.micro_steps(10, k), end_learning_rate=0.0
