@@ -345,10 +345,9 @@ def memory_probe(config, precision, quick):
 
 
 def measure_memory(config, precision, quick, budget):
-    env = dict(os.environ)
-    if env.get("KERAS_BACKEND", "") == "jax" or _backend() == "jax":
+    env = dict(os.environ, KERAS_BACKEND=_backend())
+    if _backend() == "jax":
         env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # the peak of what is used, not the preallocation
-    env["KERAS_BACKEND"] = _backend()
     command = [sys.executable, "-m", "benchmarks.accelerator", "--memory-probe", config, "--precision", precision]
     if quick:
         command.append("--quick")
