@@ -28,7 +28,7 @@ BACKEND ?= tensorflow
 DEMO_ARGS ?=
 BACKENDS := tensorflow jax
 
-.PHONY: venv venv-tf219 lint test test-tf test-jax test-tf219 test-fast mutations demo clean distclean
+.PHONY: venv venv-tf219 lint test test-tf test-jax test-tf219 test-fast cpu-time mutations demo clean distclean
 
 venv: $(STAMP)
 venv-tf219: $(STAMP_TF219)
@@ -104,10 +104,19 @@ test-jax: venv
 test-tf219: venv-tf219
 	$(call pytest,TensorFlow 2.19,KERAS_BACKEND=tensorflow,$(PY_TF219),$(PYTEST_ARGS) $(TESTS_TF219))
 
-# The edit-test loop: the TensorFlow suite without the tests marked `slow`
-# (real training runs of tens of seconds).
+# The edit-test loop, in two processes (pytest-xdist, a test file per
+# process): the TensorFlow suite without the tests marked `slow` (worker
+# clusters, real training runs) and without those whose CPU time recorded in
+# tests/cpu_time.json exceeds FAST_MAX_CPU_SECONDS (strategies, XLA compiles,
+# Keras applications); `make test` runs them all.
+FAST_MAX_CPU_SECONDS ?= 1.5
 test-fast: venv
-	$(call pytest,TensorFlow 2.21 without slow tests,KERAS_BACKEND=tensorflow,$(PY),-m "not slow" $(PYTEST_ARGS) $(TESTS))
+	$(call pytest,TensorFlow 2.21 without slow tests,KERAS_BACKEND=tensorflow,$(PY),-m "not slow" --max-cpu-time $(FAST_MAX_CPU_SECONDS) -n 2 --dist loadfile $(PYTEST_ARGS) $(TESTS))
+
+# Re-records each test's CPU time (tests/cpu_time.py) on TensorFlow 2.21, the
+# backend `make test-fast` runs; commit tests/cpu_time.json.
+cpu-time: venv
+	$(call pytest,TensorFlow 2.21 recording CPU time,KERAS_BACKEND=tensorflow,$(PY),--record-cpu-time -n 2 --dist loadfile $(PYTEST_ARGS) $(TESTS))
 
 # The mutation table of CONTRIBUTING.md: one-line bugs in the library, each
 # run against its module's tests on a temporary copy (`MUTATIONS=name ...` for some).

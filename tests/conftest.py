@@ -45,6 +45,8 @@ elif BACKEND == "tensorflow":
 
 import pytest  # noqa: E402
 
+pytest_plugins = ["cpu_time"]  # tests/cpu_time.py: --record-cpu-time, --max-cpu-time (make test-fast)
+
 
 def pytest_configure(config):
     config.addinivalue_line(
