@@ -1,4 +1,4 @@
-r"""Gradient accumulation on JAX: a micro-step that makes no update.
+r"""The optimizer side of the JAX backend: gradient accumulation, a micro-step that makes no update.
 
 With ``gradient_accumulation_steps = n`` on the inner optimizer, an update
 uses the mean of the gradients of ``n`` micro-batches:
@@ -13,7 +13,7 @@ uses the mean of the gradients of ``n`` micro-batches:
 with ``g_s`` the (already mixed) gradient of micro-batch ``s``, ``a`` the
 accumulator of one variable and ``theta`` every variable the update changes
 (weights and optimizer state). The arithmetic is Keras's own
-(:func:`tf_gradmix.compat.update_with_accumulated_gradients`).
+(:func:`tf_gradmix.backend._keras.update_with_accumulated_gradients`).
 
 Why this module exists: a JAX train step is one compiled function, and
 Keras 3.15's JAX optimizer (``keras/src/backend/jax/optimizer.py``,
@@ -35,15 +35,13 @@ one add per accumulator, nothing else:
 * **Elsewhere** (a custom loop calling ``stateless_apply``, another
   wrapper such as ``LossScaleOptimizer`` around the ``GradientMix``, whose
   skipped steps the host could not count, ``run_eagerly``) one
-  ``lax.cond`` holds the update. On GPU and TPU its untaken branch costs
-  nothing; on XLA CPU a conditional over the whole state costs more than
-  its branch (https://github.com/jax-ml/jax/issues/24259), still far less
-  than computing the update and selecting elementwise
-  (``docs/performance.md``).
+  ``lax.cond`` holds the update (what a conditional over the whole state
+  costs on each platform, https://github.com/jax-ml/jax/issues/24259 on XLA
+  CPU: ``docs/performance.md``).
 
-``GradientMix.apply`` calls :func:`apply_accumulated` on JAX when the inner
-optimizer accumulates (inside the ``StatelessScope`` of Keras's
-``stateless_apply``). It hands the step to Keras's own path (see
+``GradientMix.apply`` hands over to :func:`apply_gradients`, which calls
+:func:`apply_accumulated` when the inner optimizer accumulates (inside the
+``StatelessScope`` of Keras's ``stateless_apply``). It hands the step to Keras's own path (see
 :func:`handles`) when the inner optimizer keeps a moving average
 (``use_ema``, which Keras advances on every micro-step), a variable is
 overwritten with its gradient (``overwrite_with_gradient``, float8 scaling
@@ -55,14 +53,16 @@ import contextlib
 import jax
 import keras
 
-from tf_gradmix import compat
+from tf_gradmix.backend import _keras
 
-__all__ = ["PHASES", "handles", "phase", "apply_accumulated", "train_function"]
+__all__ = ["PHASES", "handles", "phase", "apply_accumulated", "train_function", "build_optimizer", "apply_gradients"]
 
 #: The two compiled steps of :func:`train_function`.
 PHASES = ("micro_step", "update_step")
 
-_PHASE = []  # the phase whose step is being traced, innermost last
+# The phase whose step is being traced, innermost last. A module global: Keras's train step calls
+# GradientMix.apply with no argument to carry it in.
+_PHASE = []
 
 
 @contextlib.contextmanager
@@ -85,7 +85,7 @@ def phase(name):
 def handles(inner, trainable_variables=None):
     """Whether :func:`apply_accumulated` runs ``inner``'s accumulation (else Keras's own path does)."""
     if trainable_variables is None:
-        trainable_variables = compat.optimizer_trainable_variables(inner)
+        trainable_variables = _keras.optimizer_trainable_variables(inner)
     return bool(inner.gradient_accumulation_steps) and not inner.use_ema and not any(
         getattr(v, "overwrite_with_gradient", False) for v in trainable_variables
     )
@@ -96,7 +96,7 @@ def apply_accumulated(inner, grads, trainable_variables=None):
 
     Inside :func:`phase` the step makes that phase only; otherwise one
     ``lax.cond`` on the raw step counter chooses (see module docstring).
-    The update (:func:`tf_gradmix.compat.update_with_accumulated_gradients`,
+    The update (:func:`tf_gradmix.backend._keras.update_with_accumulated_gradients`,
     with ``iterations`` counting updates) gets the mean of the accumulated
     gradients and resets the accumulators.
 
@@ -110,7 +110,7 @@ def apply_accumulated(inner, grads, trainable_variables=None):
     """
     steps = inner.gradient_accumulation_steps
     if trainable_variables is None:
-        trainable_variables = compat.optimizer_trainable_variables(inner)
+        trainable_variables = _keras.optimizer_trainable_variables(inner)
     pairs = [(g, v) for g, v in zip(grads, trainable_variables) if g is not None]
     if not pairs or not handles(inner, trainable_variables):
         inner.apply(grads, trainable_variables)
@@ -118,12 +118,12 @@ def apply_accumulated(inner, grads, trainable_variables=None):
     variables = [v for _, v in pairs]
     scale = inner.loss_scale_factor
     grads = [g if scale is None else g / scale for g, _ in pairs]  # as Keras's apply
-    accumulators = compat.gradient_accumulators(inner, variables)
-    counter = compat.raw_iterations(inner)
+    accumulators = _keras.gradient_accumulators(inner, variables)
+    counter = _keras.raw_iterations(inner)
     totals = [gradient.astype(a.dtype) + a.value for gradient, a in zip(grads, accumulators)]
 
     def update():
-        compat.update_with_accumulated_gradients(inner, [total / steps for total in totals], variables)
+        _keras.update_with_accumulated_gradients(inner, [total / steps for total in totals], variables)
         for accumulator in accumulators:
             accumulator.assign(jax.numpy.zeros(accumulator.shape, accumulator.dtype))
 
@@ -195,11 +195,11 @@ def train_function(model):
         return None
     inner = optimizer.inner_optimizer
     steps = inner.gradient_accumulation_steps
-    counter = compat.raw_iterations(inner)
+    counter = _keras.raw_iterations(inner)
     index = next(i for i, v in enumerate(optimizer.variables) if v is counter)
     out_shardings = None
     if keras.distribution.distribution() is not None:
-        out_shardings = (None, compat.jax_state_shardings(model))
+        out_shardings = (None, _keras.jax_state_shardings(model))
 
     def traced_in(name):
         def step(state, data):
@@ -222,7 +222,7 @@ def train_function(model):
         runs[name] += 1
         return logs, state
 
-    function = compat.jax_step_function(model, step)
+    function = _keras.jax_step_function(model, step)
     function.compiled_steps = compiled
     function.steps_run = runs  # how many steps of each phase ran
     return function
@@ -237,3 +237,21 @@ def make_train_function(model, base_make_train_function, force=False):
         if replacement is not None:
             model.train_function = replacement
     return model.train_function
+
+
+def build_optimizer(inner, var_list):
+    """Builds ``inner`` for ``var_list``, as Keras does."""
+    inner.build(var_list)
+
+
+def apply_gradients(inner, grads, trainable_variables=None, weight=None):
+    """The global batch's step: :func:`apply_accumulated` if ``inner`` accumulates, else ``inner.apply``.
+
+    ``weight`` must be None: on JAX the model hook applies every weight.
+    """
+    if weight is not None:
+        raise ValueError("On JAX the gradients reaching the optimizer are global; the model hook weights them.")
+    if inner.gradient_accumulation_steps:
+        apply_accumulated(inner, grads, trainable_variables)
+    else:
+        inner.apply(grads, trainable_variables)

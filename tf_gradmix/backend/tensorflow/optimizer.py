@@ -1,6 +1,11 @@
-r"""Gradient accumulation across replicas (TensorFlow backend only).
+r"""The optimizer side of the TensorFlow backend: per-replica weighting, accumulation across replicas.
 
-With ``gradient_accumulation_steps = n`` on the inner optimizer, one update
+:meth:`tf_gradmix.GradientMix.build` hands over to :func:`build_optimizer`
+and :meth:`tf_gradmix.GradientMix.apply` to :func:`apply_gradients`, which
+weights this replica's gradients where the device level is applied here and
+runs the inner optimizer's step.
+
+Gradient accumulation across replicas. With ``gradient_accumulation_steps = n`` on the inner optimizer, one update
 uses the mean gradient of ``n`` micro-batches of all ``K`` replicas:
 
 .. math::
@@ -24,27 +29,26 @@ cross-replica sum is a ``merge_call``, inside an ``ops.cond`` in replica
 context, which ``tf.distribute`` forbids, so ``gradient_accumulation_steps``
 fails under every strategy (https://github.com/keras-team/keras/issues/20582,
 open; ``tests/upstream/test_keras_distribute.py`` notices an upstream fix).
-``GradientMix.build`` calls :func:`build_with_per_replica_accumulators` and
-``GradientMix.apply`` calls :func:`apply_accumulated_across_replicas` instead
+:func:`build_optimizer` calls :func:`build_with_per_replica_accumulators` and
+:func:`apply_gradients` calls :func:`apply_accumulated_across_replicas` instead
 of ``inner.apply`` when the inner optimizer accumulates and there is more
 than one replica. Not switched off by version: it does not depend on the bug
 being present, and it keeps each replica's partial sums apart and saves their
 sum. The Keras internals it needs (the accumulator list, the raw micro-step
-counter, variable tracking) are read through :mod:`tf_gradmix.compat`.
-
-This is TensorFlow code (``tf.distribute`` replica contexts and
-``SyncOnRead`` variables); it is the only module of the accumulation feature
-that imports TensorFlow.
+counter, variable tracking) are read through :mod:`tf_gradmix.backend._keras`.
 """
 
 import keras
 import tensorflow as tf
 
-from tf_gradmix import compat
+from tf_gradmix.backend import _keras
 
 __all__ = [
     "ACCUMULATION_ISSUE",
     "UPDATE_BRANCH_NAME",
+    "build_optimizer",
+    "apply_gradients",
+    "scale_gradient",
     "is_per_replica",
     "build_with_per_replica_accumulators",
     "apply_accumulated_across_replicas",
@@ -55,6 +59,48 @@ ACCUMULATION_ISSUE = "https://github.com/keras-team/keras/issues/20582"
 #: Name of the conditional that makes the update (the only part of a step
 #: that communicates); a micro-step takes its other branch.
 UPDATE_BRANCH_NAME = "accumulated_update"
+
+
+def build_optimizer(inner, var_list):
+    """Builds ``inner`` for ``var_list`` (see :func:`build_with_per_replica_accumulators`)."""
+    build_with_per_replica_accumulators(inner, var_list)
+
+
+def apply_gradients(inner, grads, trainable_variables=None, weight=None):
+    """This replica's step: ``grads * weight`` (if given), then ``inner``'s update.
+
+    Called in replica context with this replica's gradients. ``weight`` is
+    this replica's device-level weight ``w_k`` (None at the sample level,
+    whose weights the model hook applied); variables with
+    ``overwrite_with_gradient`` are not weighted. With
+    ``gradient_accumulation_steps`` and more than one replica the step is
+    :func:`apply_accumulated_across_replicas`, else ``inner.apply``.
+    """
+    if weight is not None:
+        if trainable_variables is None:
+            variables = _keras.optimizer_trainable_variables(inner)
+        else:
+            variables = trainable_variables
+        grads = [g if getattr(v, "overwrite_with_gradient", False) else scale_gradient(g, weight)
+                 for g, v in zip(grads, variables)]
+    context = tf.distribute.get_replica_context() or tf.distribute.get_strategy()
+    if inner.gradient_accumulation_steps and context.num_replicas_in_sync > 1:
+        apply_accumulated_across_replicas(inner, grads, trainable_variables)
+    else:
+        inner.apply(grads, trainable_variables)
+
+
+def scale_gradient(gradient, scale):
+    """``gradient * scale`` for dense gradients and ``tf.IndexedSlices``."""
+    if gradient is None:
+        return None
+    if isinstance(gradient, tf.IndexedSlices):
+        return tf.IndexedSlices(
+            gradient.values * tf.cast(scale, gradient.values.dtype),
+            gradient.indices,
+            gradient.dense_shape,
+        )
+    return gradient * tf.cast(scale, gradient.dtype)
 
 
 def is_per_replica(variable):
@@ -115,7 +161,7 @@ def build_with_per_replica_accumulators(inner, var_list):
                 synchronization="on_read",
                 name=name,
             )
-        compat.track_optimizer_variable(inner, variable)
+        _keras.track_optimizer_variable(inner, variable)
         return variable
 
     inner.add_variable_from_reference = add_variable_from_reference
@@ -169,7 +215,7 @@ def apply_accumulated_across_replicas(inner, grads, trainable_variables):
     communication. The conditional update (named :data:`UPDATE_BRANCH_NAME`)
     runs in cross-replica context, as ``LossScaleOptimizer`` does, and calls
     the inner optimizer's update step on every replica
-    (:func:`tf_gradmix.compat.update_with_accumulated_gradients`, with
+    (:func:`tf_gradmix.backend._keras.update_with_accumulated_gradients`, with
     ``iterations`` counting updates as Adam's bias correction expects) on the
     replica's ``accumulated / n``, read from its own copy inside the branch;
     the inner optimizer's cross-replica sum, the one all-reduce of the update,
@@ -194,11 +240,11 @@ def apply_accumulated_across_replicas(inner, grads, trainable_variables):
     steps = inner.gradient_accumulation_steps
     context = tf.distribute.get_replica_context()
     if trainable_variables is None:
-        variables = list(compat.optimizer_trainable_variables(inner))
+        variables = list(_keras.optimizer_trainable_variables(inner))
     else:
         variables = list(trainable_variables)
     pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
-    accumulators = compat.gradient_accumulators(inner, [v for _, v in pairs])
+    accumulators = _keras.gradient_accumulators(inner, [v for _, v in pairs])
     if not all(is_per_replica(a) for a in accumulators):
         raise RuntimeError(
             "GradientMix accumulates across replicas in per-replica variables, "
@@ -211,7 +257,7 @@ def apply_accumulated_across_replicas(inner, grads, trainable_variables):
         _local_copy(accumulator).assign_add(
             tf.cast(tf.convert_to_tensor(gradient), accumulator.dtype), read_value=False
         )
-    counter = compat.raw_iterations(inner)
+    counter = _keras.raw_iterations(inner)
     is_update = (counter + 1) % steps == 0
     update_variables = [v for _, v in pairs]
     scale = 1.0 / steps / (inner.loss_scale_factor or 1.0)
@@ -223,7 +269,7 @@ def apply_accumulated_across_replicas(inner, grads, trainable_variables):
             tf.convert_to_tensor(_local_copy(a)) * tf.cast(scale, a.dtype)
             for a in accumulators
         ]
-        compat.update_with_accumulated_gradients(inner, means, update_variables)
+        _keras.update_with_accumulated_gradients(inner, means, update_variables)
         for accumulator in accumulators:
             _local_copy(accumulator).assign(
                 tf.zeros(accumulator.shape, accumulator.dtype), read_value=False
