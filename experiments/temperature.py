@@ -31,6 +31,8 @@ Phases, in the order they run (``--phase all`` runs them in turn):
     python -m experiments.temperature --optimizer adam --rates 1e-4 3e-4 1e-3 3e-3 --lazy-gd \
         --noises gaussian bernoulli isotropic --seed-major
     python -m experiments.temperature --phase penalty --lr 0.1
+    python -m experiments.temperature --optimizer lamb --rates 3e-3 1e-2 3e-2 1e-1 --lazy-gd \
+        --noises gaussian bernoulli isotropic --seed-major
 """
 
 import argparse
@@ -45,6 +47,12 @@ HERE = Path(__file__).resolve().parent
 EXAMPLE = "examples.gd_vs_sgd"  # the trainer, run as `python -m` from the repository root
 DEFAULT_RESULTS = HERE / "results" / "cifar10_gd_vs_sgd.jsonl"
 ADAM_RESULTS = HERE / "results" / "cifar10_gd_vs_sgd_adam.jsonl"
+LARS_RESULTS = HERE / "results" / "cifar10_gd_vs_sgd_lars.jsonl"
+LAMB_RESULTS = HERE / "results" / "cifar10_gd_vs_sgd_lamb.jsonl"
+#: The results file of each optimizer unless ``--results`` is given.
+RESULTS_OF = {"sgd": DEFAULT_RESULTS, "adam": ADAM_RESULTS, "lars": LARS_RESULTS, "lamb": LAMB_RESULTS}
+#: LARS's momentum unless ``--momentum`` is given: the ResNet-50 LARS recipe's (MLPerf's).
+LARS_MOMENTUM = 0.9
 
 # (noise, stddev factor) of the noise arms, in priority order.
 NOISE_ARMS = (
@@ -71,13 +79,16 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="b, the small batch")
     p.add_argument("--train-size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
-    p.add_argument("--momentum", type=float, default=0.0, help="SGD only")
+    p.add_argument("--optimizer", choices=tuple(RESULTS_OF), default="sgd",
+                   help="lars and lamb: tf_gradmix.optimizers' LARS and LAMB (see examples/gd_vs_sgd.py)")
+    p.add_argument("--momentum", type=float, default=None,
+                   help=f"SGD and LARS only (default: 0 for SGD, the recipe's {LARS_MOMENTUM} for LARS)")
     p.add_argument("--fit-threshold", type=float, default=0.99)
     p.add_argument("--threads", type=int, default=1, help="TensorFlow threads per run")
     p.add_argument("--parallel", type=int, default=1, help="runs at a time")
     p.add_argument("--results", type=Path, default=None,
-                   help=f"default: {DEFAULT_RESULTS.name}, or {ADAM_RESULTS.name} with --optimizer adam")
+                   help="default: " + ", ".join(f"{path.name} with --optimizer {name}"
+                                                for name, path in RESULTS_OF.items()))
     p.add_argument("--noises", nargs="+", default=None, choices=sorted({n for n, _ in NOISE_ARMS}),
                    help="the noise arms to run, at the rule's stddev, in this order (default: all of NOISE_ARMS)")
     p.add_argument("--penalty-factors", type=float, nargs="+", default=(1.0, 4.0, 16.0),
@@ -87,10 +98,13 @@ def parse_args(argv=None):
                    help="run the noise arms seed by seed (every arm of seed 0 first) instead of arm by arm")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more arguments for every run")
     args = p.parse_args(argv)
-    if args.momentum and args.optimizer != "sgd":
-        p.error(f"--momentum is for --optimizer sgd, got --momentum {args.momentum} with --optimizer {args.optimizer}")
+    if args.momentum is None:
+        args.momentum = LARS_MOMENTUM if args.optimizer == "lars" else 0.0
+    elif args.momentum and args.optimizer not in gd_vs_sgd.MOMENTUM_OPTIMIZERS:
+        p.error(f"--momentum is for --optimizer sgd or lars, got --momentum {args.momentum} with --optimizer "
+                f"{args.optimizer}")
     if args.results is None:
-        args.results = ADAM_RESULTS if args.optimizer == "adam" else DEFAULT_RESULTS
+        args.results = RESULTS_OF[args.optimizer]
     return args
 
 
