@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.." || exit 1
 PYTHON=${PYTHON:-python}
 ARMS=(--lazy-gd --noises gaussian bernoulli isotropic --seed-major --threads 1 --parallel 1)
 echo "[$(date -u +%FT%TZ)] LAMB"
-"$PYTHON" -m experiments.temperature --optimizer lamb --rates 1e-4 3e-4 1e-3 3e-3 1e-2 "${ARMS[@]}"
+"$PYTHON" -m experiments.temperature --optimizer lamb --rates 1e-4 3e-4 1e-3 3e-3 "${ARMS[@]}"
 echo "[$(date -u +%FT%TZ)] LAMB: exit status $?; LARS"
-"$PYTHON" -m experiments.temperature --optimizer lars --rates 0.03 0.1 0.3 1 3 "${ARMS[@]}"
+"$PYTHON" -m experiments.temperature --optimizer lars --rates 0.3 1 3 10 "${ARMS[@]}"
 echo "[$(date -u +%FT%TZ)] LARS: exit status $?"

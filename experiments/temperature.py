@@ -31,7 +31,7 @@ Phases, in the order they run (``--phase all`` runs them in turn):
     python -m experiments.temperature --optimizer adam --rates 1e-4 3e-4 1e-3 3e-3 --lazy-gd \
         --noises gaussian bernoulli isotropic --seed-major
     python -m experiments.temperature --phase penalty --lr 0.1
-    python -m experiments.temperature --optimizer lamb --rates 3e-3 1e-2 3e-2 1e-1 --lazy-gd \
+    python -m experiments.temperature --optimizer lamb --rates 1e-4 3e-4 1e-3 3e-3 --lazy-gd \
         --noises gaussian bernoulli isotropic --seed-major
 """
 
