@@ -26,6 +26,10 @@ as the trainer excludes it) or with ``||w|| = 0`` keeps ``u = g`` (LARS) or
 arm alike. Per arm and layer it reports, over the draws:
 
 * ``nsr_raw``: ``E||g - E g||^2 / ||E g||^2``, the gradient's noise-to-signal;
+* ``nsr_raw_expected``: the same in expectation, from the per-example
+  gradients (no draws): ``(N-b)/(b(N-1)) mean_n ||g_n - g||^2`` for the small
+  batch, ``stddev^2/N mean_n ||g_n||^2`` for mixing, that times the layer's
+  share of the parameters for the isotropic control, over ``||g||^2``;
 * ``nsr``: ``E||u - E u||^2 / ||E u||^2``, the same after the trust ratio;
 * ``mean_step``: ``||E u|| / E||u||``, the share of the update's length that
   the noise leaves in the mean step (1 without noise);
@@ -113,8 +117,19 @@ def draws_of(arm, grads, count, rng, mixing_weights):
     return out
 
 
-def measure(optimizer, grads, weights, arms, count, rng, mixing_weights):
-    """``{arm: [per layer {nsr_raw, nsr, mean_step, cos_gd}]}``.
+def expected_noise(arm, grads, stddev):
+    """``E||g - E g||^2`` of one draw of ``arm`` from per-example gradients ``grads`` ``[N, P]`` (no draws)."""
+    n = grads.shape[0]
+    if arm == "gd":
+        return 0.0
+    if arm.startswith("sgd"):
+        b = int(arm[3:])
+        return (n - b) / (b * (n - 1)) * float(np.mean(np.sum((grads - grads.mean(0)) ** 2, 1)))
+    return stddev ** 2 / n * float(np.mean(np.sum(grads ** 2, 1)))  # mixing; the isotropic control's norm too
+
+
+def measure(optimizer, grads, weights, arms, count, rng, mixing_weights, stddev):
+    """``{arm: [per layer {nsr_raw, nsr_raw_expected, nsr, mean_step, cos_gd}]}``.
 
     ``grads``: per-example gradients ``[N, P]`` (float64) of the variables
     ``weights`` (their arrays, in order, ``P`` their sizes summed).
@@ -129,8 +144,14 @@ def measure(optimizer, grads, weights, arms, count, rng, mixing_weights):
             v = np.mean(g ** 2, axis=0) if optimizer == "lamb" else None
             u = np.stack([layer_update(optimizer, gk, w, v) for gk in g])
             mean_g, mean_u = g.mean(0), u.mean(0)
+            if arm == "gd+isotropic":  # the Gaussian mixing noise's norm, in a uniform direction
+                noise = expected_noise(arm, grads, stddev) * w.size / grads.shape[1]
+            else:
+                noise = expected_noise(arm, grads[:, bounds[layer]:bounds[layer + 1]], stddev)
+            signal = float(np.sum(grads[:, bounds[layer]:bounds[layer + 1]].mean(0) ** 2))
             row = {
                 "nsr_raw": float(np.mean(np.sum((g - mean_g) ** 2, 1)) / np.sum(mean_g ** 2)),
+                "nsr_raw_expected": noise / signal,
                 "nsr": float(np.mean(np.sum((u - mean_u) ** 2, 1)) / np.sum(mean_u ** 2)),
                 "mean_step": float(np.linalg.norm(mean_u) / np.mean(np.linalg.norm(u, axis=1))),
             }
@@ -144,12 +165,13 @@ def measure(optimizer, grads, weights, arms, count, rng, mixing_weights):
 
 def table(results, names):
     """Markdown: one row per arm and layer."""
-    lines = ["| layer | arm | NSR of g | NSR after trust ratio | mean step / step length | cos to GD |",
+    lines = ["| layer | arm | NSR of g (expected) | NSR after trust ratio | mean step / step length | cos to GD |",
              "|---|---|---:|---:|---:|---:|"]
     for layer, name in enumerate(names):
         for arm, rows in results.items():
             r = rows[layer]
-            lines.append(f"| {name} | {arm} | {r['nsr_raw']:.3g} | {r['nsr']:.3g} | {r['mean_step']:.3f} | "
+            lines.append(f"| {name} | {arm} | {r['nsr_raw']:.3g} ({r['nsr_raw_expected']:.3g}) | {r['nsr']:.3g} | "
+                         f"{r['mean_step']:.3f} | "
                          f"{r['cos_gd']:.3f} |")
     return "\n".join(lines)
 
@@ -187,7 +209,7 @@ def main(argv=None):
 
     arms = [f"sgd{args.batch_size}", "gd"] + [f"gd+{kind}" for kind in args.noises]
     rng = np.random.default_rng(args.seed)
-    results = measure(args.optimizer, grads, weights, arms, args.draws, rng, mixing_weights)
+    results = measure(args.optimizer, grads, weights, arms, args.draws, rng, mixing_weights, stddev)
     names = [v.path for v in model.trainable_variables]
     train_loss = float(np.mean(loss(y, model(images, training=False))))
     out = {"optimizer": args.optimizer, "lr": args.lr, "train_steps": args.train_steps, "train_size": n,

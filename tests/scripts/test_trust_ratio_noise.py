@@ -40,15 +40,20 @@ def test_noise_in_the_length_alone_is_normalised_away(optimizer):
         return draws[k]
 
     arms = ["sgd16", "gd", "gd+gaussian", "gd+isotropic"]
-    results = tr.measure(optimizer, grads, weights, arms, 8, rng, mixing_weights)
+    results = tr.measure(optimizer, grads, weights, arms, 8, rng, mixing_weights, stddev)
     kernel, bias = results["gd+gaussian"]
+    assert kernel["nsr_raw_expected"] == pytest.approx(stddev ** 2 / n, rel=1e-12)  # Var(mean w) / (mean w)^2
+    # The isotropic control: the whole gradient's noise, the kernel's share (6 of 11 parameters) of it.
+    g = grads[0]
+    assert results["gd+isotropic"][0]["nsr_raw_expected"] == pytest.approx(
+        stddev ** 2 / n * np.sum(g ** 2) * 6 / 11 / np.sum(g[:6] ** 2), rel=1e-12)
     assert kernel["nsr_raw"] == pytest.approx(np.var(draws.mean(1)) / np.mean(draws.mean(1)) ** 2, rel=1e-9)
     assert kernel["nsr"] < 1e-25 and kernel["mean_step"] == pytest.approx(1, abs=1e-12)
     assert kernel["cos_gd"] == pytest.approx(1, abs=1e-12)
     # The bias is excluded from the trust ratio: the length noise passes on (LAMB's r is linear in g at a fixed v).
     assert bias["nsr"] == pytest.approx(bias["nsr_raw"], rel=1e-9)
     for arm in ("sgd16", "gd"):  # no noise at all: every example the same
-        assert all(row["nsr_raw"] < 1e-25 and row["nsr"] < 1e-25 for row in results[arm])
+        assert all(max(row["nsr_raw"], row["nsr_raw_expected"], row["nsr"]) < 1e-25 for row in results[arm])
     # The isotropic control puts the mixing noise's norm into a random direction: it survives the trust ratio.
     assert results["gd+isotropic"][0]["nsr"] > 1e-3
 
@@ -74,3 +79,16 @@ def test_it_runs_end_to_end_on_real_cifar10(tmp_path):
     assert len(result["layers"]) == 6 and result["stddev"] == pytest.approx(math.sqrt(64 / 16 - 1))
     assert all(row["nsr"] == 0 and row["mean_step"] == pytest.approx(1) for row in result["results"]["gd"])
     assert all(math.isfinite(row["nsr"]) and row["nsr"] > 0 for row in result["results"]["gd+gaussian"])
+
+
+def test_expected_noise_is_the_mean_of_the_draws():
+    """Per-example gradients of different sizes: the draws' mean squared noise tends to the expectation."""
+    rng = np.random.default_rng(4)
+    grads = rng.normal(size=(40, 3)) * rng.uniform(0.1, 3.0, size=(40, 1)) + 0.5
+    stddev = math.sqrt(40 / 8 - 1)
+    draws = rng.normal(1.0, stddev, size=(8000, 40))
+    for arm in ("sgd8", "gd+gaussian"):
+        g = tr.draws_of(arm, grads, 8000, rng, lambda kind, k: draws[k])
+        measured = np.mean(np.sum((g - grads.mean(0)) ** 2, 1))
+        # 8,000 draws: the mean squared norm has a relative spread of about 1% here; 8% is 8 of them.
+        assert measured == pytest.approx(tr.expected_noise(arm, grads, stddev), rel=0.08), arm
