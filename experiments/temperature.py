@@ -20,7 +20,14 @@ Phases, in the order they run (``--phase all`` runs them in turn):
    the isotropic control of the same norm, and Gaussian at half, twice and
    a quarter of the stddev; arm by arm, each over every seed, in that order
    of priority.
-4. ``penalty`` (only when asked): GD + the gradient-norm penalty
+4. ``matched`` (only when asked; LARS and LAMB): GD + Gaussian mixing at
+   the stddev whose update *after the trust ratio* has the small batch's
+   noise-to-signal ratio: ``experiments/trust_ratio_noise.py`` trains plain
+   GD for ``--match-steps`` at the chosen rate (first seed), measures it per
+   layer for the rule's stddev times each of ``--match-factors``, takes the
+   factor nearest batch ``b`` over the kernels, and runs that arm
+   (``gd+gaussian s=<stddev>``) on every seed.
+5. ``penalty`` (only when asked): GD + the gradient-norm penalty
    ``λ (1/m) Σ_k ||∇L_k||²`` over blocks of ``b`` (SGD's implicit
    regularizer, Smith et al. 2021): each of ``--penalty-factors`` times
    ``lr/4`` on the first seed, then ``λ = lr/4`` and the larger factor with
@@ -37,6 +44,10 @@ Phases, in the order they run (``--phase all`` runs them in turn):
 
 import argparse
 import dataclasses
+import json
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 from examples import gd_vs_sgd
@@ -69,8 +80,8 @@ NOISE_ARMS = (
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--phase", choices=("rate", "gap", "arms", "penalty", "all"), default="all",
-                   help="all = rate, gap, arms; penalty runs only when asked")
+    p.add_argument("--phase", choices=("rate", "gap", "arms", "matched", "penalty", "all"), default="all",
+                   help="all = rate, gap, arms; matched and penalty run only when asked")
     p.add_argument("--rates", type=float, nargs="+", default=(0.05, 0.1, 0.2))
     p.add_argument("--lr", type=float, default=None, help="skip the rate phase and use this rate")
     p.add_argument("--lazy-gd", action="store_true",
@@ -94,6 +105,9 @@ def parse_args(argv=None):
     p.add_argument("--penalty-factors", type=float, nargs="+", default=(1.0, 4.0, 16.0),
                    help="penalty phase: λ = factor · lr/4 tried on seed 0; 1 and the best larger one on validation "
                         "then run every seed")
+    p.add_argument("--match-steps", type=int, default=1000, help="matched phase: plain GD steps before measuring")
+    p.add_argument("--match-factors", type=float, nargs="+", default=(0.125, 0.18, 0.25, 0.35, 0.5, 0.71, 1.0, 1.41),
+                   help="matched phase: the multiples of the rule's stddev measured")
     p.add_argument("--seed-major", action="store_true",
                    help="run the noise arms seed by seed (every arm of seed 0 first) instead of arm by arm")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more arguments for every run")
@@ -103,6 +117,8 @@ def parse_args(argv=None):
     elif args.momentum and args.optimizer not in gd_vs_sgd.MOMENTUM_OPTIMIZERS:
         p.error(f"--momentum is for --optimizer sgd or lars, got --momentum {args.momentum} with --optimizer "
                 f"{args.optimizer}")
+    if args.phase == "matched" and args.optimizer not in ("lars", "lamb"):
+        p.error(f"--phase matched is for a trust ratio (--optimizer lars or lamb), got --optimizer {args.optimizer}")
     if args.results is None:
         args.results = RESULTS_OF[args.optimizer]
     return args
@@ -196,6 +212,21 @@ def search_rate(args):
     return choose_rate(args, records)
 
 
+def matched_stddev(args, lr):
+    """The matched phase's stddev (3 significant digits, so a rerun finds its runs): see the module docstring."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "nsr.json"
+        command = [sys.executable, "-m", "experiments.trust_ratio_noise", "--optimizer", args.optimizer,
+                   "--lr", str(lr), "--momentum", str(args.momentum), "--train-steps", str(args.match_steps),
+                   "--train-size", str(args.train_size), "--batch-size", str(args.batch_size), "--noises", "gaussian",
+                   "--stddev-factors", *map(str, args.match_factors), "--seed", str(args.seeds[0]),
+                   "--threads", str(args.threads), "--out", str(out)]
+        print(f"matched: {' '.join(command[1:])}", flush=True)
+        subprocess.run(command, check=True, cwd=runner.ROOT)
+        measured = json.loads(out.read_text())
+    return float(f"{measured['matched_factor'] * measured['stddev']:.3g}")
+
+
 def choose_penalty_factor(records):
     """The factor above 1 (``λ / (lr/4)``) with the best validation accuracy, or None."""
     factors = [(r["val_acc"], -r["penalty_weight"] / (r["lr"] / 4)) for r in records
@@ -219,7 +250,7 @@ def main(argv=None):
     args = parse_args(argv)
     lr = args.lr
     if lr is None:
-        if args.phase not in ("rate", "all"):
+        if args.phase not in ("rate", "all", "matched"):
             raise SystemExit("--phase gap/arms/penalty need --lr (or run --phase rate first)")
         lr = search_rate(args)
         if args.phase == "rate":
@@ -233,6 +264,11 @@ def main(argv=None):
             pairs = [(arm, seed) for seed in args.seeds for arm in noise_arms(args)]
         runs = [full_batch(args, lr, seed, noise, factor) for (noise, factor), seed in pairs]
         run_all(args, runs, "arms")
+    if args.phase == "matched":
+        stddev = matched_stddev(args, lr)
+        print(f"matched stddev: {stddev:g}", flush=True)
+        run_all(args, [dataclasses.replace(full_batch(args, lr, seed, "gaussian"), stddev=stddev)
+                       for seed in args.seeds], "matched")
     if args.phase == "penalty":
         run_penalty(args, lr)
 

@@ -37,10 +37,15 @@ arm alike. Per arm and layer it reports, over the draws:
 
     python -m experiments.trust_ratio_noise --optimizer lars --lr 1 --train-steps 0
     python -m experiments.trust_ratio_noise --optimizer lamb --lr 3e-3 --train-steps 500 --out runs/lamb_nsr.json
+
+``--stddev-factors`` adds Gaussian arms at the stddev times each factor
+(``gd+gaussian x0.5``), and :func:`matched_factor` picks the one whose update
+after the trust ratio has the small batch's noise-to-signal ratio.
 """
 
 import argparse
 import json
+import math
 import os
 from pathlib import Path
 
@@ -65,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--stddev", type=float, default=None, help="default: stddev_for_noise_batch_size(N, b)")
     p.add_argument("--noises", nargs="+", default=["gaussian", "bernoulli", "isotropic"],
                    choices=("gaussian", "bernoulli", "isotropic"))
+    p.add_argument("--stddev-factors", type=float, nargs="+", default=(),
+                   help="also Gaussian mixing at the stddev times each factor (arms gd+gaussian x<factor>)")
     p.add_argument("--draws", type=int, default=200, help="gradient draws per arm")
     p.add_argument("--seed", type=int, default=0, help="initial weights and the draws")
     p.add_argument("--chunk", type=int, default=256, help="examples per per-example-gradient call")
@@ -75,6 +82,8 @@ def parse_args(argv=None):
     for name in ("train_size", "batch_size", "draws", "chunk"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if any(not (f > 0 and math.isfinite(f)) for f in args.stddev_factors):
+        p.error(f"--stddev-factors must be positive numbers, got {args.stddev_factors}")
     if args.train_steps < 0:
         p.error(f"--train-steps must be non-negative, got {args.train_steps}")
     if args.batch_size > args.train_size:
@@ -117,8 +126,28 @@ def draws_of(arm, grads, count, rng, mixing_weights):
     return out
 
 
+def arm_stddev(arm, stddev):
+    """The mixing stddev of an arm: ``stddev``, times ``f`` for ``gd+gaussian x<f>``."""
+    _, _, factor = arm.partition(" x")
+    return stddev * float(factor) if factor else stddev
+
+
+def matched_factor(results, small, factors, adapted):
+    """The factor of ``gd+gaussian x<factor>`` nearest the small batch's NSR after the trust ratio.
+
+    Nearest: the smallest ``|median over the adapted layers of log(NSR_mixed / NSR_small)|``;
+    ``adapted``: the indices of the layers the trust ratio scales (kernels).
+    """
+    def miss(factor):
+        rows = results[f"gd+gaussian x{factor:g}"]
+        return abs(float(np.median([math.log(rows[i]["nsr"] / results[small][i]["nsr"]) for i in adapted])))
+
+    return min(factors, key=miss)
+
+
 def expected_noise(arm, grads, stddev):
     """``E||g - E g||^2`` of one draw of ``arm`` from per-example gradients ``grads`` ``[N, P]`` (no draws)."""
+    stddev = arm_stddev(arm, stddev)
     n = grads.shape[0]
     if arm == "gd":
         return 0.0
@@ -205,9 +234,11 @@ def main(argv=None):
 
     def mixing_weights(kind, k):
         seed = noise.step_seed(args.seed, k, noise.SAMPLE_STREAM)
-        return np.asarray(noise.mixing_weights(noise.get(kind), stddev, [n], seed), np.float64)
+        name = kind.partition(" x")[0]
+        return np.asarray(noise.mixing_weights(noise.get(name), arm_stddev(kind, stddev), [n], seed), np.float64)
 
     arms = [f"sgd{args.batch_size}", "gd"] + [f"gd+{kind}" for kind in args.noises]
+    arms += [f"gd+gaussian x{factor:g}" for factor in args.stddev_factors]
     rng = np.random.default_rng(args.seed)
     results = measure(args.optimizer, grads, weights, arms, args.draws, rng, mixing_weights, stddev)
     names = [v.path for v in model.trainable_variables]
@@ -218,6 +249,11 @@ def main(argv=None):
     print(f"{args.optimizer}, {args.train_steps} GD steps at rate {args.lr:g} (training loss {train_loss:.3g}), "
           f"stddev {stddev:.3g}, {args.draws} draws per arm:\n")
     print(table(results, names))
+    if args.stddev_factors:
+        adapted = [i for i, w in enumerate(weights) if w.ndim > 1]
+        out["matched_factor"] = matched_factor(results, arms[0], args.stddev_factors, adapted)
+        print(f"\nGaussian stddev factor nearest the small batch's NSR after the trust ratio: "
+              f"{out['matched_factor']:g} (stddev {out['matched_factor'] * stddev:.4g})")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out) + "\n")

@@ -92,3 +92,32 @@ def test_expected_noise_is_the_mean_of_the_draws():
         measured = np.mean(np.sum((g - grads.mean(0)) ** 2, 1))
         # 8,000 draws: the mean squared norm has a relative spread of about 1% here; 8% is 8 of them.
         assert measured == pytest.approx(tr.expected_noise(arm, grads, stddev), rel=0.08), arm
+
+
+def test_the_matched_factor_is_nearest_the_small_batch_over_the_kernels():
+    def rows(*nsrs):
+        return [{"nsr": v} for v in nsrs]
+
+    results = {"sgd32": rows(3.0, 100.0, 4.0, 5.0), "gd+gaussian x0.5": rows(2.0, 1.0, 3.0, 3.0),
+               "gd+gaussian x1": rows(12.0, 1.0, 11.0, 13.0)}
+    # Kernels 0, 2, 3 (layer 1, a bias, is left out): x0.5 misses by a factor 1.33 to 1.67, x1 by 2.6 to 4.
+    assert tr.matched_factor(results, "sgd32", [0.5, 1.0], [0, 2, 3]) == 0.5
+    assert tr.arm_stddev("gd+gaussian x0.5", 5.0) == 2.5 and tr.arm_stddev("gd+gaussian", 5.0) == 5.0
+
+
+@pytest.mark.slow
+def test_the_matched_phase_measures_then_runs_the_arm_on_every_seed(tmp_path, capsys):
+    if cifar10.find_cifar10() is None:
+        real_data.missing("CIFAR-10 JPEG")
+    from experiments import runner, temperature
+
+    results = tmp_path / "lars.jsonl"
+    temperature.main(["--optimizer", "lars", "--phase", "matched", "--lr", "0.01", "--train-size", "64",
+                      "--batch-size", "16", "--steps", "2", "--seeds", "0", "--match-steps", "1",
+                      "--match-factors", "0.5", "1", "--results", str(results),
+                      "--extra", "--val-size", "50", "--test-size", "100", "--eval-every", "2", "--ggn-size", "0"])
+    stddev = float(capsys.readouterr().out.split("matched stddev: ")[1].split()[0])
+    assert stddev in (float(f"{0.5 * math.sqrt(3):.3g}"), float(f"{math.sqrt(3):.3g}"))
+    (row,) = runner.read_rows(results)
+    assert row["arm"] == f"gd+gaussian s={stddev:g}" and row["phase"] == "matched" and row["momentum"] == 0.9
+    assert row["stddev"] == pytest.approx(stddev)
