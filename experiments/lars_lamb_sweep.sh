@@ -15,3 +15,10 @@ echo "[$(date -u +%FT%TZ)] LAMB"
 echo "[$(date -u +%FT%TZ)] LAMB: exit status $?; LARS"
 "$PYTHON" -m experiments.temperature --optimizer lars --rates 0.3 1 3 10 "${ARMS[@]}"
 echo "[$(date -u +%FT%TZ)] LARS: exit status $?"
+# The one more arm: GD + Gaussian at the stddev matching the small batch's noise-to-signal ratio after the trust
+# ratio (temperature.py --phase matched), for each optimizer at its chosen rate.
+for OPTIMIZER in lamb lars; do
+  RATES=(1e-4 3e-4 1e-3 3e-3); [ "$OPTIMIZER" = lars ] && RATES=(0.3 1 3 10)
+  "$PYTHON" -m experiments.temperature --optimizer "$OPTIMIZER" --rates "${RATES[@]}" --phase matched "${ARMS[@]}"
+  echo "[$(date -u +%FT%TZ)] $OPTIMIZER matched: exit status $?"
+done
