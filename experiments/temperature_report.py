@@ -359,9 +359,14 @@ def layerwise_summary(runs, name, lr, per_seed=True):
     small = small_arm(runs)
     if lr is None or small is None or "gd" not in stats.arms(runs):
         return f"With {name}: the rate phase has not chosen a rate yet."
-    return (f"With {name} at equal rate ({lr:g}) and steps, full-batch descent tested "
+    text = (f"With {name} at equal rate ({lr:g}) and steps, full-batch descent tested "
             f"{gap_phrase(runs, per_seed)}; at the rule's stddev the share of that gap recovered was: "
             f"{mixing_sentence(runs, ADAM_NAMES, per_seed)}.")
+    matched = {a: f"at {a.split('s=')[1]}" for a in sorted_arms(runs) if a.startswith("gd+gaussian s=")}
+    if matched:
+        text += (" Gaussian mixing at the stddev matched to the small batch's noise-to-signal ratio after the "
+                 f"trust ratio recovered: {mixing_sentence(runs, matched, per_seed)}.")
+    return text
 
 
 def sgd_summary(sgd, cost, per_seed=True):

@@ -181,7 +181,7 @@ def test_lars_and_lamb_blocks_follow_their_rate_phase_and_say_what_is_not_run(tm
     assert report.chosen_rate(rate) == 1.0
     assert report.chosen_rate(rate[:2]) is None  # GD not run yet
     assert report.chosen_rate([dict(r, train_acc=0.5) for r in rate]) is None  # nothing fits
-    rows = rate + [_run("gd+gaussian", 0, 0.38, lr=1.0)]
+    rows = rate + [_run("gd+gaussian", 0, 0.38, lr=1.0), _run("gd+gaussian s=2.79", 0, 0.35, lr=1.0)]
     lars = tmp_path / "lars.jsonl"
     lars.write_text("".join(json.dumps(r) + "\n" for r in rows))
     report.main(["--write", "--lars-results", str(lars), "--lamb-results", str(tmp_path / "none.jsonl"),
@@ -192,6 +192,7 @@ def test_lars_and_lamb_blocks_follow_their_rate_phase_and_say_what_is_not_run(tm
     prose = " ".join(text.split())  # the wrapped lines as one
     assert "With LARS at equal rate (1) and steps, full-batch descent tested 10.0 points below batch 32" in prose
     assert "Gaussian 80% (seed 0 only); Bernoulli not run yet" in prose
+    assert "noise-to-signal ratio after the trust ratio recovered: at 2.79 50% (seed 0 only)." in prose
     lamb = text[text.index("<!-- BEGIN temperature_report:lamb-rate -->"):]
     assert lamb.split("\n")[1] == "Not run yet."
     assert (tmp_path / "out" / report.LAYERWISE_FIGURE.name).stat().st_size > 0
