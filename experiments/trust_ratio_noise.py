@@ -33,7 +33,10 @@ arm alike. Per arm and layer it reports, over the draws:
 * ``nsr``: ``E||u - E u||^2 / ||E u||^2``, the same after the trust ratio;
 * ``mean_step``: ``||E u|| / E||u||``, the share of the update's length that
   the noise leaves in the mean step (1 without noise);
-* ``cos_gd``: the cosine between ``E u`` and GD's update.
+* ``cos_gd``: the cosine between ``E u`` and GD's update;
+
+and ``top_share``: the share of ``sum_n ||g_n||^2`` that the 1% of examples
+with the largest gradients carry (how few examples dominate the gradient).
 
     python -m experiments.trust_ratio_noise --optimizer lars --lr 1 --train-steps 0
     python -m experiments.trust_ratio_noise --optimizer lamb --lr 3e-3 --train-steps 500 --out runs/lamb_nsr.json
@@ -192,6 +195,12 @@ def measure(optimizer, grads, weights, arms, count, rng, mixing_weights, stddev)
     return results
 
 
+def top_share(grads, fraction=0.01):
+    """The share of ``sum_n ||g_n||^2`` in the ``ceil(fraction N)`` examples of the largest ``||g_n||``."""
+    squares = np.sort(np.sum(grads ** 2, 1))[::-1]
+    return float(squares[:math.ceil(fraction * len(squares))].sum() / squares.sum())
+
+
 def table(results, names):
     """Markdown: one row per arm and layer."""
     lines = ["| layer | arm | NSR of g (expected) | NSR after trust ratio | mean step / step length | cos to GD |",
@@ -245,9 +254,10 @@ def main(argv=None):
     train_loss = float(np.mean(loss(y, model(images, training=False))))
     out = {"optimizer": args.optimizer, "lr": args.lr, "train_steps": args.train_steps, "train_size": n,
            "batch_size": args.batch_size, "stddev": stddev, "draws": args.draws, "seed": args.seed,
-           "train_loss": train_loss, "layers": names, "results": results}
+           "train_loss": train_loss, "top_share": top_share(grads), "layers": names, "results": results}
     print(f"{args.optimizer}, {args.train_steps} GD steps at rate {args.lr:g} (training loss {train_loss:.3g}), "
-          f"stddev {stddev:.3g}, {args.draws} draws per arm:\n")
+          f"stddev {stddev:.3g}, {args.draws} draws per arm; the top 1% of examples carry "
+          f"{out['top_share']:.0%} of sum ||g_n||^2:\n")
     print(table(results, names))
     if args.stddev_factors:
         adapted = [i for i, w in enumerate(weights) if w.ndim > 1]

@@ -58,6 +58,12 @@ def test_noise_in_the_length_alone_is_normalised_away(optimizer):
     assert results["gd+isotropic"][0]["nsr"] > 1e-3
 
 
+def test_top_share_is_the_largest_examples_share_of_the_squared_norms():
+    grads = np.array([[3.0, 4.0]] + [[1.0, 0.0]] * 99)  # squared norms 25 and 99 ones
+    assert tr.top_share(grads) == pytest.approx(25 / 124, rel=1e-15)
+    assert tr.top_share(grads, fraction=0.02) == pytest.approx(26 / 124, rel=1e-15)
+
+
 def test_small_batch_draws_are_means_of_distinct_examples():
     grads = np.arange(8.0)[:, None] * np.ones((1, 2))
     draws = tr.draws_of("sgd4", grads, 50, np.random.default_rng(3), None)
