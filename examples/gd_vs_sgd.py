@@ -31,8 +31,9 @@ Setup: a fixed class-balanced subset of ``--train-size`` training images, no
 augmentation; ``--val-size`` more images held out of training for choosing
 the rate; the 10,000 test images; a two-layer strided CNN without
 BatchNorm (16 and 32 filters, about 21k parameters); plain SGD at a fixed
-rate. The same ``--seed`` gives the same initial weights in every arm and the
-same batch order to the small batch.
+rate (``--optimizer``: or Adam, LARS, LAMB; see :func:`make_optimizer`).
+The same ``--seed`` gives the same initial weights in every arm and the same
+batch order to the small batch.
 
 Prints one JSON object (and writes it to ``--out``): final train / val / test
 accuracy and cross-entropy, the validation curve, the mean of ``w^2``
@@ -61,7 +62,11 @@ from examples import cifar10, curvature, data, results, threads  # noqa: E402
 from examples.config import check_choices, config_from_argv, flag_of, option  # noqa: E402
 
 NOISES = ("none", "gaussian", "rademacher", "bernoulli", "isotropic")
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "lars", "lamb")
+#: The optimizers that take ``--momentum``.
+MOMENTUM_OPTIMIZERS = ("sgd", "lars")
+#: LARS's trust coefficient ``eta`` unless given: You et al. and the MLPerf reference.
+LARS_TRUST_COEFFICIENT = 1e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +83,8 @@ class Config:
     batch_size: int = option(0, help="b; 0 = full batch (GD)")
     optimizer: str = option("sgd", choices=OPTIMIZERS, help="the same in every arm")
     lr: float = option(0.05, help="the fixed learning rate")
-    momentum: float = option(0.0, help="SGD only")
+    momentum: float = option(0.0, help="SGD and LARS only")
+    trust_coefficient: float = option(LARS_TRUST_COEFFICIENT, help="LARS only: eta of the layer-wise trust ratio")
     steps: int = option(2000, help="optimizer steps")
     eval_every: int = option(200, help="steps between validation evaluations")
     noise: str = option("none", choices=NOISES, help="the full batch's noise (none: plain GD or SGD)")
@@ -111,9 +117,16 @@ class Config:
                              f"got --batch-size {self.batch_size} --noise {self.noise}")
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
-        if self.momentum and self.optimizer != "sgd":
-            raise ValueError(f"--momentum is for --optimizer sgd, got --momentum {self.momentum} with --optimizer "
-                             f"{self.optimizer}")
+        if self.momentum and self.optimizer not in MOMENTUM_OPTIMIZERS:
+            raise ValueError(f"--momentum is for --optimizer sgd or lars, got --momentum {self.momentum} with "
+                             f"--optimizer {self.optimizer}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if not (self.trust_coefficient > 0 and math.isfinite(self.trust_coefficient)):
+            raise ValueError(f"--trust-coefficient must be a positive number, got {self.trust_coefficient}")
+        if self.trust_coefficient != LARS_TRUST_COEFFICIENT and self.optimizer != "lars":
+            raise ValueError(f"--trust-coefficient is for --optimizer lars, got --trust-coefficient "
+                             f"{self.trust_coefficient} with --optimizer {self.optimizer}")
         if self.stddev is not None and (self.stddev < 0 or not math.isfinite(self.stddev)):
             raise ValueError(f"--stddev must be a non-negative number, got {self.stddev}")
         if self.test_size is not None and self.test_size <= 0:
@@ -145,11 +158,25 @@ def penalty_weight_of(config):
 
 
 def make_optimizer(config):
-    """The optimizer of every arm: plain SGD (``--momentum``) or Adam (Keras defaults but the rate)."""
+    """The optimizer of every arm, at ``--lr`` and without weight decay.
+
+    SGD (``--momentum``); Adam (Keras defaults but the rate);
+    ``tf_gradmix.optimizers.LARS`` (``--momentum``, ``--trust-coefficient``)
+    and ``tf_gradmix.optimizers.LAMB`` (its defaults), both with the recipes'
+    exclusion of every variable of at most one dimension (the biases here)
+    from the trust ratio.
+    """
     import keras
 
     if config.optimizer == "adam":
         return keras.optimizers.Adam(config.lr)
+    if config.optimizer in ("lars", "lamb"):
+        from tf_gradmix import optimizers
+
+        if config.optimizer == "lars":
+            return optimizers.LARS(config.lr, momentum=config.momentum, trust_coefficient=config.trust_coefficient,
+                                   exclude_1d_variables=True)
+        return optimizers.LAMB(config.lr, exclude_1d_variables=True)
     return keras.optimizers.SGD(config.lr, momentum=config.momentum)
 
 
@@ -364,6 +391,7 @@ def run(config):
         "optimizer": config.optimizer,
         "lr": config.lr,
         "momentum": config.momentum,
+        "trust_coefficient": config.trust_coefficient if config.optimizer == "lars" else None,
         "steps": done,
         "stddev": stddev,
         "penalty_weight": penalty_weight_of(config),

@@ -20,7 +20,14 @@ Phases, in the order they run (``--phase all`` runs them in turn):
    the isotropic control of the same norm, and Gaussian at half, twice and
    a quarter of the stddev; arm by arm, each over every seed, in that order
    of priority.
-4. ``penalty`` (only when asked): GD + the gradient-norm penalty
+4. ``matched`` (only when asked; LARS and LAMB): GD + Gaussian mixing at
+   the stddev whose update *after the trust ratio* has the small batch's
+   noise-to-signal ratio: ``experiments/trust_ratio_noise.py`` trains plain
+   GD for ``--match-steps`` at the chosen rate (first seed), measures it per
+   layer for the rule's stddev times each of ``--match-factors``, takes the
+   factor nearest batch ``b`` over the kernels, and runs that arm
+   (``gd+gaussian s=<stddev>``) on every seed.
+5. ``penalty`` (only when asked): GD + the gradient-norm penalty
    ``λ (1/m) Σ_k ||∇L_k||²`` over blocks of ``b`` (SGD's implicit
    regularizer, Smith et al. 2021): each of ``--penalty-factors`` times
    ``lr/4`` on the first seed, then ``λ = lr/4`` and the larger factor with
@@ -31,10 +38,16 @@ Phases, in the order they run (``--phase all`` runs them in turn):
     python -m experiments.temperature --optimizer adam --rates 1e-4 3e-4 1e-3 3e-3 --lazy-gd \
         --noises gaussian bernoulli isotropic --seed-major
     python -m experiments.temperature --phase penalty --lr 0.1
+    python -m experiments.temperature --optimizer lamb --rates 1e-4 3e-4 1e-3 3e-3 --lazy-gd \
+        --noises gaussian bernoulli isotropic --seed-major
 """
 
 import argparse
 import dataclasses
+import json
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 from examples import gd_vs_sgd
@@ -45,6 +58,12 @@ HERE = Path(__file__).resolve().parent
 EXAMPLE = "examples.gd_vs_sgd"  # the trainer, run as `python -m` from the repository root
 DEFAULT_RESULTS = HERE / "results" / "cifar10_gd_vs_sgd.jsonl"
 ADAM_RESULTS = HERE / "results" / "cifar10_gd_vs_sgd_adam.jsonl"
+LARS_RESULTS = HERE / "results" / "cifar10_gd_vs_sgd_lars.jsonl"
+LAMB_RESULTS = HERE / "results" / "cifar10_gd_vs_sgd_lamb.jsonl"
+#: The results file of each optimizer unless ``--results`` is given.
+RESULTS_OF = {"sgd": DEFAULT_RESULTS, "adam": ADAM_RESULTS, "lars": LARS_RESULTS, "lamb": LAMB_RESULTS}
+#: LARS's momentum unless ``--momentum`` is given: the ResNet-50 LARS recipe's (MLPerf's).
+LARS_MOMENTUM = 0.9
 
 # (noise, stddev factor) of the noise arms, in priority order.
 NOISE_ARMS = (
@@ -61,8 +80,8 @@ NOISE_ARMS = (
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--phase", choices=("rate", "gap", "arms", "penalty", "all"), default="all",
-                   help="all = rate, gap, arms; penalty runs only when asked")
+    p.add_argument("--phase", choices=("rate", "gap", "arms", "matched", "penalty", "all"), default="all",
+                   help="all = rate, gap, arms; matched and penalty run only when asked")
     p.add_argument("--rates", type=float, nargs="+", default=(0.05, 0.1, 0.2))
     p.add_argument("--lr", type=float, default=None, help="skip the rate phase and use this rate")
     p.add_argument("--lazy-gd", action="store_true",
@@ -71,26 +90,37 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="b, the small batch")
     p.add_argument("--train-size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
-    p.add_argument("--momentum", type=float, default=0.0, help="SGD only")
+    p.add_argument("--optimizer", choices=tuple(RESULTS_OF), default="sgd",
+                   help="lars and lamb: tf_gradmix.optimizers' LARS and LAMB (see examples/gd_vs_sgd.py)")
+    p.add_argument("--momentum", type=float, default=None,
+                   help=f"SGD and LARS only (default: 0 for SGD, the recipe's {LARS_MOMENTUM} for LARS)")
     p.add_argument("--fit-threshold", type=float, default=0.99)
     p.add_argument("--threads", type=int, default=1, help="TensorFlow threads per run")
     p.add_argument("--parallel", type=int, default=1, help="runs at a time")
     p.add_argument("--results", type=Path, default=None,
-                   help=f"default: {DEFAULT_RESULTS.name}, or {ADAM_RESULTS.name} with --optimizer adam")
+                   help="default: " + ", ".join(f"{path.name} with --optimizer {name}"
+                                                for name, path in RESULTS_OF.items()))
     p.add_argument("--noises", nargs="+", default=None, choices=sorted({n for n, _ in NOISE_ARMS}),
                    help="the noise arms to run, at the rule's stddev, in this order (default: all of NOISE_ARMS)")
     p.add_argument("--penalty-factors", type=float, nargs="+", default=(1.0, 4.0, 16.0),
                    help="penalty phase: λ = factor · lr/4 tried on seed 0; 1 and the best larger one on validation "
                         "then run every seed")
+    p.add_argument("--match-steps", type=int, default=1000, help="matched phase: plain GD steps before measuring")
+    p.add_argument("--match-factors", type=float, nargs="+", default=(0.125, 0.18, 0.25, 0.35, 0.5, 0.71, 1.0, 1.41),
+                   help="matched phase: the multiples of the rule's stddev measured")
     p.add_argument("--seed-major", action="store_true",
                    help="run the noise arms seed by seed (every arm of seed 0 first) instead of arm by arm")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more arguments for every run")
     args = p.parse_args(argv)
-    if args.momentum and args.optimizer != "sgd":
-        p.error(f"--momentum is for --optimizer sgd, got --momentum {args.momentum} with --optimizer {args.optimizer}")
+    if args.momentum is None:
+        args.momentum = LARS_MOMENTUM if args.optimizer == "lars" else 0.0
+    elif args.momentum and args.optimizer not in gd_vs_sgd.MOMENTUM_OPTIMIZERS:
+        p.error(f"--momentum is for --optimizer sgd or lars, got --momentum {args.momentum} with --optimizer "
+                f"{args.optimizer}")
+    if args.phase == "matched" and args.optimizer not in ("lars", "lamb"):
+        p.error(f"--phase matched is for a trust ratio (--optimizer lars or lamb), got --optimizer {args.optimizer}")
     if args.results is None:
-        args.results = ADAM_RESULTS if args.optimizer == "adam" else DEFAULT_RESULTS
+        args.results = RESULTS_OF[args.optimizer]
     return args
 
 
@@ -182,6 +212,21 @@ def search_rate(args):
     return choose_rate(args, records)
 
 
+def matched_stddev(args, lr):
+    """The matched phase's stddev (3 significant digits, so a rerun finds its runs): see the module docstring."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "nsr.json"
+        command = [sys.executable, "-m", "experiments.trust_ratio_noise", "--optimizer", args.optimizer,
+                   "--lr", str(lr), "--momentum", str(args.momentum), "--train-steps", str(args.match_steps),
+                   "--train-size", str(args.train_size), "--batch-size", str(args.batch_size), "--noises", "gaussian",
+                   "--stddev-factors", *map(str, args.match_factors), "--seed", str(args.seeds[0]),
+                   "--threads", str(args.threads), "--out", str(out)]
+        print(f"matched: {' '.join(command[1:])}", flush=True)
+        subprocess.run(command, check=True, cwd=runner.ROOT)
+        measured = json.loads(out.read_text())
+    return float(f"{measured['matched_factor'] * measured['stddev']:.3g}")
+
+
 def choose_penalty_factor(records):
     """The factor above 1 (``λ / (lr/4)``) with the best validation accuracy, or None."""
     factors = [(r["val_acc"], -r["penalty_weight"] / (r["lr"] / 4)) for r in records
@@ -205,7 +250,7 @@ def main(argv=None):
     args = parse_args(argv)
     lr = args.lr
     if lr is None:
-        if args.phase not in ("rate", "all"):
+        if args.phase not in ("rate", "all", "matched"):
             raise SystemExit("--phase gap/arms/penalty need --lr (or run --phase rate first)")
         lr = search_rate(args)
         if args.phase == "rate":
@@ -219,6 +264,11 @@ def main(argv=None):
             pairs = [(arm, seed) for seed in args.seeds for arm in noise_arms(args)]
         runs = [full_batch(args, lr, seed, noise, factor) for (noise, factor), seed in pairs]
         run_all(args, runs, "arms")
+    if args.phase == "matched":
+        stddev = matched_stddev(args, lr)
+        print(f"matched stddev: {stddev:g}", flush=True)
+        run_all(args, [dataclasses.replace(full_batch(args, lr, seed, "gaussian"), stddev=stddev)
+                       for seed in args.seeds], "matched")
     if args.phase == "penalty":
         run_penalty(args, lr)
 

@@ -11,11 +11,16 @@ to GD + GradientMix (median and interquartile range of the per-round ratios).
 ``--write`` regenerates everything the READMEs show from the results files:
 the marked blocks of ``experiments/README.md`` and ``README.md`` (between
 ``<!-- BEGIN temperature_report:NAME -->`` and ``<!-- END ... -->``) and the
-figure of every seed's test accuracy per arm, SGD and Adam side by side::
+figure of every seed's test accuracy per arm, SGD and Adam side by side (and
+a second one for LARS and LAMB once their results files hold runs at a
+chosen rate)::
 
     python -m experiments.temperature_report --write
     python -m experiments.temperature_report --lr 0.1                  # one table, printed
     python -m experiments.temperature_report --results experiments/results/cifar10_gd_vs_sgd_adam.jsonl --lr 3e-3
+
+LARS's and LAMB's rates are read from their rate phase's rows (the choice of
+``experiments/temperature.py``) unless ``--lars-lr`` / ``--lamb-lr`` give them.
 """
 
 import argparse
@@ -34,8 +39,13 @@ ROOT = HERE.parent
 RESULTS = HERE / "results"
 DEFAULT_RESULTS = RESULTS / "cifar10_gd_vs_sgd.jsonl"
 ADAM_RESULTS = RESULTS / "cifar10_gd_vs_sgd_adam.jsonl"
+LARS_RESULTS = RESULTS / "cifar10_gd_vs_sgd_lars.jsonl"
+LAMB_RESULTS = RESULTS / "cifar10_gd_vs_sgd_lamb.jsonl"
 STEP_TIME = RESULTS / "cifar10_gd_vs_sgd_penalty_step_time.json"
 FIGURE = RESULTS / "cifar10_gd_vs_sgd_sgd_and_adam.png"
+LAYERWISE_FIGURE = RESULTS / "cifar10_gd_vs_sgd_lars_and_lamb.png"
+#: The layer-wise optimizers: their name in the READMEs' block names and prose.
+LAYERWISE = {"lars": "LARS", "lamb": "LAMB"}
 SGD_LR = 0.1  # the rates chosen on validation (rate phase of experiments/temperature.py)
 ADAM_LR = 3e-3
 
@@ -56,6 +66,10 @@ def parse_args(argv=None):
     p.add_argument("--sgd-lr", type=float, default=SGD_LR, help="--write: the SGD runs' rate")
     p.add_argument("--adam-lr", type=float, default=ADAM_LR, help="--write: the Adam runs' rate")
     p.add_argument("--adam-results", type=Path, default=ADAM_RESULTS, help="--write: the Adam runs (--results: SGD)")
+    p.add_argument("--lars-results", type=Path, default=LARS_RESULTS, help="--write: the LARS runs")
+    p.add_argument("--lamb-results", type=Path, default=LAMB_RESULTS, help="--write: the LAMB runs")
+    p.add_argument("--lars-lr", type=float, default=None, help="--write: the LARS runs' rate (default: chosen)")
+    p.add_argument("--lamb-lr", type=float, default=None, help="--write: the LAMB runs' rate (default: chosen)")
     p.add_argument("--step-time", type=Path, default=STEP_TIME, help="--write: the penalty's step-time JSON")
     p.add_argument("--into", type=Path, default=None,
                    help="--write: write copies of the two READMEs (README.md, experiments_README.md) and the figure "
@@ -184,16 +198,38 @@ def report(runs, arms=None, cost=None):
     return table(runs, arms, cost) + "\n\nTest accuracy (%) per seed:\n\n" + per_seed(runs, arms)
 
 
-def rate_table(records, lr_chosen):
-    """The rate phase (seed 0): both arms' accuracies at each rate (``not run`` where ``--lazy-gd`` skipped GD)."""
+def chosen_rate(records, fit_threshold=0.99):
+    """The rate the rate phase chooses from these rows, or None while no rate has both arms fitting.
+
+    ``experiments/temperature.py``'s rule: among the rates where the small
+    batch and GD (seed 0) both reach ``fit_threshold`` training accuracy, the
+    one with the best small-batch validation accuracy.
+    """
     rate_runs = [r for r in records if r.get("phase") == "rate"]
+    fitting = []
+    for lr in sorted({r["lr"] for r in rate_runs}):
+        at = stats.by_arm_seed(rate_runs, lr)
+        small, gd = at.get((small_arm(at), 0)), at.get(("gd", 0))
+        if small and gd and min(small["train_acc"], gd["train_acc"]) >= fit_threshold:
+            fitting.append((small["val_acc"], lr))
+    return max(fitting)[1] if fitting else None
+
+
+def rate_table(records, lr_chosen):
+    """The rate phase (seed 0): both arms' accuracies at each rate (``not run`` where ``--lazy-gd`` skipped GD).
+
+    ``lr_chosen`` None: no rate is marked (the phase has not chosen yet).
+    """
+    rate_runs = [r for r in records if r.get("phase") == "rate"]
+    if not rate_runs:
+        return "Not run yet."
     lines = ["| rate | small batch: train acc % | val acc % | test acc % | GD: train acc % | val acc % |",
              "|---:|---:|---:|---:|---:|---:|"]
     for lr in sorted({r["lr"] for r in rate_runs}):
         at = stats.by_arm_seed(rate_runs, lr)
         small = at.get((small_arm(at), 0))
         gd = at.get(("gd", 0))
-        chosen = " (chosen)" if abs(lr - lr_chosen) <= 1e-9 * lr_chosen else ""
+        chosen = " (chosen)" if lr_chosen is not None and abs(lr - lr_chosen) <= 1e-9 * lr_chosen else ""
         cells = [f"{lr:g}{chosen}"]
         if small:
             fits = "" if small["train_acc"] >= 0.99 else " (does not fit)"
@@ -318,6 +354,21 @@ def adam_summary(adam, per_seed=True):
     return text
 
 
+def layerwise_summary(runs, name, lr, per_seed=True):
+    """The gap and the shares recovered with ``name`` (LARS or LAMB) at rate ``lr``, as far as they are run."""
+    small = small_arm(runs)
+    if lr is None or small is None or "gd" not in stats.arms(runs):
+        return f"With {name}: the rate phase has not chosen a rate yet."
+    text = (f"With {name} at equal rate ({lr:g}) and steps, full-batch descent tested "
+            f"{gap_phrase(runs, per_seed)}; at the rule's stddev the share of that gap recovered was: "
+            f"{mixing_sentence(runs, ADAM_NAMES, per_seed)}.")
+    matched = {a: f"at {a.split('s=')[1]}" for a in sorted_arms(runs) if a.startswith("gd+gaussian s=")}
+    if matched:
+        text += (" Gaussian mixing at the stddev matched to the small batch's noise-to-signal ratio after the "
+                 f"trust ratio recovered: {mixing_sentence(runs, matched, per_seed)}.")
+    return text
+
+
 def sgd_summary(sgd, cost, per_seed=True):
     penalty = penalty_arms(sgd)
     text = (f"With SGD at equal rate and steps, full-batch descent tested {gap_phrase(sgd, per_seed)}; at the rule's "
@@ -433,8 +484,24 @@ def prose(text, width=78):
     return textwrap.fill(text.replace(" %", "%"), width, break_long_words=False, break_on_hyphens=False)
 
 
-def blocks(sgd_records, adam_records, cost, sgd_lr, adam_lr):
-    """``{(README, block name): text}`` of every generated block; README is ``"experiments"`` or ``"root"``."""
+def layerwise_blocks(name, records, lr):
+    """The blocks of ``name`` (``"lars"`` or ``"lamb"``): rate phase, table, summary (``lr`` None: the chosen one)."""
+    lr = chosen_rate(records) if lr is None else lr
+    runs = stats.by_arm_seed(records, lr) if lr is not None else {}
+    table_text = report(runs) if runs else "Not run yet."
+    return {
+        ("experiments", f"{name}-rate"): rate_table(records, lr),
+        ("experiments", name): table_text,
+        ("experiments", f"{name}-summary"): prose(layerwise_summary(runs, LAYERWISE[name], lr)),
+    }
+
+
+def blocks(sgd_records, adam_records, cost, sgd_lr, adam_lr, layerwise=None):
+    """``{(README, block name): text}`` of every generated block; README is ``"experiments"`` or ``"root"``.
+
+    ``layerwise``: ``{"lars": (records, lr or None), "lamb": ...}`` (missing: not run yet).
+    """
+    layerwise = layerwise or {}
     sgd = stats.by_arm_seed(sgd_records, sgd_lr)
     adam = stats.by_arm_seed(adam_records, adam_lr)
     mixing = [a for a in sorted_arms(sgd) if not a.startswith("gd+penalty")]
@@ -453,34 +520,59 @@ def blocks(sgd_records, adam_records, cost, sgd_lr, adam_lr):
         ("experiments", "sgd-summary"): prose(sgd_summary(sgd, cost)),
         ("root", "adam-summary"): prose(adam_summary(adam, per_seed=False), width=76),
         ("root", "sgd-summary"): prose(sgd_summary(sgd, cost, per_seed=False)),
+        **{key: text for name in LAYERWISE
+           for key, text in layerwise_blocks(name, *layerwise.get(name, ([], None))).items()},
     }
 
 
+def load_if_present(path):
+    """The rows of a results file, none if it does not exist yet."""
+    return stats.load(path, key=None) if Path(path).exists() else []
+
+
 def write_all(sgd_lr=SGD_LR, adam_lr=ADAM_LR, sgd_results=DEFAULT_RESULTS, adam_results=ADAM_RESULTS,
-              step_time=STEP_TIME, into=None):
-    """Rewrite every block of both READMEs and the figure; with ``into``, copies of them in that folder."""
+              step_time=STEP_TIME, into=None, lars=(LARS_RESULTS, None), lamb=(LAMB_RESULTS, None)):
+    """Rewrite every block of both READMEs and the figures; with ``into``, copies of them in that folder.
+
+    ``lars``, ``lamb``: ``(results file, rate or None for the chosen one)``;
+    their figure is drawn once either has runs at its rate.
+    """
     readmes = {"experiments": HERE / "README.md", "root": ROOT / "README.md"}
-    figure_path = FIGURE
+    figure_path, layerwise_path = FIGURE, LAYERWISE_FIGURE
     if into is not None:
         into.mkdir(parents=True, exist_ok=True)
         copies = {"experiments": into / "experiments_README.md", "root": into / "README.md"}
         for readme, path in copies.items():
             path.write_text(readmes[readme].read_text())
-        readmes, figure_path = copies, into / FIGURE.name
+        readmes, figure_path, layerwise_path = copies, into / FIGURE.name, into / LAYERWISE_FIGURE.name
     sgd_records, adam_records = stats.load(sgd_results, key=None), stats.load(adam_results, key=None)
+    layerwise = {}
+    for name, (path, lr) in (("lars", lars), ("lamb", lamb)):
+        records = load_if_present(path)
+        layerwise[name] = (records, chosen_rate(records) if lr is None else lr)
     cost = step_time_ratios(step_time)
-    for (readme, name), text in blocks(sgd_records, adam_records, cost, sgd_lr, adam_lr).items():
+    for (readme, name), text in blocks(sgd_records, adam_records, cost, sgd_lr, adam_lr, layerwise).items():
         write_block(readmes[readme], name, text)
         print(f"{readmes[readme]}: {name}")
     figure([(f"SGD, rate {sgd_lr:g}", stats.by_arm_seed(sgd_records, sgd_lr)),
             (f"Adam, rate {adam_lr:g}", stats.by_arm_seed(adam_records, adam_lr))], figure_path)
     print(f"figure: {figure_path}")
+    panels = [(f"{LAYERWISE[name]}, rate {lr:g}", stats.by_arm_seed(records, lr))
+              for name, (records, lr) in layerwise.items() if lr is not None]
+    panels = [(title, runs) for title, runs in panels if runs]
+    if panels:
+        slots = ["small", "gd", "gd+gaussian", "gd+bernoulli", "gd+isotropic"]
+        slots += sorted({a for _, runs in panels for a in stats.arms(runs)} - {small_arm(runs) for _, runs in panels}
+                        - set(slots), key=arm_order)
+        figure(panels, layerwise_path, slots)
+        print(f"figure: {layerwise_path}")
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.write:
-        write_all(args.sgd_lr, args.adam_lr, args.results, args.adam_results, args.step_time, args.into)
+        write_all(args.sgd_lr, args.adam_lr, args.results, args.adam_results, args.step_time, args.into,
+                  (args.lars_results, args.lars_lr), (args.lamb_results, args.lamb_lr))
     if args.lr is None:
         return
     runs = stats.by_arm_seed(stats.load(args.results, key=None), args.lr)

@@ -133,6 +133,46 @@ def test_penalty_arm_arguments():
             gd_vs_sgd.parse_args(bad)
 
 
+def test_lars_and_lamb_arms_take_the_recipes_settings():
+    from tf_gradmix import optimizers
+
+    lars = gd_vs_sgd.make_optimizer(gd_vs_sgd.parse_args(["--optimizer", "lars", "--lr", "2", "--momentum", "0.9"]))
+    assert isinstance(lars, optimizers.LARS) and lars.momentum == 0.9 and lars.trust_coefficient == 1e-3
+    assert lars.exclude_1d_variables and lars.weight_decay == 0 and float(lars.learning_rate) == 2.0
+    lamb = gd_vs_sgd.make_optimizer(gd_vs_sgd.parse_args(["--optimizer", "lamb", "--lr", "0.01"]))
+    assert isinstance(lamb, optimizers.LAMB) and lamb.exclude_1d_variables and lamb.weight_decay == 0
+    tuned = gd_vs_sgd.parse_args(["--optimizer", "lars", "--trust-coefficient", "0.02"])
+    assert gd_vs_sgd.make_optimizer(tuned).trust_coefficient == 0.02
+    for bad in (["--optimizer", "lamb", "--momentum", "0.9"], ["--trust-coefficient", "0.02"],
+                ["--optimizer", "lars", "--trust-coefficient", "0"], ["--optimizer", "lars", "--momentum", "1"]):
+        with pytest.raises(SystemExit):
+            gd_vs_sgd.parse_args(bad)
+    # The sweep: LARS with the recipe's momentum unless given; each optimizer its own results file.
+    args = temperature.parse_args(["--optimizer", "lars"])
+    assert args.momentum == 0.9 and args.results == temperature.LARS_RESULTS
+    assert temperature.small_batch(args, 1.0, 0) == gd_vs_sgd.Config(optimizer="lars", lr=1.0, momentum=0.9,
+                                                                       batch_size=32)
+    assert temperature.parse_args(["--optimizer", "lars", "--momentum", "0"]).momentum == 0.0
+    args = temperature.parse_args(["--optimizer", "lamb"])
+    assert args.momentum == 0.0 and args.results == temperature.LAMB_RESULTS
+    with pytest.raises(SystemExit):
+        temperature.parse_args(["--optimizer", "lamb", "--momentum", "0.9"])
+
+
+@pytest.mark.slow
+def test_lars_and_lamb_arms_run_end_to_end_on_real_cifar10():
+    """The layer-wise optimizers under GradientMix's train step and the isotropic control's (plain fit as Adam's)."""
+    if cifar10.find_cifar10() is None:
+        real_data.missing("CIFAR-10 JPEG")
+    tiny = dict(train_size=64, val_size=50, test_size=100, steps=2, eval_every=2, ggn_size=0)
+    for optimizer, momentum, kind in (("lars", 0.9, "gaussian"), ("lamb", 0.0, "isotropic")):
+        config = gd_vs_sgd.Config(optimizer=optimizer, lr=0.01, momentum=momentum, noise=kind, **tiny)
+        result = gd_vs_sgd.run(config)
+        assert result["optimizer"] == optimizer and result["steps"] == 2 and math.isfinite(result["train_loss"])
+        assert result["trust_coefficient"] == (1e-3 if optimizer == "lars" else None)
+        assert result["arm"] == gd_vs_sgd.arm_name(config)
+
+
 def _unflatten(vector, like):
     arrays, offset = [], 0
     for a in like:

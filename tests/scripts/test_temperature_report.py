@@ -130,8 +130,11 @@ def test_the_committed_blocks_are_what_the_results_files_give():
     """Every block of both READMEs equals what --write makes of the committed results files."""
     records = {name: report.stats.load(report.RESULTS / name, key=None)
                for name in (report.DEFAULT_RESULTS.name, report.ADAM_RESULTS.name)}
+    layerwise = {name: (rows, report.chosen_rate(rows)) for name, rows in
+                 (("lars", report.load_if_present(report.LARS_RESULTS)),
+                  ("lamb", report.load_if_present(report.LAMB_RESULTS)))}
     blocks = report.blocks(records[report.DEFAULT_RESULTS.name], records[report.ADAM_RESULTS.name],
-                           report.step_time_ratios(), report.SGD_LR, report.ADAM_LR)
+                           report.step_time_ratios(), report.SGD_LR, report.ADAM_LR, layerwise)
     readmes = {"experiments": report.HERE / "README.md", "root": report.ROOT / "README.md"}
     for (readme, name), text in blocks.items():
         content = readmes[readme].read_text()
@@ -169,3 +172,27 @@ def test_write_into_a_folder_leaves_the_repository_alone_and_copes_with_a_tiny_s
     experiments = (tmp_path / "out" / "experiments_README.md").read_text()
     assert "| 0.001 (chosen) | 100.0 | 30.0 | 40.0 | 100.0 | 30.0 |" in experiments
     assert (tmp_path / "out" / report.FIGURE.name).stat().st_size > 0
+
+
+def test_lars_and_lamb_blocks_follow_their_rate_phase_and_say_what_is_not_run(tmp_path):
+    """The rate is the rate phase's choice; a file not there yet, or a phase that has not chosen, is said so."""
+    rate = [dict(_run("sgd32", 0, 0.40, lr=lr, val=val), phase="rate") for lr, val in ((0.3, 0.31), (1.0, 0.33))]
+    rate += [dict(_run("gd", 0, 0.30, lr=1.0), phase="rate")]
+    assert report.chosen_rate(rate) == 1.0
+    assert report.chosen_rate(rate[:2]) is None  # GD not run yet
+    assert report.chosen_rate([dict(r, train_acc=0.5) for r in rate]) is None  # nothing fits
+    rows = rate + [_run("gd+gaussian", 0, 0.38, lr=1.0), _run("gd+gaussian s=2.79", 0, 0.35, lr=1.0)]
+    lars = tmp_path / "lars.jsonl"
+    lars.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report.main(["--write", "--lars-results", str(lars), "--lamb-results", str(tmp_path / "none.jsonl"),
+                 "--into", str(tmp_path / "out")])
+    text = (tmp_path / "out" / "experiments_README.md").read_text()
+    assert "| 1 (chosen) | 100.0 | 33.0 | 40.0 | 100.0 | 30.0 |" in text
+    assert "| gd+gaussian | 5.57 | 1 | 38.0 |" in text
+    prose = " ".join(text.split())  # the wrapped lines as one
+    assert "With LARS at equal rate (1) and steps, full-batch descent tested 10.0 points below batch 32" in prose
+    assert "Gaussian 80% (seed 0 only); Bernoulli not run yet" in prose
+    assert "noise-to-signal ratio after the trust ratio recovered: at 2.79 50% (seed 0 only)." in prose
+    lamb = text[text.index("<!-- BEGIN temperature_report:lamb-rate -->"):]
+    assert lamb.split("\n")[1] == "Not run yet."
+    assert (tmp_path / "out" / report.LAYERWISE_FIGURE.name).stat().st_size > 0

@@ -1,0 +1,24 @@
+#!/bin/bash
+# Regime A with LAMB, then with LARS (experiments/README.md, "LARS and LAMB at equal rate and equal steps"):
+# each the rate phase on seed 0, then the gap and the noise arms seed by seed; one run at a time, one thread.
+# Resumable: each command skips the runs already in its results file, so the same command continues it.
+# From the repository root, with CIFAR-10 in $TF_GRADMIX_DATA (PYTHON: the interpreter, default python):
+#
+#   setsid nohup nice -n 19 experiments/lars_lamb_sweep.sh > runs/lars_lamb_sweep.log 2>&1 &
+#
+# A command that stops (no rate fits, a failed run) does not stop the next one.
+cd "$(dirname "$0")/.." || exit 1
+PYTHON=${PYTHON:-python}
+ARMS=(--lazy-gd --noises gaussian bernoulli isotropic --seed-major --threads 1 --parallel 1)
+echo "[$(date -u +%FT%TZ)] LAMB"
+"$PYTHON" -m experiments.temperature --optimizer lamb --rates 1e-4 3e-4 1e-3 3e-3 "${ARMS[@]}"
+echo "[$(date -u +%FT%TZ)] LAMB: exit status $?; LARS"
+"$PYTHON" -m experiments.temperature --optimizer lars --rates 0.3 1 3 10 "${ARMS[@]}"
+echo "[$(date -u +%FT%TZ)] LARS: exit status $?"
+# The one more arm: GD + Gaussian at the stddev matching the small batch's noise-to-signal ratio after the trust
+# ratio (temperature.py --phase matched), for each optimizer at its chosen rate.
+for OPTIMIZER in lamb lars; do
+  RATES=(1e-4 3e-4 1e-3 3e-3); [ "$OPTIMIZER" = lars ] && RATES=(0.3 1 3 10)
+  "$PYTHON" -m experiments.temperature --optimizer "$OPTIMIZER" --rates "${RATES[@]}" --phase matched "${ARMS[@]}"
+  echo "[$(date -u +%FT%TZ)] $OPTIMIZER matched: exit status $?"
+done
