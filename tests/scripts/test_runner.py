@@ -41,7 +41,8 @@ def test_the_key_is_the_trainer_and_the_result_changing_fields_sorted():
         '{"config": {"batch_size": 32, "data_seed": 0, "eval_every": 200, "filters": [16, 32], "ggn_size": 512, '
         '"lr": 0.1, "momentum": 0.0, "noise": "none", "optimizer": "sgd", "penalty_factor": 0.0, '
         '"reference_batch_size": 32, "seed": 0, "stddev": null, "stddev_factor": 1.0, "steps": 2000, '
-        '"test_size": null, "train_size": 1024, "val_size": 1000}, "trainer": "examples.gd_vs_sgd"}'
+        '"test_size": null, "train_size": 1024, "trust_coefficient": 0.001, "val_size": 1000}, '
+        '"trainer": "examples.gd_vs_sgd"}'
     )
     # Flag order, thread counts and paths do not change it; any result-changing field does.
     a = runner.key_of(*runner.config_of_command("python -m examples.gd_vs_sgd --lr 0.1 --batch-size 32"))
