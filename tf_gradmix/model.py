@@ -317,6 +317,7 @@ def _install_hook(model):
         base_make_train_function(force)
         return _Hook.train_function(self)
 
+    train_step._gradmix_wrapper = True  # Keras's own step underneath (jax_accumulation)
     _Hook.create_gamma_metric(model)
     set_compute_loss(model, types.MethodType(compute_loss, model))
     model.train_step = types.MethodType(train_step, model)

@@ -136,7 +136,8 @@ def _compute_loss_and_updates(model, base, args, kwargs):
 class FitMixin:
     """Mixin for ``keras.Model`` subclasses: the optimizer state reaches the loss hook (see module
     docstring); an accumulating ``GradientMix`` gets a compiled micro-step and update step
-    (:func:`tf_gradmix.backend.jax_accumulation.train_function`)."""
+    (:func:`tf_gradmix.backend.jax_accumulation.train_function`), whose per-device window ``fit``
+    folds into the state before writing it back."""
 
     def compute_loss_and_updates(self, *args, **kwargs):
         return _compute_loss_and_updates(self, super().compute_loss_and_updates, args, kwargs)
@@ -145,6 +146,12 @@ class FitMixin:
         from tf_gradmix.backend import jax_accumulation
 
         return jax_accumulation.make_train_function(self, super().make_train_function, force)
+
+    def jax_state_sync(self):
+        from tf_gradmix.backend import jax_accumulation
+
+        jax_accumulation.fold(self)
+        super().jax_state_sync()
 
 
 def install_fit(model):
@@ -162,8 +169,17 @@ def install_fit(model):
 
         return jax_accumulation.make_train_function(model, base_make_train_function, force)
 
+    base_jax_state_sync = model.jax_state_sync
+
+    def jax_state_sync():
+        from tf_gradmix.backend import jax_accumulation
+
+        jax_accumulation.fold(model)
+        base_jax_state_sync()
+
     model.compute_loss_and_updates = compute_loss_and_updates
     model.make_train_function = make_train_function
+    model.jax_state_sync = jax_state_sync
     model._gradmix_fit_installed = True
     return model
 

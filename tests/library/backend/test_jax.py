@@ -318,3 +318,105 @@ def test_accumulation_under_data_parallel_equals_the_one_device_run():
         runs.append(flat(weights_of(model)) - before)
         assert int(numpy(model.optimizer.iterations)) == 2
     np.testing.assert_allclose(runs[0], runs[1], rtol=0, atol=1e-5 * np.max(np.abs(runs[1])))
+
+
+def _gradient_collectives(model, x, y):
+    """``{phase: collectives}`` of the compiled per-device micro-step and update step, and of the global ones."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+    from jax_steps import collectives
+
+    function = model.train_function.__wrapped__
+    window = function.device_window
+    distribution = keras.distribution.distribution()
+    sharded = NamedSharding(distribution.device_mesh.backend_mesh, PartitionSpec(distribution.batch_dim_name))
+    batch = (jax.device_put(x, sharded), jax.device_put(y, sharded))
+    state = model._get_jax_state(trainable_variables=True, non_trainable_variables=True,
+                                 optimizer_variables=True, metrics_variables=True)
+    found = {}
+    for name, step in window.compiled.items():
+        found[name] = collectives(step.lower(state, window.zeros(), batch).compile().as_text())
+        found["global " + name] = collectives(function.compiled_steps[name].lower(state, batch).compile().as_text())
+    return found
+
+
+@pytest.mark.parametrize("level", ["sample", "device"])
+def test_data_parallel_micro_step_communicates_no_gradient(level):
+    """Under DataParallel each device accumulates its own share: the compiled
+    micro-step holds no collective over a gradient (only the scalar loss that
+    ``fit`` logs is reduced), and the update step all-reduces every gradient
+    once. The global steps (a forward pass that cannot run per device) reduce
+    the gradients on every micro-step."""
+    x, y = data(4 * B)
+    with data_parallel().scope():
+        model = functional()
+        model.compile(mixer(level=level, inner=keras.optimizers.SGD(0.1, momentum=0.9, gradient_accumulation_steps=2)),
+                      SCCE)
+        model.fit(x, y, batch_size=B, epochs=1, shuffle=False, verbose=0)
+        assert model.train_function.__wrapped__.device_window.active
+        found = _gradient_collectives(model, x[:B], y[:B])
+    shapes = sorted(tuple(v.shape) for v in model.trainable_variables)
+
+    def gradient_shapes(ops):
+        return sorted(shape for _, operands in ops for shape in operands if shape)
+
+    assert all(op == "all-reduce" for ops in found.values() for op, _ in ops), found
+    assert gradient_shapes(found["micro_step"]) == [], found["micro_step"]
+    assert len(found["micro_step"]) <= 1  # the logged loss
+    assert gradient_shapes(found["update_step"]) == shapes, found["update_step"]
+    # What the per-device window saves: the global micro-step reduces every gradient.
+    assert len(gradient_shapes(found["global micro_step"])) == len(shapes)
+
+
+def _stock_one_device_changes(make_inner, x, y, weights, updates):
+    """Weight changes of stock Keras on one device, each example weighted by ``weights`` (its ``sample_weight``)."""
+    model = functional(keras.Model)
+    model.compile(make_inner(), SCCE)
+    before = flat(weights_of(model))
+    model.fit(x, y, sample_weight=weights, batch_size=B, epochs=1, shuffle=False, verbose=0)
+    assert int(numpy(model.optimizer.iterations)) == updates
+    return flat(weights_of(model)) - before
+
+
+PER_DEVICE_INNER = {
+    "sgd_momentum": lambda: keras.optimizers.SGD(0.1, momentum=0.9, gradient_accumulation_steps=3),
+    "lamb": lambda: gm.optimizers.LAMB(0.1, epsilon=0.01, gradient_accumulation_steps=3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PER_DEVICE_INNER))
+@pytest.mark.parametrize("level", ["sample", "device"])
+def test_per_device_accumulation_equals_the_one_device_run(level, name):
+    """Two updates of three micro-batches of 16 on 4 devices, each device
+    accumulating its own share, against stock Keras accumulating on one
+    device with every example weighted by the weight GradientMix draws for
+    it (sample level: ``w_b`` by its index in the global micro-batch; device
+    level: ``w_k`` of its shard). The mixed weights are unchanged, so only
+    the order of the sums differs: each device sums its own shares, then
+    the update sums the devices. That changes the accumulated gradient by
+    float32 rounding of the magnitudes summed (``sum |w_b g_b| / B`` over
+    the window, more than the element itself where shares cancel), and the
+    weights, which add the updates to themselves, by rounding of their own
+    magnitude: the tolerance is 32 float32 ulps of the larger."""
+    steps, updates = 3, 2
+    x, y = data(steps * updates * B)
+    with data_parallel().scope():
+        model = functional()
+        opt = mixer(level=level, inner=PER_DEVICE_INNER[name]())
+        model.compile(opt, SCCE)
+        before = flat(weights_of(model))
+        model.fit(x, y, batch_size=B, epochs=1, shuffle=False, verbose=0)
+        function = model.train_function.__wrapped__
+        assert function.device_window.active and function.device_window.values is None
+        assert function.steps_run == {"micro_step": 4, "update_step": 2}
+        changes = flat(weights_of(model)) - before
+    draws = range(steps * updates)
+    if level == "sample":
+        weights = np.concatenate([numpy(opt.example_weights(B, step=s)) for s in draws])
+    else:
+        weights = np.concatenate([np.repeat(numpy(opt.device_weights(K, step=s)), B // K) for s in draws])
+    expected = _stock_one_device_changes(PER_DEVICE_INNER[name], x, y, weights, updates)
+    ref = plain_copy(functional())
+    grads = per_example_gradients(ref, x, y, keras.losses.SparseCategoricalCrossentropy())
+    summed = np.abs(grads).T @ np.abs(weights.astype(np.float64)) / B  # every share of every window, in magnitude
+    assert_float32_close(changes, expected, scale=max(np.max(summed), np.max(np.abs(before))))
