@@ -420,3 +420,75 @@ def test_per_device_accumulation_equals_the_one_device_run(level, name):
     grads = per_example_gradients(ref, x, y, keras.losses.SparseCategoricalCrossentropy())
     summed = np.abs(grads).T @ np.abs(weights.astype(np.float64)) / B  # every share of every window, in magnitude
     assert_float32_close(changes, expected, scale=max(np.max(summed), np.max(np.abs(before))))
+
+
+class _ReadsTheModel(keras.callbacks.Callback):
+    """Reads ``self.model`` after every batch: ``fit`` writes its state back to the variables each time."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.model  # noqa: B018 (the read is the point)
+
+
+@pytest.mark.parametrize("sync_every_step", [False, True])
+def test_per_device_windows_across_fits_and_state_syncs_end_like_one_fit(sync_every_step):
+    """Adam, windows of 2 under DataParallel, two ``fit`` calls of 3
+    micro-batches (the second starts mid-window), with or without a callback
+    that makes ``fit`` write its state back after every step: the unfinished
+    window's shares reach Keras's accumulators whenever the state is written
+    back, so after the first ``fit`` they hold the third micro-batch's
+    gradient (as on one device) and both runs end where one ``fit`` of the
+    6 micro-batches on one device ends."""
+    x, y = data(6 * B)
+    callbacks = [_ReadsTheModel()] if sync_every_step else []
+
+    def make_model():
+        model = functional()
+        model.compile(mixer(stddev=0.7, inner=keras.optimizers.Adam(0.05, epsilon=0.01, gradient_accumulation_steps=2)),
+                      SCCE)
+        return model
+
+    with data_parallel().scope():
+        model = make_model()
+        model.fit(x[: 3 * B], y[: 3 * B], batch_size=B, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
+        window = model.train_function.__wrapped__.device_window
+        assert window.active and window.values is None
+        accumulated = flat([a.value for a in model.optimizer.inner_optimizer._accumulated_gradients])
+        model.fit(x[3 * B:], y[3 * B:], batch_size=B, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
+        assert int(numpy(model.optimizer.iterations)) == 3
+        assert model.train_function.__wrapped__.steps_run == {"micro_step": 3, "update_step": 3}
+        distributed = flat(weights_of(model))
+
+    one = make_model()
+    one.fit(x[: 3 * B], y[: 3 * B], batch_size=B, epochs=1, shuffle=False, verbose=0)
+    assert_float32_close(accumulated, flat([a.value for a in one.optimizer.inner_optimizer._accumulated_gradients]))
+    one.fit(x[3 * B:], y[3 * B:], batch_size=B, epochs=1, shuffle=False, verbose=0)
+    np.testing.assert_allclose(distributed, flat(weights_of(one)), rtol=0, atol=1e-6 * np.max(np.abs(distributed)))
+
+
+def test_a_forward_pass_that_is_not_per_example_keeps_the_global_steps():
+    """BatchNormalization normalises over the global batch and updates its
+    statistics: one device's shard alone would give another forward pass, so
+    the accumulation stays global (gradients all-reduced on every micro-step),
+    says so, and updates as on one device."""
+    x, y = data(4 * B)
+
+    def make_model():
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((5,))
+        h = keras.layers.BatchNormalization()(keras.layers.Dense(8, activation="tanh")(inputs))
+        model = gm.Model(inputs, keras.layers.Dense(3, activation="softmax")(h))
+        model.compile(mixer(stddev=0.7, inner=keras.optimizers.SGD(0.1, momentum=0.9, gradient_accumulation_steps=2)),
+                      SCCE)
+        return model
+
+    with data_parallel().scope():
+        model = make_model()
+        with pytest.warns(UserWarning, match=r"one all-reduce of the gradients per micro-step.*non-trainable state"):
+            model.fit(x, y, batch_size=B, epochs=1, shuffle=False, verbose=0)
+        function = model.train_function.__wrapped__
+        assert not function.device_window.active
+        assert function.steps_run == {"micro_step": 2, "update_step": 2}
+        distributed = flat(weights_of(model))
+    one = make_model()
+    one.fit(x, y, batch_size=B, epochs=1, shuffle=False, verbose=0)
+    np.testing.assert_allclose(distributed, flat(weights_of(one)), rtol=0, atol=1e-6 * np.max(np.abs(distributed)))
