@@ -188,7 +188,8 @@ def test_sigkill_mid_epoch_then_restart_ends_like_an_uninterrupted_run(tmp_path,
 
 
 def test_two_processes_on_loopback_end_identical_and_equal_to_the_oracle(tmp_path):
-    """``keras.distribution.initialize`` over 2 processes of 2 CPU devices each: one mesh of K = 4."""
+    """``keras.distribution.initialize`` over 2 processes of 2 CPU devices each: one mesh of K = 4; also
+    two micro-batches accumulated into one update, each device its own share."""
     port = gm.distribute.free_local_ports(1)[0]
     batch, steps = 16, 2
     specs = [{"mode": "multi_process", "port": port, "num_processes": 2, "process_id": p, "local_devices": 2,
@@ -226,6 +227,17 @@ def test_two_processes_on_loopback_end_identical_and_equal_to_the_oracle(tmp_pat
                 w = np.repeat(w, batch // K)  # process p feeds shards 2p, 2p + 1
             flat_weights = flat_weights - grads.T @ w / batch
         assert_float32_close(results[0][f"{level}/final"], flat_weights)
+
+    # Accumulated: one update, the mean of the micro-batches' mixed gradients, each device its own share.
+    assert bool(results[0]["accumulated/per_device"]) and int(results[0]["accumulated/update_steps"]) == 1
+    flat_weights = results[0]["sample/initial"].astype(np.float64)
+    ref.set_weights([w.reshape(s).astype("float32") for w, s in zip(np.split(flat_weights, split), shapes)])
+    mean = 0
+    for step in range(steps):
+        part = slice(step * batch, (step + 1) * batch)
+        grads = per_example_gradients(ref, x[part], y[part], loss_fn)
+        mean = mean + grads.T @ results[0]["sample/weights"][step].astype(np.float64) / batch / steps
+    assert_float32_close(results[0]["accumulated/final"], flat_weights - mean)
 
 
 def _state_positions(model, jaxpr_out_leaves):
