@@ -46,7 +46,7 @@ from keras import ops
 
 from tf_gradmix import backend, mixing_check
 from tf_gradmix import noise as noise_lib
-from tf_gradmix.backend.keras_internals import set_compute_loss, track_metric
+from tf_gradmix.backend._keras import set_compute_loss, track_metric
 from tf_gradmix.optimizer import SAMPLE_HOOK_FLAG, find_gradient_mix, has_sample_hook
 
 __all__ = ["Model", "Sequential", "enable", "is_enabled", "GAMMA_METRIC"]
@@ -317,7 +317,7 @@ def _install_hook(model):
         base_make_train_function(force)
         return _Hook.train_function(self)
 
-    train_step._gradmix_wrapper = True  # Keras's own step underneath (jax_accumulation)
+    train_step._gradmix_wrapper = True  # Keras's own step underneath (backend.jax.optimizer)
     _Hook.create_gamma_metric(model)
     set_compute_loss(model, types.MethodType(compute_loss, model))
     model.train_step = types.MethodType(train_step, model)

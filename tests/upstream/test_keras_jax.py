@@ -1,4 +1,4 @@
-"""Keras's JAX backend as ``tf_gradmix.backend.jax_accumulation`` finds it.
+"""Keras's JAX backend as ``tf_gradmix.backend.jax.optimizer`` finds it.
 
 Keras 3.15's JAX optimizer (``keras/src/backend/jax/optimizer.py``) runs
 ``gradient_accumulation_steps`` by computing the update on every micro-step
@@ -28,11 +28,11 @@ def test_stock_keras_jax_accumulation_still_selects_with_conditionals():
 
 
 def test_keras_jax_train_function_is_still_built_as_tf_gradmix_rebuilds_it():
-    """``jax_accumulation.train_function`` builds ``fit``'s train function the
+    """``jax_optimizer.train_function`` builds ``fit``'s train function the
     way Keras 3.15's ``JAXTrainer.make_train_function`` does: ``jax.jit`` of
     ``train_step`` with the state donated and, under a distribution, the
-    state's shardings as ``out_shardings`` (``compat.jax_state_shardings``),
-    inside ``_make_function`` (``compat.jax_step_function``). When this
+    state's shardings as ``out_shardings`` (``_keras.jax_state_shardings``),
+    inside ``_make_function`` (``_keras.jax_step_function``). When this
     fails, compare with Keras's new ``make_train_function``."""
     import inspect
 
@@ -51,14 +51,14 @@ def test_keras_jax_train_function_is_still_built_as_tf_gradmix_rebuilds_it():
 
 
 def test_keras_jax_train_step_is_still_what_the_per_device_step_rebuilds():
-    """Under DataParallel ``jax_accumulation`` runs Keras 3.15's JAX
+    """Under DataParallel ``tf_gradmix.backend.jax.optimizer`` runs Keras 3.15's JAX
     ``train_step`` with each device's share of the gradients
     (``_device_step``): the gradient of ``compute_loss_and_updates``, whose
-    forward pass is one ``self.stateless_call`` (``compat.jax_forward_pass``
+    forward pass is one ``self.stateless_call`` (``_keras.jax_forward_pass``
     replaces it), then ``optimizer.stateless_apply`` and
-    ``_update_metrics_variables`` (``compat.jax_update_metrics``); ``fit``
+    ``_update_metrics_variables`` (``_keras.jax_update_metrics``); ``fit``
     keeps its unsynced state in ``_jax_state`` until ``jax_state_sync``
-    (``compat.jax_unsynced_state``). When this fails, compare with Keras's
+    (``_keras.jax_unsynced_state``). When this fails, compare with Keras's
     new ``train_step`` and ``fit``."""
     import inspect
 

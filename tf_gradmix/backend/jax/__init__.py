@@ -136,21 +136,21 @@ def _compute_loss_and_updates(model, base, args, kwargs):
 class FitMixin:
     """Mixin for ``keras.Model`` subclasses: the optimizer state reaches the loss hook (see module
     docstring); an accumulating ``GradientMix`` gets a compiled micro-step and update step
-    (:func:`tf_gradmix.backend.jax_accumulation.train_function`), whose per-device window ``fit``
+    (:func:`tf_gradmix.backend.jax.optimizer.train_function`), whose per-device window ``fit``
     folds into the state before writing it back."""
 
     def compute_loss_and_updates(self, *args, **kwargs):
         return _compute_loss_and_updates(self, super().compute_loss_and_updates, args, kwargs)
 
     def make_train_function(self, force=False):
-        from tf_gradmix.backend import jax_accumulation
+        from tf_gradmix.backend.jax import optimizer as jax_optimizer
 
-        return jax_accumulation.make_train_function(self, super().make_train_function, force)
+        return jax_optimizer.make_train_function(self, super().make_train_function, force)
 
     def jax_state_sync(self):
-        from tf_gradmix.backend import jax_accumulation
+        from tf_gradmix.backend.jax import optimizer as jax_optimizer
 
-        jax_accumulation.fold(self)
+        jax_optimizer.fold(self)
         super().jax_state_sync()
 
 
@@ -165,16 +165,16 @@ def install_fit(model):
         return _compute_loss_and_updates(model, base, args, kwargs)
 
     def make_train_function(force=False):
-        from tf_gradmix.backend import jax_accumulation
+        from tf_gradmix.backend.jax import optimizer as jax_optimizer
 
-        return jax_accumulation.make_train_function(model, base_make_train_function, force)
+        return jax_optimizer.make_train_function(model, base_make_train_function, force)
 
     base_jax_state_sync = model.jax_state_sync
 
     def jax_state_sync():
-        from tf_gradmix.backend import jax_accumulation
+        from tf_gradmix.backend.jax import optimizer as jax_optimizer
 
-        jax_accumulation.fold(model)
+        jax_optimizer.fold(model)
         base_jax_state_sync()
 
     model.compute_loss_and_updates = compute_loss_and_updates

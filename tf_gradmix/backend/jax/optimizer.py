@@ -13,7 +13,7 @@ uses the mean of the gradients of ``n`` micro-batches:
 with ``g_s`` the (already mixed) gradient of micro-batch ``s``, ``a`` the
 accumulator of one variable and ``theta`` every variable the update changes
 (weights and optimizer state). The arithmetic is Keras's own
-(:func:`tf_gradmix.compat.update_with_accumulated_gradients`).
+(:func:`tf_gradmix.backend._keras.update_with_accumulated_gradients`).
 
 Why this module exists: a JAX train step is one compiled function, and
 Keras 3.15's JAX optimizer (``keras/src/backend/jax/optimizer.py``,
@@ -55,7 +55,7 @@ import contextlib
 import jax
 import keras
 
-from tf_gradmix import compat
+from tf_gradmix.backend import _keras
 
 __all__ = ["PHASES", "handles", "phase", "apply_accumulated", "train_function"]
 
@@ -86,7 +86,7 @@ def phase(name):
 def handles(inner, trainable_variables=None):
     """Whether :func:`apply_accumulated` runs ``inner``'s accumulation (else Keras's own path does)."""
     if trainable_variables is None:
-        trainable_variables = compat.optimizer_trainable_variables(inner)
+        trainable_variables = _keras.optimizer_trainable_variables(inner)
     return bool(inner.gradient_accumulation_steps) and not inner.use_ema and not any(
         getattr(v, "overwrite_with_gradient", False) for v in trainable_variables
     )
@@ -97,7 +97,7 @@ def apply_accumulated(inner, grads, trainable_variables=None):
 
     Inside :func:`phase` the step makes that phase only; otherwise one
     ``lax.cond`` on the raw step counter chooses (see module docstring).
-    The update (:func:`tf_gradmix.compat.update_with_accumulated_gradients`,
+    The update (:func:`tf_gradmix.backend._keras.update_with_accumulated_gradients`,
     with ``iterations`` counting updates) gets the mean of the accumulated
     gradients and resets the accumulators.
 
@@ -111,7 +111,7 @@ def apply_accumulated(inner, grads, trainable_variables=None):
     """
     steps = inner.gradient_accumulation_steps
     if trainable_variables is None:
-        trainable_variables = compat.optimizer_trainable_variables(inner)
+        trainable_variables = _keras.optimizer_trainable_variables(inner)
     pairs = [(g, v) for g, v in zip(grads, trainable_variables) if g is not None]
     if not pairs or not handles(inner, trainable_variables):
         inner.apply(grads, trainable_variables)
@@ -119,8 +119,8 @@ def apply_accumulated(inner, grads, trainable_variables=None):
     variables = [v for _, v in pairs]
     scale = inner.loss_scale_factor
     grads = [g if scale is None else g / scale for g, _ in pairs]  # as Keras's apply
-    accumulators = compat.gradient_accumulators(inner, variables)
-    counter = compat.raw_iterations(inner)
+    accumulators = _keras.gradient_accumulators(inner, variables)
+    counter = _keras.raw_iterations(inner)
     totals = [gradient.astype(a.dtype) + a.value for gradient, a in zip(grads, accumulators)]
     device = _DEVICE[-1] if _DEVICE else None
     if device is not None:  # this device's share of every gradient, with a leading device axis
@@ -133,7 +133,7 @@ def apply_accumulated(inner, grads, trainable_variables=None):
         if device is not None:  # the update's one reduction across devices
             totals[:] = [total + jax.numpy.sum(part, axis=0) for total, part in zip(totals, local)]
             device["out"].update({id(v): jax.numpy.zeros_like(part) for v, part in zip(variables, local)})
-        compat.update_with_accumulated_gradients(inner, [total / steps for total in totals], variables)
+        _keras.update_with_accumulated_gradients(inner, [total / steps for total in totals], variables)
         for accumulator in accumulators:
             accumulator.assign(jax.numpy.zeros(accumulator.shape, accumulator.dtype))
 
@@ -211,7 +211,7 @@ def _keras_train_step(model):
         return False
     for cls in type(model).__mro__:
         if "train_step" in vars(cls) and not cls.__module__.startswith("tf_gradmix."):
-            return compat.is_keras_jax_trainer(cls)
+            return _keras.is_keras_jax_trainer(cls)
     return False
 
 
@@ -243,7 +243,7 @@ def _per_device_forward(model, mesh, axis, copies):
                 raise NotPerExample("its forward pass updates non-trainable state (e.g. BatchNorm, Dropout)")
             if len(losses) != len(regularized):
                 raise NotPerExample("its forward pass adds losses (add_loss, activity regularizers)")
-            if any(compat.keras_mask(o) is not None for o in keras.tree.flatten(outputs)):
+            if any(_keras.keras_mask(o) is not None for o in keras.tree.flatten(outputs)):
                 raise NotPerExample("its outputs carry a Keras mask")
             return outputs
 
@@ -284,7 +284,7 @@ def _device_step(model, name, mesh, axis, count):
         ]
 
         def loss(trainable, copies):
-            with compat.jax_forward_pass(model, _per_device_forward(model, mesh, axis, copies)):
+            with _keras.jax_forward_pass(model, _per_device_forward(model, mesh, axis, copies)):
                 return model.compute_loss_and_updates(
                     trainable, non_trainable, metrics, x, y, sample_weight, training=True,
                     optimizer_variables=optimizer_values)
@@ -303,7 +303,7 @@ def _device_step(model, name, mesh, axis, count):
                 trainable, optimizer_values = model.optimizer.stateless_apply(optimizer_values, grads, trainable)
         finally:
             _DEVICE.pop()
-        logs, metrics = compat.jax_update_metrics(model, metrics, unscaled_loss, x, y, y_pred, sample_weight)
+        logs, metrics = _keras.jax_update_metrics(model, metrics, unscaled_loss, x, y, y_pred, sample_weight)
         window = [context["out"].get(id(v), w) for v, w in zip(variables, window)]
         return logs, (trainable, non_trainable, optimizer_values, metrics), window
 
@@ -344,11 +344,11 @@ def train_function(model):
         return None
     inner = optimizer.inner_optimizer
     steps = inner.gradient_accumulation_steps
-    counter = compat.raw_iterations(inner)
+    counter = _keras.raw_iterations(inner)
     index = next(i for i, v in enumerate(optimizer.variables) if v is counter)
     out_shardings = None
     if keras.distribution.distribution() is not None:
-        out_shardings = (None, compat.jax_state_shardings(model))
+        out_shardings = (None, _keras.jax_state_shardings(model))
 
     def traced_in(name):
         def step(state, data):
@@ -379,7 +379,7 @@ def train_function(model):
         runs[name] += 1
         return logs, state
 
-    function = compat.jax_step_function(model, step)
+    function = _keras.jax_step_function(model, step)
     function.compiled_steps = compiled
     function.steps_run = runs  # how many steps of each phase ran
     function.device_window = window  # per-device accumulation under DataParallel, or None
@@ -396,11 +396,11 @@ class _Window:
         self.model = model
         mesh, axis, count = _data_axis(model)
         variables = model.trainable_variables
-        accumulators = compat.gradient_accumulators(optimizer.inner_optimizer, variables)
+        accumulators = _keras.gradient_accumulators(optimizer.inner_optimizer, variables)
         self._positions = [next(i for i, o in enumerate(optimizer.variables) if o is a) for a in accumulators]
         self._shapes = [((count,) + tuple(v.shape), a.dtype) for v, a in zip(variables, accumulators)]
         sharding = NamedSharding(mesh, PartitionSpec(axis))
-        state_shardings = compat.jax_state_shardings(model)
+        state_shardings = _keras.jax_state_shardings(model)
         out = (None, state_shardings, [sharding] * len(variables))
         self.compiled = {
             name: jax.jit(_device_step(model, name, mesh, axis, count), donate_argnums=(0, 1), out_shardings=out)
@@ -451,7 +451,7 @@ def fold(model):
     the variables (and every checkpoint) hold the whole accumulated sum.
     """
     window = getattr(model, "_gradmix_device_window", None)
-    state = compat.jax_unsynced_state(model)
+    state = _keras.jax_unsynced_state(model)
     if window is None or window.values is None or state is None:
         return
     state["optimizer_variables"] = window.fold(state["optimizer_variables"])
