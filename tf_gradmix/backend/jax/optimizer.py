@@ -411,7 +411,8 @@ class _Window:
             out_shardings=[sharding] * len(variables))
         self._fold = jax.jit(self._add_window, out_shardings=state_shardings[2])
         self.active = True
-        self.values = None  # the shares since the last update or fold, or None (all zero)
+        self.values = None  # the window's arrays (reused after an update, which zeroes them), or None
+        self.pending = False  # whether they hold shares of an unfinished window
 
     def _add_window(self, optimizer_values, window):
         values = list(optimizer_values)
@@ -422,13 +423,14 @@ class _Window:
     def run(self, name, state, data):
         window = self.values if self.values is not None else self.zeros()
         logs, state, self.values = self.compiled[name](state, window, data)
+        self.pending = name == "micro_step"
         return logs, state
 
     def fold(self, optimizer_values):
         """``optimizer_values`` with the window's shares summed into Keras's accumulators; the window empties."""
-        if self.values is None:
+        if not self.pending:
             return optimizer_values
-        values, self.values = self.values, None
+        values, self.values, self.pending = self.values, None, False
         return self._fold(list(optimizer_values), values)
 
     def give_up(self, state, error):
@@ -452,7 +454,7 @@ def fold(model):
     """
     window = getattr(model, "_gradmix_device_window", None)
     state = _keras.jax_unsynced_state(model)
-    if window is None or window.values is None or state is None:
+    if window is None or not window.pending or state is None:
         return
     state["optimizer_variables"] = window.fold(state["optimizer_variables"])
 
