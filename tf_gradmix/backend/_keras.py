@@ -226,3 +226,10 @@ def keras_mask(tensor):
     from keras.src.backend.common import masking
 
     return masking.get_keras_mask(tensor)
+
+
+def set_keras_mask(tensor, mask):
+    """Attaches a Keras mask to ``tensor`` (as a layer's output carries it)."""
+    from keras.src.backend.common import masking
+
+    masking.set_keras_mask(tensor, mask)

@@ -504,3 +504,48 @@ def test_a_forward_pass_that_is_not_per_example_keeps_the_global_steps():
     one = make_model()
     one.fit(x, y, batch_size=B, epochs=1, shuffle=False, verbose=0)
     np.testing.assert_allclose(distributed, flat(weights_of(one)), rtol=0, atol=1e-6 * np.max(np.abs(distributed)))
+
+
+def _masked_sequences(n):
+    rng = np.random.default_rng(3)
+    tokens = np.zeros((n, 6), "int32")
+    for b, length in enumerate(rng.integers(2, 7, n)):
+        tokens[b, :length] = rng.integers(1, 20, length)
+    return tokens, rng.integers(0, 4, (n, 6))
+
+
+@pytest.mark.parametrize("case", ["masked_sequences", "mean_with_sample_weight"])
+def test_per_device_accumulation_keeps_losses_normalised_over_the_global_batch(case):
+    """Losses whose denominator spans the global batch (the valid tokens of a
+    masked sequence loss, the sum of the sample weights) are not the mean of
+    per-shard losses; the per-device window keeps the global loss, so two
+    updates of two micro-batches on 4 devices equal the same GradientMix
+    run on one device."""
+    steps = 2
+    if case == "masked_sequences":
+        x, y = _masked_sequences(2 * steps * B)
+        sample_weight, loss = None, keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    else:
+        x, y = data(2 * steps * B)
+        sample_weight = np.random.default_rng(4).uniform(0.2, 2.0, len(x)).astype("float32")
+        loss = keras.losses.SparseCategoricalCrossentropy(reduction="mean_with_sample_weight")
+
+    def run():
+        if case == "masked_sequences":
+            keras.utils.set_random_seed(1)
+            inputs = keras.Input((6,), dtype="int32")
+            h = keras.layers.Dense(8, activation="tanh")(keras.layers.Embedding(20, 8, mask_zero=True)(inputs))
+            model = gm.Model(inputs, keras.layers.Dense(4)(h))
+        else:
+            model = functional(regularizer=False)
+        inner = keras.optimizers.SGD(0.1, momentum=0.9, gradient_accumulation_steps=steps)
+        model.compile(mixer(stddev=0.8, inner=inner), loss)
+        before = flat(weights_of(model))
+        model.fit(x, y, sample_weight=sample_weight, batch_size=B, epochs=1, shuffle=False, verbose=0)
+        return model, before, flat(weights_of(model)) - before
+
+    with data_parallel().scope():
+        model, before, changes = run()
+        assert model.train_function.__wrapped__.device_window.active
+    _, _, expected = run()
+    assert_float32_close(changes, expected, scale=np.max(np.abs(before)))

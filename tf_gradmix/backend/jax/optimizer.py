@@ -226,8 +226,8 @@ def _per_device_forward(model, mesh, axis, copies):
     regularisers of the weights are computed once, on the weights themselves.
     Raises :class:`NotPerExample` where one device's shard alone would give
     another forward pass: the pass updates non-trainable state (BatchNorm's
-    statistics, random seeds), adds losses of its own (``add_loss``, activity
-    regularisers) or returns a Keras mask.
+    statistics, random seeds) or adds losses of its own (``add_loss``,
+    activity regularisers). Keras masks on the outputs are carried over.
     """
     from jax.sharding import PartitionSpec
 
@@ -243,16 +243,18 @@ def _per_device_forward(model, mesh, axis, copies):
                 raise NotPerExample("its forward pass updates non-trainable state (e.g. BatchNorm, Dropout)")
             if len(losses) != len(regularized):
                 raise NotPerExample("its forward pass adds losses (add_loss, activity regularizers)")
-            if any(_keras.keras_mask(o) is not None for o in keras.tree.flatten(outputs)):
-                raise NotPerExample("its outputs carry a Keras mask")
-            return outputs
+            masks = [_keras.keras_mask(o) for o in keras.tree.flatten(outputs)]
+            return outputs, masks
 
         for leaf in keras.tree.flatten(x):
             if leaf is not None and leaf.shape[0] % mesh.shape[axis]:
                 raise NotPerExample(f"a batch of {leaf.shape[0]} does not split over {mesh.shape[axis]} devices")
         spec = PartitionSpec(axis)
-        outputs = jax.shard_map(body, mesh=mesh, in_specs=(spec, PartitionSpec(), spec), out_specs=spec)(
+        outputs, masks = jax.shard_map(body, mesh=mesh, in_specs=(spec, PartitionSpec(), spec), out_specs=spec)(
             copies, non_trainable_variables, x)
+        for output, mask in zip(keras.tree.flatten(outputs), masks):
+            if mask is not None:  # masked sequence losses read it from the predictions
+                _keras.set_keras_mask(output, mask)
         variables = model.trainable_variables
         losses = [variables[i].regularizer(trainable_variables[i]) for i in regularized]
         return (outputs, non_trainable_variables, losses) if return_losses else (outputs, non_trainable_variables)
