@@ -56,6 +56,17 @@ the others, so every configuration runs the same blocks). Reported: the
 median ms per step of the timed blocks and the median over rounds of each
 round's ratio to ``gradmix b=8``, with its IQR. One thread (``--threads``).
 
+**Under DataParallel** (``--data-parallel N`` with ``--optimizers``, JAX):
+every process runs ``keras.distribution.DataParallel`` over ``N`` XLA CPU
+devices (``--xla_force_host_platform_device_count``), ``--micro-batch`` per
+device, and adds ``gradmix k=8, global steps``: the accumulation with every
+micro-step all-reducing the gradients (what a model whose forward pass
+cannot run per device gets). Each round's block is then one ``fit`` of a
+whole window, ``k`` steps, each step timed to the end of its computation
+(its loss read in ``on_train_batch_end``): the mean of the first ``k - 1``
+(for ``k=8`` the micro-steps) and the last (the update step) are reported,
+with the last step's ratio to the others.
+
 Set ``TF_ENABLE_ONEDNN_OPTS=1`` in the environment to time the oneDNN kernels
 (recorded in the JSON). With ``KERAS_BACKEND=jax`` the steps run on Keras's
 JAX backend (one device; ``XLA_FLAGS`` limits XLA CPU to one thread unless set)
@@ -71,6 +82,8 @@ Usage::
     python -m benchmarks.micro_step_cost --table-from runs/benchmarks/micro_step_cost.json
     KERAS_BACKEND=jax python -m benchmarks.micro_step_cost --optimizers sgd,adam,lamb \
         --out runs/benchmarks/micro_step_optimizers_jax.json
+    KERAS_BACKEND=jax python -m benchmarks.micro_step_cost --optimizers sgd,lamb --data-parallel 4 \
+        --out benchmarks/results/micro_step_data_parallel_jax.json
 """
 
 import argparse
@@ -397,8 +410,7 @@ def time_optimizers(args, log):
         processes = {}
         env = dict(os.environ)
         if args.data_parallel:
-            env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={args.data_parallel} "
-                                f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={args.threads}")
+            env["XLA_FLAGS"] = _data_parallel_xla_flags(args)
         for name, steps, gradmix in configs:
             spec = {"optimizer": optimizer, "steps": steps, "gradmix": gradmix, "k": args.k,
                     "micro_batch": args.micro_batch, "threads": args.threads,
@@ -562,6 +574,8 @@ def main(argv=None):
             "optimizers": time_optimizers(args, lambda line: print(line, flush=True)),
         }
         result["machine"]["load_after"] = os.getloadavg()
+        if args.data_parallel:
+            result["machine"]["xla_flags"] = _data_parallel_xla_flags(args)  # the processes timed
         result["wall_seconds"] = time.time() - started
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
@@ -592,6 +606,11 @@ def main(argv=None):
     print_tables(result)
     print(f"\nwall {result['wall_seconds']:.0f} s; written to {args.out}")
     return result
+
+
+def _data_parallel_xla_flags(args):
+    return (f"--xla_force_host_platform_device_count={args.data_parallel} "
+            f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={args.threads}")
 
 
 def _set_threads(threads):
