@@ -40,6 +40,10 @@ one add per accumulator, nothing else:
   its branch (https://github.com/jax-ml/jax/issues/24259), still far less
   than computing the update and selecting elementwise
   (``docs/performance.md``).
+* **Under ``keras.distribution.DataParallel``** ``fit``'s two steps keep
+  each device's share of the gradients on that device (:func:`_device_step`):
+  a micro-step communicates no gradient, the update step all-reduces them
+  once. Keras's global train step would all-reduce them on every micro-step.
 
 ``GradientMix.apply`` calls :func:`apply_accumulated` on JAX when the inner
 optimizer accumulates (inside the ``StatelessScope`` of Keras's
