@@ -441,10 +441,11 @@ class _ReadsTheModel(keras.callbacks.Callback):
         self.model  # noqa: B018 (the read is the point)
 
 
-@pytest.mark.parametrize("sync_every_step", [False, True])
-def test_per_device_windows_across_fits_and_state_syncs_end_like_one_fit(sync_every_step):
+@pytest.mark.parametrize("sync_every_step, steps_per_execution", [(False, 3), (True, 1)])
+def test_per_device_windows_across_fits_and_state_syncs_end_like_one_fit(sync_every_step, steps_per_execution):
     """Adam, windows of 2 under DataParallel, two ``fit`` calls of 3
-    micro-batches (the second starts mid-window), with or without a callback
+    micro-batches (the second starts mid-window), with ``steps_per_execution=3``
+    (windows straddle the calls) or with a callback
     that makes ``fit`` write its state back after every step: the unfinished
     window's shares reach Keras's accumulators whenever the state is written
     back, so after the first ``fit`` they hold the third micro-batch's
@@ -456,7 +457,7 @@ def test_per_device_windows_across_fits_and_state_syncs_end_like_one_fit(sync_ev
     def make_model():
         model = functional()
         model.compile(mixer(stddev=0.7, inner=keras.optimizers.Adam(0.05, epsilon=0.01, gradient_accumulation_steps=2)),
-                      SCCE)
+                      SCCE, steps_per_execution=steps_per_execution)
         return model
 
     with data_parallel().scope():
