@@ -3,8 +3,9 @@
 Everything here is tied to the Keras versions we test (:data:`TESTED_KERAS`;
 importing this module warns once on another) and each access has a
 sentinel test that fails when upstream changes it:
-``tests/upstream/test_keras_internals.py`` (every backend's internals read
-here) and ``tests/upstream/test_keras_jax.py`` (the JAX trainer). Each
+``tests/upstream/test_keras_internals.py`` (on TensorFlow),
+``tests/upstream/test_keras_internals_jax.py`` and
+``tests/upstream/test_keras_jax.py`` (on JAX). Each
 section names the upstream issue behind it, or says that there is none (a
 private attribute without a public equivalent, read as Keras itself reads it).
 Workarounds of upstream bugs that must switch off when fixed carry their own
