@@ -56,6 +56,17 @@ the others, so every configuration runs the same blocks). Reported: the
 median ms per step of the timed blocks and the median over rounds of each
 round's ratio to ``gradmix b=8``, with its IQR. One thread (``--threads``).
 
+**Under DataParallel** (``--data-parallel N`` with ``--optimizers``, JAX):
+every process runs ``keras.distribution.DataParallel`` over ``N`` XLA CPU
+devices (``--xla_force_host_platform_device_count``), ``--micro-batch`` per
+device, and adds ``gradmix k=8, global steps``: the accumulation with every
+micro-step all-reducing the gradients (what a model whose forward pass
+cannot run per device gets). Each round's block is then one ``fit`` of a
+whole window, ``k`` steps, each step timed to the end of its computation
+(its loss read in ``on_train_batch_end``): the mean of the first ``k - 1``
+(for ``k=8`` the micro-steps) and the last (the update step) are reported,
+with the last step's ratio to the others.
+
 Set ``TF_ENABLE_ONEDNN_OPTS=1`` in the environment to time the oneDNN kernels
 (recorded in the JSON). With ``KERAS_BACKEND=jax`` the steps run on Keras's
 JAX backend (one device; ``XLA_FLAGS`` limits XLA CPU to one thread unless set)
@@ -71,6 +82,8 @@ Usage::
     python -m benchmarks.micro_step_cost --table-from runs/benchmarks/micro_step_cost.json
     KERAS_BACKEND=jax python -m benchmarks.micro_step_cost --optimizers sgd,adam,lamb \
         --out runs/benchmarks/micro_step_optimizers_jax.json
+    KERAS_BACKEND=jax python -m benchmarks.micro_step_cost --optimizers sgd,lamb --data-parallel 4 \
+        --out benchmarks/results/micro_step_data_parallel_jax.json
 """
 
 import argparse
@@ -289,11 +302,13 @@ OPTIMIZERS = {
 }
 
 
-def optimizer_configurations(k, stock, one_step=False):
+def optimizer_configurations(k, stock, one_step=False, data_parallel=0):
     """``(name, accumulation steps or None, gradmix)`` of each process of one optimizer."""
     configs = [("gradmix b=8", None, True), ("control", None, True), (f"gradmix k={k}", k, True)]
     if one_step:
         configs.append((f"gradmix k={k}, one step", k, True))
+    if data_parallel:
+        configs.append((f"gradmix k={k}, global steps", k, True))
     if stock:
         configs.append((f"keras k={k}", k, False))
     return configs
@@ -317,7 +332,17 @@ def child(spec):
         from tf_gradmix.backend.jax import optimizer as jax_optimizer
 
         jax_optimizer.train_function = lambda model: None
-    k, batch = spec["k"], spec["micro_batch"]
+    if spec.get("global_steps"):
+        # The accumulation without per-device windows: every micro-step all-reduces the gradients.
+        from tf_gradmix.backend.jax import optimizer as jax_optimizer
+
+        jax_optimizer._data_axis = lambda model: None
+    devices = spec.get("data_parallel", 0)
+    if devices:
+        import jax
+
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()[:devices]))
+    k, batch = spec["k"], spec["micro_batch"] * max(devices, 1)  # --micro-batch is per device
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, LAYERS[0])).astype("float32")
     y = rng.integers(0, LAYERS[-1], size=batch)
@@ -338,11 +363,33 @@ def child(spec):
         def on_epoch_end(self, epoch, logs=None):
             self.seconds = time.perf_counter() - self.start
 
+    class StepTimer(keras.callbacks.Callback):
+        """Each step's time, the step finished (its loss read) before the next starts."""
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 0:
+                self.times = [time.perf_counter()]
+
+        def on_train_batch_end(self, batch, logs=None):
+            float(logs["loss"])
+            self.times.append(time.perf_counter())
+
+    whole = (np.tile(x, (k, 1)), np.tile(y, k))
+
+    def window_in_one_fit():
+        # One fit of a whole window (DataParallel): the per-device window is never written back mid-window.
+        timer = StepTimer()
+        model.fit(*whole, batch_size=batch, epochs=1, shuffle=False, verbose=0, callbacks=[timer])
+        seconds = [b - a for a, b in zip(timer.times, timer.times[1:])]
+        return sum(seconds[:-1]) / (k - 1), seconds[-1]
+
     def window():
-        timer = BlockTimer()
+        if devices:
+            return window_in_one_fit()
+        timer, last = BlockTimer(), BlockTimer()
         model.fit(*timed, batch_size=batch, epochs=1, shuffle=False, verbose=0, callbacks=[timer])
-        model.fit(x, y, batch_size=batch, epochs=1, verbose=0)  # the update of a window
-        return timer.seconds / (k - 1)
+        model.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=[last])  # the update of a window
+        return timer.seconds / (k - 1), last.seconds
 
     for _ in range(2):
         window()
@@ -351,22 +398,27 @@ def child(spec):
         if not line.strip():
             break
         times = [window() for _ in range(int(line))]
-        print(json.dumps({"ms_per_step": [1000 * t for t in times]}), flush=True)
+        print(json.dumps({"ms_per_step": [1000 * t for t, _ in times], "last_step_ms": [1000 * t for _, t in times]}),
+              flush=True)
 
 
 def time_optimizers(args, log):
     """Each configuration of each optimizer in its own process, alternating (see module docstring)."""
     results = {}
     for optimizer in args.optimizers:
-        configs = optimizer_configurations(args.k, args.stock, args.one_step)
+        configs = optimizer_configurations(args.k, args.stock, args.one_step, args.data_parallel)
         processes = {}
+        env = dict(os.environ)
+        if args.data_parallel:
+            env["XLA_FLAGS"] = _data_parallel_xla_flags(args)
         for name, steps, gradmix in configs:
             spec = {"optimizer": optimizer, "steps": steps, "gradmix": gradmix, "k": args.k,
                     "micro_batch": args.micro_batch, "threads": args.threads,
-                    "one_step": name.endswith("one step")}
+                    "one_step": name.endswith("one step"), "data_parallel": args.data_parallel,
+                    "global_steps": name.endswith("global steps")}
             processes[name] = subprocess.Popen(
                 [sys.executable, "-m", "benchmarks.micro_step_cost", "--child", json.dumps(spec)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env,
             )
         try:
             for name, process in processes.items():
@@ -375,14 +427,16 @@ def time_optimizers(args, log):
                     raise RuntimeError(f"{optimizer} {name}: the process did not start ({line!r})")
             names = [c[0] for c in configs]
             per_round = {name: [] for name in names}
+            last_per_round = {name: [] for name in names}  # the untimed block's one step (k=8: the update)
             loads = []
             for r in range(args.rounds):
                 loads.append(os.getloadavg())
                 for name in names[r % len(names):] + names[: r % len(names)]:
                     processes[name].stdin.write(f"{args.updates}\n")
                     processes[name].stdin.flush()
-                    times = json.loads(processes[name].stdout.readline())["ms_per_step"]
-                    per_round[name].append(statistics.median(times))
+                    reply = json.loads(processes[name].stdout.readline())
+                    per_round[name].append(statistics.median(reply["ms_per_step"]))
+                    last_per_round[name].append(statistics.median(reply["last_step_ms"]))
                 log(f"{optimizer} round {r} " + str({n: round(per_round[n][-1], 1) for n in names}))
         finally:
             for process in processes.values():
@@ -395,22 +449,31 @@ def time_optimizers(args, log):
         for name, steps, gradmix in configs:
             ratios = [t / b for t, b in zip(per_round[name], base)]
             q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+            updates = [u / t for u, t in zip(last_per_round[name], per_round[name])]
             rows.append({"config": name, "accumulation_steps": steps, "gradmix": gradmix,
                          "median_ms_per_step": statistics.median(per_round[name]),
-                         "median_ratio": statistics.median(ratios), "ratio_iqr": [q[0], q[2]]})
-        results[optimizer] = {"rows": rows, "per_round_ms": per_round, "load_per_round": loads}
+                         "median_ratio": statistics.median(ratios), "ratio_iqr": [q[0], q[2]],
+                         "median_last_step_ms": statistics.median(last_per_round[name]),
+                         "median_last_to_step_ratio": statistics.median(updates)})
+        results[optimizer] = {"rows": rows, "per_round_ms": per_round, "last_step_per_round_ms": last_per_round,
+                              "load_per_round": loads}
     return results
 
 
 def print_optimizer_tables(result):
     backend = result["machine"].get("keras_backend")
-    print(f"| optimizer ({backend}) | configuration | ms / step | ratio to gradmix b=8 (IQR) |")
-    print("|---|---|---:|---|")
+    devices = result["args"].get("data_parallel", 0)
+    where = f", DataParallel over {devices} devices" if devices else ""
+    print(f"| optimizer ({backend}{where}) | configuration | ms / step | ratio to gradmix b=8 (IQR) "
+          "| ms, the block's last step (k=8: the update) | last step / step |")
+    print("|---|---|---:|---|---:|---:|")
     for optimizer, part in result["optimizers"].items():
         for row in part["rows"]:
             lo, hi = row["ratio_iqr"]
+            last = row.get("median_last_step_ms")
             print(f"| {optimizer} | {row['config']} | {row['median_ms_per_step']:.1f} "
-                  f"| {row['median_ratio']:.2f} ({lo:.2f}–{hi:.2f}) |")
+                  f"| {row['median_ratio']:.2f} ({lo:.2f}–{hi:.2f}) "
+                  + (f"| {last:.1f} | {row['median_last_to_step_ratio']:.2f} |" if last is not None else "| | |"))
     m = result["machine"]
     loads = [load[0] for part in result["optimizers"].values() for load in part["load_per_round"]]
     print(f"\nload average (1 min): before {m['load_before'][0]:.2f}, rounds {min(loads):.2f}–{max(loads):.2f}, "
@@ -462,6 +525,9 @@ def main(argv=None):
     parser.add_argument("--stock", action="store_true", help="with --optimizers: also stock Keras k=8")
     parser.add_argument("--one-step", action="store_true",
                         help="with --optimizers on JAX: also GradientMix k=8 in one compiled step (lax.cond)")
+    parser.add_argument("--data-parallel", type=int, default=0, metavar="N",
+                        help="with --optimizers on JAX: keras.distribution.DataParallel over N CPU devices "
+                             "(--micro-batch per device), and GradientMix k=8 without per-device windows")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -487,6 +553,10 @@ def main(argv=None):
             "integers separated by commas."
         )
     args.batches = batches
+    if args.data_parallel and (args.data_parallel < 2 or args.optimizers is None
+                               or os.environ.get("KERAS_BACKEND") != "jax"):
+        parser.error(f"Invalid value for --data-parallel: {args.data_parallel}; expected at least 2 devices, "
+                     "with --optimizers and KERAS_BACKEND=jax.")
     for name in ("micro_batch", "k", "rounds", "updates", "op_repeats", "threads"):
         if getattr(args, name) < (2 if name == "k" else 1):
             parser.error(f"Invalid value for --{name.replace('_', '-')}: {getattr(args, name)}")
@@ -504,6 +574,8 @@ def main(argv=None):
             "optimizers": time_optimizers(args, lambda line: print(line, flush=True)),
         }
         result["machine"]["load_after"] = os.getloadavg()
+        if args.data_parallel:
+            result["machine"]["xla_flags"] = _data_parallel_xla_flags(args)  # the processes timed
         result["wall_seconds"] = time.time() - started
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
@@ -534,6 +606,11 @@ def main(argv=None):
     print_tables(result)
     print(f"\nwall {result['wall_seconds']:.0f} s; written to {args.out}")
     return result
+
+
+def _data_parallel_xla_flags(args):
+    return (f"--xla_force_host_platform_device_count={args.data_parallel} "
+            f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={args.threads}")
 
 
 def _set_threads(threads):

@@ -202,6 +202,7 @@ def _install_hook(model):
         base_make_train_function(force)
         return _wrap_train_function(self)
 
+    train_step._gradmix_wrapper = True  # Keras's own step underneath (backend.jax.optimizer)
     with module.metric_scope(model):
         gamma = keras.metrics.Mean(name=GAMMA_METRIC)
     track_metric(model, GAMMA_ATTRIBUTE, gamma)

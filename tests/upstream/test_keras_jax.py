@@ -48,3 +48,31 @@ def test_keras_jax_train_function_is_still_built_as_tf_gradmix_rebuilds_it():
     model.compile(keras.optimizers.SGD(), SCCE)
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
     assert len(model._get_state_sharding_spec()) == 4
+
+
+def test_keras_jax_train_step_is_still_what_the_per_device_step_rebuilds():
+    """Under DataParallel ``tf_gradmix.backend.jax.optimizer`` runs Keras 3.15's JAX
+    ``train_step`` with each device's share of the gradients
+    (``_device_step``): the gradient of ``compute_loss_and_updates``, whose
+    forward pass is one ``self.stateless_call`` (``_keras.jax_forward_pass``
+    replaces it), then ``optimizer.stateless_apply`` and
+    ``_update_metrics_variables`` (``_keras.jax_update_metrics``); ``fit``
+    keeps its unsynced state in ``_jax_state`` until ``jax_state_sync``
+    (``_keras.jax_unsynced_state``). When this fails, compare with Keras's
+    new ``train_step`` and ``fit``."""
+    import inspect
+
+    from keras.src.backend.jax.trainer import JAXTrainer
+
+    step = inspect.getsource(JAXTrainer.train_step)
+    fragments = ("jax.value_and_grad(self.compute_loss_and_updates, has_aux=True)",
+                 "self.optimizer.stateless_apply(optimizer_variables, grads, trainable_variables)",
+                 "self._update_metrics_variables(metrics_variables, unscaled_loss, x, y, y_pred, sample_weight)")
+    step = " ".join(step.split()).replace("( ", "(").replace(" )", ")").replace(", )", ")")
+    for fragment in fragments:
+        assert fragment in step, fragment
+    forward = inspect.getsource(JAXTrainer.compute_loss_and_updates)
+    assert forward.count("self.stateless_call(") == 1
+    assert "self._jax_state = {" in inspect.getsource(JAXTrainer.fit)
+    sync = inspect.getsource(JAXTrainer.jax_state_sync)
+    assert "self._jax_state_synced" in sync and 'self._jax_state.get("optimizer_variables"' in sync

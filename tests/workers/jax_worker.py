@@ -11,7 +11,8 @@ Modes:
 * ``"multi_process"``: one of ``num_processes`` JAX processes joined through
   ``keras.distribution.initialize`` on 127.0.0.1; ``DataParallel`` over every
   device of every process; each process feeds its half of each global batch.
-  Trains at the sample and at the device level; writes the initial and final
+  Trains at the sample and at the device level, then accumulates the same
+  micro-batches into one update (sample level); writes the initial and final
   weights and the mixing weights of each step to ``out``.
 """
 
@@ -99,6 +100,15 @@ def multi_process():
         else:
             draws = [opt.device_weights(len(jax.devices()), step=s) for s in range(steps)]
         results[f"{level}/weights"] = np.stack([np.asarray(w) for w in draws])
+    # The same micro-batches accumulated into one update, each device its own share.
+    model, x, y = model_and_data(batch * steps)
+    opt = gm.GradientMix(keras.optimizers.SGD(1.0, gradient_accumulation_steps=steps), stddev=0.7, seed=5)
+    model.compile(opt, "sparse_categorical_crossentropy")
+    model.fit(x[rows], y[rows], batch_size=share, epochs=1, shuffle=False, verbose=0)
+    function = model.train_function.__wrapped__
+    results["accumulated/final"] = np.concatenate([w.ravel() for w in model.get_weights()])
+    results["accumulated/per_device"] = function.device_window is not None and function.device_window.active
+    results["accumulated/update_steps"] = function.steps_run["update_step"]
     np.savez(SPEC["out"], **results)
 
 

@@ -258,3 +258,58 @@ def jax_train_state(args):
         return None
     return tuple(args[0])
 
+
+# -- Trainer internals used by per-device accumulation under DataParallel on JAX
+#
+# Keras's JAX train step differentiates the loss of the global batch, so XLA
+# all-reduces every gradient inside the step, also on a micro-step that only
+# accumulates (upstream: none filed; alpa-projects/alpa#72 describes the same
+# extra reduction for SPMD accumulation). tf_gradmix.backend.jax.optimizer runs
+# the forward pass per device instead, through these parts of Keras 3.15's
+# JAXTrainer (keras/src/backend/jax/trainer.py): ``compute_loss_and_updates``
+# calls ``self.stateless_call`` once for the forward pass; ``train_step``
+# updates the metrics with ``_update_metrics_variables``; ``fit`` keeps the
+# unsynced state in ``_jax_state`` until ``jax_state_sync``. Checked by
+# tests/upstream/test_keras_jax.py.
+
+
+class jax_forward_pass:
+    """While active, Keras's JAX ``compute_loss_and_updates`` runs its forward pass through ``call``.
+
+    ``call`` takes the arguments of ``Layer.stateless_call``.
+    """
+
+    def __init__(self, model, call):
+        self._model, self._call = model, call
+
+    def __enter__(self):
+        self._before = self._model.__dict__.get("stateless_call")
+        self._model.stateless_call = self._call
+        return self
+
+    def __exit__(self, *exc):
+        if self._before is None:
+            del self._model.stateless_call
+        else:
+            self._model.stateless_call = self._before
+        return False
+
+
+def jax_update_metrics(model, metrics_variables, unscaled_loss, x, y, y_pred, sample_weight):
+    """``(logs, metrics_variables)``: the metric update of Keras's JAX ``train_step``."""
+    return model._update_metrics_variables(metrics_variables, unscaled_loss, x, y, y_pred, sample_weight)
+
+
+def jax_unsynced_state(model):
+    """The state dict ``fit`` has not yet written back to the variables, or None."""
+    if getattr(model, "_jax_state_synced", True):
+        return None
+    return getattr(model, "_jax_state", None) or None
+
+
+def is_keras_jax_trainer(cls):
+    """Whether ``cls`` is Keras's JAX trainer, whose ``train_step`` the per-device step rebuilds."""
+    from keras.src.backend.jax.trainer import JAXTrainer
+
+    return cls is JAXTrainer
+

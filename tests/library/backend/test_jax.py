@@ -188,7 +188,8 @@ def test_sigkill_mid_epoch_then_restart_ends_like_an_uninterrupted_run(tmp_path,
 
 
 def test_two_processes_on_loopback_end_identical_and_equal_to_the_oracle(tmp_path):
-    """``keras.distribution.initialize`` over 2 processes of 2 CPU devices each: one mesh of K = 4."""
+    """``keras.distribution.initialize`` over 2 processes of 2 CPU devices each: one mesh of K = 4; also
+    two micro-batches accumulated into one update, each device its own share."""
     port = gm.distribute.free_local_ports(1)[0]
     batch, steps = 16, 2
     specs = [{"mode": "multi_process", "port": port, "num_processes": 2, "process_id": p, "local_devices": 2,
@@ -226,6 +227,17 @@ def test_two_processes_on_loopback_end_identical_and_equal_to_the_oracle(tmp_pat
                 w = np.repeat(w, batch // K)  # process p feeds shards 2p, 2p + 1
             flat_weights = flat_weights - grads.T @ w / batch
         assert_float32_close(results[0][f"{level}/final"], flat_weights)
+
+    # Accumulated: one update, the mean of the micro-batches' mixed gradients, each device its own share.
+    assert bool(results[0]["accumulated/per_device"]) and int(results[0]["accumulated/update_steps"]) == 1
+    flat_weights = results[0]["sample/initial"].astype(np.float64)
+    ref.set_weights([w.reshape(s).astype("float32") for w, s in zip(np.split(flat_weights, split), shapes)])
+    mean = 0
+    for step in range(steps):
+        part = slice(step * batch, (step + 1) * batch)
+        grads = per_example_gradients(ref, x[part], y[part], loss_fn)
+        mean = mean + grads.T @ results[0]["sample/weights"][step].astype(np.float64) / batch / steps
+    assert_float32_close(results[0]["accumulated/final"], flat_weights - mean)
 
 
 def _state_positions(model, jaxpr_out_leaves):
@@ -318,3 +330,223 @@ def test_accumulation_under_data_parallel_equals_the_one_device_run():
         runs.append(flat(weights_of(model)) - before)
         assert int(numpy(model.optimizer.iterations)) == 2
     np.testing.assert_allclose(runs[0], runs[1], rtol=0, atol=1e-5 * np.max(np.abs(runs[1])))
+
+
+def _gradient_collectives(model, x, y):
+    """``{phase: collectives}`` of the compiled per-device micro-step and update step, and of the global ones."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+    from jax_steps import collectives
+
+    function = model.train_function.__wrapped__
+    window = function.device_window
+    distribution = keras.distribution.distribution()
+    sharded = NamedSharding(distribution.device_mesh.backend_mesh, PartitionSpec(distribution.batch_dim_name))
+    batch = (jax.device_put(x, sharded), jax.device_put(y, sharded))
+    state = model._get_jax_state(trainable_variables=True, non_trainable_variables=True,
+                                 optimizer_variables=True, metrics_variables=True)
+    found = {}
+    for name, step in window.compiled.items():
+        found[name] = collectives(step.lower(state, window.zeros(), batch).compile().as_text())
+        found["global " + name] = collectives(function.compiled_steps[name].lower(state, batch).compile().as_text())
+    return found
+
+
+@pytest.mark.parametrize("level", ["sample", "device"])
+def test_data_parallel_micro_step_communicates_no_gradient(level):
+    """Under DataParallel each device accumulates its own share: the compiled
+    micro-step holds no collective over a gradient (only the scalar loss that
+    ``fit`` logs is reduced), and the update step all-reduces every gradient
+    once. The global steps (a forward pass that cannot run per device) reduce
+    the gradients on every micro-step."""
+    x, y = data(4 * B)
+    with data_parallel().scope():
+        model = functional()
+        model.compile(mixer(level=level, inner=keras.optimizers.SGD(0.1, momentum=0.9, gradient_accumulation_steps=2)),
+                      SCCE)
+        model.fit(x, y, batch_size=B, epochs=1, shuffle=False, verbose=0)
+        assert model.train_function.__wrapped__.device_window.active
+        found = _gradient_collectives(model, x[:B], y[:B])
+    shapes = sorted(tuple(v.shape) for v in model.trainable_variables)
+
+    def gradient_shapes(ops):
+        return sorted(shape for _, operands in ops for shape in operands if shape)
+
+    assert all(op == "all-reduce" for ops in found.values() for op, _ in ops), found
+    assert gradient_shapes(found["micro_step"]) == [], found["micro_step"]
+    assert len(found["micro_step"]) <= 1  # the logged loss
+    assert gradient_shapes(found["update_step"]) == shapes, found["update_step"]
+    # What the per-device window saves: the global micro-step reduces every gradient.
+    assert len(gradient_shapes(found["global micro_step"])) == len(shapes)
+
+
+def _stock_one_device_changes(make_inner, x, y, weights, updates):
+    """Weight changes of stock Keras on one device, each example weighted by ``weights`` (its ``sample_weight``)."""
+    model = functional(keras.Model)
+    model.compile(make_inner(), SCCE)
+    before = flat(weights_of(model))
+    model.fit(x, y, sample_weight=weights, batch_size=B, epochs=1, shuffle=False, verbose=0)
+    assert int(numpy(model.optimizer.iterations)) == updates
+    return flat(weights_of(model)) - before
+
+
+PER_DEVICE_INNER = {
+    "sgd_momentum": lambda: keras.optimizers.SGD(0.1, momentum=0.9, gradient_accumulation_steps=3),
+    "lamb": lambda: gm.optimizers.LAMB(0.1, epsilon=0.01, gradient_accumulation_steps=3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PER_DEVICE_INNER))
+@pytest.mark.parametrize("level", ["sample", "device"])
+def test_per_device_accumulation_equals_the_one_device_run(level, name):
+    """Two updates of three micro-batches of 16 on 4 devices, each device
+    accumulating its own share, against stock Keras accumulating on one
+    device with every example weighted by the weight GradientMix draws for
+    it (sample level: ``w_b`` by its index in the global micro-batch; device
+    level: ``w_k`` of its shard). The mixed weights are unchanged, so only
+    the order of the sums differs: each device sums its own shares, then
+    the update sums the devices. That changes the accumulated gradient by
+    float32 rounding of the magnitudes summed (``sum |w_b g_b| / B`` over
+    the window, more than the element itself where shares cancel), and the
+    weights, which add the updates to themselves, by rounding of their own
+    magnitude: the tolerance is 32 float32 ulps of the larger."""
+    steps, updates = 3, 2
+    x, y = data(steps * updates * B)
+    with data_parallel().scope():
+        model = functional()
+        opt = mixer(level=level, inner=PER_DEVICE_INNER[name]())
+        model.compile(opt, SCCE)
+        before = flat(weights_of(model))
+        model.fit(x, y, batch_size=B, epochs=1, shuffle=False, verbose=0)
+        function = model.train_function.__wrapped__
+        assert function.device_window.active and not function.device_window.pending
+        assert function.steps_run == {"micro_step": 4, "update_step": 2}
+        changes = flat(weights_of(model)) - before
+    draws = range(steps * updates)
+    if level == "sample":
+        weights = np.concatenate([numpy(opt.example_weights(B, step=s)) for s in draws])
+    else:
+        weights = np.concatenate([np.repeat(numpy(opt.device_weights(K, step=s)), B // K) for s in draws])
+    expected = _stock_one_device_changes(PER_DEVICE_INNER[name], x, y, weights, updates)
+    ref = plain_copy(functional())
+    grads = per_example_gradients(ref, x, y, keras.losses.SparseCategoricalCrossentropy())
+    summed = np.abs(grads).T @ np.abs(weights.astype(np.float64)) / B  # every share of every window, in magnitude
+    assert_float32_close(changes, expected, scale=max(np.max(summed), np.max(np.abs(before))))
+
+
+class _ReadsTheModel(keras.callbacks.Callback):
+    """Reads ``self.model`` after every batch: ``fit`` writes its state back to the variables each time."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.model  # noqa: B018 (the read is the point)
+
+
+@pytest.mark.parametrize("sync_every_step, steps_per_execution", [(False, 3), (True, 1)])
+def test_per_device_windows_across_fits_and_state_syncs_end_like_one_fit(sync_every_step, steps_per_execution):
+    """Adam, windows of 2 under DataParallel, two ``fit`` calls of 3
+    micro-batches (the second starts mid-window), with ``steps_per_execution=3``
+    (windows straddle the calls) or with a callback
+    that makes ``fit`` write its state back after every step: the unfinished
+    window's shares reach Keras's accumulators whenever the state is written
+    back, so after the first ``fit`` they hold the third micro-batch's
+    gradient (as on one device) and both runs end where one ``fit`` of the
+    6 micro-batches on one device ends."""
+    x, y = data(6 * B)
+    callbacks = [_ReadsTheModel()] if sync_every_step else []
+
+    def make_model():
+        model = functional()
+        model.compile(mixer(stddev=0.7, inner=keras.optimizers.Adam(0.05, epsilon=0.01, gradient_accumulation_steps=2)),
+                      SCCE, steps_per_execution=steps_per_execution)
+        return model
+
+    with data_parallel().scope():
+        model = make_model()
+        model.fit(x[: 3 * B], y[: 3 * B], batch_size=B, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
+        window = model.train_function.__wrapped__.device_window
+        assert window.active and not window.pending
+        accumulated = flat([a.value for a in model.optimizer.inner_optimizer._accumulated_gradients])
+        model.fit(x[3 * B:], y[3 * B:], batch_size=B, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
+        assert int(numpy(model.optimizer.iterations)) == 3
+        assert model.train_function.__wrapped__.steps_run == {"micro_step": 3, "update_step": 3}
+        distributed = flat(weights_of(model))
+
+    one = make_model()
+    one.fit(x[: 3 * B], y[: 3 * B], batch_size=B, epochs=1, shuffle=False, verbose=0)
+    assert_float32_close(accumulated, flat([a.value for a in one.optimizer.inner_optimizer._accumulated_gradients]))
+    one.fit(x[3 * B:], y[3 * B:], batch_size=B, epochs=1, shuffle=False, verbose=0)
+    np.testing.assert_allclose(distributed, flat(weights_of(one)), rtol=0, atol=1e-6 * np.max(np.abs(distributed)))
+
+
+def test_a_forward_pass_that_is_not_per_example_keeps_the_global_steps():
+    """BatchNormalization normalises over the global batch and updates its
+    statistics: one device's shard alone would give another forward pass, so
+    the accumulation stays global (gradients all-reduced on every micro-step),
+    says so, and updates as on one device."""
+    x, y = data(4 * B)
+
+    def make_model():
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((5,))
+        h = keras.layers.BatchNormalization()(keras.layers.Dense(8, activation="tanh")(inputs))
+        model = gm.Model(inputs, keras.layers.Dense(3, activation="softmax")(h))
+        model.compile(mixer(stddev=0.7, inner=keras.optimizers.SGD(0.1, momentum=0.9, gradient_accumulation_steps=2)),
+                      SCCE)
+        return model
+
+    with data_parallel().scope():
+        model = make_model()
+        with pytest.warns(UserWarning, match=r"one all-reduce of the gradients per micro-step.*non-trainable state"):
+            model.fit(x, y, batch_size=B, epochs=1, shuffle=False, verbose=0)
+        function = model.train_function.__wrapped__
+        assert not function.device_window.active
+        assert function.steps_run == {"micro_step": 2, "update_step": 2}
+        distributed = flat(weights_of(model))
+    one = make_model()
+    one.fit(x, y, batch_size=B, epochs=1, shuffle=False, verbose=0)
+    np.testing.assert_allclose(distributed, flat(weights_of(one)), rtol=0, atol=1e-6 * np.max(np.abs(distributed)))
+
+
+def _masked_sequences(n):
+    rng = np.random.default_rng(3)
+    tokens = np.zeros((n, 6), "int32")
+    for b, length in enumerate(rng.integers(2, 7, n)):
+        tokens[b, :length] = rng.integers(1, 20, length)
+    return tokens, rng.integers(0, 4, (n, 6))
+
+
+@pytest.mark.parametrize("case", ["masked_sequences", "mean_with_sample_weight"])
+def test_per_device_accumulation_keeps_losses_normalised_over_the_global_batch(case):
+    """Losses whose denominator spans the global batch (the valid tokens of a
+    masked sequence loss, the sum of the sample weights) are not the mean of
+    per-shard losses; the per-device window keeps the global loss, so two
+    updates of two micro-batches on 4 devices equal the same GradientMix
+    run on one device."""
+    steps = 2
+    if case == "masked_sequences":
+        x, y = _masked_sequences(2 * steps * B)
+        sample_weight, loss = None, keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    else:
+        x, y = data(2 * steps * B)
+        sample_weight = np.random.default_rng(4).uniform(0.2, 2.0, len(x)).astype("float32")
+        loss = keras.losses.SparseCategoricalCrossentropy(reduction="mean_with_sample_weight")
+
+    def run():
+        if case == "masked_sequences":
+            keras.utils.set_random_seed(1)
+            inputs = keras.Input((6,), dtype="int32")
+            h = keras.layers.Dense(8, activation="tanh")(keras.layers.Embedding(20, 8, mask_zero=True)(inputs))
+            model = gm.Model(inputs, keras.layers.Dense(4)(h))
+        else:
+            model = functional(regularizer=False)
+        inner = keras.optimizers.SGD(0.1, momentum=0.9, gradient_accumulation_steps=steps)
+        model.compile(mixer(stddev=0.8, inner=inner), loss)
+        before = flat(weights_of(model))
+        model.fit(x, y, sample_weight=sample_weight, batch_size=B, epochs=1, shuffle=False, verbose=0)
+        return model, before, flat(weights_of(model)) - before
+
+    with data_parallel().scope():
+        model, before, changes = run()
+        assert model.train_function.__wrapped__.device_window.active
+    _, _, expected = run()
+    assert_float32_close(changes, expected, scale=np.max(np.abs(before)))

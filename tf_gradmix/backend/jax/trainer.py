@@ -12,6 +12,11 @@
   :func:`read` looks a variable up there first.
 * ``make_train_function``: an accumulating ``GradientMix`` gets a compiled
   micro-step and update step (:func:`tf_gradmix.backend.jax.optimizer.train_function`).
+
+and, for accumulation under ``DataParallel``, ``jax_state_sync``: before
+``fit`` writes its state back to the variables, the shares of an unfinished
+per-device window move into Keras's accumulators
+(:func:`tf_gradmix.backend.jax.optimizer.fold`).
 """
 
 import contextlib
@@ -47,9 +52,11 @@ def read(variable):
 
 
 def install_fit(model):
-    """Wraps ``model``'s ``compute_loss_and_updates`` and ``make_train_function`` (see module docstring)."""
+    """Wraps ``model``'s ``compute_loss_and_updates``, ``make_train_function`` and ``jax_state_sync`` (see
+    module docstring)."""
     base_compute_loss_and_updates = model.compute_loss_and_updates
     base_make_train_function = model.make_train_function
+    base_jax_state_sync = model.jax_state_sync
 
     def compute_loss_and_updates(*args, **kwargs):
         values = _keras.loss_step_optimizer_values(kwargs)
@@ -61,8 +68,15 @@ def install_fit(model):
 
         return optimizer.make_train_function(model, base_make_train_function, force)
 
+    def jax_state_sync():
+        from tf_gradmix.backend.jax import optimizer
+
+        optimizer.fold(model)
+        base_jax_state_sync()
+
     model.compute_loss_and_updates = compute_loss_and_updates
     model.make_train_function = make_train_function
+    model.jax_state_sync = jax_state_sync
     return model
 
 
