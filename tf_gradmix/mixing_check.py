@@ -35,7 +35,10 @@ The backend answers one question, "which inputs does this scalar function
 depend on differentiably": TensorFlow traces the function with a
 ``tf.GradientTape`` in a ``tf.function`` that is never executed and reads
 which gradients are ``None``; JAX linearizes the function and reads which
-inputs remain in the jaxpr of the linear map. Another backend plugs in by
+inputs remain in the jaxpr of the linear map; PyTorch, which runs eagerly,
+evaluates the loss once more on detached copies of the inputs and asks
+autograd which of them its graph reaches (once per train function, at its
+first step). Another backend plugs in by
 adding its answer to :data:`_DEPENDENCE`.
 """
 
@@ -96,7 +99,24 @@ def _jax_dependence(function, inputs):
     return [id(v) in used for v in jaxpr.invars]
 
 
-_DEPENDENCE = {"tensorflow": _tensorflow_dependence, "jax": _jax_dependence}
+def _torch_dependence(function, inputs):
+    import torch
+
+    # PyTorch runs eagerly: the function is evaluated once on detached
+    # copies, and autograd reports the inputs its graph does not reach as None.
+    leaves = [
+        keras.ops.convert_to_tensor(v.value if isinstance(v, keras.Variable) else v).detach().requires_grad_(True)
+        for v in inputs
+    ]
+    with torch.enable_grad():
+        value = function(*leaves)
+        if not value.requires_grad:
+            return [False] * len(leaves)
+        grads = torch.autograd.grad(value, leaves, allow_unused=True)
+    return [g is not None for g in grads]
+
+
+_DEPENDENCE = {"tensorflow": _tensorflow_dependence, "jax": _jax_dependence, "torch": _torch_dependence}
 
 
 def depends_on(function, inputs):
@@ -204,6 +224,12 @@ def check_sample_mixing(model, compute_loss, x, y, y_pred, sample_weight):
     Raises:
         ValueError: the training loss does not depend on the predictions.
     """
+    if keras.backend.backend() == "torch":
+        # Eager steps: check the first step of each train function only (traced backends check at trace).
+        function = getattr(model, "train_function", None)
+        if function is not None and getattr(model, "_gradmix_mixing_checked", None) is function:
+            return
+        model._gradmix_mixing_checked = function
     reads_predictions, bypassing = loss_dependence(
         model, compute_loss, x, y, y_pred, sample_weight
     )

@@ -17,9 +17,10 @@ own way:
 * ``mix_output``: an identity whose backward pass multiplies by a weight,
   keeping the tensor annotations that backend's losses read.
 
-:mod:`tf_gradmix.backend.tensorflow` is imported only on TensorFlow and
-:mod:`tf_gradmix.backend.jax` only on JAX. Other backends are refused by
-:func:`current` with an error naming the backend.
+:mod:`tf_gradmix.backend.tensorflow` is imported only on TensorFlow,
+:mod:`tf_gradmix.backend.jax` only on JAX and :mod:`tf_gradmix.backend.torch`
+only on PyTorch. Other backends are refused by :func:`current` with an error
+naming the backend.
 """
 
 import keras
@@ -27,7 +28,7 @@ import keras
 __all__ = ["SUPPORTED", "name", "current", "require"]
 
 #: Keras backends tf_gradmix runs on.
-SUPPORTED = ("tensorflow", "jax")
+SUPPORTED = ("tensorflow", "jax", "torch")
 
 
 def name():
@@ -40,25 +41,20 @@ def require(what, backends=SUPPORTED):
     backend = name()
     if backend in backends:
         return backend
-    if backend == "torch":
-        missing = (
-            " On PyTorch the gradients reach the optimizer without a stateless "
-            "train step or replica context to weight them in, and no PyTorch "
-            "build is tested here."
-        )
-    else:
-        missing = ""
     raise RuntimeError(
         f"{what} supports the Keras backends {', '.join(map(repr, backends))}, "
-        f"but KERAS_BACKEND is {backend!r}.{missing} Set KERAS_BACKEND to one of "
+        f"but KERAS_BACKEND is {backend!r}. Set KERAS_BACKEND to one of "
         "them before importing keras."
     )
 
 
 def current():
-    """The module of this process's backend: :mod:`.tensorflow` or :mod:`.jax`."""
-    if require("tf_gradmix") == "tensorflow":
+    """The module of this process's backend: :mod:`.tensorflow`, :mod:`.jax` or :mod:`.torch`."""
+    backend = require("tf_gradmix")
+    if backend == "tensorflow":
         from tf_gradmix.backend import tensorflow as module
-    else:
+    elif backend == "jax":
         from tf_gradmix.backend import jax as module
+    else:
+        from tf_gradmix.backend import torch as module
     return module
