@@ -20,7 +20,7 @@ over rounds). Configurations, all from the same initial weights, plain
   sample-level ``GradientMix(SGD, stddev=1)``, without and with
   ``gradient_accumulation_steps=8`` on the inner ``SGD`` (one device: on
   TensorFlow Keras's own accumulation inside the inner optimizer, on JAX
-  ``tf_gradmix.backend.jax_accumulation``).
+  ``tf_gradmix.backend.jax.optimizer``).
 
 For each, ``ms / step`` (block time over its ``fit`` steps) and, for the
 accumulating ones, ``ms per extra micro-step`` =
@@ -314,9 +314,9 @@ def child(spec):
 
     if spec.get("one_step"):
         # What a custom loop gets on JAX: one compiled step, the update in a lax.cond.
-        from tf_gradmix.backend import jax_accumulation
+        from tf_gradmix.backend.jax import optimizer as jax_optimizer
 
-        jax_accumulation.train_function = lambda model: None
+        jax_optimizer.train_function = lambda model: None
     k, batch = spec["k"], spec["micro_batch"]
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, LAYERS[0])).astype("float32")

@@ -12,6 +12,7 @@ repository root with the environment of the suite:
 
     .venv/bin/python tests/mutations.py                # all mutations
     .venv/bin/python tests/mutations.py --list         # names only
+    .venv/bin/python tests/mutations.py --check        # each target text found once, tests exist; runs nothing
     .venv/bin/python tests/mutations.py lamb_trust_ratio exclusion_pattern
 
 Each mutation's tests first run unmutated on the same copy (``--no-baseline``
@@ -76,7 +77,7 @@ MUTATIONS = [
     Mutation(
         "accumulation_counter",
         "the raw counter advances twice on an accumulation update step (across replicas)",
-        "tf_gradmix/accumulation.py",
+        "tf_gradmix/backend/tensorflow/optimizer.py",
         "counter.assign_add(1 - tf.cast(is_update, counter.dtype))",
         "counter.assign_add(1)",
         ("tests/library/test_accumulation.py::test_gradient_accumulation_across_replicas",),
@@ -134,7 +135,7 @@ MUTATIONS = [
     Mutation(
         "masked_token_weighting",
         "the mixed output loses its padding mask (masked tokens weighted)",
-        "tf_gradmix/backend/tensorflow.py",
+        "tf_gradmix/backend/tensorflow/__init__.py",
         "        result._keras_mask = mask",
         "        pass",
         ("tests/library/test_model.py::test_masked_sequence_loss_mixes_whole_sequences",
@@ -151,7 +152,7 @@ MUTATIONS = [
     Mutation(
         "multi_worker_workaround",
         "the multi-worker fit workaround no longer gives logs a leading axis",
-        "tf_gradmix/backend/tensorflow_multi_worker.py",
+        "tf_gradmix/backend/tensorflow/trainer.py",
         "lambda v: tf.expand_dims(v, 0) if isinstance(v, tf.Tensor) else v, logs",
         "lambda v: v, logs",
         ("tests/library/test_distribute.py::test_multi_worker_fit_equals_global_batch_mix",),
@@ -209,6 +210,27 @@ def run_tests(copy, mutation, report):
     return process.returncode, failed, process.stdout[-3000:] + process.stderr[-3000:]
 
 
+def check_targets(mutations):
+    """Prints each mutation whose file, target text (exactly once) or test file is missing; 1 if any."""
+    problems = []
+    for mutation in mutations:
+        path = os.path.join(ROOT, mutation.path)
+        if not os.path.isfile(path):
+            problems.append(f"{mutation.name}: no file {mutation.path}")
+            continue
+        with open(path) as f:
+            count = f.read().count(mutation.old)
+        if count != 1:
+            problems.append(f"{mutation.name}: {mutation.path} holds the target text {count} times (expected once)")
+        for test in mutation.tests:
+            if not os.path.exists(os.path.join(ROOT, test.split("::")[0])):
+                problems.append(f"{mutation.name}: no test file {test.split('::')[0]}")
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    print(f"{len(mutations) - len({p.split(':')[0] for p in problems})} of {len(mutations)} mutations apply")
+    return 1 if problems else 0
+
+
 def check(mutation, baseline):
     with tempfile.TemporaryDirectory(prefix="tf_gradmix-mutant-") as copy:
         copy_repository(copy)
@@ -225,6 +247,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help="mutations to run (default: all)")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--check", action="store_true",
+                        help="check that each mutation's file, target text (once) and test files exist; run nothing")
     parser.add_argument("--no-baseline", action="store_true", help="do not run each mutation's tests unmutated first")
     args = parser.parse_args(argv)
     by_name = {m.name: m for m in MUTATIONS}
@@ -236,6 +260,8 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown mutation(s) {unknown}; --list lists them")
     selected = [by_name[n] for n in args.names] if args.names else MUTATIONS
+    if args.check:
+        return check_targets(selected)
     # SIGTERM unwinds like Ctrl-C: the running pytest is killed and the copy removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     print("| mutation | file:line | backend | caught by (failing tests) |")

@@ -20,7 +20,7 @@ to a strategy.
   ``MultiWorkerMirroredStrategy`` (keras-team/keras#20585).
   :class:`tf_gradmix.Model`, :class:`tf_gradmix.Sequential` and models passed
   to :func:`tf_gradmix.enable` carry a version-guarded workaround (kept in
-  :mod:`tf_gradmix.backend.tensorflow_multi_worker`); :func:`multi_worker_fit_supported` says whether
+  :mod:`tf_gradmix.backend.tensorflow.trainer`); :func:`multi_worker_fit_supported` says whether
   it is active for the installed Keras.
 * **Uneven data.** With ``drop_remainder=False`` the last global batch is
   split unevenly and some replicas may get no example. Keras averages each
@@ -139,12 +139,12 @@ def multi_worker_fit_supported():
 
     True when the installed Keras is in the range the workaround for
     keras-team/keras#20585 is written for
-    (:data:`tf_gradmix.backend.tensorflow_multi_worker.MULTI_WORKER_FIT_BROKEN`;
+    (:data:`tf_gradmix.backend.tensorflow.trainer.MULTI_WORKER_FIT_BROKEN`;
     ``tests/upstream/test_keras_internals.py``).
     """
-    from tf_gradmix.backend import tensorflow_multi_worker
+    from tf_gradmix.backend.tensorflow import trainer
 
-    return tensorflow_multi_worker.multi_worker_fit_workaround_applies()
+    return trainer.multi_worker_fit_workaround_applies()
 
 
 def accumulation_steps(logical_batch_size, micro_batch_size):

@@ -13,7 +13,7 @@ import keras
 import tensorflow as tf
 
 from tf_gradmix import noise as noise_lib
-from tf_gradmix.backend.keras_internals import loss_tracker
+from tf_gradmix.backend._keras import loss_tracker
 from tf_gradmix.backend.tensorflow import transform_output
 from tf_gradmix.optimizer import find_gradient_mix, has_sample_hook
 from tf_gradmix.per_example import check_per_example_safe, trainable_tensors, vectorized_example_gradients

@@ -46,7 +46,7 @@ from keras import ops
 
 from tf_gradmix import backend, mixing_check
 from tf_gradmix import noise as noise_lib
-from tf_gradmix.backend.keras_internals import set_compute_loss, track_metric
+from tf_gradmix.backend._keras import set_compute_loss, track_metric
 from tf_gradmix.optimizer import SAMPLE_HOOK_FLAG, find_gradient_mix, has_sample_hook
 
 __all__ = ["Model", "Sequential", "enable", "is_enabled", "GAMMA_METRIC"]

@@ -267,9 +267,9 @@ class GradientMix(keras.optimizers.Optimizer):
 
     def build(self, var_list):
         if backend.name() == "tensorflow":
-            from tf_gradmix import accumulation  # accumulation across replicas (keras-team/keras#20582)
+            from tf_gradmix.backend.tensorflow import optimizer as tf_optimizer
 
-            accumulation.build_with_per_replica_accumulators(self.inner_optimizer, var_list)
+            tf_optimizer.build_with_per_replica_accumulators(self.inner_optimizer, var_list)
         else:
             self.inner_optimizer.build(var_list)
         super().build(var_list)
@@ -301,13 +301,13 @@ class GradientMix(keras.optimizers.Optimizer):
                      for g, v in zip(grads, variables)]
         inner = self.inner_optimizer
         if module.GRADIENTS_PER_REPLICA and inner.gradient_accumulation_steps and module.num_replicas() > 1:
-            from tf_gradmix import accumulation  # Keras cannot accumulate under a strategy (keras-team/keras#20582)
+            from tf_gradmix.backend.tensorflow import optimizer as tf_optimizer
 
-            accumulation.apply_accumulated_across_replicas(inner, grads, trainable_variables)
+            tf_optimizer.apply_accumulated_across_replicas(inner, grads, trainable_variables)
         elif backend.name() == "jax" and inner.gradient_accumulation_steps:
-            from tf_gradmix.backend import jax_accumulation  # without Keras's conditionals over the state
+            from tf_gradmix.backend.jax import optimizer as jax_optimizer  # without Keras's conditionals over the state
 
-            jax_accumulation.apply_accumulated(inner, grads, trainable_variables)
+            jax_optimizer.apply_accumulated(inner, grads, trainable_variables)
         else:
             inner.apply(grads, trainable_variables)
         self._iterations.assign_add(1)

@@ -1,8 +1,8 @@
 """Gradient accumulation: ``gradient_accumulation_steps`` on the inner optimizer.
 
-Across replicas (``tf_gradmix.accumulation``, TensorFlow, MirroredStrategy)
+Across replicas (``tf_gradmix.backend.tensorflow.optimizer``, TensorFlow, MirroredStrategy)
 against the per-example oracle; on every backend (on JAX through
-``tf_gradmix.backend.jax_accumulation``) against stock Keras's own
+``tf_gradmix.backend.jax.optimizer``) against stock Keras's own
 accumulation on one device, for optimizers whose update depends on the
 update count (Adam's and LAMB's bias corrections), on clipping, weight decay
 and loss scaling."""
@@ -99,9 +99,9 @@ def test_accumulated_updates_in_one_jax_step_with_a_conditional_equal_stock_kera
     """Where ``fit``'s two compiled steps do not apply (a custom loop, another
     wrapper around the ``GradientMix``), one step holds the update in a
     conditional: the same updates as stock Keras."""
-    from tf_gradmix.backend import jax_accumulation
+    from tf_gradmix.backend.jax import optimizer as jax_optimizer
 
-    monkeypatch.setattr(jax_accumulation, "train_function", lambda model: None)
+    monkeypatch.setattr(jax_optimizer, "train_function", lambda model: None)
     make_inner = INNER_OPTIMIZERS[name]
     expected, _ = updates_of(make_inner, keras.Model, steps=3)
     actual, optimizer = updates_of(make_inner, gm.Model, steps=3)
@@ -215,9 +215,9 @@ def test_accumulators_hold_per_replica_values_until_the_update(mirrored_strategy
         opt.build(model.trainable_variables)
     ref = plain_copy(model)
     accumulators = inner._accumulated_gradients
-    from tf_gradmix import accumulation
+    from tf_gradmix.backend.tensorflow import optimizer as tf_optimizer
 
-    assert all(accumulation.is_per_replica(a) for a in accumulators)
+    assert all(tf_optimizer.is_per_replica(a) for a in accumulators)
     assert [a.path for a in accumulators] == [
         f"{inner.name}/{v.path.replace('/', '_')}_gradient_accumulator" for v in model.trainable_variables
     ]

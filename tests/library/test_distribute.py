@@ -20,8 +20,9 @@ import pytest
 import tensorflow as tf
 
 import tf_gradmix as gm
-from tf_gradmix import accumulation, distribute
-from tf_gradmix.backend import tensorflow_multi_worker
+from tf_gradmix import distribute
+from tf_gradmix.backend.tensorflow import optimizer as tf_optimizer
+from tf_gradmix.backend.tensorflow import trainer as gm_trainer
 
 from mwms_cluster import PROCESS_TIMEOUT, kill, run_cluster, start, tail, wait_all
 from oracles import assert_float32_close
@@ -155,7 +156,7 @@ def test_workaround_switches_itself_off_with_a_warning_on_newer_keras(cluster_re
     for result in cluster_results:
         messages = result["compat_off/warnings"].tolist()
         assert len(messages) == 1, messages
-        assert "is off for Keras" in messages[0] and tensorflow_multi_worker.MULTI_WORKER_FIT_ISSUE in messages[0]
+        assert "is off for Keras" in messages[0] and gm_trainer.MULTI_WORKER_FIT_ISSUE in messages[0]
         assert "Attempt to convert a value (PerReplica" in str(result["compat_off/fit_error"])
 
 
@@ -227,7 +228,7 @@ def collectives(graph_def, skip_update_branch=False, only_update_branch=False):
 
     def is_update(node):
         return node.op in ("If", "StatelessIf") and node.name.rsplit("/", 1)[-1].startswith(
-            accumulation.UPDATE_BRANCH_NAME
+            tf_optimizer.UPDATE_BRANCH_NAME
         )
 
     def walk(nodes, counting):

@@ -120,7 +120,7 @@ def test_dependency_direction_transitively():
             assert not reachable(graph, name) & above, (name, reachable(graph, name) & above)
     assert reachable(graph, "tf_gradmix.validation") == set()
     # The scan follows deferred imports: the optimizer reaches the TF accumulation through one.
-    assert "tf_gradmix.compat" in reachable(graph, "tf_gradmix.optimizer")
+    assert "tf_gradmix.backend.tensorflow.optimizer" in reachable(graph, "tf_gradmix.optimizer")
 
 
 def test_tensorflow_modules_load_only_on_tensorflow():
@@ -159,10 +159,10 @@ def private_accesses(tree):
     return found
 
 
-def test_keras_private_attributes_only_in_compat_and_backend():
+def test_keras_private_attributes_only_in_backend():
     offenders = []
     for name, path in modules().items():
-        if name == "tf_gradmix.compat" or name.startswith("tf_gradmix.backend"):
+        if name.startswith("tf_gradmix.backend"):
             continue
         for line, attribute in private_accesses(ast.parse(path.read_text())):
             if attribute.startswith("_gradmix"):

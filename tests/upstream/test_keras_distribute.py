@@ -25,7 +25,7 @@ def data():
 def test_stock_gradient_accumulation_still_fails_under_a_strategy(mirrored_strategy, data):
     """keras-team/keras#20582: `BaseOptimizer.apply` wraps the cross-replica
     update in `ops.cond`, and tf.distribute forbids a `merge_call` inside a
-    cond. Guards ``tf_gradmix/accumulation.py`` (GradientMix accumulates
+    cond. Guards ``tf_gradmix/backend/tensorflow/optimizer.py`` (GradientMix accumulates
     across replicas itself). When this fails, upstream fixed it: revisit that
     module and test stock accumulation under a strategy."""
     x, y = data

@@ -2,9 +2,8 @@
 
 No upstream bug behind these: each test pins a private attribute or code path
 of Keras 3.15 that the compatibility code reads, and names that code
-(``tf_gradmix/backend/keras_internals.py``, ``tf_gradmix/backend/tensorflow.py``,
-``tf_gradmix/compat.py``). When one fails, Keras changed: update that code and
-``keras_internals.TESTED_KERAS``.
+(``tf_gradmix/backend/_keras.py``, ``tf_gradmix/backend/tensorflow/``). When
+one fails, Keras changed: update that code and ``_keras.TESTED_KERAS``.
 """
 
 import keras
@@ -12,17 +11,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_gradmix import compat
-from tf_gradmix.backend import keras_internals, tensorflow_multi_worker
+from tf_gradmix.backend import _keras
 from tf_gradmix.backend import tensorflow as tf_backend
+from tf_gradmix.backend.tensorflow import trainer as gm_trainer
 from tf_gradmix.model import mix_predictions
 
 pytestmark = pytest.mark.backends("tensorflow")
 
 
 def test_installed_keras_is_a_tested_version():
-    """``keras_internals.TESTED_KERAS``: the versions the workarounds are switched on for."""
-    assert keras_internals.keras_version() in keras_internals.TESTED_KERAS, (
+    """``_keras.TESTED_KERAS``: the versions the workarounds are switched on for."""
+    assert _keras.keras_version() in _keras.TESTED_KERAS, (
         f"Keras {keras.__version__} is not a version tf_gradmix.backend was "
         "checked against; re-run this file and update TESTED_KERAS."
     )
@@ -56,7 +55,7 @@ def test_probability_outputs_keep_their_logits(make_output):
     ``tf_gradmix.backend.tensorflow.transform_output`` keeps them through the mix."""
     plain, mixed, naive = _losses(make_output, keras.losses.SparseCategoricalCrossentropy())
     assert mixed == plain
-    # Without the annotation Keras takes another path: this is what compat guards.
+    # Without the annotation Keras takes another path: this is what transform_output guards.
     assert naive != pytest.approx(plain, rel=1e-3)
 
 
@@ -87,38 +86,38 @@ def test_masks_survive_the_transform():
 
 def test_keras_still_decides_the_training_argument_once_per_model():
     """``model._compute_loss_has_training_arg`` and ``model._tracker.locked``:
-    set and unlocked by ``keras_internals.set_compute_loss`` and ``track_metric``."""
+    set and unlocked by ``_keras.set_compute_loss`` and ``track_metric``."""
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     assert model._compute_loss_has_training_arg is True
     assert hasattr(model._tracker, "locked")
 
 
 def test_an_untested_keras_version_is_warned_about():
-    """``keras_internals.warn_if_untested`` and the multi-worker fit guard switch off past TESTED_KERAS."""
-    assert keras_internals.warn_if_untested() is False  # the installed, tested version
+    """``_keras.warn_if_untested`` and the multi-worker fit guard switch off past TESTED_KERAS."""
+    assert _keras.warn_if_untested() is False  # the installed, tested version
     with pytest.warns(UserWarning, match=r"tested with Keras 3\.15.*version-guarded workarounds are off"):
-        assert keras_internals.warn_if_untested((3, 99)) is True
-    assert not tensorflow_multi_worker.multi_worker_fit_workaround_applies((3, 99))
+        assert _keras.warn_if_untested((3, 99)) is True
+    assert not gm_trainer.multi_worker_fit_workaround_applies((3, 99))
 
 
 def test_optimizer_internals_used_by_accumulation():
     """What tf_gradmix.accumulation reads of a Keras optimizer through
-    ``tf_gradmix/compat.py``: one
+    ``tf_gradmix/_keras.py``: one
     accumulator per variable, found by variable in any order; the raw counter
     counts micro-steps (``iterations`` counts updates); a variable tracked from
     outside joins ``optimizer.variables``."""
     variables = [keras.Variable(np.zeros((2, 3), "float32")), keras.Variable(np.zeros((3,), "float32"))]
     optimizer = keras.optimizers.SGD(0.1, gradient_accumulation_steps=2)
     optimizer.build(variables)
-    accumulators = compat.gradient_accumulators(optimizer, variables[::-1])
+    accumulators = _keras.gradient_accumulators(optimizer, variables[::-1])
     assert [tuple(a.shape) for a in accumulators] == [(3,), (2, 3)]
     assert all(a.path.endswith("_gradient_accumulator") for a in accumulators)
     grads = [np.ones((2, 3), "float32"), np.full((3,), 2.0, "float32")]
     for _ in range(3):
         optimizer.apply(grads, variables)
-    np.testing.assert_array_equal(compat.gradient_accumulators(optimizer, variables)[1].numpy(), 2.0)
-    assert int(compat.raw_iterations(optimizer).numpy()) == 3
+    np.testing.assert_array_equal(_keras.gradient_accumulators(optimizer, variables)[1].numpy(), 2.0)
+    assert int(_keras.raw_iterations(optimizer).numpy()) == 3
     assert int(optimizer.iterations.numpy()) == 1
     extra = keras.Variable(np.zeros(()), trainable=False, name="extra")
-    compat.track_optimizer_variable(optimizer, extra)
+    _keras.track_optimizer_variable(optimizer, extra)
     assert any(v is extra for v in optimizer.variables)

@@ -1,4 +1,4 @@
-"""Keras's JAX backend as ``tf_gradmix.backend.jax_accumulation`` finds it.
+"""Keras's JAX backend as ``tf_gradmix.backend.jax.optimizer`` finds it.
 
 Keras 3.15's JAX optimizer (``keras/src/backend/jax/optimizer.py``) runs
 ``gradient_accumulation_steps`` by computing the update on every micro-step
@@ -28,11 +28,11 @@ def test_stock_keras_jax_accumulation_still_selects_with_conditionals():
 
 
 def test_keras_jax_train_function_is_still_built_as_tf_gradmix_rebuilds_it():
-    """``jax_accumulation.train_function`` builds ``fit``'s train function the
+    """``jax_optimizer.train_function`` builds ``fit``'s train function the
     way Keras 3.15's ``JAXTrainer.make_train_function`` does: ``jax.jit`` of
     ``train_step`` with the state donated and, under a distribution, the
-    state's shardings as ``out_shardings`` (``compat.jax_state_shardings``),
-    inside ``_make_function`` (``compat.jax_step_function``). When this
+    state's shardings as ``out_shardings`` (``_keras.jax_state_shardings``),
+    inside ``_make_function`` (``_keras.jax_step_function``). When this
     fails, compare with Keras's new ``make_train_function``."""
     import inspect
 

@@ -1,7 +1,7 @@
 """Stock Keras ``fit`` still fails under ``MultiWorkerMirroredStrategy``
 (keras-team/keras#20585): plain ``keras.Model``, no tf_gradmix model.
 
-Guards ``tf_gradmix/backend/tensorflow_multi_worker.py``, the workaround
+Guards ``tf_gradmix/backend/tensorflow/trainer.py``, the workaround
 tf_gradmix's models apply, and its version guard ``MULTI_WORKER_FIT_BROKEN``.
 When this fails, upstream fixed the bug: narrow the guard and revisit the
 workaround. A real two-worker cluster on 127.0.0.1 (``tests/mwms_cluster.py``).
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tf_gradmix import distribute
-from tf_gradmix.backend import tensorflow_multi_worker
+from tf_gradmix.backend.tensorflow import trainer as gm_trainer
 
 from mwms_cluster import run_cluster
 
@@ -41,10 +41,10 @@ def test_stock_keras_fit_still_fails_under_multi_worker(stock_results):
     for result in stock_results:
         assert "Attempt to convert a value (PerReplica" in str(result["stock_fit_error"])
         assert "Invalid reduction dimension 0" in str(result["stock_reduce_error"])
-    assert tensorflow_multi_worker.multi_worker_fit_workaround_applies(), (
+    assert gm_trainer.multi_worker_fit_workaround_applies(), (
         f"Keras {keras.__version__} is outside the range the multi-worker fit "
-        f"workaround covers ({tensorflow_multi_worker.MULTI_WORKER_FIT_BROKEN}): re-check "
-        f"{tensorflow_multi_worker.MULTI_WORKER_FIT_ISSUE} and update the guard."
+        f"workaround covers ({gm_trainer.MULTI_WORKER_FIT_BROKEN}): re-check "
+        f"{gm_trainer.MULTI_WORKER_FIT_ISSUE} and update the guard."
     )
     assert distribute.multi_worker_fit_supported()
-    assert not tensorflow_multi_worker.multi_worker_fit_workaround_applies((3, 16))
+    assert not gm_trainer.multi_worker_fit_workaround_applies((3, 16))

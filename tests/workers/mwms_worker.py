@@ -210,11 +210,11 @@ def compat_off(strategy, results):
     """
     import warnings
 
-    from tf_gradmix.backend import tensorflow_multi_worker
+    from tf_gradmix.backend.tensorflow import trainer as gm_trainer
 
-    real_version = tensorflow_multi_worker.keras_version
-    tensorflow_multi_worker.keras_version = lambda: (3, tensorflow_multi_worker.MULTI_WORKER_FIT_BROKEN[1][1] + 1)
-    tensorflow_multi_worker._warned_unguarded_version = False
+    real_version = gm_trainer.keras_version
+    gm_trainer.keras_version = lambda: (3, gm_trainer.MULTI_WORKER_FIT_BROKEN[1][1] + 1)
+    gm_trainer._warned_unguarded_version = False
     try:
         with strategy.scope():
             model = build("model")
@@ -227,7 +227,7 @@ def compat_off(strategy, results):
             except Exception as e:  # noqa: BLE001 - recorded for the parent
                 error = f"{type(e).__name__}: {e}"
     finally:
-        tensorflow_multi_worker.keras_version = real_version
+        gm_trainer.keras_version = real_version
     results["compat_off/warnings"] = np.array(
         [str(w.message) for w in caught if "workaround" in str(w.message)]
     )

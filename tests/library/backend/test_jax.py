@@ -244,7 +244,7 @@ def test_fit_runs_a_micro_step_that_makes_no_update(level):
     micro-step computes no update. Traced without a phase (a custom loop), the
     step holds one conditional, Keras's path four or more
     (tests/upstream/test_keras_jax.py)."""
-    from tf_gradmix.backend import jax_accumulation
+    from tf_gradmix.backend.jax import optimizer as jax_optimizer
 
     x, y = data(B)
     with data_parallel().scope():
@@ -256,8 +256,8 @@ def test_fit_runs_a_micro_step_that_makes_no_update(level):
         changing = {id(v) for v in inner._accumulated_gradients} | {id(optimizer.raw_step), id(inner._iterations)}
         moments = [v for v in inner.variables if "momentum" in v.path or "velocity" in v.path]
         assert len(moments) == 2 * len(model.trainable_variables)
-        for name in jax_accumulation.PHASES:
-            with jax_accumulation.phase(name):
+        for name in jax_optimizer.PHASES:
+            with jax_optimizer.phase(name):
                 jaxpr = traced_train_step(model, x, y)
             assert conditionals(jaxpr) == 0
             passed_through = [

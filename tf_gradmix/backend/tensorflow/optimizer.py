@@ -30,7 +30,7 @@ of ``inner.apply`` when the inner optimizer accumulates and there is more
 than one replica. Not switched off by version: it does not depend on the bug
 being present, and it keeps each replica's partial sums apart and saves their
 sum. The Keras internals it needs (the accumulator list, the raw micro-step
-counter, variable tracking) are read through :mod:`tf_gradmix.compat`.
+counter, variable tracking) are read through :mod:`tf_gradmix.backend._keras`.
 
 This is TensorFlow code (``tf.distribute`` replica contexts and
 ``SyncOnRead`` variables); it is the only module of the accumulation feature
@@ -40,7 +40,7 @@ that imports TensorFlow.
 import keras
 import tensorflow as tf
 
-from tf_gradmix import compat
+from tf_gradmix.backend import _keras
 
 __all__ = [
     "ACCUMULATION_ISSUE",
@@ -115,7 +115,7 @@ def build_with_per_replica_accumulators(inner, var_list):
                 synchronization="on_read",
                 name=name,
             )
-        compat.track_optimizer_variable(inner, variable)
+        _keras.track_optimizer_variable(inner, variable)
         return variable
 
     inner.add_variable_from_reference = add_variable_from_reference
@@ -169,7 +169,7 @@ def apply_accumulated_across_replicas(inner, grads, trainable_variables):
     communication. The conditional update (named :data:`UPDATE_BRANCH_NAME`)
     runs in cross-replica context, as ``LossScaleOptimizer`` does, and calls
     the inner optimizer's update step on every replica
-    (:func:`tf_gradmix.compat.update_with_accumulated_gradients`, with
+    (:func:`tf_gradmix.backend._keras.update_with_accumulated_gradients`, with
     ``iterations`` counting updates as Adam's bias correction expects) on the
     replica's ``accumulated / n``, read from its own copy inside the branch;
     the inner optimizer's cross-replica sum, the one all-reduce of the update,
@@ -194,11 +194,11 @@ def apply_accumulated_across_replicas(inner, grads, trainable_variables):
     steps = inner.gradient_accumulation_steps
     context = tf.distribute.get_replica_context()
     if trainable_variables is None:
-        variables = list(compat.optimizer_trainable_variables(inner))
+        variables = list(_keras.optimizer_trainable_variables(inner))
     else:
         variables = list(trainable_variables)
     pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
-    accumulators = compat.gradient_accumulators(inner, [v for _, v in pairs])
+    accumulators = _keras.gradient_accumulators(inner, [v for _, v in pairs])
     if not all(is_per_replica(a) for a in accumulators):
         raise RuntimeError(
             "GradientMix accumulates across replicas in per-replica variables, "
@@ -211,7 +211,7 @@ def apply_accumulated_across_replicas(inner, grads, trainable_variables):
         _local_copy(accumulator).assign_add(
             tf.cast(tf.convert_to_tensor(gradient), accumulator.dtype), read_value=False
         )
-    counter = compat.raw_iterations(inner)
+    counter = _keras.raw_iterations(inner)
     is_update = (counter + 1) % steps == 0
     update_variables = [v for _, v in pairs]
     scale = 1.0 / steps / (inner.loss_scale_factor or 1.0)
@@ -223,7 +223,7 @@ def apply_accumulated_across_replicas(inner, grads, trainable_variables):
             tf.convert_to_tensor(_local_copy(a)) * tf.cast(scale, a.dtype)
             for a in accumulators
         ]
-        compat.update_with_accumulated_gradients(inner, means, update_variables)
+        _keras.update_with_accumulated_gradients(inner, means, update_variables)
         for accumulator in accumulators:
             _local_copy(accumulator).assign(
                 tf.zeros(accumulator.shape, accumulator.dtype), read_value=False

@@ -13,7 +13,7 @@ uses the mean of the gradients of ``n`` micro-batches:
 with ``g_s`` the (already mixed) gradient of micro-batch ``s``, ``a`` the
 accumulator of one variable and ``theta`` every variable the update changes
 (weights and optimizer state). The arithmetic is Keras's own
-(:func:`tf_gradmix.compat.update_with_accumulated_gradients`).
+(:func:`tf_gradmix.backend._keras.update_with_accumulated_gradients`).
 
 Why this module exists: a JAX train step is one compiled function, and
 Keras 3.15's JAX optimizer (``keras/src/backend/jax/optimizer.py``,
@@ -55,7 +55,7 @@ import contextlib
 import jax
 import keras
 
-from tf_gradmix import compat
+from tf_gradmix.backend import _keras
 
 __all__ = ["PHASES", "handles", "phase", "apply_accumulated", "train_function"]
 
@@ -85,7 +85,7 @@ def phase(name):
 def handles(inner, trainable_variables=None):
     """Whether :func:`apply_accumulated` runs ``inner``'s accumulation (else Keras's own path does)."""
     if trainable_variables is None:
-        trainable_variables = compat.optimizer_trainable_variables(inner)
+        trainable_variables = _keras.optimizer_trainable_variables(inner)
     return bool(inner.gradient_accumulation_steps) and not inner.use_ema and not any(
         getattr(v, "overwrite_with_gradient", False) for v in trainable_variables
     )
@@ -96,7 +96,7 @@ def apply_accumulated(inner, grads, trainable_variables=None):
 
     Inside :func:`phase` the step makes that phase only; otherwise one
     ``lax.cond`` on the raw step counter chooses (see module docstring).
-    The update (:func:`tf_gradmix.compat.update_with_accumulated_gradients`,
+    The update (:func:`tf_gradmix.backend._keras.update_with_accumulated_gradients`,
     with ``iterations`` counting updates) gets the mean of the accumulated
     gradients and resets the accumulators.
 
@@ -110,7 +110,7 @@ def apply_accumulated(inner, grads, trainable_variables=None):
     """
     steps = inner.gradient_accumulation_steps
     if trainable_variables is None:
-        trainable_variables = compat.optimizer_trainable_variables(inner)
+        trainable_variables = _keras.optimizer_trainable_variables(inner)
     pairs = [(g, v) for g, v in zip(grads, trainable_variables) if g is not None]
     if not pairs or not handles(inner, trainable_variables):
         inner.apply(grads, trainable_variables)
@@ -118,12 +118,12 @@ def apply_accumulated(inner, grads, trainable_variables=None):
     variables = [v for _, v in pairs]
     scale = inner.loss_scale_factor
     grads = [g if scale is None else g / scale for g, _ in pairs]  # as Keras's apply
-    accumulators = compat.gradient_accumulators(inner, variables)
-    counter = compat.raw_iterations(inner)
+    accumulators = _keras.gradient_accumulators(inner, variables)
+    counter = _keras.raw_iterations(inner)
     totals = [gradient.astype(a.dtype) + a.value for gradient, a in zip(grads, accumulators)]
 
     def update():
-        compat.update_with_accumulated_gradients(inner, [total / steps for total in totals], variables)
+        _keras.update_with_accumulated_gradients(inner, [total / steps for total in totals], variables)
         for accumulator in accumulators:
             accumulator.assign(jax.numpy.zeros(accumulator.shape, accumulator.dtype))
 
@@ -195,11 +195,11 @@ def train_function(model):
         return None
     inner = optimizer.inner_optimizer
     steps = inner.gradient_accumulation_steps
-    counter = compat.raw_iterations(inner)
+    counter = _keras.raw_iterations(inner)
     index = next(i for i, v in enumerate(optimizer.variables) if v is counter)
     out_shardings = None
     if keras.distribution.distribution() is not None:
-        out_shardings = (None, compat.jax_state_shardings(model))
+        out_shardings = (None, _keras.jax_state_shardings(model))
 
     def traced_in(name):
         def step(state, data):
@@ -222,7 +222,7 @@ def train_function(model):
         runs[name] += 1
         return logs, state
 
-    function = compat.jax_step_function(model, step)
+    function = _keras.jax_step_function(model, step)
     function.compiled_steps = compiled
     function.steps_run = runs  # how many steps of each phase ran
     return function

@@ -21,7 +21,7 @@ output must carry the same annotations, or the loss changes value:
 
 import tensorflow as tf
 
-from tf_gradmix.backend.tensorflow_multi_worker import FitMixin, install_fit
+from tf_gradmix.backend.tensorflow.trainer import FitMixin, install_fit
 
 __all__ = [
     "compile_pure",

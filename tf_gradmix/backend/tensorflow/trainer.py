@@ -14,7 +14,7 @@ import warnings
 import keras
 import tensorflow as tf
 
-from tf_gradmix.backend.keras_internals import keras_version
+from tf_gradmix.backend._keras import keras_version
 
 # ---------------------------------------------------------------------------
 # Multi-worker `fit` under MultiWorkerMirroredStrategy (keras-team/keras#20585)

@@ -136,15 +136,15 @@ def _compute_loss_and_updates(model, base, args, kwargs):
 class FitMixin:
     """Mixin for ``keras.Model`` subclasses: the optimizer state reaches the loss hook (see module
     docstring); an accumulating ``GradientMix`` gets a compiled micro-step and update step
-    (:func:`tf_gradmix.backend.jax_accumulation.train_function`)."""
+    (:func:`tf_gradmix.backend.jax.optimizer.train_function`)."""
 
     def compute_loss_and_updates(self, *args, **kwargs):
         return _compute_loss_and_updates(self, super().compute_loss_and_updates, args, kwargs)
 
     def make_train_function(self, force=False):
-        from tf_gradmix.backend import jax_accumulation
+        from tf_gradmix.backend.jax import optimizer as jax_optimizer
 
-        return jax_accumulation.make_train_function(self, super().make_train_function, force)
+        return jax_optimizer.make_train_function(self, super().make_train_function, force)
 
 
 def install_fit(model):
@@ -158,9 +158,9 @@ def install_fit(model):
         return _compute_loss_and_updates(model, base, args, kwargs)
 
     def make_train_function(force=False):
-        from tf_gradmix.backend import jax_accumulation
+        from tf_gradmix.backend.jax import optimizer as jax_optimizer
 
-        return jax_accumulation.make_train_function(model, base_make_train_function, force)
+        return jax_optimizer.make_train_function(model, base_make_train_function, force)
 
     model.compute_loss_and_updates = compute_loss_and_updates
     model.make_train_function = make_train_function
