@@ -362,6 +362,16 @@ class AppliesGradientsItself:
 
     def train_step(self, data):
         x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+        if keras.backend.backend() == "torch":
+            import torch
+
+            self.zero_grad()
+            loss = keras.ops.mean(keras.losses.sparse_categorical_crossentropy(y, self(x, training=True)))
+            loss.backward()
+            grads = [v.value.grad for v in self.trainable_variables]
+            with torch.no_grad():
+                self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+            return {m.name: m.result() for m in self.metrics}
         with tf.GradientTape() as tape:
             loss = keras.ops.mean(
                 keras.losses.sparse_categorical_crossentropy(y, self(x, training=True))
@@ -389,7 +399,7 @@ def apply_itself(kind):
 
 
 @pytest.mark.parametrize("kind", ["enable", "gm.Model subclass"])
-@pytest.mark.backends("tensorflow")
+@pytest.mark.backends("tensorflow", "torch")  # the train_step above is written for these two
 def test_custom_train_step_on_a_hooked_model_gets_the_true_message(kind):
     x, y = data()
     model = apply_itself(kind)
@@ -406,7 +416,7 @@ def test_custom_train_step_on_a_hooked_model_gets_the_true_message(kind):
     assert_unchanged(before, model)
 
 
-@pytest.mark.backends("tensorflow")
+@pytest.mark.backends("tensorflow", "torch")  # the train_step above is written for these two
 def test_model_without_hook_keeps_the_enable_message():
     x, y = data()
     model = apply_itself("plain")
@@ -449,7 +459,7 @@ def test_documented_custom_train_step_recipe_equals_the_per_example_oracle(regul
     np.testing.assert_allclose(history.history["gradmix_gamma"], np.mean(w**2), rtol=1e-6)
 
 
-@pytest.mark.backends("tensorflow")
+@pytest.mark.backends("tensorflow", "torch")  # the train_step above is written for these two
 def test_gamma_is_absent_where_no_gradient_was_weighted():
     """A hooked model whose custom step draws no weights logs no gamma (not 0)."""
 

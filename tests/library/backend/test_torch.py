@@ -113,3 +113,60 @@ def test_two_ddp_processes_on_loopback_end_identical_and_equal_to_the_oracle(tmp
                 w = np.concatenate([r["sample/weights"][step] for r in results]).astype(np.float64)
             flat_weights = flat_weights - grads.T @ w / batch
         assert_float32_close(results[0][f"{level}/final"], flat_weights)
+
+
+@pytest.mark.parametrize("seed", [11, None])
+def test_backup_and_restore_after_an_interruption_continues_the_same_noise_stream(tmp_path, seed):
+    """``BackupAndRestore`` (epoch backups): an interrupted run restarted with a new model and
+    optimizer (also ``seed=None``: the backup holds the seed) ends like an uninterrupted one."""
+    x, y = data(32)
+
+    def run(backup, seed, interrupt_at=None):
+        model = functional(gm.Model)
+        opt = gm.GradientMix(keras.optimizers.SGD(0.1, momentum=0.9), stddev=1.0, seed=seed)
+        model.compile(opt, SCCE)
+        callbacks = [keras.callbacks.BackupAndRestore(str(backup))]
+        if interrupt_at is not None:
+            callbacks.append(Interrupt(*interrupt_at))
+        model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0, callbacks=callbacks)
+        return model, opt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "backup", seed, interrupt_at=(1, 2))
+    resumed, opt = run(tmp_path / "backup", None if seed is None else 99)  # the backup's seed wins
+    straight, _ = run(tmp_path / "straight", opt.seed)
+    assert seed is None or opt.seed == seed
+    for a, b in zip(resumed.get_weights(), straight.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+class Interrupt(keras.callbacks.Callback):
+    def __init__(self, epoch, batch):
+        super().__init__()
+        self.at, self.epoch = (epoch, batch), 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if (self.epoch, batch) == self.at:
+            raise KeyboardInterrupt
+
+
+def test_gamma_logger_keeps_the_gamma_a_hooked_model_logs():
+    x, y = data(B)
+    model = functional(gm.Model)
+    opt = mixer(level="device")
+    model.compile(opt, SCCE)
+    with pytest.warns(UserWarning, match="single replica"):
+        history = model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[gm.GammaLogger()])
+    w = [float(keras.ops.convert_to_numpy(opt.device_weights(step=s))[0]) for s in range(2)]
+    assert history.history["gradmix_gamma"][0] == pytest.approx(np.mean(np.square(w)), rel=1e-6)
+
+
+@pytest.mark.parametrize("module", ["tf_gradmix.diagnostics", "tf_gradmix.per_example"])
+def test_tensorflow_only_modules_are_refused_by_name(module):
+    import importlib
+
+    with pytest.raises(RuntimeError, match=rf"{module} supports the Keras backends 'tensorflow'.*'torch'"):
+        importlib.import_module(module)
