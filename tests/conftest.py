@@ -1,13 +1,16 @@
 """Test configuration shared by every test module, on either backend.
 
-``make test`` runs this directory twice, each in its own pytest process:
-once with ``KERAS_BACKEND=tensorflow`` and once with ``KERAS_BACKEND=jax``
-(default: tensorflow). Devices are configured here, once, before the
-backend initialises:
+``make test`` runs this directory once per backend, each in its own pytest
+process: ``KERAS_BACKEND=tensorflow``, ``jax`` and ``torch`` (default:
+tensorflow). Devices are configured here, once, before the backend
+initialises:
 
 * TensorFlow: four logical CPU devices (configured later, TensorFlow refuses);
 * JAX: ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` before jax is
-  imported; TensorFlow is never imported.
+  imported; TensorFlow is never imported;
+* PyTorch: one CPU device (Keras's PyTorch ``fit`` trains one device; the
+  ``DistributedDataParallel`` test starts its own processes); TensorFlow is
+  never imported.
 
 Tests that apply to one backend only say so with one marker,
 ``@pytest.mark.backends("tensorflow")`` on a test, or
@@ -48,7 +51,7 @@ import pytest  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "backends(*names): run only on these Keras backends ('tensorflow', 'jax')"
+        "markers", "backends(*names): run only on these Keras backends ('tensorflow', 'jax', 'torch')"
     )
 
 
