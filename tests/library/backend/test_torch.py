@@ -72,6 +72,7 @@ def test_device_level_in_fit_is_one_device_weight_and_warns():
     assert_float32_close(update, expected)
 
 
+@pytest.mark.slow  # two worker processes
 def test_two_ddp_processes_on_loopback_end_identical_and_equal_to_the_oracle(tmp_path):
     """Two gloo processes under ``DistributedDataParallel``: device and sample level against the oracle."""
     port = gm.distribute.free_local_ports(1)[0]
