@@ -68,7 +68,8 @@ def _int32(value):
 
 
 def compile_pure(fn):
-    """``fn(size, key)``, pure, with ``key`` int32 ``[3]`` whose last element is a counter, run in blocks.
+    """``fn(size, key)``, pure, returning a tuple of tensors, with ``key`` int32 ``[3]`` whose last
+    element is a counter, run in blocks.
 
     PyTorch has no cheap compiler for a small integer program (each op is one
     dispatch), and the noise stream (:func:`tf_gradmix.random.words`) asks for
@@ -96,7 +97,7 @@ def compile_pure(fn):
                 if len(cache) >= _CACHED_BLOCKS:
                     cache.pop(next(iter(cache)))
                 cache[index] = block
-            return keras.tree.map_structure(lambda words: words[counter - start], block)
+            return tuple(words[counter - start] for words in block)
 
     return run
 
