@@ -10,6 +10,7 @@ times ``example_weights(b)``, this process's stream). Writes the initial and
 final weights and the mixing weights of each step to ``out`` (npz).
 """
 
+import datetime
 import json
 import os
 import sys
@@ -41,7 +42,8 @@ def flat(model):
 
 def ddp():
     rank, world, batch, steps = SPEC["rank"], SPEC["world_size"], SPEC["batch"], SPEC["steps"]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{SPEC['port']}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{SPEC['port']}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))  # a lost peer fails, not hangs
     local = batch // world
     out = {}
     for level in ("device", "sample"):
@@ -70,6 +72,7 @@ def ddp():
         out[f"{level}/final"] = flat(model)
     out["world_size"] = np.array(opt.num_devices())
     np.savez(SPEC["out"], **out)
+    dist.barrier()  # neither process tears the group down while the other still uses it
     dist.destroy_process_group()
 
 

@@ -83,7 +83,7 @@ def compile_pure(fn):
 
     def run(size, key):
         with torch.no_grad():
-            if size * BLOCK > MAX_BLOCK_ELEMENTS or torch._C._functorch.is_batchedtensor(key):
+            if size * BLOCK > MAX_BLOCK_ELEMENTS:
                 return fn(size, key)
             k0, k1, counter = key.tolist()
             start = counter - counter % BLOCK
