@@ -44,6 +44,18 @@ def test_jit_compile_is_refused_by_name():
         model.fit(*data(B), batch_size=B, verbose=0)
 
 
+def test_fit_again_keeps_the_train_function_and_checks_the_loss_once():
+    """Each ``fit`` reuses the wrapped train function: no wrapper piles up, the mixing check runs once."""
+    x, y = data(B)
+    model = functional(gm.Model)
+    model.compile(mixer(), SCCE)
+    model.fit(x, y, batch_size=B, verbose=0)
+    function = model.train_function
+    model.fit(x, y, batch_size=B, verbose=0)
+    assert model.train_function is function
+    assert model._gradmix_mixing_checked is function
+
+
 @pytest.mark.parametrize("level", ["sample", "device"])
 def test_a_stock_model_is_refused_before_any_update(level):
     model = functional(keras.Model)

@@ -179,9 +179,11 @@ def _in_fit():
 
 def _make_train_function(model, base, force):
     _check_jit_compile(model)
+    if model.train_function is not None and not force:
+        return model.train_function  # built already (and wrapped, also by the model hook): as Keras does
     base(force)
     function = model.train_function
-    if function is None or getattr(function, "_gradmix_in_fit", False):
+    if function is None:
         return function
 
     def train_function(*data):
