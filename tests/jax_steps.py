@@ -22,4 +22,6 @@ def traced_train_step(model, x, y):
         trainable_variables=True, non_trainable_variables=True,
         optimizer_variables=True, metrics_variables=True,
     )
-    return jax.make_jaxpr(model.train_step)(state, (x, y)).jaxpr
+    # A new function each call: JAX caches traces by function, and a model's hook installs
+    # train_step once per instance, while the step traced may depend on a phase set around the call.
+    return jax.make_jaxpr(lambda *args: model.train_step(*args))(state, (x, y)).jaxpr

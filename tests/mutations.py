@@ -127,16 +127,16 @@ MUTATIONS = [
     Mutation(
         "gamma_metric",
         "the logged gamma is mean(w), not mean(w^2)",
-        "tf_gradmix/model.py",
-        "model._gradmix_gamma.update_state(noise_lib.gamma(weights))",
-        "model._gradmix_gamma.update_state(ops.mean(weights))",
+        "tf_gradmix/optimizer.py",
+        "self.gamma_metric.update_state(noise_lib.gamma(weights))",
+        "self.gamma_metric.update_state(keras.ops.mean(weights))",
         ("tests/library/test_model.py::test_logged_loss_is_the_plain_loss_and_gamma_the_mean_of_w_squared",),
     ),
     Mutation(
         "masked_token_weighting",
         "the mixed output loses its padding mask (masked tokens weighted)",
         "tf_gradmix/backend/tensorflow/__init__.py",
-        "        result._keras_mask = mask",
+        "        _keras.set_keras_mask(result, mask)",
         "        pass",
         ("tests/library/test_model.py::test_masked_sequence_loss_mixes_whole_sequences",
          "tests/library/test_keras_patterns.py::test_padding_mask_and_ignore_class_weight_whole_sequences"),
@@ -219,9 +219,12 @@ def check_targets(mutations):
             problems.append(f"{mutation.name}: no file {mutation.path}")
             continue
         with open(path) as f:
-            count = f.read().count(mutation.old)
+            text = f.read()
+        count = text.count(mutation.old)
         if count != 1:
             problems.append(f"{mutation.name}: {mutation.path} holds the target text {count} times (expected once)")
+        else:
+            print(f"{mutation.name}: {mutation.path}:{text[: text.index(mutation.old)].count(chr(10)) + 1}")
         for test in mutation.tests:
             if not os.path.exists(os.path.join(ROOT, test.split("::")[0])):
                 problems.append(f"{mutation.name}: no test file {test.split('::')[0]}")

@@ -53,10 +53,7 @@ class GammaLogger(keras.callbacks.Callback):
         last = int(keras.ops.convert_to_numpy(mixer.raw_step.value))
         if last <= self._first_step:
             return
-        if backend.name() == "tensorflow":
-            devices = self.model.distribute_strategy.num_replicas_in_sync
-        else:
-            devices = mixer.num_devices()
+        devices = backend.current().num_devices(self.model)
         seed = mixer.seed
         gammas = [
             keras.ops.convert_to_numpy(noise_lib.gamma(mixer.stream.device_weights(seed, step, devices)))

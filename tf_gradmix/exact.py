@@ -12,10 +12,9 @@ per-example gradients (e.g. per-example clipping). TensorFlow only.
 import keras
 import tensorflow as tf
 
-from tf_gradmix import noise as noise_lib
 from tf_gradmix.backend._keras import loss_tracker
 from tf_gradmix.backend.tensorflow import transform_output
-from tf_gradmix.optimizer import find_gradient_mix, has_sample_hook
+from tf_gradmix.optimizer import find_gradient_mix, is_enabled
 from tf_gradmix.per_example import check_per_example_safe, trainable_tensors, vectorized_example_gradients
 
 __all__ = ["train_step"]
@@ -153,11 +152,9 @@ def train_step(model, data, per_example_fn=None):
     batch_size = tf.shape(tf.nest.flatten(x)[0])[0]
     weights = tf.ones([batch_size])
     mixer = find_gradient_mix(optimizer)
-    if mixer is not None and mixer.level == "sample" and not has_sample_hook(model):
+    if mixer is not None and mixer.level == "sample" and not is_enabled(model):
+        # Without the hook (whose compute_loss weighted the cotangents and logs gamma).
         weights = mixer.example_weights(batch_size)
-        gamma = getattr(model, "_gradmix_gamma", None)
-        if gamma is not None:
-            gamma.update_state(noise_lib.gamma(weights))
     grads = [
         tf.tensordot(tf.cast(weights, g.dtype), g, axes=1) + extra
         for g, extra in zip(per_example, layer_grads)

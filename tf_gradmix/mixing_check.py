@@ -35,17 +35,16 @@ The backend answers one question, "which inputs does this scalar function
 depend on differentiably": TensorFlow traces the function with a
 ``tf.GradientTape`` in a ``tf.function`` that is never executed and reads
 which gradients are ``None``; JAX linearizes the function and reads which
-inputs remain in the jaxpr of the linear map; PyTorch, which runs eagerly,
-evaluates the loss once more on detached copies of the inputs and asks
-autograd which of them its graph reaches (once per train function, at its
-first step). Another backend plugs in by
-adding its answer to :data:`_DEPENDENCE`.
+inputs remain in the jaxpr of the linear map (``depends_on`` of each
+:mod:`tf_gradmix.backend` package).
 """
 
 import contextlib
 import warnings
 
 import keras
+
+from tf_gradmix import backend
 
 __all__ = [
     "PartialMixingWarning",
@@ -62,61 +61,7 @@ class PartialMixingWarning(UserWarning):
     """Some trainable variables get part of their gradient unmixed."""
 
 
-# -- which inputs a scalar function depends on (per backend) -----------------
-
-
-def _tensorflow_dependence(function, inputs):
-    import tensorflow as tf
-
-    found = []
-
-    def probe(*args):
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(args)
-            value = function(*args)
-        grads = tape.gradient(
-            value, list(args), unconnected_gradients=tf.UnconnectedGradients.NONE
-        )
-        found[:] = [g is not None for g in grads]
-        return value
-
-    specs = [tf.TensorSpec(t.shape, t.dtype) for t in inputs]
-    # Traced only: nothing runs, so the check costs no step time.
-    tf.function(probe, autograph=False).get_concrete_function(*specs)
-    return found
-
-
-def _jax_dependence(function, inputs):
-    import jax
-
-    values = [v.value if isinstance(v, keras.Variable) else v for v in inputs]
-    # The linearized function keeps only the inputs the value depends on
-    # differentiably (the others are symbolic zeros): read its jaxpr. Traced
-    # inside the step being compiled, so nothing extra runs.
-    _, linear = jax.linearize(function, *values)
-    jaxpr = jax.make_jaxpr(linear)(*values).jaxpr
-    used = {id(v) for eqn in jaxpr.eqns for v in eqn.invars} | {id(v) for v in jaxpr.outvars}
-    return [id(v) in used for v in jaxpr.invars]
-
-
-def _torch_dependence(function, inputs):
-    import torch
-
-    # PyTorch runs eagerly: the function is evaluated once on detached
-    # copies, and autograd reports the inputs its graph does not reach as None.
-    leaves = [
-        keras.ops.convert_to_tensor(v.value if isinstance(v, keras.Variable) else v).detach().requires_grad_(True)
-        for v in inputs
-    ]
-    with torch.enable_grad():
-        value = function(*leaves)
-        if not value.requires_grad:
-            return [False] * len(leaves)
-        grads = torch.autograd.grad(value, leaves, allow_unused=True)
-    return [g is not None for g in grads]
-
-
-_DEPENDENCE = {"tensorflow": _tensorflow_dependence, "jax": _jax_dependence, "torch": _torch_dependence}
+# -- which inputs a scalar function depends on ---------------------------------
 
 
 def depends_on(function, inputs):
@@ -124,15 +69,10 @@ def depends_on(function, inputs):
 
     "Depends" means differentiably: a gradient path exists (a path through
     ``stop_gradient`` or an integer op does not count). ``inputs`` are
-    tensors or variables; only their shapes and dtypes are used.
+    tensors or variables; only their shapes and dtypes are used. Each
+    backend answers (``depends_on`` of :func:`tf_gradmix.backend.current`).
     """
-    backend = keras.backend.backend()
-    if backend not in _DEPENDENCE:
-        raise NotImplementedError(
-            f"tf_gradmix cannot check sample-level mixing on the {backend!r} "
-            "backend yet (tf_gradmix.mixing_check has no dependence test for it)."
-        )
-    return _DEPENDENCE[backend](function, list(inputs))
+    return backend.current().depends_on(function, list(inputs))
 
 
 # -- the check ----------------------------------------------------------------
@@ -214,30 +154,26 @@ def loss_dependence(model, compute_loss, x, y, y_pred, sample_weight):
     return reads_predictions, bypassing
 
 
-def check_sample_mixing(model, compute_loss, x, y, y_pred, sample_weight):
-    """Raises if sample-level mixing would be empty; warns once if partial.
+def check_sample_mixing(model, compute_loss, x, y, y_pred, sample_weight, warn_partial=True):
+    """Raises if sample-level mixing would be empty; warns if partial and ``warn_partial``.
 
     Called by the sample-level hook while a training step is traced, before
     the step's gradients exist; see the module docstring. Arguments as in
-    :func:`loss_dependence`.
+    :func:`loss_dependence`. Returns whether it warned (the hook warns once
+    per model).
 
     Raises:
         ValueError: the training loss does not depend on the predictions.
     """
-    if keras.backend.backend() == "torch":
-        # Eager steps: check the first step of each train function only (traced backends check at trace).
-        function = getattr(model, "train_function", None)
-        if function is not None and getattr(model, "_gradmix_mixing_checked", None) is function:
-            return
-        model._gradmix_mixing_checked = function
     reads_predictions, bypassing = loss_dependence(
         model, compute_loss, x, y, y_pred, sample_weight
     )
     if not reads_predictions:
         raise ValueError(_no_prediction_message(model))
-    if bypassing and not getattr(model, "_gradmix_warned_partial", False):
-        model._gradmix_warned_partial = True
+    if bypassing and warn_partial:
         warnings.warn(_partial_message(bypassing), PartialMixingWarning, stacklevel=2)
+        return True
+    return False
 
 
 _FIXES = (
@@ -298,6 +234,8 @@ def _partial_message(bypassing):
 
 # -- a train step that applies gradients without the hook ---------------------
 
+# A module global: the error is raised in GradientMix.apply, which is not given the model, and
+# tf.distribute traces each replica's step in its own thread inside the call.
 _hooked_train_functions = 0
 
 

@@ -45,9 +45,15 @@ import keras
 from keras import ops
 
 from tf_gradmix import backend, mixing_check
-from tf_gradmix import noise as noise_lib
 from tf_gradmix.backend._keras import set_compute_loss, track_metric
-from tf_gradmix.optimizer import SAMPLE_HOOK_FLAG, find_gradient_mix, has_sample_hook
+from tf_gradmix.optimizer import (
+    GAMMA_ATTRIBUTE,
+    SAMPLE_HOOK_ATTRIBUTE,
+    SampleHook,
+    find_gradient_mix,
+    is_enabled,
+    sample_hook,
+)
 
 __all__ = ["Model", "Sequential", "enable", "is_enabled", "GAMMA_METRIC"]
 
@@ -93,122 +99,129 @@ def _batch_size(y_pred):
     return ops.shape(first)[0]
 
 
-class _Hook:
-    """The sample-level hook shared by the model classes and ``enable``."""
+def _compute_loss(model, base_compute_loss, x, y, y_pred, sample_weight, training):
+    """The hook's ``compute_loss``: ``base_compute_loss`` with each example's prediction weighted."""
+    mixer = find_gradient_mix(getattr(model, "optimizer", None))
+    if not training or mixer is None:
+        return base_compute_loss(x, y, y_pred, sample_weight, training=training)
+    weights = mixer.batch_weights(_batch_size(y_pred))
+    if weights is None or mixer.stream.is_plain:
+        # GradientMix.apply weights the gradients (device level on TensorFlow), or
+        # stddev=0: every weight is 1; the predictions stay untouched, so the
+        # step is plain Keras's, bit for bit.
+        loss = base_compute_loss(x, y, y_pred, sample_weight, training=training)
+    else:
+        loss = base_compute_loss(x, y, mix_predictions(y_pred, weights), sample_weight, training=training)
+    hook = sample_hook(model)
+    # Eager steps (PyTorch) check at the first step of each train function; traced ones at each trace.
+    checked = getattr(backend.current(), "EAGER_STEPS", False) and hook.checked_function is hook.train_function
+    if mixer.level == "sample" and not checked:
+        # Refuses a loss that reads no prediction (nothing would be mixed).
+        warned = mixing_check.check_sample_mixing(
+            model, base_compute_loss, x, y, y_pred, sample_weight, warn_partial=not hook.warned_partial
+        )
+        hook.warned_partial = hook.warned_partial or warned
+        hook.checked_function = hook.train_function
+    hook.log_gamma(mixer.device_weights() if mixer.level == "device" else weights)
+    return loss
 
-    @staticmethod
-    def create_gamma_metric(model):
-        if backend.name() == "tensorflow":
-            with model.distribute_strategy.scope():
-                metric = keras.metrics.Mean(name=GAMMA_METRIC)
-        else:
-            metric = keras.metrics.Mean(name=GAMMA_METRIC)
-        track_metric(model, "_gradmix_gamma", metric)
 
-    @staticmethod
-    def compute_loss(model, base_compute_loss, x, y, y_pred, sample_weight, training):
-        mixer = find_gradient_mix(getattr(model, "optimizer", None))
-        if not training or mixer is None:
-            return base_compute_loss(x, y, y_pred, sample_weight, training=training)
-        weights = mixer.batch_weights(_batch_size(y_pred))
-        if weights is None or mixer.stream.is_plain:
-            # Device level on TensorFlow: GradientMix.apply weights each replica.
-            # stddev=0: every weight is 1; the predictions stay untouched, so
-            # the step is plain Keras's, bit for bit.
-            loss = base_compute_loss(x, y, y_pred, sample_weight, training=training)
-        else:
-            loss = base_compute_loss(x, y, mix_predictions(y_pred, weights), sample_weight, training=training)
-        if mixer.level == "sample":
-            # Refuses a loss that reads no prediction (nothing would be mixed).
-            mixing_check.check_sample_mixing(model, base_compute_loss, x, y, y_pred, sample_weight)
-        if mixer.level == "device":
-            weights = mixer.device_weights()
-        model._gradmix_gamma.update_state(noise_lib.gamma(weights))
-        model._gradmix_gamma_updated = True  # read by train_function
-        return loss
+def _drop_gamma(logs):
+    """Removes ``gradmix_gamma`` from logs of steps that do not mix.
 
-    @staticmethod
-    def drop_gamma(logs):
-        """Removes ``gradmix_gamma`` from logs of steps that do not mix.
+    Evaluation never mixes, and a model trained with a plain optimizer
+    does not either: they report no gamma rather than a zero. ``logs`` is
+    what a step returns: a dict, or ``(logs, state)`` on JAX.
+    """
+    if isinstance(logs, tuple):
+        return (_drop_gamma(logs[0]),) + logs[1:]
+    if isinstance(logs, dict):
+        logs.pop(GAMMA_METRIC, None)
+    return logs
 
-        Evaluation never mixes, and a model trained with a plain optimizer
-        does not either: they report no gamma rather than a zero. ``logs`` is
-        what a step returns: a dict, or ``(logs, state)`` on JAX.
-        """
-        if isinstance(logs, tuple):
-            return (_Hook.drop_gamma(logs[0]),) + logs[1:]
-        if isinstance(logs, dict):
-            logs.pop(GAMMA_METRIC, None)
+
+def _train_logs(model, logs):
+    if find_gradient_mix(getattr(model, "optimizer", None)) is None:
+        return _drop_gamma(logs)
+    return logs
+
+
+def _wrap_train_function(model):
+    """Wraps ``fit``'s train function: gamma only where weights were applied.
+
+    Logs ``gradmix_gamma`` only if the traced step drew its weights in
+    ``compute_loss`` (a custom ``train_step`` that bypasses it logs none,
+    rather than the empty metric's 0), and marks the call so that a
+    sample-level ``apply`` without weights explains the custom step.
+    """
+    hook = sample_hook(model)
+    function = model.train_function  # set by Keras's make_train_function
+    if function is None or function is hook.train_function:
+        return function
+    hook.gamma_logged = False
+
+    def train_function(*data):  # (data) on TensorFlow, (state, data) on JAX
+        try:
+            with mixing_check.hooked_train_function():
+                logs = function(*data)
+        except Exception:
+            backend.current().restore_after_failed_step(model, data)
+            raise
+        if not hook.gamma_logged:
+            logs = _drop_gamma(logs)
         return logs
 
-    @staticmethod
-    def train_function(model):
-        """Wraps ``fit``'s train function: gamma only where weights were applied.
-
-        Logs ``gradmix_gamma`` only if the traced step drew its weights in
-        ``compute_loss`` (a custom ``train_step`` that bypasses it logs none,
-        rather than the empty metric's 0), and marks the call so that a
-        sample-level ``apply`` without weights explains the custom step.
-        """
-        function = model.train_function  # set by Keras's make_train_function
-        if function is None or getattr(function, "_gradmix_train_function", False):
-            return function
-        model._gradmix_gamma_updated = False
-
-        def train_function(*data):  # (data) on TensorFlow, (state, data) on JAX
-            try:
-                with mixing_check.hooked_train_function():
-                    logs = function(*data)
-            except Exception:
-                backend.current().restore_after_failed_step(model, data)
-                raise
-            if not model._gradmix_gamma_updated:
-                logs = _Hook.drop_gamma(logs)
-            return logs
-
-        train_function._gradmix_train_function = True
-        train_function.__wrapped__ = function
-        model.train_function = train_function
-        return train_function
-
-    @staticmethod
-    def train_logs(model, logs):
-        if find_gradient_mix(getattr(model, "optimizer", None)) is None:
-            return _Hook.drop_gamma(logs)
-        return logs
+    train_function.__wrapped__ = function
+    model.train_function = hook.train_function = train_function
+    return train_function
 
 
-# What Keras `fit` needs on this backend (none on an unsupported one, which
-# the constructors refuse).
-_FitMixin = backend.current().FitMixin if backend.name() in backend.SUPPORTED else object
+def _install_hook(model):
+    """Makes ``model`` apply the sample-level weights: the one installer of the hook.
+
+    Used by :class:`Model`, :class:`Sequential` (at construction) and
+    :func:`enable`: wraps the instance's ``compute_loss``, ``train_step``,
+    ``test_step`` and ``make_train_function``, after what the backend needs
+    for ``fit`` (:func:`tf_gradmix.backend` ``install_fit``), and attaches
+    the :class:`tf_gradmix.optimizer.SampleHook` and the gamma metric.
+    """
+    module = backend.current()
+    module.install_fit(model)  # first: it may wrap make_train_function
+    base_compute_loss = _with_training_arg(model.compute_loss)
+    base_train_step = model.train_step
+    base_test_step = model.test_step
+    base_make_train_function = model.make_train_function
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        return _compute_loss(self, base_compute_loss, x, y, y_pred, sample_weight, training)
+
+    def train_step(self, *data):  # (data) on TensorFlow, (state, data) on JAX
+        return _train_logs(self, base_train_step(*data))
+
+    def test_step(self, *data):
+        return _drop_gamma(base_test_step(*data))
+
+    def make_train_function(self, force=False):
+        base_make_train_function(force)
+        return _wrap_train_function(self)
+
+    with module.metric_scope(model):
+        gamma = keras.metrics.Mean(name=GAMMA_METRIC)
+    track_metric(model, GAMMA_ATTRIBUTE, gamma)
+    set_compute_loss(model, types.MethodType(compute_loss, model))
+    model.train_step = types.MethodType(train_step, model)
+    model.test_step = types.MethodType(test_step, model)
+    model.make_train_function = types.MethodType(make_train_function, model)
+    setattr(model, SAMPLE_HOOK_ATTRIBUTE, SampleHook(gamma))
 
 
-class _SampleMixing(_FitMixin):
-    """Mixin: ``compute_loss`` applies the sample-level weights when training."""
-
-    _gradmix_enabled = True  # optimizer.SAMPLE_HOOK_FLAG
+class _SampleMixing:
+    """Mixin: the model installs the hook when constructed (see :func:`_install_hook`)."""
 
     def __init__(self, *args, **kwargs):
         backend.require(f"tf_gradmix.{type(self).__name__}")
         super().__init__(*args, **kwargs)
-        _Hook.create_gamma_metric(self)
-
-    def compute_loss(
-        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
-    ):
-        return _Hook.compute_loss(
-            self, super().compute_loss, x, y, y_pred, sample_weight, training
-        )
-
-    def train_step(self, *data):  # (data) on TensorFlow, (state, data) on JAX
-        return _Hook.train_logs(self, super().train_step(*data))
-
-    def make_train_function(self, force=False):
-        super().make_train_function(force)
-        return _Hook.train_function(self)
-
-    def test_step(self, *data):
-        return _Hook.drop_gamma(super().test_step(*data))
+        _install_hook(self)
 
 
 @keras.saving.register_keras_serializable(package="tf_gradmix")
@@ -234,11 +247,6 @@ class Sequential(_SampleMixing, keras.Sequential):
 
     Same behaviour as :class:`tf_gradmix.Model`.
     """
-
-
-def is_enabled(model):
-    """Whether ``model`` applies GradientMix's sample-level weights."""
-    return has_sample_hook(model)
 
 
 def enable(model, per_example_gradients=False):
@@ -287,7 +295,7 @@ def enable(model, per_example_gradients=False):
         per_example.check_per_example_safe(model)
     if not is_enabled(model):
         _install_hook(model)
-    if per_example_gradients and not getattr(model, "_gradmix_per_example", False):
+    if per_example_gradients and not sample_hook(model).per_example:
         _install_per_example_step(model)
     # Keras caches compiled step functions; rebuild them with the hook.
     model.train_function = None
@@ -295,44 +303,14 @@ def enable(model, per_example_gradients=False):
     return model
 
 
-def _install_hook(model):
-    backend.current().install_fit(model)  # first: it may wrap make_train_function
-    base_compute_loss = model.compute_loss
-    base_train_step = model.train_step
-    base_test_step = model.test_step
-    base_make_train_function = model.make_train_function
-
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        return _Hook.compute_loss(
-            self, _with_training_arg(base_compute_loss), x, y, y_pred, sample_weight, training
-        )
-
-    def train_step(self, *data):  # (data) on TensorFlow, (state, data) on JAX
-        return _Hook.train_logs(self, base_train_step(*data))
-
-    def test_step(self, *data):
-        return _Hook.drop_gamma(base_test_step(*data))
-
-    def make_train_function(self, force=False):
-        base_make_train_function(force)
-        return _Hook.train_function(self)
-
-    _Hook.create_gamma_metric(model)
-    set_compute_loss(model, types.MethodType(compute_loss, model))
-    model.train_step = types.MethodType(train_step, model)
-    model.test_step = types.MethodType(test_step, model)
-    model.make_train_function = types.MethodType(make_train_function, model)
-    setattr(model, SAMPLE_HOOK_FLAG, True)
-
-
 def _install_per_example_step(model):
     from tf_gradmix import exact
 
     def train_step(self, data):
-        return _Hook.train_logs(self, exact.train_step(self, data))
+        return _train_logs(self, exact.train_step(self, data))
 
     model.train_step = types.MethodType(train_step, model)
-    model._gradmix_per_example = True
+    sample_hook(model).per_example = True
 
 
 def _with_training_arg(compute_loss):

@@ -26,15 +26,18 @@ import keras
 from tf_gradmix import backend, mixing_check, validation
 from tf_gradmix import noise as noise_lib
 
-__all__ = ["GradientMix", "find_gradient_mix", "has_sample_hook", "DEFAULT_STDDEV", "LEVELS"]
+__all__ = ["GradientMix", "find_gradient_mix", "is_enabled", "SampleHook", "DEFAULT_STDDEV", "LEVELS"]
 
 LEVELS = ("sample", "device")
 
 #: Default ``stddev`` of the weights ``w``: about the gradient noise of half the batch (gamma ~= 2).
 DEFAULT_STDDEV = 1.0
 
-#: Attribute set on models whose ``compute_loss`` applies the weights (tf_gradmix.Model, enable).
-SAMPLE_HOOK_FLAG = "_gradmix_enabled"
+#: The attribute holding the :class:`SampleHook` of a model whose ``compute_loss`` applies the weights.
+SAMPLE_HOOK_ATTRIBUTE = "_gradmix"
+
+#: The attribute holding that model's ``gradmix_gamma`` metric (an attribute so that Keras tracks and logs it).
+GAMMA_ATTRIBUTE = "_gradmix_gamma"
 
 # Base-optimizer arguments that belong on the inner optimizer.
 _INNER_ONLY_ARGS = (
@@ -43,9 +46,41 @@ _INNER_ONLY_ARGS = (
 )
 
 
-def has_sample_hook(model):
-    """Whether ``model`` applies GradientMix's weights in its ``compute_loss``."""
-    return bool(getattr(model, SAMPLE_HOOK_FLAG, False))
+class SampleHook:
+    """What tf_gradmix keeps on a model with the sample-level hook (:mod:`tf_gradmix.model`).
+
+    The model's only tf_gradmix attributes are this object and its gamma
+    metric (:data:`SAMPLE_HOOK_ATTRIBUTE`, :data:`GAMMA_ATTRIBUTE`), both
+    set by the hook installer.
+    """
+
+    def __init__(self, gamma_metric):
+        self.gamma_metric = gamma_metric
+        #: Set when a traced step logged gamma (:meth:`log_gamma`); read by the hook's train function.
+        self.gamma_logged = False
+        #: Whether the train step is :func:`tf_gradmix.exact.train_step`.
+        self.per_example = False
+        #: Whether the partial-mixing warning was given (once per model).
+        self.warned_partial = False
+        #: The hook's wrapper of Keras's train function, once made.
+        self.train_function = None
+        #: The train function whose first step checked the loss (eager steps, PyTorch).
+        self.checked_function = None
+
+    def log_gamma(self, weights):
+        """Adds ``gamma = mean(w^2)`` of this step's weights to ``gradmix_gamma``: the one place gamma is logged."""
+        self.gamma_metric.update_state(noise_lib.gamma(weights))
+        self.gamma_logged = True
+
+
+def sample_hook(model):
+    """The :class:`SampleHook` of ``model``, or None."""
+    return getattr(model, SAMPLE_HOOK_ATTRIBUTE, None)
+
+
+def is_enabled(model):
+    """Whether ``model`` applies GradientMix's sample-level weights (has the model hook)."""
+    return sample_hook(model) is not None
 
 
 def find_gradient_mix(optimizer):
@@ -240,20 +275,27 @@ class GradientMix(keras.optimizers.Optimizer):
 
     def num_devices(self):
         """``K``: replicas in sync (TensorFlow) or shards of the data axis (JAX)."""
-        module = backend.current()
-        return module.num_replicas() if module.GRADIENTS_PER_REPLICA else module.num_data_shards()
+        return backend.current().num_devices()
+
+    def _weights_in_optimizer(self):
+        """Whether :meth:`apply` weights the gradients (else the model hook weights the examples).
+
+        The one place level and backend meet: only the device level where the
+        gradients reaching ``apply`` are one replica's (TensorFlow).
+        """
+        return self.level == "device" and backend.current().GRADIENTS_PER_REPLICA
 
     def batch_weights(self, batch_size):
         """The weights the model hook puts on each example of this step, or None.
 
         Sample level: :meth:`example_weights`. Device level where the
         gradients are global (JAX): ``w_k`` for every example of shard ``k``.
-        Device level on TensorFlow: None (:meth:`apply` weights the gradients).
+        None where :meth:`apply` weights the gradients (device level on TensorFlow).
         """
+        if self._weights_in_optimizer():
+            return None
         if self.level == "sample":
             return self.example_weights(batch_size)
-        if backend.current().GRADIENTS_PER_REPLICA:
-            return None
         self._sample_weights_requested = True
         self._warn_if_single_device()
         seed, step = self._state(None)
@@ -271,12 +313,7 @@ class GradientMix(keras.optimizers.Optimizer):
     # -- the update ----------------------------------------------------------
 
     def build(self, var_list):
-        if backend.name() == "tensorflow":
-            from tf_gradmix.backend.tensorflow import optimizer as tf_optimizer
-
-            tf_optimizer.build_with_per_replica_accumulators(self.inner_optimizer, var_list)
-        else:
-            self.inner_optimizer.build(var_list)
+        backend.current().build_optimizer(self.inner_optimizer, var_list)
         super().build(var_list)
 
     @property
@@ -296,25 +333,13 @@ class GradientMix(keras.optimizers.Optimizer):
                 self.build(list(trainable_variables))
             self.built = True
         module = backend.current()
-        if self.level == "sample" or not module.GRADIENTS_PER_REPLICA:
-            self._check_hook()
-        else:
+        weight = None
+        if self._weights_in_optimizer():
             self._warn_if_single_device()
             weight = self.device_weights()[module.replica_id()]
-            variables = trainable_variables or self._trainable_variables
-            grads = [g if getattr(v, "overwrite_with_gradient", False) else module.scale_gradient(g, weight)
-                     for g, v in zip(grads, variables)]
-        inner = self.inner_optimizer
-        if module.GRADIENTS_PER_REPLICA and inner.gradient_accumulation_steps and module.num_replicas() > 1:
-            from tf_gradmix.backend.tensorflow import optimizer as tf_optimizer
-
-            tf_optimizer.apply_accumulated_across_replicas(inner, grads, trainable_variables)
-        elif backend.name() == "jax" and inner.gradient_accumulation_steps:
-            from tf_gradmix.backend.jax import optimizer as jax_optimizer  # without Keras's conditionals over the state
-
-            jax_optimizer.apply_accumulated(inner, grads, trainable_variables)
         else:
-            inner.apply(grads, trainable_variables)
+            self._check_hook()
+        module.apply_gradients(self.inner_optimizer, grads, trainable_variables, weight)
         self._iterations.assign_add(1)
 
     def _check_hook(self):
@@ -323,7 +348,7 @@ class GradientMix(keras.optimizers.Optimizer):
         if self.level == "sample":
             raise ValueError(mixing_check.sample_weights_not_requested_message())
         raise ValueError(
-            f"GradientMix(level='device') on {backend.name()} needs the model to weight each shard of "
+            "GradientMix(level='device') on JAX and PyTorch needs the model to weight each shard of "
             "the global batch (the gradients reaching the optimizer are already global), but this model has no "
             "GradientMix hook, so it would train unmixed. Use `model = tf_gradmix.enable(model)` (or "
             "build it with tf_gradmix.Model / tf_gradmix.Sequential)."

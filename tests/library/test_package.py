@@ -119,8 +119,8 @@ def test_dependency_direction_transitively():
             above = trainers | {"tf_gradmix.per_example", "tf_gradmix.diagnostics"}
             assert not reachable(graph, name) & above, (name, reachable(graph, name) & above)
     assert reachable(graph, "tf_gradmix.validation") == set()
-    # The scan follows deferred imports: the optimizer reaches the TF accumulation through one.
-    assert "tf_gradmix.backend.tensorflow.optimizer" in reachable(graph, "tf_gradmix.optimizer")
+    # The scan follows deferred imports: the JAX trainer reaches the JAX optimizer through one.
+    assert "tf_gradmix.backend.jax.optimizer" in reachable(graph, "tf_gradmix.backend.jax.trainer")
 
 
 def test_tensorflow_modules_load_only_on_tensorflow():
@@ -179,6 +179,29 @@ def test_keras_private_attributes_only_in_backend():
                 continue  # tf_gradmix's own attributes on a model
             offenders.append(f"{path.relative_to(REPO)}:{line} {attribute}")
     assert not offenders, offenders
+
+
+def backend_name_queries(tree):
+    """Lines that ask for the backend's name: ``backend.name()``, ``keras.backend.backend()``."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            owner = node.func.value
+            owner_name = owner.attr if isinstance(owner, ast.Attribute) else getattr(owner, "id", None)
+            if (owner_name, node.func.attr) in (("backend", "name"), ("backend", "backend")):
+                found.append(node.lineno)
+    return found
+
+
+def test_no_branch_on_the_backend_name_outside_backend():
+    """What differs by backend lives in ``tf_gradmix/backend/``; the rest asks ``backend.current()``."""
+    offenders = []
+    for name, path in modules().items():
+        if name.startswith("tf_gradmix.backend"):
+            continue
+        offenders += [f"{path.relative_to(REPO)}:{line}" for line in backend_name_queries(ast.parse(path.read_text()))]
+    assert not offenders, offenders
+    assert backend_name_queries(ast.parse("import keras\nkeras.backend.backend()\nbackend.name()\n")) == [2, 3]
 
 
 @pytest.mark.slow  # a TensorFlow import in a subprocess: tens of seconds

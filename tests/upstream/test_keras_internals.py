@@ -92,6 +92,27 @@ def test_keras_still_decides_the_training_argument_once_per_model():
     assert hasattr(model._tracker, "locked")
 
 
+def test_trainer_methods_the_multi_worker_workaround_wraps(mirrored_strategy):
+    """``_keras.WRAPPED_TRAINER_METHODS`` are methods of Keras 3.15's
+    ``TensorFlowTrainer`` with the arguments ``tf_gradmix.backend.tensorflow.trainer``
+    passes (keras-team/keras#20585), and ``_keras.in_multi_worker_mode`` is
+    the test Keras itself applies to the strategy."""
+    import inspect
+
+    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+
+    parameters = {
+        name: list(inspect.signature(getattr(TensorFlowTrainer, name)).parameters)
+        for name in _keras.WRAPPED_TRAINER_METHODS
+    }
+    assert parameters == {"_maybe_symbolic_build": ["self", "iterator", "data_batch"],
+                          "_make_function": ["self", "step_function"]}
+    assert "strategy.extended._in_multi_worker_mode()" in inspect.getsource(inspect.getmodule(TensorFlowTrainer))
+    assert _keras.in_multi_worker_mode(mirrored_strategy) is False
+    with pytest.raises(ValueError, match="Invalid value for argument `name`"):
+        _keras.wrap_trainer_method(keras.Sequential(), "fit", lambda base: base)
+
+
 def test_an_untested_keras_version_is_warned_about():
     """``_keras.warn_if_untested`` and the multi-worker fit guard switch off past TESTED_KERAS."""
     assert _keras.warn_if_untested() is False  # the installed, tested version
@@ -101,8 +122,8 @@ def test_an_untested_keras_version_is_warned_about():
 
 
 def test_optimizer_internals_used_by_accumulation():
-    """What tf_gradmix.accumulation reads of a Keras optimizer through
-    ``tf_gradmix/_keras.py``: one
+    """What ``tf_gradmix.backend.tensorflow.optimizer`` (and the JAX one) read
+    of a Keras optimizer through ``tf_gradmix/backend/_keras.py``: one
     accumulator per variable, found by variable in any order; the raw counter
     counts micro-steps (``iterations`` counts updates); a variable tracked from
     outside joins ``optimizer.variables``."""

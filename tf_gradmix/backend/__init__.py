@@ -1,33 +1,59 @@
-"""What differs between Keras backends, behind one small interface.
+"""What differs between Keras backends: one package per backend, one interface.
 
-The core of tf_gradmix (noise, optimizer, model hook) is written once with
-``keras.ops``; it asks :func:`current` for the few things a backend does its
-own way:
+The core of tf_gradmix (noise, optimizer, model hook, mixing check) is
+written once with ``keras.ops`` and asks :func:`current` for the rest. As in
+Keras (``keras/src/backend/<name>/``), each supported backend is a package
+``tf_gradmix.backend.<name>`` named in :data:`SUPPORTED`, imported only when
+Keras runs on it. Its ``__init__`` provides:
 
-* ``compile_pure``: a pure function compiled as one program, so eager callers
-  of the noise generator (:mod:`tf_gradmix.random`, written in ``keras.ops``)
-  do not pay one dispatch per integer op;
-* where a train step runs: ``replica_id()`` and ``num_replicas()`` (TensorFlow:
-  ``tf.distribute`` replicas, whose gradients reach the optimizer one replica
-  at a time; JAX: one global program over ``keras.distribution`` shards, whose
-  gradients are already global, so ``num_data_shards()`` counts the shards);
-* ``FitMixin`` / ``install_fit``: what a model needs for Keras ``fit`` on that
-  backend (TensorFlow: the MultiWorkerMirroredStrategy workaround; JAX: the
-  optimizer state handed to the loss hook);
-* ``mix_output``: an identity whose backward pass multiplies by a weight,
-  keeping the tensor annotations that backend's losses read.
+Where a step's gradients come from
+    ``GRADIENTS_PER_REPLICA``: True when the gradients reaching
+    ``optimizer.apply`` are one replica's (TensorFlow's ``tf.distribute``),
+    False when they are the global batch's (JAX's one program over
+    ``keras.distribution`` shards). It decides who applies the device level
+    (``GradientMix._weights_in_optimizer``).
+    ``replica_id()``: the replica running this step (0 where gradients are
+    global). ``num_devices(model=None)``: ``K``, the devices one step mixes
+    (replicas in sync, or shards of the data axis; ``model`` gives the
+    strategy outside a replica context).
 
-:mod:`tf_gradmix.backend.tensorflow` is imported only on TensorFlow,
-:mod:`tf_gradmix.backend.jax` only on JAX and :mod:`tf_gradmix.backend.torch`
-only on PyTorch. Other backends are refused by :func:`current` with an error
-naming the backend.
+Gradients and outputs
+    ``dense_gradient(gradient)``: a dense tensor (TensorFlow's
+    ``IndexedSlices`` densified); ``transform_output(y_pred, transform)``:
+    ``transform`` applied to a model output, keeping the annotations that
+    backend's losses read (mask, logits); ``read(variable)``: a variable's value in the step being traced;
+    ``compile_pure(fn)``: a pure function compiled as one program;
+    ``depends_on(function, inputs)``: which inputs a scalar function depends
+    on differentiably (:mod:`tf_gradmix.mixing_check`).
+
+The optimizer (``<name>/optimizer.py``)
+    ``build_optimizer(inner, var_list)``: builds the inner optimizer
+    (:meth:`tf_gradmix.GradientMix.build` hands over in this one call);
+    ``apply_gradients(inner, grads, trainable_variables, weight)``: weights
+    the gradients by ``weight`` (the device level, where this wrapper applies
+    it; else None) and runs the inner optimizer's step, with its
+    ``gradient_accumulation_steps`` (:meth:`tf_gradmix.GradientMix.apply`
+    hands over in this one call).
+
+The trainer (``<name>/trainer.py``)
+    ``install_fit(model)``: what one model needs for Keras ``fit`` on this
+    backend, installed on the instance (called by the one hook installer of
+    :mod:`tf_gradmix.model`); ``metric_scope(model)``: the context a model's
+    metric is created in; ``restore_after_failed_step(model, args)``.
+
+Every access to Keras's private internals is in :mod:`tf_gradmix.backend._keras`,
+with its version guard and upstream issue. Adding a backend is one package
+and one entry in :data:`SUPPORTED`; other backends are refused by
+:func:`require` and :func:`current` with an error naming the backend.
 """
+
+import importlib
 
 import keras
 
 __all__ = ["SUPPORTED", "name", "current", "require"]
 
-#: Keras backends tf_gradmix runs on.
+#: Keras backends tf_gradmix runs on; each has a package ``tf_gradmix.backend.<name>``.
 SUPPORTED = ("tensorflow", "jax", "torch")
 
 
@@ -49,12 +75,5 @@ def require(what, backends=SUPPORTED):
 
 
 def current():
-    """The module of this process's backend: :mod:`.tensorflow`, :mod:`.jax` or :mod:`.torch`."""
-    backend = require("tf_gradmix")
-    if backend == "tensorflow":
-        from tf_gradmix.backend import tensorflow as module
-    elif backend == "jax":
-        from tf_gradmix.backend import jax as module
-    else:
-        from tf_gradmix.backend import torch as module
-    return module
+    """The package of this process's backend, ``tf_gradmix.backend.<name>``."""
+    return importlib.import_module(f"{__name__}.{require('tf_gradmix')}")

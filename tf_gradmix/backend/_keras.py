@@ -1,14 +1,21 @@
 """Every access of tf_gradmix to private Keras internals, on every backend.
 
-Everything here is tied to the Keras versions we test (:data:`TESTED_KERAS`)
-and is checked by ``tests/upstream/test_keras_internals.py`` (and, for the
-JAX trainer, ``tests/upstream/test_keras_jax.py``), which fail when upstream
-behaviour changes. Importing this module warns once on an untested Keras.
+Everything here is tied to the Keras versions we test (:data:`TESTED_KERAS`;
+importing this module warns once on another) and each access has a
+sentinel test that fails when upstream changes it:
+``tests/upstream/test_keras_internals.py`` (on TensorFlow),
+``tests/upstream/test_keras_internals_jax.py`` and
+``tests/upstream/test_keras_jax.py`` (on JAX). Each
+section names the upstream issue behind it, or says that there is none (a
+private attribute without a public equivalent, read as Keras itself reads it).
+Workarounds of upstream bugs that must switch off when fixed carry their own
+version guard (:data:`tf_gradmix.backend.tensorflow.trainer.MULTI_WORKER_FIT_BROKEN`).
 """
 
 import warnings
 
 import keras
+from keras.src.backend.common import tensor_attributes
 
 #: Keras versions whose internals this module was written against.
 TESTED_KERAS = ((3, 15),)
@@ -34,6 +41,9 @@ def warn_if_untested(version=None):
 
 
 warn_if_untested()
+
+
+# -- Model and trainer attributes (every backend; upstream: none, no public equivalent)
 
 
 def set_compute_loss(model, compute_loss):
@@ -77,8 +87,8 @@ def track_metric(model, attribute, metric):
 def loss_tracker(model):
     """The metric behind the ``loss`` log, which Keras's ``train_step`` updates.
 
-    A replacement train step (the per-example mixing mode of
-    :mod:`tf_gradmix.diagnostics`) must update it the same way.
+    A replacement train step (the per-example mixing mode,
+    :mod:`tf_gradmix.exact`) must update it the same way.
     """
     return getattr(model, "_loss_tracker", None)
 
@@ -164,3 +174,87 @@ def jax_step_function(model, step):
 def jax_state_shardings(model):
     """The shardings of Keras's train-step state (trainable, non-trainable, optimizer, metrics)."""
     return model._get_state_sharding_spec()
+
+
+# -- Trainer methods wrapped on one model (TensorFlow multi-worker fit, keras-team/keras#20585)
+
+#: The private methods of Keras 3.15's ``TensorFlowTrainer`` that
+#: :mod:`tf_gradmix.backend.tensorflow.trainer` wraps on a model instance.
+WRAPPED_TRAINER_METHODS = ("_maybe_symbolic_build", "_make_function")
+
+
+def wrap_trainer_method(model, name, make_wrapper):
+    """Replaces ``model.<name>``, one of :data:`WRAPPED_TRAINER_METHODS`, by ``make_wrapper(model.<name>)``.
+
+    Only on this instance: Keras's trainer calls these methods through
+    ``self``, so the instance attribute takes their place.
+    """
+    if name not in WRAPPED_TRAINER_METHODS:
+        raise ValueError(f"Invalid value for argument `name`: {name!r}; expected one of {WRAPPED_TRAINER_METHODS}.")
+    setattr(model, name, make_wrapper(getattr(model, name)))
+
+
+def in_multi_worker_mode(strategy):
+    """Keras's own test for "collective all-reduce in multi-worker mode" (``extended._in_multi_worker_mode``)."""
+    return bool(strategy.extended._in_multi_worker_mode())
+
+
+# -- Output annotations (every backend; upstream: none)
+#
+# Keras's losses read two annotations of a model output: its mask (set by
+# masking layers; masked sequence losses) and, on TensorFlow, the logits
+# behind a softmax or sigmoid output (so cross-entropies on probabilities are
+# computed from the logits). Keras 3.15 keeps them as the tensor attributes
+# ``_keras_mask`` and ``_keras_logits``, in a side table for a tensor that
+# takes no attribute (a JAX array), through
+# ``keras.src.backend.common.tensor_attributes``; it exports no public API
+# for them.
+
+
+def get_keras_mask(tensor):
+    """The Keras mask of ``tensor``, or None."""
+    return tensor_attributes.get_tensor_attr(tensor, "_keras_mask")
+
+
+def set_keras_mask(tensor, mask):
+    """Attaches ``mask`` to ``tensor`` as Keras's losses read it."""
+    tensor_attributes.set_tensor_attr(tensor, "_keras_mask", mask)
+
+
+def get_keras_logits(tensor):
+    """The logits Keras's softmax or sigmoid attached to ``tensor``, or None."""
+    return tensor_attributes.get_tensor_attr(tensor, "_keras_logits")
+
+
+def set_keras_logits(tensor, logits):
+    """Attaches ``logits`` to the probability output ``tensor`` as Keras's losses read them."""
+    tensor_attributes.set_tensor_attr(tensor, "_keras_logits", logits)
+
+
+# -- The JAX train step's state
+#
+# Keras 3.15's ``JAXTrainer.compute_loss_and_updates`` receives the
+# optimizer's values (keyword ``optimizer_variables``) but reads the loss in a
+# ``StatelessScope`` that maps only the model's variables, so a loss hook
+# that reads an optimizer variable sees the stale value captured when the
+# step was compiled (upstream: none filed; Keras itself maps them only around
+# ``optimizer.scale_loss``). ``fit`` moves the state out of the variables
+# before the first step (``purge_model_variables``) and puts back only the
+# state of a step that returned (keras-team/keras#21019 restores it when
+# ``fit`` is interrupted, not when a step raises).
+
+
+def loss_step_optimizer_values(kwargs):
+    """The optimizer's values among the keyword arguments of ``compute_loss_and_updates``, or None."""
+    return kwargs.get("optimizer_variables")
+
+
+def jax_train_state(args):
+    """The ``(trainable, non_trainable, optimizer, metrics)`` values in a JAX train function's ``(state, data)``.
+
+    None if ``args`` is not such a pair.
+    """
+    if not args or not isinstance(args[0], (tuple, list)) or len(args[0]) != 4:
+        return None
+    return tuple(args[0])
+

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import tf_gradmix as gm
+from tf_gradmix.optimizer import sample_hook
 
 from oracles import (
     SCCE,
@@ -53,7 +54,7 @@ def test_fit_again_keeps_the_train_function_and_checks_the_loss_once():
     function = model.train_function
     model.fit(x, y, batch_size=B, verbose=0)
     assert model.train_function is function
-    assert model._gradmix_mixing_checked is function
+    assert sample_hook(model).checked_function is function
 
 
 @pytest.mark.parametrize("level", ["sample", "device"])

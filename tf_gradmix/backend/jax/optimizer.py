@@ -1,4 +1,4 @@
-r"""Gradient accumulation on JAX: a micro-step that makes no update.
+r"""The optimizer side of the JAX backend: gradient accumulation, a micro-step that makes no update.
 
 With ``gradient_accumulation_steps = n`` on the inner optimizer, an update
 uses the mean of the gradients of ``n`` micro-batches:
@@ -35,15 +35,13 @@ one add per accumulator, nothing else:
 * **Elsewhere** (a custom loop calling ``stateless_apply``, another
   wrapper such as ``LossScaleOptimizer`` around the ``GradientMix``, whose
   skipped steps the host could not count, ``run_eagerly``) one
-  ``lax.cond`` holds the update. On GPU and TPU its untaken branch costs
-  nothing; on XLA CPU a conditional over the whole state costs more than
-  its branch (https://github.com/jax-ml/jax/issues/24259), still far less
-  than computing the update and selecting elementwise
-  (``docs/performance.md``).
+  ``lax.cond`` holds the update (what a conditional over the whole state
+  costs on each platform, https://github.com/jax-ml/jax/issues/24259 on XLA
+  CPU: ``docs/performance.md``).
 
-``GradientMix.apply`` calls :func:`apply_accumulated` on JAX when the inner
-optimizer accumulates (inside the ``StatelessScope`` of Keras's
-``stateless_apply``). It hands the step to Keras's own path (see
+``GradientMix.apply`` hands over to :func:`apply_gradients`, which calls
+:func:`apply_accumulated` when the inner optimizer accumulates (inside the
+``StatelessScope`` of Keras's ``stateless_apply``). It hands the step to Keras's own path (see
 :func:`handles`) when the inner optimizer keeps a moving average
 (``use_ema``, which Keras advances on every micro-step), a variable is
 overwritten with its gradient (``overwrite_with_gradient``, float8 scaling
@@ -57,12 +55,14 @@ import keras
 
 from tf_gradmix.backend import _keras
 
-__all__ = ["PHASES", "handles", "phase", "apply_accumulated", "train_function"]
+__all__ = ["PHASES", "handles", "phase", "apply_accumulated", "train_function", "build_optimizer", "apply_gradients"]
 
 #: The two compiled steps of :func:`train_function`.
 PHASES = ("micro_step", "update_step")
 
-_PHASE = []  # the phase whose step is being traced, innermost last
+# The phase whose step is being traced, innermost last. A module global: Keras's train step calls
+# GradientMix.apply with no argument to carry it in.
+_PHASE = []
 
 
 @contextlib.contextmanager
@@ -237,3 +237,21 @@ def make_train_function(model, base_make_train_function, force=False):
         if replacement is not None:
             model.train_function = replacement
     return model.train_function
+
+
+def build_optimizer(inner, var_list):
+    """Builds ``inner`` for ``var_list``, as Keras does."""
+    inner.build(var_list)
+
+
+def apply_gradients(inner, grads, trainable_variables=None, weight=None):
+    """The global batch's step: :func:`apply_accumulated` if ``inner`` accumulates, else ``inner.apply``.
+
+    ``weight`` must be None: on JAX the model hook applies every weight.
+    """
+    if weight is not None:
+        raise ValueError("On JAX the gradients reaching the optimizer are global; the model hook weights them.")
+    if inner.gradient_accumulation_steps:
+        apply_accumulated(inner, grads, trainable_variables)
+    else:
+        inner.apply(grads, trainable_variables)

@@ -1,6 +1,10 @@
 """The TensorFlow backend: ``tf.distribute`` replicas, tensor annotations, ``tf.function``.
 
-Imported only when Keras runs on TensorFlow (:func:`tf_gradmix.backend.current`).
+Imported only when Keras runs on TensorFlow (:func:`tf_gradmix.backend.current`);
+the interface it provides is documented in :mod:`tf_gradmix.backend`. The
+optimizer side (per-replica weighting, accumulation across replicas) is in
+:mod:`.optimizer`, the ``fit`` side (the MultiWorkerMirroredStrategy
+workaround) in :mod:`.trainer`.
 
 On TensorFlow a Keras train step runs once per replica of the current
 ``tf.distribute`` strategy, and the gradients that reach
@@ -10,10 +14,9 @@ optimizer's update). So the sample level draws one stream per replica
 (keyed by the replica id) and the device level weights each replica's
 gradients before delegating.
 
-Keras's TensorFlow losses read two attributes of ``y_pred``: ``_keras_mask``
-(set by masking layers; masked sequence losses) and ``_keras_logits`` (set by
-Keras's softmax and sigmoid, so cross-entropies on probabilities are computed
-from the logits), and they also recognise a raw ``Softmax``/``Sigmoid`` op by
+Keras's TensorFlow losses read two annotations of ``y_pred``, its mask and
+the logits Keras's softmax and sigmoid attach (:mod:`tf_gradmix.backend._keras`,
+"Output annotations"), and they also recognise a raw ``Softmax``/``Sigmoid`` op by
 its type (``keras/src/backend/tensorflow/nn.py::_get_logits``). A transformed
 output must carry the same annotations, or the loss changes value:
 :func:`transform_output` keeps them (checked by ``tests/upstream/test_keras_internals.py``).
@@ -21,20 +24,25 @@ output must carry the same annotations, or the loss changes value:
 
 import tensorflow as tf
 
-from tf_gradmix.backend.tensorflow.trainer import FitMixin, install_fit
+from tf_gradmix.backend import _keras
+from tf_gradmix.backend.tensorflow.optimizer import apply_gradients, build_optimizer
+from tf_gradmix.backend.tensorflow.trainer import install_fit, metric_scope, restore_after_failed_step
 
 __all__ = [
+    "GRADIENTS_PER_REPLICA",
     "compile_pure",
     "replica_id",
-    "num_replicas",
-    "scale_gradient",
+    "num_devices",
     "dense_gradient",
     "transform_output",
     "probability_logits",
     "read",
-    "FitMixin",
-    "restore_after_failed_step",
+    "depends_on",
+    "build_optimizer",
+    "apply_gradients",
     "install_fit",
+    "metric_scope",
+    "restore_after_failed_step",
 ]
 
 #: The gradients reaching ``optimizer.apply`` are one replica's.
@@ -75,8 +83,10 @@ def replica_id():
     return _replica_context().replica_id_in_sync_group
 
 
-def num_replicas():
-    """The number of replicas of the current strategy (1 without one)."""
+def num_devices(model=None):
+    """The replicas in sync: of ``model``'s strategy if given, else of the current one (1 without one)."""
+    if model is not None:
+        return model.distribute_strategy.num_replicas_in_sync
     context = tf.distribute.get_replica_context()
     if context is None:
         return tf.distribute.get_strategy().num_replicas_in_sync
@@ -84,19 +94,6 @@ def num_replicas():
 
 
 # -- gradients and outputs -------------------------------------------------------
-
-
-def scale_gradient(gradient, scale):
-    """``gradient * scale`` for dense gradients and ``tf.IndexedSlices``."""
-    if gradient is None:
-        return None
-    if isinstance(gradient, tf.IndexedSlices):
-        return tf.IndexedSlices(
-            gradient.values * tf.cast(scale, gradient.values.dtype),
-            gradient.indices,
-            gradient.dense_shape,
-        )
-    return gradient * tf.cast(scale, gradient.dtype)
 
 
 def dense_gradient(gradient):
@@ -115,7 +112,7 @@ def transform_output(y_pred, transform):
     transformed logits, so Keras's losses take the same numerically stable
     path as for the original output.
     """
-    logits = getattr(y_pred, "_keras_logits", None)
+    logits = _keras.get_keras_logits(y_pred)
     op_type = None
     if logits is None and not tf.executing_eagerly() and hasattr(y_pred, "op"):
         op_type = y_pred.op.type if y_pred.op.type in _PROBABILITY_OPS else None
@@ -124,10 +121,10 @@ def transform_output(y_pred, transform):
     else:
         result = transform(y_pred)
     if logits is not None:
-        result._keras_logits = transform(logits)
-    mask = getattr(y_pred, "_keras_mask", None)
+        _keras.set_keras_logits(result, transform(logits))
+    mask = _keras.get_keras_mask(y_pred)
     if mask is not None:
-        result._keras_mask = mask
+        _keras.set_keras_mask(result, mask)
     return result
 
 
@@ -135,7 +132,7 @@ def probability_logits(y_pred):
     """``(logits, link)`` behind a softmax or sigmoid output, or ``None``.
 
     ``link`` is ``"softmax"`` or ``"sigmoid"``. The logits are the ones
-    Keras's activations attach (``_keras_logits``), else the input of the
+    Keras's activations attach, else the input of the
     raw ``Softmax``/``Sigmoid`` op, the two ways Keras's losses recognise a
     probability output.
     """
@@ -143,7 +140,7 @@ def probability_logits(y_pred):
     op_type = getattr(op, "type", None)
     if op_type not in _PROBABILITY_OPS:
         return None
-    logits = getattr(y_pred, "_keras_logits", None)
+    logits = _keras.get_keras_logits(y_pred)
     if logits is None:
         logits = op.inputs[0]
     return logits, op_type.lower()
@@ -154,6 +151,24 @@ def read(variable):
     return variable.value
 
 
-def restore_after_failed_step(model, args):
-    """Nothing to do: TensorFlow's variables hold the state throughout ``fit``."""
-    del model, args
+def depends_on(function, inputs):
+    """For each input, whether the scalar ``function(*inputs)`` depends on it differentiably.
+
+    Traces ``function`` under a ``tf.GradientTape`` in a ``tf.function`` that
+    is never executed and reads which gradients are ``None``; only the
+    inputs' shapes and dtypes are used.
+    """
+    found = []
+
+    def probe(*args):
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(args)
+            value = function(*args)
+        grads = tape.gradient(value, list(args), unconnected_gradients=tf.UnconnectedGradients.NONE)
+        found[:] = [g is not None for g in grads]
+        return value
+
+    specs = [tf.TensorSpec(t.shape, t.dtype) for t in inputs]
+    # Traced only: nothing runs, so the check costs no step time.
+    tf.function(probe, autograph=False).get_concrete_function(*specs)
+    return found

@@ -1,6 +1,11 @@
-r"""Gradient accumulation across replicas (TensorFlow backend only).
+r"""The optimizer side of the TensorFlow backend: per-replica weighting, accumulation across replicas.
 
-With ``gradient_accumulation_steps = n`` on the inner optimizer, one update
+:meth:`tf_gradmix.GradientMix.build` hands over to :func:`build_optimizer`
+and :meth:`tf_gradmix.GradientMix.apply` to :func:`apply_gradients`, which
+weights this replica's gradients where the device level is applied here and
+runs the inner optimizer's step.
+
+Gradient accumulation across replicas. With ``gradient_accumulation_steps = n`` on the inner optimizer, one update
 uses the mean gradient of ``n`` micro-batches of all ``K`` replicas:
 
 .. math::
@@ -24,17 +29,13 @@ cross-replica sum is a ``merge_call``, inside an ``ops.cond`` in replica
 context, which ``tf.distribute`` forbids, so ``gradient_accumulation_steps``
 fails under every strategy (https://github.com/keras-team/keras/issues/20582,
 open; ``tests/upstream/test_keras_distribute.py`` notices an upstream fix).
-``GradientMix.build`` calls :func:`build_with_per_replica_accumulators` and
-``GradientMix.apply`` calls :func:`apply_accumulated_across_replicas` instead
+:func:`build_optimizer` calls :func:`build_with_per_replica_accumulators` and
+:func:`apply_gradients` calls :func:`apply_accumulated_across_replicas` instead
 of ``inner.apply`` when the inner optimizer accumulates and there is more
 than one replica. Not switched off by version: it does not depend on the bug
 being present, and it keeps each replica's partial sums apart and saves their
 sum. The Keras internals it needs (the accumulator list, the raw micro-step
 counter, variable tracking) are read through :mod:`tf_gradmix.backend._keras`.
-
-This is TensorFlow code (``tf.distribute`` replica contexts and
-``SyncOnRead`` variables); it is the only module of the accumulation feature
-that imports TensorFlow.
 """
 
 import keras
@@ -45,6 +46,9 @@ from tf_gradmix.backend import _keras
 __all__ = [
     "ACCUMULATION_ISSUE",
     "UPDATE_BRANCH_NAME",
+    "build_optimizer",
+    "apply_gradients",
+    "scale_gradient",
     "is_per_replica",
     "build_with_per_replica_accumulators",
     "apply_accumulated_across_replicas",
@@ -55,6 +59,48 @@ ACCUMULATION_ISSUE = "https://github.com/keras-team/keras/issues/20582"
 #: Name of the conditional that makes the update (the only part of a step
 #: that communicates); a micro-step takes its other branch.
 UPDATE_BRANCH_NAME = "accumulated_update"
+
+
+def build_optimizer(inner, var_list):
+    """Builds ``inner`` for ``var_list`` (see :func:`build_with_per_replica_accumulators`)."""
+    build_with_per_replica_accumulators(inner, var_list)
+
+
+def apply_gradients(inner, grads, trainable_variables=None, weight=None):
+    """This replica's step: ``grads * weight`` (if given), then ``inner``'s update.
+
+    Called in replica context with this replica's gradients. ``weight`` is
+    this replica's device-level weight ``w_k`` (None at the sample level,
+    whose weights the model hook applied); variables with
+    ``overwrite_with_gradient`` are not weighted. With
+    ``gradient_accumulation_steps`` and more than one replica the step is
+    :func:`apply_accumulated_across_replicas`, else ``inner.apply``.
+    """
+    if weight is not None:
+        if trainable_variables is None:
+            variables = _keras.optimizer_trainable_variables(inner)
+        else:
+            variables = trainable_variables
+        grads = [g if getattr(v, "overwrite_with_gradient", False) else scale_gradient(g, weight)
+                 for g, v in zip(grads, variables)]
+    context = tf.distribute.get_replica_context() or tf.distribute.get_strategy()
+    if inner.gradient_accumulation_steps and context.num_replicas_in_sync > 1:
+        apply_accumulated_across_replicas(inner, grads, trainable_variables)
+    else:
+        inner.apply(grads, trainable_variables)
+
+
+def scale_gradient(gradient, scale):
+    """``gradient * scale`` for dense gradients and ``tf.IndexedSlices``."""
+    if gradient is None:
+        return None
+    if isinstance(gradient, tf.IndexedSlices):
+        return tf.IndexedSlices(
+            gradient.values * tf.cast(scale, gradient.values.dtype),
+            gradient.indices,
+            gradient.dense_shape,
+        )
+    return gradient * tf.cast(scale, gradient.dtype)
 
 
 def is_per_replica(variable):

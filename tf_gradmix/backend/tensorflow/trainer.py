@@ -1,19 +1,22 @@
-"""Multi-worker ``fit`` under ``tf.distribute.MultiWorkerMirroredStrategy`` (TensorFlow only).
+"""The ``fit`` side of the TensorFlow backend: multi-worker ``fit`` under ``MultiWorkerMirroredStrategy``.
 
 Stock Keras 3 (tested: 3.15.1) cannot ``fit`` or ``evaluate`` under
 ``MultiWorkerMirroredStrategy`` with more than one worker (upstream:
-https://github.com/keras-team/keras/issues/20585, open). tf_gradmix's model
-classes and :func:`tf_gradmix.enable` install the workaround below; it acts
-only under that strategy with more than one worker, on the Keras versions of
-:data:`MULTI_WORKER_FIT_BROKEN`.
+https://github.com/keras-team/keras/issues/20585, open). :func:`install_fit`,
+called by the one hook installer of :mod:`tf_gradmix.model` (for
+:class:`tf_gradmix.Model`, :class:`tf_gradmix.Sequential` and
+:func:`tf_gradmix.enable` alike), installs the workaround below on a model;
+it acts only under that strategy with more than one worker, on the Keras
+versions of :data:`MULTI_WORKER_FIT_BROKEN`.
 """
 
-import types
+import contextlib
 import warnings
 
 import keras
 import tensorflow as tf
 
+from tf_gradmix.backend import _keras
 from tf_gradmix.backend._keras import keras_version
 
 # ---------------------------------------------------------------------------
@@ -49,6 +52,7 @@ MULTI_WORKER_FIT_BROKEN = ((3, 0), (3, 15))
 
 MULTI_WORKER_FIT_ISSUE = "https://github.com/keras-team/keras/issues/20585"
 
+# A module global: the warning is once per process, like Python's own "once" filter.
 _warned_unguarded_version = False
 
 
@@ -61,9 +65,7 @@ def multi_worker_fit_workaround_applies(version=None):
 
 def is_multi_worker(strategy):
     """Keras's own test for "collective all-reduce in multi-worker mode"."""
-    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and bool(
-        strategy.extended._in_multi_worker_mode()
-    )
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and _keras.in_multi_worker_mode(strategy)
 
 
 def _needs_workaround(model):
@@ -117,38 +119,29 @@ def _multi_worker_make_function(model, base, step_function):
     return base(step_function)
 
 
-class FitMixin:
-    """Mixin for ``keras.Model`` subclasses: ``fit``/``evaluate`` under MWMS.
-
-    See the section comment above (keras-team/keras#20585).
-    """
-
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        return _multi_worker_symbolic_build(
-            self, super()._maybe_symbolic_build, iterator, data_batch
-        )
-
-    def _make_function(self, step_function):
-        return _multi_worker_make_function(self, super()._make_function, step_function)
-
-
 def install_fit(model):
-    """The same as :class:`FitMixin`, for one existing model."""
-
-    if isinstance(model, FitMixin) or getattr(
-        model, "_gradmix_multi_worker_fit", False
-    ):
-        return model
-    base_build = model._maybe_symbolic_build
-    base_make = model._make_function
-
-    def maybe_symbolic_build(self, iterator=None, data_batch=None):
-        return _multi_worker_symbolic_build(self, base_build, iterator, data_batch)
-
-    def make_function(self, step_function):
-        return _multi_worker_make_function(self, base_make, step_function)
-
-    model._maybe_symbolic_build = types.MethodType(maybe_symbolic_build, model)
-    model._make_function = types.MethodType(make_function, model)
-    model._gradmix_multi_worker_fit = True
+    """Installs the workaround on ``model`` (see the section comment above); returns ``model``."""
+    _keras.wrap_trainer_method(
+        model,
+        "_maybe_symbolic_build",
+        lambda base: lambda iterator=None, data_batch=None: _multi_worker_symbolic_build(
+            model, base, iterator, data_batch
+        ),
+    )
+    _keras.wrap_trainer_method(
+        model,
+        "_make_function",
+        lambda base: lambda step_function: _multi_worker_make_function(model, base, step_function),
+    )
     return model
+
+
+def metric_scope(model):
+    """Metrics of ``model`` are created in its strategy's scope (so they are mirrored)."""
+    strategy = getattr(model, "distribute_strategy", None)
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
+
+def restore_after_failed_step(model, args):
+    """Nothing to do: TensorFlow's variables hold the state throughout ``fit``."""
+    del model, args

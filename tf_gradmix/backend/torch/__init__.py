@@ -1,6 +1,8 @@
 """The PyTorch backend: one device inside ``fit``, ``DistributedDataParallel`` in custom loops.
 
-Imported only when Keras runs on PyTorch (:func:`tf_gradmix.backend.current`).
+Imported only when Keras runs on PyTorch (:func:`tf_gradmix.backend.current`);
+the interface it provides is documented in :mod:`tf_gradmix.backend`. The
+optimizer side is in :mod:`.optimizer`, the ``fit`` side in :mod:`.trainer`.
 
 Keras 3.15 trains on PyTorch one device at a time and eagerly: its train step
 computes the loss, calls ``loss.backward()`` and hands the model's
@@ -12,7 +14,7 @@ inside ``fit`` (one device) weights every example by ``w_0`` (and warns).
 Multi-device PyTorch training is a custom loop under
 ``torch.nn.parallel.DistributedDataParallel``, which averages the processes'
 gradients inside ``backward()``. Outside ``fit``, :func:`replica_id` and
-:func:`num_data_shards` are the rank and world size of the initialised
+:func:`num_devices` are the rank and world size of the initialised
 ``torch.distributed`` process group, so ``GradientMix.example_weights``
 draws a distinct stream per process and ``GradientMix.device_weights()``
 has one weight per process: each process multiplies its loss by
@@ -23,33 +25,41 @@ wrap the model in ``DistributedDataParallel`` (a sentinel test notices
 when it starts to).
 
 ``jit_compile=True`` (``torch.compile`` of the train step) is refused by
-:class:`FitMixin`: the model hook has not been tested under ``torch.compile``.
+:func:`.trainer.install_fit`: the model hook has not been tested under
+``torch.compile``. Steps run eagerly (:data:`EAGER_STEPS`), so the model
+hook runs the silent-mixing check at the first step of each train function.
 """
-
-import contextlib
 
 import keras
 import torch
-from keras.src.backend.common import masking
+
+from tf_gradmix.backend import _keras
+from tf_gradmix.backend.torch import trainer
+from tf_gradmix.backend.torch.optimizer import apply_gradients, build_optimizer
+from tf_gradmix.backend.torch.trainer import install_fit, metric_scope, restore_after_failed_step
 
 __all__ = [
+    "GRADIENTS_PER_REPLICA",
+    "EAGER_STEPS",
     "compile_pure",
     "replica_id",
-    "num_replicas",
-    "num_data_shards",
-    "scale_gradient",
+    "num_devices",
     "dense_gradient",
     "transform_output",
     "read",
-    "FitMixin",
-    "restore_after_failed_step",
+    "depends_on",
+    "build_optimizer",
+    "apply_gradients",
     "install_fit",
+    "metric_scope",
+    "restore_after_failed_step",
 ]
 
 #: The gradients reaching the optimizer are those of the whole batch.
 GRADIENTS_PER_REPLICA = False
 
-_IN_FIT = []  # non-empty while Keras's fit runs a train step
+#: Train steps run eagerly: the model hook checks the loss at the first step of a train function only.
+EAGER_STEPS = True
 
 
 # -- compiling -------------------------------------------------------------------
@@ -107,7 +117,7 @@ def compile_pure(fn):
 
 def _process_group():
     """``(rank, world_size)`` of the initialised process group outside ``fit``, else ``(0, 1)``."""
-    if _IN_FIT or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if trainer.in_fit() or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return 0, 1
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
@@ -117,21 +127,10 @@ def replica_id():
     return _process_group()[0]
 
 
-def num_replicas():
-    """1: the gradients reaching the optimizer are the whole batch's (DDP has averaged them)."""
-    return 1
-
-
-def num_data_shards():
+def num_devices(model=None):
     """``K``, the world size of the process group in a custom loop; 1 inside ``fit`` or without one."""
+    del model
     return _process_group()[1]
-
-
-def scale_gradient(gradient, scale):
-    """``gradient * scale``."""
-    if gradient is None:
-        return None
-    return gradient * keras.ops.cast(scale, gradient.dtype)
 
 
 def dense_gradient(gradient):
@@ -145,9 +144,9 @@ def transform_output(y_pred, transform):
     Keras's PyTorch losses read no other annotation (no logits behind a softmax).
     """
     result = transform(y_pred)
-    mask = masking.get_keras_mask(y_pred)
+    mask = _keras.get_keras_mask(y_pred)
     if mask is not None:
-        masking.set_keras_mask(result, mask)
+        _keras.set_keras_mask(result, mask)
     return result
 
 
@@ -156,67 +155,20 @@ def read(variable):
     return variable.value
 
 
-# -- fit -------------------------------------------------------------------------
+def depends_on(function, inputs):
+    """For each input, whether the scalar ``function(*inputs)`` depends on it differentiably.
 
-
-def _check_jit_compile(model):
-    if getattr(model, "jit_compile", False):
-        raise ValueError(
-            "tf_gradmix on the PyTorch backend does not support `jit_compile=True` (torch.compile of "
-            "Keras's train step): the GradientMix hook is tested eagerly only. Compile the model with "
-            "`jit_compile=False` (the PyTorch default)."
-        )
-
-
-@contextlib.contextmanager
-def _in_fit():
-    _IN_FIT.append(True)
-    try:
-        yield
-    finally:
-        _IN_FIT.pop()
-
-
-def _make_train_function(model, base, force):
-    _check_jit_compile(model)
-    if model.train_function is not None and not force:
-        return model.train_function  # built already (and wrapped, also by the model hook): as Keras does
-    base(force)
-    function = model.train_function
-    if function is None:
-        return function
-
-    def train_function(*data):
-        with _in_fit():
-            return function(*data)
-
-    train_function._gradmix_in_fit = True
-    model.train_function = train_function
-    return train_function
-
-
-class FitMixin:
-    """Mixin for ``keras.Model`` subclasses: refuses ``jit_compile=True`` and marks ``fit``'s
-    steps as one-device (see module docstring)."""
-
-    def make_train_function(self, force=False):
-        return _make_train_function(self, super().make_train_function, force)
-
-
-def install_fit(model):
-    """The same as :class:`FitMixin`, for one existing model."""
-    if isinstance(model, FitMixin) or getattr(model, "_gradmix_fit_installed", False):
-        return model
-    base = model.make_train_function
-
-    def make_train_function(force=False):
-        return _make_train_function(model, base, force)
-
-    model.make_train_function = make_train_function
-    model._gradmix_fit_installed = True
-    return model
-
-
-def restore_after_failed_step(model, args):
-    """Nothing to do: PyTorch's variables hold the state throughout ``fit``."""
-    del model, args
+    PyTorch runs eagerly: the function is evaluated once on detached copies
+    of the inputs, and autograd reports the ones its graph does not reach as
+    None (at the first step of a train function, :data:`EAGER_STEPS`).
+    """
+    leaves = [
+        keras.ops.convert_to_tensor(v.value if isinstance(v, keras.Variable) else v).detach().requires_grad_(True)
+        for v in inputs
+    ]
+    with torch.enable_grad():
+        value = function(*leaves)
+        if not value.requires_grad:
+            return [False] * len(leaves)
+        grads = torch.autograd.grad(value, leaves, allow_unused=True)
+    return [g is not None for g in grads]
