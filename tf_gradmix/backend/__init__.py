@@ -25,6 +25,9 @@ Gradients and outputs
     ``compile_pure(fn)``: a pure function compiled as one program;
     ``depends_on(function, inputs)``: which inputs a scalar function depends
     on differentiably (:mod:`tf_gradmix.mixing_check`).
+    ``EAGER_STEPS`` (optional, default False): train steps run eagerly, so
+    the model hook checks the loss at the first step of each train function
+    instead of at each trace (PyTorch).
 
 The optimizer (``<name>/optimizer.py``)
     ``build_optimizer(inner, var_list)``: builds the inner optimizer
