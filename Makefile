@@ -5,7 +5,7 @@
 # how long each suite takes.
 #
 # Two environments:
-#   .venv        TensorFlow 2.21 (CPU) and JAX 0.10.2: requirements/ci.txt,
+#   .venv        TensorFlow 2.21 (CPU), JAX 0.10.2 and PyTorch 2.13 (CPU): requirements/ci.txt,
 #                pinned by requirements/constraints.txt
 #   .venv-tf219  TensorFlow 2.19.1 (CPU), the last TensorFlow with TPU
 #                support: requirements/tf219.txt, pinned by
@@ -26,9 +26,9 @@ TESTS_TF219 ?= $(if $(filter tests,$(TESTS)),tests/library tests/upstream,$(TEST
 PYTEST_ARGS ?=
 BACKEND ?= tensorflow
 DEMO_ARGS ?=
-BACKENDS := tensorflow jax
+BACKENDS := tensorflow jax torch
 
-.PHONY: venv venv-tf219 lint test test-tf test-jax test-tf219 test-fast cpu-time mutations demo clean distclean
+.PHONY: venv venv-tf219 lint test test-tf test-jax test-torch test-tf219 test-fast cpu-time mutations demo clean distclean
 
 venv: $(STAMP)
 venv-tf219: $(STAMP_TF219)
@@ -71,9 +71,9 @@ endef
 # module's fixtures run once). Every suite runs; the target fails if any failed.
 # Narrow every run with e.g. `make test TESTS=tests/library/test_noise.py
 # PYTEST_ARGS=-x`, or run one suite: `make test-tf`, `make test-jax`,
-# `make test-tf219`; `XDIST=` runs a suite in one process.
+# `make test-torch`, `make test-tf219`; `XDIST=` runs a suite in one process.
 XDIST ?= -n 2 --dist loadfile
-SUITES := test-tf test-jax test-tf219
+SUITES := test-tf test-jax test-torch test-tf219
 test: venv venv-tf219
 	@failed=""; \
 	for suite in $(SUITES); do \
@@ -87,6 +87,9 @@ test-tf: venv
 
 test-jax: venv
 	$(call pytest,JAX,KERAS_BACKEND=jax,$(PY),$(XDIST) $(PYTEST_ARGS) $(TESTS))
+
+test-torch: venv
+	$(call pytest,PyTorch,KERAS_BACKEND=torch,$(PY),$(XDIST) $(PYTEST_ARGS) $(TESTS))
 
 test-tf219: venv-tf219
 	$(call pytest,TensorFlow 2.19,KERAS_BACKEND=tensorflow,$(PY_TF219),$(XDIST) $(PYTEST_ARGS) $(TESTS_TF219))
@@ -111,7 +114,7 @@ MUTATIONS ?=
 mutations: venv
 	$(PY) tests/mutations.py $(MUTATIONS)
 
-# `make demo BACKEND=jax` runs the demo on Keras's JAX backend. The data: $TF_GRADMIX_DATA, else
+# `make demo BACKEND=jax` (or torch) runs the demo on Keras's JAX (PyTorch) backend. The data: $TF_GRADMIX_DATA, else
 # this machine's copy beside the repository, else keras.datasets downloads it.
 DEMO_DATA := $(or $(TF_GRADMIX_DATA),$(wildcard $(abspath ../shared/data)))
 demo: venv

@@ -1,19 +1,24 @@
 """Test configuration shared by every test module, on either backend.
 
-``make test`` runs this directory twice, each in its own pytest process:
-once with ``KERAS_BACKEND=tensorflow`` and once with ``KERAS_BACKEND=jax``
-(default: tensorflow). Devices are configured here, once, before the
-backend initialises:
+``make test`` runs this directory once per backend, each in its own pytest
+process: ``KERAS_BACKEND=tensorflow``, ``jax`` and ``torch`` (default:
+tensorflow). Devices are configured here, once, before the backend
+initialises:
 
 * TensorFlow: four logical CPU devices (configured later, TensorFlow refuses);
 * JAX: ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` before jax is
-  imported; TensorFlow is never imported.
+  imported; TensorFlow is never imported;
+* PyTorch: one CPU device (Keras's PyTorch ``fit`` trains one device; the
+  ``DistributedDataParallel`` test starts its own processes); TensorFlow is
+  never imported.
 
 Tests that apply to one backend only say so with one marker,
 ``@pytest.mark.backends("tensorflow")`` on a test, or
 ``pytestmark = pytest.mark.backends("tensorflow")`` at the top of a module.
 A module marked for other backends is not even imported (so a JAX run never
-imports TensorFlow through it); a marked test is skipped.
+imports TensorFlow through it): it reports one skipped item whose reason
+names the backends it needs and the module's docstring summary; a marked
+test is skipped.
 """
 
 import ast
@@ -50,7 +55,7 @@ pytest_plugins = ["cpu_time"]  # tests/cpu_time.py: --record-cpu-time, --max-cpu
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "backends(*names): run only on these Keras backends ('tensorflow', 'jax')"
+        "markers", "backends(*names): run only on these Keras backends ('tensorflow', 'jax', 'torch')"
     )
 
 
@@ -79,11 +84,31 @@ def module_backends(path):
     return None
 
 
-def pytest_ignore_collect(collection_path, config):
-    if collection_path.suffix == ".py" and collection_path.name.startswith("test_"):
-        names = module_backends(collection_path)
+class _OtherBackendModule(pytest.File):
+    """A test module marked for other backends: one skipped item, and the module is never imported."""
+
+    def collect(self):
+        summary = (ast.get_docstring(ast.parse(self.path.read_text())) or "").strip().split("\n")[0]
+        names = ", ".join(sorted(module_backends(self.path)))
+        item = _SkippedModule.from_parent(self, name="<module>")
+        item.add_marker(pytest.mark.skip(
+            reason=f"only on {names}; this run is {BACKEND}" + (f" ({summary})" if summary else "")))
+        yield item
+
+
+class _SkippedModule(pytest.Item):
+    def runtest(self):
+        pass
+
+    def reportinfo(self):
+        return self.path, 0, self.name
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+    if module_path.name.startswith("test_"):
+        names = module_backends(module_path)
         if names is not None and BACKEND not in names:
-            return True
+            return _OtherBackendModule.from_parent(parent, path=module_path)
     return None
 
 

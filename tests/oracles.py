@@ -7,8 +7,9 @@ from ``GradientMix.example_weights`` / ``device_weights``, which
 backend and compiler, and whose statistics ``library/test_noise.py`` tests.
 The last section builds the small models and data several test modules share.
 
-Backend-agnostic: gradients come from a ``tf.GradientTape`` on TensorFlow
-and from ``jax.grad`` of ``model.stateless_call`` on JAX (:func:`gradient`),
+Backend-agnostic: gradients come from a ``tf.GradientTape`` on TensorFlow,
+from ``jax.grad`` of ``model.stateless_call`` on JAX and from
+``torch.autograd.grad`` on PyTorch (:func:`gradient`),
 the backends' own autodiff of a plain Keras model, one example at a time.
 """
 
@@ -51,6 +52,13 @@ def gradient(model, objective, x, training=True):
             return objective(outputs, losses)
 
         grads = jax.grad(f)([v.value for v in variables])
+    elif keras.backend.backend() == "torch":
+        import torch
+
+        with torch.enable_grad():
+            outputs = model(x, training=training)
+            value = objective(outputs, model.losses)
+            grads = torch.autograd.grad(value, [v.value for v in variables], allow_unused=True)
     else:
         import tensorflow as tf
 

@@ -113,12 +113,15 @@ def _compute_loss(model, base_compute_loss, x, y, y_pred, sample_weight, trainin
     else:
         loss = base_compute_loss(x, y, mix_predictions(y_pred, weights), sample_weight, training=training)
     hook = sample_hook(model)
-    if mixer.level == "sample":
+    # Eager steps (PyTorch) check at the first step of each train function; traced ones at each trace.
+    checked = getattr(backend.current(), "EAGER_STEPS", False) and hook.checked_function is hook.train_function
+    if mixer.level == "sample" and not checked:
         # Refuses a loss that reads no prediction (nothing would be mixed).
         warned = mixing_check.check_sample_mixing(
             model, base_compute_loss, x, y, y_pred, sample_weight, warn_partial=not hook.warned_partial
         )
         hook.warned_partial = hook.warned_partial or warned
+        hook.checked_function = hook.train_function
     hook.log_gamma(mixer.device_weights() if mixer.level == "device" else weights)
     return loss
 

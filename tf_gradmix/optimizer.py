@@ -64,6 +64,8 @@ class SampleHook:
         self.warned_partial = False
         #: The hook's wrapper of Keras's train function, once made.
         self.train_function = None
+        #: The train function whose first step checked the loss (eager steps, PyTorch).
+        self.checked_function = None
 
     def log_gamma(self, weights):
         """Adds ``gamma = mean(w^2)`` of this step's weights to ``gradmix_gamma``: the one place gamma is logged."""
@@ -247,7 +249,8 @@ class GradientMix(keras.optimizers.Optimizer):
             batch_size: examples in the batch (on TensorFlow: this replica's).
             step: raw step to draw for; default the current one.
             replica_id: replica whose stream to draw; default this replica's
-                (TensorFlow); always 0 on JAX, whose batch is global.
+                (TensorFlow) or this process's rank in a ``DistributedDataParallel``
+                loop (PyTorch); always 0 on JAX and in PyTorch's ``fit``, whose batch is global.
         """
         self._sample_weights_requested = True
         seed, step = self._state(step)
@@ -260,9 +263,13 @@ class GradientMix(keras.optimizers.Optimizer):
 
         Args:
             num_replicas: ``K``; default the current strategy's replicas
-                (TensorFlow) or the data axis of the ``keras.distribution`` (JAX).
+                (TensorFlow), the data axis of the ``keras.distribution`` (JAX) or
+                the world size of the ``torch.distributed`` process group of a
+                ``DistributedDataParallel`` loop (PyTorch; 1 inside ``fit``).
             step: raw step to draw for; default the current one.
         """
+        # A loop that asks for them weights its gradients itself (PyTorch's DDP loop).
+        self._sample_weights_requested = True
         seed, step = self._state(step)
         return self.stream.device_weights(seed, step, num_replicas or self.num_devices())
 
@@ -341,8 +348,8 @@ class GradientMix(keras.optimizers.Optimizer):
         if self.level == "sample":
             raise ValueError(mixing_check.sample_weights_not_requested_message())
         raise ValueError(
-            "GradientMix(level='device') on JAX needs the model to weight each shard of the global "
-            "batch (the gradients reaching the optimizer are already global), but this model has no "
+            "GradientMix(level='device') on JAX and PyTorch needs the model to weight each shard of "
+            "the global batch (the gradients reaching the optimizer are already global), but this model has no "
             "GradientMix hook, so it would train unmixed. Use `model = tf_gradmix.enable(model)` (or "
             "build it with tf_gradmix.Model / tf_gradmix.Sequential)."
         )

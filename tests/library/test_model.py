@@ -375,10 +375,12 @@ def contribution_gradients(model, x, y, loss_fn, sample_weight=None):
         one_hot[b] = base[b]
 
         def share(y_pred, _, one_hot=one_hot):
-            # (B, 1) broadcasts against (B, T) losses; Keras's masked path
-            # cannot broadcast a (B,) weight against a (B, T) mask.
+            # A (B, T) weight for (B, T) losses: Keras's masked path cannot
+            # broadcast a (B,) weight against a (B, T) mask, and on PyTorch it
+            # multiplies a (B, 1) one by the mask in place, which cannot grow it.
             shape = (len(x),) + (1,) * (len(y_pred.shape) - 2)
-            return loss_fn(y, y_pred, sample_weight=one_hot.reshape(shape))
+            weight = np.broadcast_to(one_hot.reshape(shape), tuple(y_pred.shape[:-1])).copy()
+            return loss_fn(y, y_pred, sample_weight=weight)
 
         values.append(float(numpy(share(model(x, training=True), None))))
         rows.append(gradient(model, share, x))
@@ -496,6 +498,8 @@ def test_gradient_accumulation_draws_fresh_weights_per_micro_batch():
 
 
 def test_steps_per_execution_gives_the_same_run():
+    if keras.backend.backend() == "torch":
+        pytest.skip("Keras's PyTorch trainer refuses steps_per_execution > 1")
     x, y = data(96)
     runs = []
     for spe in (1, 3):

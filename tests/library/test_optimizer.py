@@ -428,25 +428,26 @@ def test_sample_level_on_a_model_without_the_hook_fails_at_the_first_step():
 
 @pytest.mark.backends("tensorflow")
 def test_other_backends_are_refused_clearly(monkeypatch):
-    # PyTorch is not installed here (its wheel is large), so only the backend
-    # query is replaced, and every public entry point must refuse; the
-    # TensorFlow-only parts also refuse JAX.
+    # Only the backend query is replaced (Keras's OpenVINO backend trains
+    # nothing), and every public entry point must refuse; the TensorFlow-only
+    # parts also refuse JAX and PyTorch.
     model = functional(keras.Model)
-    monkeypatch.setattr(keras.backend, "backend", lambda: "torch")
+    monkeypatch.setattr(keras.backend, "backend", lambda: "openvino")
     for make in (
         lambda: gm.GradientMix(keras.optimizers.SGD()),
         lambda: gm.enable(model),
         lambda: gm.Sequential([keras.Input((2,)), keras.layers.Dense(1)]),
     ):
-        refusal = r"supports the Keras backends 'tensorflow', 'jax', but KERAS_BACKEND is 'torch'"
+        refusal = r"supports the Keras backends 'tensorflow', 'jax', 'torch', but KERAS_BACKEND is 'openvino'"
         with pytest.raises(RuntimeError, match=refusal):
             make()
-    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
-    tensorflow_only = r"per_example_gradients=True\) supports the Keras backends 'tensorflow', but KERAS_BACKEND"
-    with pytest.raises(RuntimeError, match=tensorflow_only):
-        gm.enable(model, per_example_gradients=True)
-    with pytest.raises(RuntimeError, match=r"DiagnosticsLogger supports the Keras backends 'tensorflow'"):
-        gm.callbacks.DiagnosticsLogger(*data())
+    for other in ("jax", "torch"):
+        monkeypatch.setattr(keras.backend, "backend", lambda other=other: other)
+        tensorflow_only = r"per_example_gradients=True\) supports the Keras backends 'tensorflow', but KERAS_BACKEND"
+        with pytest.raises(RuntimeError, match=tensorflow_only):
+            gm.enable(model, per_example_gradients=True)
+        with pytest.raises(RuntimeError, match=r"DiagnosticsLogger supports the Keras backends 'tensorflow'"):
+            gm.callbacks.DiagnosticsLogger(*data())
 
 
 @pytest.mark.backends("tensorflow")

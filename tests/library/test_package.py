@@ -67,10 +67,10 @@ def reachable(graph, start):
     return seen - {start}
 
 
-def imports_tensorflow_at_import_time(path):
+def imports_tensorflow_at_import_time(path, package="tensorflow"):
     return any(
-        (isinstance(node, ast.Import) and any(a.name.split(".")[0] == "tensorflow" for a in node.names))
-        or (isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "tensorflow")
+        (isinstance(node, ast.Import) and any(a.name.split(".")[0] == package for a in node.names))
+        or (isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == package)
         for node in ast.parse(path.read_text()).body
     )
 
@@ -136,6 +136,16 @@ def test_tensorflow_modules_load_only_on_tensorflow():
     assert not offenders, offenders
     tensorflow_modules = {name for name, path in paths.items() if imports_tensorflow_at_import_time(path)}
     assert {"tf_gradmix.backend.tensorflow", "tf_gradmix.per_example"} <= tensorflow_modules
+
+
+def test_torch_modules_load_only_on_torch():
+    """``import tf_gradmix`` runs no module that imports PyTorch: no PyTorch build is forced on anyone."""
+    eager = import_graph(top_level_only=True)
+    loaded = reachable(eager, "tf_gradmix") | {"tf_gradmix"}
+    paths = modules()
+    torch_modules = {name for name, path in paths.items() if imports_tensorflow_at_import_time(path, "torch")}
+    assert torch_modules == {"tf_gradmix.backend.torch"}
+    assert not loaded & torch_modules
 
 
 def private_accesses(tree):

@@ -3,9 +3,10 @@
 Each backend's bits are compared with the NumPy Threefry of ``oracles.py``
 (itself checked against Random123's known-answer vectors): eagerly, and
 compiled as a train step compiles them (TensorFlow: a ``tf.function`` graph
-and XLA with ``jit_compile=True``; JAX: ``jax.jit``). Equal to one reference
-everywhere, the streams of TensorFlow and JAX, eager and compiled, are the
-same bits; the TensorFlow and JAX suites each run this file.
+and XLA with ``jit_compile=True``; JAX: ``jax.jit``; PyTorch runs eagerly,
+drawing blocks of consecutive steps at once). Equal to one reference
+everywhere, the streams of TensorFlow, JAX and PyTorch, eager and compiled,
+are the same bits; each backend's suite runs this file.
 """
 
 import keras
@@ -26,7 +27,7 @@ from oracles import (
 )
 
 BACKEND = keras.backend.backend()
-MODES = {"tensorflow": ("eager", "graph", "xla"), "jax": ("eager", "jit")}[BACKEND]
+MODES = {"tensorflow": ("eager", "graph", "xla"), "jax": ("eager", "jit"), "torch": ("eager",)}[BACKEND]
 
 
 def run(mode, fn, *args):
@@ -45,8 +46,8 @@ def run(mode, fn, *args):
 
 
 def step_tensor(step):
-    """The raw step as the optimizer holds it (int64 on TensorFlow, int32 on JAX without x64)."""
-    return keras.ops.convert_to_tensor(step, "int64" if BACKEND == "tensorflow" else "int32")
+    """The raw step as the optimizer holds it (int64 on TensorFlow and PyTorch, int32 on JAX without x64)."""
+    return keras.ops.convert_to_tensor(step, "int32" if BACKEND == "jax" else "int64")
 
 
 def uint32(words):
@@ -93,9 +94,11 @@ def test_words_equal_the_numpy_reference(mode, seed, stream, step, replica):
         np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.backends("tensorflow")
+@pytest.mark.backends("tensorflow", "torch")
 @pytest.mark.parametrize("mode", ["eager", "xla"])
 def test_a_step_beyond_int32_wraps_modulo_two_to_the_32(mode):
+    if mode not in MODES:
+        pytest.skip(f"no {mode} compiler on {BACKEND}")
     step = 2**32 + 2**31 + 5  # an int64 raw step: its low 32 bits key the draw
     y0, y1 = run(mode, lambda s: random.words(64, random.draw_key(9, SAMPLE_STREAM, s, 2)), step_tensor(step))
     expected = stream_words(9, SAMPLE_STREAM, step, 2, 64)
@@ -167,3 +170,16 @@ def test_draw_key_rejects_a_stream_or_replica_out_of_range():
         random.draw_key(1, 256, 0)
     with pytest.raises(ValueError, match=r"argument `replica_id`: 16777216"):
         random.draw_key(1, noise.SAMPLE_STREAM, 0, 2**24)
+
+
+@pytest.mark.backends("torch")
+@pytest.mark.parametrize("step", [0, 63, 64, 2**31 - 1, 2**31, 2**32 - 1])
+def test_torch_blocks_of_steps_equal_one_draw_each(step):
+    """PyTorch draws 64 consecutive steps at once (its ``compile_pure``): each equals its own draw,
+    also where the block crosses the int32 wrap of the step."""
+    key = random.draw_key(11, SAMPLE_STREAM, step, 3)
+    blocked = random.words(33, key)
+    direct = random._words(33, key)
+    for got, want in zip(blocked, direct):
+        np.testing.assert_array_equal(numpy(got), numpy(want))
+    np.testing.assert_array_equal(uint32(blocked), stream_words(11, SAMPLE_STREAM, step, 3, 33))

@@ -25,6 +25,9 @@ Gradients and outputs
     ``compile_pure(fn)``: a pure function compiled as one program;
     ``depends_on(function, inputs)``: which inputs a scalar function depends
     on differentiably (:mod:`tf_gradmix.mixing_check`).
+    ``EAGER_STEPS`` (optional, default False): train steps run eagerly, so
+    the model hook checks the loss at the first step of each train function
+    instead of at each trace (PyTorch).
 
 The optimizer (``<name>/optimizer.py``)
     ``build_optimizer(inner, var_list)``: builds the inner optimizer
@@ -54,7 +57,7 @@ import keras
 __all__ = ["SUPPORTED", "name", "current", "require"]
 
 #: Keras backends tf_gradmix runs on; each has a package ``tf_gradmix.backend.<name>``.
-SUPPORTED = ("tensorflow", "jax")
+SUPPORTED = ("tensorflow", "jax", "torch")
 
 
 def name():
@@ -67,17 +70,9 @@ def require(what, backends=SUPPORTED):
     backend = name()
     if backend in backends:
         return backend
-    if backend == "torch" and backend not in SUPPORTED:
-        missing = (
-            " On PyTorch the gradients reach the optimizer without a stateless "
-            "train step or replica context to weight them in, and no PyTorch "
-            "build is tested here."
-        )
-    else:
-        missing = ""
     raise RuntimeError(
         f"{what} supports the Keras backends {', '.join(map(repr, backends))}, "
-        f"but KERAS_BACKEND is {backend!r}.{missing} Set KERAS_BACKEND to one of "
+        f"but KERAS_BACKEND is {backend!r}. Set KERAS_BACKEND to one of "
         "them before importing keras."
     )
 
