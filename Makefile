@@ -66,40 +66,57 @@ define pytest
 endef
 
 # The whole suite on each backend and TensorFlow version, each in its own
-# pytest process (KERAS_BACKEND is fixed per process), one suite after another,
-# each spread over two processes by pytest-xdist (a test file per process, so a
-# module's fixtures run once). Every suite runs; the target fails if any failed.
-# Narrow every run with e.g. `make test TESTS=tests/library/test_noise.py
-# PYTEST_ARGS=-x`, or run one suite: `make test-tf`, `make test-jax`,
-# `make test-torch`, `make test-tf219`; `XDIST=` runs a suite in one process.
-XDIST ?= -n 2 --dist loadfile
-SUITES := test-tf test-jax test-torch test-tf219
+# process (KERAS_BACKEND is fixed per process). Two at a time, for the two
+# cores CI has: TensorFlow 2.21 in the foreground, JAX, PyTorch and then
+# TensorFlow 2.19.1 beside it, their output kept in $(TEST_LOGS)/ and printed
+# when they end. All of them run; the target fails if any of them fails. Narrow every run
+# with e.g. `make test TESTS=tests/library/test_noise.py PYTEST_ARGS=-x`, or
+# run one suite: `make test-tf`, `make test-jax`, `make test-torch`, `make test-tf219`.
+TEST_LOGS ?= runs/test-logs
+# The suite in the foreground and the suites run one after another beside it.
+# A new backend's suite is one more target here (balance the two lines by
+# their process times, CONTRIBUTING.md). Each suite is one pytest process:
+# measured on a clean clone, the suites one after another over two pytest-xdist
+# processes each took 39 minutes against 29 side by side (xdist's processes
+# idle while one finishes a long test file).
+FOREGROUND_SUITE := test-tf
+SIDE_SUITES := test-jax test-torch test-tf219
 test: venv venv-tf219
-	@failed=""; \
-	for suite in $(SUITES); do \
-	  $(MAKE) --no-print-directory $$suite || failed="$$failed $$suite"; \
+	@mkdir -p $(TEST_LOGS); rm -f $(TEST_LOGS)/*.status; \
+	( for suite in $(SIDE_SUITES); do \
+	    $(MAKE) --no-print-directory $$suite > $(TEST_LOGS)/$$suite.log 2>&1; \
+	    echo $$? > $(TEST_LOGS)/$$suite.status; \
+	  done ) & \
+	beside=$$!; \
+	$(MAKE) --no-print-directory $(FOREGROUND_SUITE); echo $$? > $(TEST_LOGS)/$(FOREGROUND_SUITE).status; \
+	wait $$beside; \
+	failed=""; \
+	for suite in $(SIDE_SUITES); do cat $(TEST_LOGS)/$$suite.log; done; \
+	for suite in $(FOREGROUND_SUITE) $(SIDE_SUITES); do \
+	  [ "$$(cat $(TEST_LOGS)/$$suite.status 2>/dev/null)" = 0 ] || failed="$$failed $$suite"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "make test: failed:$$failed" >&2; exit 1; fi; \
-	echo "make test: $(SUITES) passed"
+	echo "make test: $(FOREGROUND_SUITE) $(SIDE_SUITES) passed"
 
 test-tf: venv
-	$(call pytest,TensorFlow 2.21,KERAS_BACKEND=tensorflow,$(PY),$(XDIST) $(PYTEST_ARGS) $(TESTS))
+	$(call pytest,TensorFlow 2.21,KERAS_BACKEND=tensorflow,$(PY),$(PYTEST_ARGS) $(TESTS))
 
 test-jax: venv
-	$(call pytest,JAX,KERAS_BACKEND=jax,$(PY),$(XDIST) $(PYTEST_ARGS) $(TESTS))
+	$(call pytest,JAX,KERAS_BACKEND=jax,$(PY),$(PYTEST_ARGS) $(TESTS))
 
 test-torch: venv
-	$(call pytest,PyTorch,KERAS_BACKEND=torch,$(PY),$(XDIST) $(PYTEST_ARGS) $(TESTS))
+	$(call pytest,PyTorch,KERAS_BACKEND=torch,$(PY),$(PYTEST_ARGS) $(TESTS))
 
 test-tf219: venv-tf219
-	$(call pytest,TensorFlow 2.19,KERAS_BACKEND=tensorflow,$(PY_TF219),$(XDIST) $(PYTEST_ARGS) $(TESTS_TF219))
+	$(call pytest,TensorFlow 2.19,KERAS_BACKEND=tensorflow,$(PY_TF219),$(PYTEST_ARGS) $(TESTS_TF219))
 
 # The edit-test loop, in two processes (pytest-xdist, a test file per
-# process): the TensorFlow suite without the tests marked `slow` (worker
+# process: XDIST): the TensorFlow suite without the tests marked `slow` (worker
 # clusters, real training runs) and without those whose CPU time recorded in
 # tests/cpu_time.json exceeds FAST_MAX_CPU_SECONDS (strategies, XLA compiles,
 # Keras applications); `make test` runs them all.
 FAST_MAX_CPU_SECONDS ?= 1.5
+XDIST ?= -n 2 --dist loadfile
 test-fast: venv
 	$(call pytest,TensorFlow 2.21 without slow tests,KERAS_BACKEND=tensorflow,$(PY),-m "not slow" --max-cpu-time $(FAST_MAX_CPU_SECONDS) $(XDIST) $(PYTEST_ARGS) $(TESTS))
 
