@@ -79,3 +79,14 @@ def test_the_readme_commands_find_every_recorded_run(name, tmp_path, monkeypatch
         main = {"experiments.sweep": sweep.main, "experiments.capped_rate": capped_rate.main}[module]
         main(argv + ["--results", str(copy)])
     assert copy.read_text() == (RESULTS / name).read_text()  # nothing appended
+
+
+def test_recorded_results_name_no_machine_paths():
+    """Results files are read on other machines: paths in them are relative to the repository."""
+    repo = Path(__file__).resolve().parents[2]
+    for folder in ("experiments/results", "benchmarks/results"):
+        for path in sorted((repo / folder).iterdir()):
+            if path.suffix in (".json", ".jsonl"):
+                text = path.read_text()
+                for prefix in ("/tmp/", "/work/", "/root/", "/home/"):
+                    assert prefix not in text, f"{path.name} records a path under {prefix}"
