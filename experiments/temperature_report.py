@@ -96,6 +96,11 @@ def small_arm(runs):
     return next((a for a in sorted_arms(runs) if a.startswith("sgd")), None)
 
 
+def matched_arm(runs):
+    """The Gaussian arm at the matched stddev (``gd+gaussian s=<stddev>``), or None."""
+    return next((a for a in sorted_arms(runs) if a.startswith("gd+gaussian s=")), None)
+
+
 def penalty_factor_of(runs, arm):
     """``λ / (lr/4)`` of a penalty arm, else None."""
     run = next(r for (a, _), r in runs.items() if a == arm)
@@ -121,20 +126,23 @@ def _ratio(cell):
     return f"{median:.2f}" if lo == hi else f"{median:.2f} ({lo:.2f}–{hi:.2f})"
 
 
-def percent_list(shares):
-    return ", ".join(f"{100 * v:.0f}" for v in shares.values()) + " %"
+def percent_list(shares, digits=0):
+    return ", ".join(f"{100 * v:.{digits}f}" for v in shares.values()) + " %"
 
 
-def table(runs, arms=None, cost=None):
+def table(runs, arms=None, cost=None, ce_gap=False):
     """Regime A's table of ``{(arm, seed): run}``; ``cost``: :func:`step_time_ratios` adds two columns.
 
+    ``ce_gap`` adds the share of the GD-to-small-batch gap in test
+    cross-entropy recovered (mean ± std, then seed by seed) after test CE.
     A penalty arm of any λ costs the same computation as the timed one (λ = lr/4).
     """
     arms = arms or sorted_arms(runs)
     small = small_arm(runs)
     header = ("| arm | stddev (λ) | seeds | test acc % | Δ vs GD | Δ vs small batch | gap recovered | per seed | "
-              "test CE | train acc % | train loss | log Tr(G) |")
-    rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+              "test CE | " + ("CE gap recovered | per seed | " if ce_gap else "") +
+              "train acc % | train loss | log Tr(G) |")
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if ce_gap else "") + "---:|---:|---:|"
     if cost:
         header += " step time vs GD | vs GD + GradientMix |"
         rule += "---:|---:|"
@@ -146,6 +154,9 @@ def table(runs, arms=None, cost=None):
         vs_gd = stats.paired_differences(runs, arm, "gd")
         vs_small = stats.paired_differences(runs, arm, small) if small else {}
         recovered = stats.gap_recovered(runs, arm, "gd", small) if small and arm not in ("gd", small) else {}
+        ce = stats.gap_recovered(runs, arm, "gd", small, "test_loss") if small and arm not in ("gd", small) else {}
+        ce_cells = (f"{stats.format_mean_std(ce.values(), 100, 1) + ' %' if ce else '–'} | "
+                    f"{percent_list(ce, 1) if ce else '–'} | ") if ce_gap else ""
         factor = penalty_factor_of(every, arm)
         strength = f"λ={first['penalty_weight']:g}" if factor else f"{first['stddev']:.2f}"
         lost = stats.diverged_seeds(every, arm)
@@ -156,7 +167,7 @@ def table(runs, arms=None, cost=None):
             f"{stats.format_mean_std(vs_small.values(), 100, signed=True) if arm != small else '–'} | "
             f"{stats.format_mean_std(recovered.values(), 100, 0) + ' %' if recovered else '–'} | "
             f"{percent_list(recovered) if recovered else '–'} | "
-            f"{stats.format_mean_std([r['test_loss'] for r in mine], 1, 3)} | "
+            f"{stats.format_mean_std([r['test_loss'] for r in mine], 1, 3)} | {ce_cells}"
             f"{stats.format_mean_std([r['train_acc'] for r in mine], 100)} | "
             f"{_format_loss([r.get('train_loss') for r in mine])} | "
             f"{stats.format_mean_std([r.get('log_ggn_trace') for r in mine], 1, 2)} |"
@@ -177,25 +188,33 @@ def _format_loss(values):
     return f"{mean:.1e}" if n == 1 else f"{mean:.1e} ({min(found):.1e}–{max(found):.1e})"
 
 
-def per_seed(runs, arms=None):
+def per_seed(runs, arms=None, metric="test_acc"):
+    """One row per arm, one column per seed: test accuracy in %, or ``metric="test_loss"`` (cross-entropy)."""
     arms = arms or sorted_arms(runs)
     seeds = stats.seeds(runs)
+
+    def cell(run):
+        return f"{100 * run[metric]:.1f}" if metric == "test_acc" else f"{run[metric]:.2f}"
+
     lines = ["| arm | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---:|" * len(seeds)]
     for arm in arms:
-        cells = [("diverged" if stats.diverged(runs[(arm, s)]) else f"{100 * runs[(arm, s)]['test_acc']:.1f}")
+        cells = [("diverged" if stats.diverged(runs[(arm, s)]) else cell(runs[(arm, s)]))
                  if (arm, s) in runs else "–" for s in seeds]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def report(runs, arms=None, cost=None):
-    """The table and the per-seed test accuracies.
+def report(runs, arms=None, cost=None, ce_gap=False):
+    """The table and the per-seed test accuracies (``ce_gap``: also the CE gap columns and per-seed test CE).
 
     A run that diverged (its training loss became NaN) is counted in the
     ``seeds`` column and marked in the per-seed table, and left out of every
     statistic: its 10% chance accuracy is not a generalization result.
     """
-    return table(runs, arms, cost) + "\n\nTest accuracy (%) per seed:\n\n" + per_seed(runs, arms)
+    text = table(runs, arms, cost, ce_gap) + "\n\nTest accuracy (%) per seed:\n\n" + per_seed(runs, arms)
+    if ce_gap:
+        text += "\n\nTest cross-entropy per seed:\n\n" + per_seed(runs, arms, "test_loss")
+    return text
 
 
 def chosen_rate(records, fit_threshold=0.99):
@@ -262,10 +281,12 @@ def penalty_selection(runs):
     return "\n".join(lines)
 
 
-def recovered_phrase(runs, arm, per_seed=True):
+def recovered_phrase(runs, arm, per_seed=True, metric="test_acc", digits=0):
     """``"105 ± 14 % (seeds 0, 1, 2: 121, 95, 98 %)"``, ``"111 % (seed 0 only)"`` or ``"not run yet"``.
 
     ``per_seed=False`` leaves the seeds' values out: ``"105 ± 14 % (3 seeds)"``.
+    ``metric``: the gap in test accuracy, or ``"test_loss"`` (cross-entropy);
+    ``digits``: the shares' decimals.
     """
     small = small_arm(runs)
     lost = stats.diverged_seeds(runs, arm)
@@ -273,25 +294,48 @@ def recovered_phrase(runs, arm, per_seed=True):
     if lost:
         note = f"; {'seeds' if len(lost) > 1 else 'seed'} {', '.join(map(str, lost))} diverged"
     runs = stats.converged(runs)
-    shares = stats.gap_recovered(runs, arm, "gd", small) if small else {}
+    shares = stats.gap_recovered(runs, arm, "gd", small, metric) if small else {}
     if not shares:
         return f"diverged (seed{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))})" if lost else "not run yet"
     if len(shares) == 1:
         (seed, share), = shares.items()
-        return f"{100 * share:.0f} % (seed {seed} only{note})"
+        return f"{100 * share:.{digits}f} % (seed {seed} only{note})"
+    mean = stats.format_mean_std(shares.values(), 100, digits)
     if not per_seed:
-        return f"{stats.format_mean_std(shares.values(), 100, 0)} % ({len(shares)} seeds{note})"
+        return f"{mean} % ({len(shares)} seeds{note})"
     seeds = ", ".join(str(s) for s in shares)
-    return f"{stats.format_mean_std(shares.values(), 100, 0)} % (seeds {seeds}: {percent_list(shares)}{note})"
+    return f"{mean} % (seeds {seeds}: {percent_list(shares, digits)}{note})"
+
+
+def gap_in_every_seed(runs, metric="test_acc"):
+    """Whether GD is worse than the small batch in every seed both ran (lower accuracy, or higher cross-entropy)."""
+    gap = stats.paired_differences(runs, small_arm(runs), "gd", metric)
+    sign = 1 if metric == "test_acc" else -1
+    return bool(gap) and all(sign * v > 0 for v in gap.values())
 
 
 def gap_phrase(runs, per_seed=True):
     """``"2.9 ± 0.4 points below batch 32 (3 seeds: 2.6, 2.8, 3.4; in every seed)"``."""
     small = small_arm(runs)
     gap = stats.paired_differences(runs, small, "gd")
-    every = "in every seed" if all(v > 0 for v in gap.values()) else "not in every seed"
+    every = "in every seed" if gap_in_every_seed(runs) else "not in every seed"
     per = ": " + ", ".join(f"{100 * v:.1f}" for v in gap.values()) if per_seed else ""
     return f"{stats.format_mean_std(gap.values(), 100)} points below batch {small[3:]} ({len(gap)} seeds{per}; {every})"
+
+
+def ce_gap_phrase(runs, per_seed=True):
+    """``"GD had 57.4 ± 10.1 against batch 32's 7.4 ± 0.6 (3 seeds: 48.6, ...; higher in every seed)"``.
+
+    The per-seed values are GD's excess over the small batch of the same seed.
+    """
+    small = small_arm(runs)
+    converged = stats.converged(runs)
+    gap = stats.paired_differences(converged, "gd", small, "test_loss")
+    every = "higher in every seed" if gap_in_every_seed(converged, "test_loss") else "not higher in every seed"
+    per = ": " + ", ".join(f"{v:.1f}" for v in gap.values()) if per_seed else ""
+    mean = {a: stats.format_mean_std(stats.values(converged, a, "test_loss").values()) for a in ("gd", small)}
+    return (f"GD had {mean['gd']} against batch {small[3:]}'s {mean[small]} "
+            f"({len(gap)} seeds{per}; {every})")
 
 
 def trajectory(runs, seed, steps=(200, 400, 1000, 2000)):
@@ -326,9 +370,9 @@ def curvature_per_loss(runs, arm, reference):
             and runs[(reference, s)].get("log_ggn_trace") is not None}
 
 
-def mixing_sentence(runs, arms, per_seed=True):
+def mixing_sentence(runs, arms, per_seed=True, metric="test_acc", digits=0):
     """The recovered shares of ``{arm: name}`` as one clause."""
-    return "; ".join(f"{name} {recovered_phrase(runs, arm, per_seed)}" for arm, name in arms.items())
+    return "; ".join(f"{name} {recovered_phrase(runs, arm, per_seed, metric, digits)}" for arm, name in arms.items())
 
 
 def penalty_arms(runs):
@@ -355,18 +399,82 @@ def adam_summary(adam, per_seed=True):
 
 
 def layerwise_summary(runs, name, lr, per_seed=True):
-    """The gap and the shares recovered with ``name`` (LARS or LAMB) at rate ``lr``, as far as they are run."""
+    """The gap and the shares recovered with ``name`` (LARS or LAMB) at rate ``lr``, as far as they are run.
+
+    The shares of the test-accuracy gap are given when GD tested below the
+    small batch in every seed; otherwise the accuracy gap is stated as absent,
+    with each arm's accuracy difference to the small batch. Then the test
+    cross-entropy gap and, when GD's is higher in every seed, its shares.
+    """
     small = small_arm(runs)
     if lr is None or small is None or "gd" not in stats.arms(runs):
         return f"With {name}: the rate phase has not chosen a rate yet."
-    text = (f"With {name} at equal rate ({lr:g}) and steps, full-batch descent tested "
-            f"{gap_phrase(runs, per_seed)}; at the rule's stddev the share of that gap recovered was: "
-            f"{mixing_sentence(runs, ADAM_NAMES, per_seed)}.")
+    converged = stats.converged(runs)
     matched = {a: f"at {a.split('s=')[1]}" for a in sorted_arms(runs) if a.startswith("gd+gaussian s=")}
+    if gap_in_every_seed(converged):
+        text = (f"With {name} at equal rate ({lr:g}) and steps, full-batch descent tested "
+                f"{gap_phrase(runs, per_seed)}; at the rule's stddev the share of that gap recovered was: "
+                f"{mixing_sentence(runs, ADAM_NAMES, per_seed)}.")
+        if matched:
+            text += (" Gaussian mixing at the stddev matched to the small batch's noise-to-signal ratio after the "
+                     f"trust ratio recovered: {mixing_sentence(runs, matched, per_seed)}.")
+    else:
+        names = {**ADAM_NAMES, **{a: f"Gaussian {n} (matched)" for a, n in matched.items()}}
+        deltas = "; ".join(f"{arm_name} {stats.format_mean_std(differences.values(), 100, signed=True)}"
+                           for arm, arm_name in names.items()
+                           if (differences := stats.paired_differences(converged, arm, small)))
+        text = (f"With {name} at equal rate ({lr:g}) and steps there is no test-accuracy gap at this scale: "
+                f"full-batch descent tested {gap_phrase(runs, per_seed)}; against batch {small[3:]} (points, mean "
+                f"± std over seeds): {deltas}.")
+    text += f" In test cross-entropy {ce_gap_phrase(runs, per_seed)}"
+    if not gap_in_every_seed(converged, "test_loss"):
+        return text + "."
+    text += (f"; at the rule's stddev the share of that gap recovered was: "
+             f"{mixing_sentence(runs, ADAM_NAMES, per_seed, 'test_loss', 1)}.")
     if matched:
-        text += (" Gaussian mixing at the stddev matched to the small batch's noise-to-signal ratio after the "
-                 f"trust ratio recovered: {mixing_sentence(runs, matched, per_seed)}.")
+        text += (" At the stddev matched to the small batch's noise-to-signal ratio after the trust ratio: "
+                 f"{mixing_sentence(runs, matched, per_seed, 'test_loss', 1)}.")
     return text
+
+
+def layerwise_table(layerwise):
+    """The top-level README's table of LARS and LAMB: ``{name: (records, rate or None)}``, one row each.
+
+    Per optimizer: GD's test accuracy against the small batch (points, paired
+    by seed), both arms' test cross-entropy, and each mixing arm's share of
+    the cross-entropy gap recovered (mean ± std over seeds; after it, the
+    share of the accuracy gap when GD tested lower in every seed).
+    """
+    lines = ["| optimizer (rate) | test acc, GD − batch 32 (points) | test CE, batch 32 / GD | CE gap recovered: "
+             "Gaussian | Bernoulli | isotropic | Gaussian, matched stddev |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, (records, lr) in layerwise.items():
+        runs = stats.converged(stats.by_arm_seed(records, lr)) if lr is not None else {}
+        small = small_arm(runs)
+        if small is None or "gd" not in stats.arms(runs):
+            lines.append(f"| {LAYERWISE[name]} | rate not chosen yet | | | | | |")
+            continue
+        gap = stats.paired_differences(runs, "gd", small)
+        accuracy_gap = gap_in_every_seed(runs)
+        ce = {a: stats.format_mean_std(stats.values(runs, a, "test_loss").values()) for a in (small, "gd")}
+        matched = [a for a in sorted_arms(runs) if a.startswith("gd+gaussian s=")]
+
+        def share(arm):
+            if arm is None or arm not in stats.arms(runs):
+                return "not run"
+            cell = f"{stats.format_mean_std(stats.gap_recovered(runs, arm, 'gd', small, 'test_loss').values(), 100)}%"
+            if accuracy_gap:
+                cell += f" (acc {stats.format_mean_std(stats.gap_recovered(runs, arm, 'gd', small).values(), 100, 0)}%)"
+            return cell
+
+        seeds = len(stats.seeds(runs, "gd"))
+        cells = [f"{LAYERWISE[name]} ({lr:g}), {seeds} seed{'s' if seeds != 1 else ''}",
+                 f"{stats.format_mean_std(gap.values(), 100, signed=True)}"
+                 + ("" if accuracy_gap else " (not lower in every seed)"),
+                 f"{ce[small]} / {ce['gd']}", share("gd+gaussian"), share("gd+bernoulli"), share("gd+isotropic"),
+                 (f"{share(matched[0])} at {matched[0].split('s=')[1]}" if matched else "not run")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def sgd_summary(sgd, cost, per_seed=True):
@@ -387,7 +495,8 @@ def sgd_summary(sgd, cost, per_seed=True):
 
 def slot_label(slot):
     """The x tick of a figure slot: ``small batch``, ``GD+Gaussian``, ``GD+penalty λ=4·lr/4``, ..."""
-    names = {"small": "small batch", "gd": "GD", "gd+isotropic": "GD+isotropic"}
+    names = {"small": "small batch", "gd": "GD", "gd+isotropic": "GD+isotropic",
+             "matched": "GD+Gaussian, matched stddev"}
     if slot in names:
         return names[slot]
     if slot.startswith("gd+penalty"):
@@ -397,52 +506,67 @@ def slot_label(slot):
     return "GD+" + arm[3:].capitalize() + (f" ×{factor}" if factor else "")
 
 
-def figure(panels, path, slots=None):
-    """Test accuracy per arm, every seed's point (same seed joined by a thin line), mean as a bar; one panel each.
+#: The figures' metrics: (row's y label, scale of the values, y axis scale).
+METRICS = {"test_acc": ("test accuracy (%)", 100, "linear"), "test_loss": ("test cross-entropy (log axis)", 1, "log")}
+
+
+def figure(panels, path, slots=None, metrics=("test_acc",)):
+    """Per arm, every seed's point (same seed joined by a thin line), mean as a bar; one panel each.
 
     ``panels``: ``[(title, {(arm, seed): run})]``. Every panel has the same
-    ``slots`` (arms; ``"small"`` for the small batch; default: small batch,
+    ``slots`` (arms; ``"small"`` for the small batch, ``"matched"`` for the
+    panel's matched-stddev Gaussian arm, whatever its stddev; default: small batch,
     GD, Gaussian, Bernoulli, isotropic, the penalties); an arm not run shows
     as such, and a seed that diverged is named instead of drawn at chance.
+    ``metrics``: one row of panels each, of :data:`METRICS` (test cross-entropy on a log axis).
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     penalties = sorted({a for _, runs in panels for a in penalty_arms(runs)},
                        key=lambda a: float(a.split(" x")[1]) if " x" in a else 1.0)
     if slots is None:
         slots = ["small", "gd", "gd+gaussian", "gd+bernoulli", "gd+isotropic"] + (penalties or ["gd+penalty"])
     all_seeds = sorted({s for _, runs in panels for s in stats.seeds(runs)})
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1, 4.4), squeeze=False)
-    for ax, (title, every) in zip(axes[0], panels):
-        runs = stats.converged(every)
-        arms = [small_arm(runs) if slot == "small" else slot for slot in slots]
-        for j, seed in enumerate(all_seeds):
-            xs = [i for i, a in enumerate(arms) if (a, seed) in runs]
-            ys = [100 * runs[(arms[i], seed)]["test_acc"] for i in xs]
-            offset = 0.08 * (j - (len(all_seeds) - 1) / 2)
-            ax.plot([x + offset for x in xs], ys, "-", color=f"C{j}", lw=0.6, alpha=0.5, zorder=1)
-            ax.scatter([x + offset for x in xs], ys, color=f"C{j}", s=22, label=f"seed {seed}", zorder=3)
-        accs = [100 * r["test_acc"] for r in runs.values()]
-        middle = (min(accs) + max(accs)) / 2
-        for i, arm in enumerate(arms):
-            mine = list(stats.values(runs, arm, "test_acc").values())
-            lost = stats.diverged_seeds(every, arm)
-            if mine:
-                ax.hlines(100 * stats.mean_std(mine)[0], i - 0.25, i + 0.25, color="k", lw=1.5, zorder=2)
-            if lost:
-                label = f"seed{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))} diverged"
-                ax.text(i, middle, label, rotation=90, ha="center", va="center", fontsize=7, color="C3")
-            elif not mine:
-                ax.text(i, middle, "not run", rotation=90, ha="center", va="center", fontsize=8, color="0.4")
-        ax.set_xticks(range(len(slots)))
-        ax.set_xticklabels([slot_label(s) for s in slots], rotation=30, ha="right", fontsize=8)
-        ax.set_xlim(-0.5, len(slots) - 0.5)
-        ax.set_title(title, fontsize=9)
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(axis="y", alpha=0.3)
+    fig, axes = plt.subplots(len(metrics), len(panels), figsize=(5.5 * len(panels) + 1, 4.4 * len(metrics)),
+                             squeeze=False)
+    for row, metric in enumerate(metrics):
+        label, scale, yscale = METRICS[metric]
+        for ax, (title, every) in zip(axes[row], panels):
+            runs = stats.converged(every)
+            arms = [{"small": small_arm(runs), "matched": matched_arm(runs)}.get(slot, slot) for slot in slots]
+            for j, seed in enumerate(all_seeds):
+                xs = [i for i, a in enumerate(arms) if (a, seed) in runs]
+                ys = [scale * runs[(arms[i], seed)][metric] for i in xs]
+                offset = 0.08 * (j - (len(all_seeds) - 1) / 2)
+                ax.plot([x + offset for x in xs], ys, "-", color=f"C{j}", lw=0.6, alpha=0.5, zorder=1)
+                ax.scatter([x + offset for x in xs], ys, color=f"C{j}", s=22, label=f"seed {seed}", zorder=3)
+            values = [scale * r[metric] for r in runs.values()]
+            middle = (math.sqrt(min(values) * max(values)) if yscale == "log" else (min(values) + max(values)) / 2)
+            for i, arm in enumerate(arms):
+                mine = list(stats.values(runs, arm, metric).values())
+                lost = stats.diverged_seeds(every, arm)
+                if mine:
+                    ax.hlines(scale * stats.mean_std(mine)[0], i - 0.25, i + 0.25, color="k", lw=1.5, zorder=2)
+                if lost:
+                    text = f"seed{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))} diverged"
+                    ax.text(i, middle, text, rotation=90, ha="center", va="center", fontsize=7, color="C3")
+                elif not mine:
+                    ax.text(i, middle, "not run", rotation=90, ha="center", va="center", fontsize=8, color="0.4")
+            ax.set_yscale(yscale)
+            if yscale == "log":  # plain numbers (5, 10, 50), not powers of ten
+                plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+                ax.yaxis.set_major_formatter(plain)
+                ax.yaxis.set_minor_formatter(plain)
+            ax.set_xticks(range(len(slots)))
+            ax.set_xticklabels([slot_label(s) for s in slots], rotation=30, ha="right", fontsize=8)
+            ax.set_xlim(-0.5, len(slots) - 0.5)
+            ax.set_title(title, fontsize=9)
+            ax.set_ylabel(label)
+            ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", fontsize=8)
     fig.suptitle("CIFAR-10, 1,024 training images, equal rate and 2,000 steps: every seed; bar = mean", fontsize=10)
@@ -488,7 +612,7 @@ def layerwise_blocks(name, records, lr):
     """The blocks of ``name`` (``"lars"`` or ``"lamb"``): rate phase, table, summary (``lr`` None: the chosen one)."""
     lr = chosen_rate(records) if lr is None else lr
     runs = stats.by_arm_seed(records, lr) if lr is not None else {}
-    table_text = report(runs) if runs else "Not run yet."
+    table_text = report(runs, ce_gap=True) if runs else "Not run yet."
     return {
         ("experiments", f"{name}-rate"): rate_table(records, lr),
         ("experiments", name): table_text,
@@ -520,6 +644,7 @@ def blocks(sgd_records, adam_records, cost, sgd_lr, adam_lr, layerwise=None):
         ("experiments", "sgd-summary"): prose(sgd_summary(sgd, cost)),
         ("root", "adam-summary"): prose(adam_summary(adam, per_seed=False), width=76),
         ("root", "sgd-summary"): prose(sgd_summary(sgd, cost, per_seed=False)),
+        ("root", "lars-lamb"): layerwise_table({name: layerwise.get(name, ([], None)) for name in LAYERWISE}),
         **{key: text for name in LAYERWISE
            for key, text in layerwise_blocks(name, *layerwise.get(name, ([], None))).items()},
     }
@@ -559,12 +684,15 @@ def write_all(sgd_lr=SGD_LR, adam_lr=ADAM_LR, sgd_results=DEFAULT_RESULTS, adam_
     print(f"figure: {figure_path}")
     panels = [(f"{LAYERWISE[name]}, rate {lr:g}", stats.by_arm_seed(records, lr))
               for name, (records, lr) in layerwise.items() if lr is not None]
+    panels = [(title + (f", matched stddev {matched_arm(runs).split('s=')[1]}" if matched_arm(runs) else ""), runs)
+              for title, runs in panels]
     panels = [(title, runs) for title, runs in panels if runs]
     if panels:
         slots = ["small", "gd", "gd+gaussian", "gd+bernoulli", "gd+isotropic"]
+        slots += ["matched"] if any(matched_arm(runs) for _, runs in panels) else []
         slots += sorted({a for _, runs in panels for a in stats.arms(runs)} - {small_arm(runs) for _, runs in panels}
-                        - set(slots), key=arm_order)
-        figure(panels, layerwise_path, slots)
+                        - {matched_arm(runs) for _, runs in panels} - set(slots), key=arm_order)
+        figure(panels, layerwise_path, slots, metrics=("test_acc", "test_loss"))
         print(f"figure: {layerwise_path}")
 
 

@@ -52,6 +52,16 @@ MULTI30K_COMMANDS = [
     "--threads 1",
 ]
 
+#: The LAMB and LARS sweeps (experiments/lars_lamb_sweep.sh): rate, gap and noise arms, then the matched arm.
+LAYERWISE_RATES = {"lamb": "1e-4 3e-4 1e-3 3e-3", "lars": "0.3 0.5 0.7 1 1.5 2 3 10"}
+LAYERWISE_FLAGS = "--lazy-gd --noises gaussian bernoulli isotropic --seed-major --threads 1 --parallel 1"
+LAYERWISE_COMMANDS = {name: f"python -m experiments.temperature --optimizer {name} --rates {rates} {LAYERWISE_FLAGS}"
+                      for name, rates in LAYERWISE_RATES.items()}
+LAYERWISE_MATCHED = {name: f"python -m experiments.temperature --optimizer {name} --rates {rates} --phase matched "
+                           f"{LAYERWISE_FLAGS}" for name, rates in LAYERWISE_RATES.items()}
+#: Their chosen rates (validation).
+LAYERWISE_CHOSEN = {"lamb": "0.003", "lars": "0.7"}
+
 #: cifar_train on a tiny subset and ResNet, for every run of a sweep.py command.
 TINY_CIFAR = ("--train-size 128 --val-size 64 --test-size 100 --epochs 1 --small-batch 16 --large-batch 32 "
               "--widths 4 8 8 --ggn-size 8")
@@ -84,6 +94,12 @@ ENTRIES = [
           "--noises gaussian bernoulli isotropic --seed-major --parallel 2 --threads 1",
           f"--rates 1e-3 --noises isotropic {TINY_ARMS} --results {{tmp}}/adam.jsonl {TINY_EXTRA}",
           (("adam.jsonl", 3),)),
+    # LAMB and LARS: the code path of the Adam entry with another --optimizer, so on quick settings one run each
+    # (the arms phase at a given rate, one noise, one seed); the matched phase measures before it runs (minutes).
+    *(Entry((f"cifar10_gd_vs_sgd_{name}.jsonl",), LAYERWISE_COMMANDS[name],
+            f"--phase arms --lr {lr} --noises gaussian {TINY_ARMS} --results {{tmp}}/{name}.jsonl {TINY_EXTRA}",
+            ((f"{name}.jsonl", 1),)) for name, lr in (("lamb", "1e-3"),)),
+    *(Entry((f"cifar10_gd_vs_sgd_{name}.jsonl",), LAYERWISE_MATCHED[name]) for name in ("lamb",)),
     Entry(("cifar10_gd_vs_sgd_test_accuracy.png",),
           "python -m experiments.temperature_report --lr 0.1 --figure "
           "experiments/results/cifar10_gd_vs_sgd_test_accuracy.png",
@@ -93,10 +109,12 @@ ENTRIES = [
           "--out experiments/results/cifar10_gd_vs_sgd_penalty_step_time.json",
           "--rounds 1 --steps 1 --warmup-steps 1 --train-size 64 --out {tmp}/step_time.json",
           (("step_time.json", None),)),
-    Entry(("cifar10_gd_vs_sgd_sgd_and_adam.png",), "python -m experiments.temperature_report --write",
+    Entry(("cifar10_gd_vs_sgd_sgd_and_adam.png", "cifar10_gd_vs_sgd_lars_and_lamb.png"),
+          "python -m experiments.temperature_report --write",
           "--results {tmp}/sgd.jsonl --adam-results {tmp}/adam.jsonl --adam-lr 1e-3 "
-          "--step-time {tmp}/step_time.json --into {tmp}",
-          (("cifar10_gd_vs_sgd_sgd_and_adam.png", None), ("README.md", None), ("experiments_README.md", None))),
+          "--step-time {tmp}/step_time.json --into {tmp}",  # LARS and LAMB: the recorded files
+          (("cifar10_gd_vs_sgd_sgd_and_adam.png", None), ("cifar10_gd_vs_sgd_lars_and_lamb.png", None),
+           ("README.md", None), ("experiments_README.md", None))),
     # sweep.py: the first command of each task on quick settings (every run --quick); the others are its
     # phases on the recorded rows (tests/scripts/test_recorded_commands.py: they rerun nothing).
     Entry(("cifar10_resnet8_gap.jsonl",), SWEEP_COMMANDS[0], f"{TINY_CIFAR} --results {{tmp}}/gap.jsonl",
@@ -158,6 +176,12 @@ def test_the_regime_a_commands_rerun_nothing_that_is_recorded(tmp_path, monkeypa
     temperature.main(shlex.split(ENTRIES[2].command)[3:] + ["--phase", "rate", "--results", str(adam)])
     assert "chosen rate (validation): 0.003\n" in capsys.readouterr().out
     assert sgd.read_text() == (RESULTS / "cifar10_gd_vs_sgd.jsonl").read_text()
+    for name, command in list(LAYERWISE_COMMANDS.items())[:1]:  # rate, gap and arms
+        copy = tmp_path / f"{name}.jsonl"
+        shutil.copy(RESULTS / f"cifar10_gd_vs_sgd_{name}.jsonl", copy)
+        temperature.main(shlex.split(command)[3:] + ["--results", str(copy)])
+        assert f"chosen rate (validation): {LAYERWISE_CHOSEN[name]}\n" in capsys.readouterr().out
+        assert copy.read_text() == (RESULTS / f"cifar10_gd_vs_sgd_{name}.jsonl").read_text()
 
 
 @pytest.mark.slow

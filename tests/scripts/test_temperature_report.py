@@ -1,6 +1,7 @@
 """experiments/temperature_report.py: tables, summaries and the README blocks, on hand-made runs."""
 
 import json
+import struct
 
 import pytest
 
@@ -196,3 +197,56 @@ def test_lars_and_lamb_blocks_follow_their_rate_phase_and_say_what_is_not_run(tm
     lamb = text[text.index("<!-- BEGIN temperature_report:lamb-rate -->"):]
     assert lamb.split("\n")[1] == "Not run yet."
     assert (tmp_path / "out" / report.LAYERWISE_FIGURE.name).stat().st_size > 0
+
+
+def _no_accuracy_gap_runs():
+    """LAMB-like: GD's test accuracy above the small batch's on seed 0, its test cross-entropy far above on both."""
+    runs = {}
+    # (arm, seed 0 acc, seed 1 acc, seed 0 CE, seed 1 CE)
+    for arm, acc0, acc1, ce0, ce1 in (("sgd32", 0.318, 0.305, 7.0, 8.0), ("gd", 0.322, 0.299, 57.0, 68.0),
+                                      ("gd+gaussian", 0.311, 0.306, 5.0, 6.0),
+                                      ("gd+isotropic", 0.299, 0.288, 15.0, 16.0),
+                                      ("gd+gaussian s=5.57", 0.316, 0.301, 7.0, 6.0)):
+        for seed, acc, ce in ((0, acc0, ce0), (1, acc1, ce1)):
+            runs[(arm, seed)] = dict(_run(arm, seed, acc, lr=3e-3), test_loss=ce)
+    return runs
+
+
+def test_without_an_accuracy_gap_the_summary_says_so_and_gives_the_cross_entropy_gap_recovered():
+    runs = _no_accuracy_gap_runs()
+    assert not report.gap_in_every_seed(runs) and report.gap_in_every_seed(runs, "test_loss")
+    text = " ".join(report.prose(report.layerwise_summary(runs, "LAMB", 3e-3)).split())
+    # Small batch - GD: -0.4 and +0.6 points; against batch 32: Gaussian -0.7, +0.1; isotropic -1.9, -1.7;
+    # matched -0.2, -0.4. Bernoulli, not run, is left out.
+    assert ("With LAMB at equal rate (0.003) and steps there is no test-accuracy gap at this scale: full-batch "
+            "descent tested 0.1 ± 0.7 points below batch 32 (2 seeds: -0.4, 0.6; not in every seed)") in text
+    assert ("(points, mean ± std over seeds): Gaussian -0.3 ± 0.6; the isotropic control -1.8 ± 0.1; Gaussian at "
+            "5.57 (matched) -0.3 ± 0.1.") in text
+    # CE gap 50 and 60; Gaussian (5 - 57) / (7 - 57) = 104.0%, (6 - 68) / (8 - 68) = 103.3%.
+    assert "In test cross-entropy GD had 62.5 ± 7.8 against batch 32's 7.5 ± 0.7 (2 seeds: 50.0, 60.0; higher" in text
+    assert "Gaussian 103.7 ± 0.5% (seeds 0, 1: 104.0, 103.3%); Bernoulli not run yet; the isotropic control" in text
+    # Matched: (7 - 57) / -50 = 100.0%, (6 - 68) / -60 = 103.3%.
+    assert "noise-to-signal ratio after the trust ratio: at 5.57 101.7 ± 2.4% (seeds 0, 1: 100.0, 103.3%)." in text
+    cells = _cells(report.table(runs, ce_gap=True), "gd+isotropic")
+    # (15 - 57) / -50 = 84.0%, (16 - 68) / -60 = 86.7%.
+    assert cells[8:11] == ["15.500 ± 0.707", "85.3 ± 1.9 %", "84.0, 86.7 %"]
+    assert "| gd+isotropic | 15.00 | 16.00 |" in report.report(runs, ce_gap=True).split("cross-entropy per seed")[1]
+
+
+def test_the_top_level_table_gives_each_optimizer_its_gap_and_shares():
+    no_gap = [dict(r, phase="rate") for r in _no_accuracy_gap_runs().values()]
+    gap = [_run("sgd32", 0, 0.40, lr=1.0), _run("gd", 0, 0.30, lr=1.0), _run("gd+gaussian", 0, 0.35, lr=1.0)]
+    gap = [dict(r, test_loss=ce) for r, ce in zip(gap, (2.0, 4.0, 3.0))]
+    rows = report.layerwise_table({"lars": (gap, 1.0), "lamb": (no_gap, 3e-3)}).splitlines()[2:]
+    assert rows[0] == ("| LARS (1), 1 seed | -10.0 | 2.0 / 4.0 | 50.0% (acc 50%) | not run | not run | not run |")
+    assert rows[1] == ("| LAMB (0.003), 2 seeds | -0.1 ± 0.7 (not lower in every seed) | 7.5 ± 0.7 / 62.5 ± 7.8 | "
+                       "103.7 ± 0.5% | not run | 85.3 ± 1.9% | 101.7 ± 2.4% at 5.57 |")
+    assert report.layerwise_table({"lars": ([], None)}).splitlines()[2] == "| LARS | rate not chosen yet | | | | | |"
+
+
+def test_the_layerwise_figure_has_a_cross_entropy_row(tmp_path):
+    path = tmp_path / "figure.png"
+    report.figure([("LAMB", _no_accuracy_gap_runs())], path, ["small", "gd", "gd+bernoulli", "matched"],
+                  metrics=("test_acc", "test_loss"))
+    width, height = struct.unpack(">II", path.read_bytes()[16:24])  # the PNG header
+    assert (width, height) == (650, 880)  # 100 dpi: one panel 6.5 in wide, two rows of 4.4 in
