@@ -11,8 +11,8 @@ table:
   ``mean ± std`` (the mean alone for one value, ``–`` for none).
 * :func:`by_arm_seed`: ``{(arm, seed): run}`` at one learning rate;
   :func:`diverged` tells a run whose training loss became NaN or infinite
-  (the trainer then stops), and :func:`converged` keeps the others, which
-  the statistics are taken over.
+  (the trainer then stops) or ended above the uniform prediction's, and
+  :func:`converged` keeps the others, which the statistics are taken over.
 * :func:`paired_differences`: per seed, ``x_arm − x_ref`` of two arms run
   from the same initial weights and data order.
 * :func:`gap_recovered`: per seed, the share of the gap between a worse arm
@@ -79,10 +79,21 @@ def by_arm_seed(records, lr=None):
     }
 
 
-def diverged(run):
-    """Whether a run's training loss became NaN or infinite (a run without the field did not)."""
+#: The training loss of the uniform prediction over CIFAR-10's 10 classes, ``log 10``: a run that ends above
+#: it has learned nothing (Regime A's runs, the only ones :func:`diverged` is asked about, are CIFAR-10's).
+CHANCE_LOSS = math.log(10)
+
+
+def diverged(run, chance_loss=CHANCE_LOSS):
+    """Whether a run's training loss became NaN or infinite, or ended above ``chance_loss``.
+
+    The second case is a blow-up the trainer did not stop: the loss grew by
+    decades but stayed finite (LARS with isotropic noise: 2.5 at step 200,
+    5e12 at step 2,000), and accuracy fell to chance. A run without the
+    field did not diverge.
+    """
     loss = run.get("train_loss")
-    return loss is not None and not math.isfinite(loss)
+    return loss is not None and not (math.isfinite(loss) and loss <= chance_loss)
 
 
 def converged(runs):

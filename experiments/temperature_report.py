@@ -441,38 +441,41 @@ def layerwise_table(layerwise):
     """The top-level README's table of LARS and LAMB: ``{name: (records, rate or None)}``, one row each.
 
     Per optimizer: GD's test accuracy against the small batch (points, paired
-    by seed), both arms' test cross-entropy, and each mixing arm's share of
-    the cross-entropy gap recovered (mean ± std over seeds; after it, the
-    share of the accuracy gap when GD tested lower in every seed).
+    by seed), both arms' test cross-entropy, and per mixing arm the share of
+    the cross-entropy gap recovered and its test accuracy against the small
+    batch (mean ± std over seeds; an arm's diverged seeds are named).
     """
-    lines = ["| optimizer (rate) | test acc, GD − batch 32 (points) | test CE, batch 32 / GD | CE gap recovered: "
-             "Gaussian | Bernoulli | isotropic | Gaussian, matched stddev |",
+    lines = ["| optimizer (rate), seeds | test acc: GD − batch 32 | test CE: batch 32, GD | GD + Gaussian | "
+             "GD + Bernoulli | GD + isotropic | GD + Gaussian, matched stddev |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, (records, lr) in layerwise.items():
-        runs = stats.converged(stats.by_arm_seed(records, lr)) if lr is not None else {}
+        every = stats.by_arm_seed(records, lr) if lr is not None else {}
+        runs = stats.converged(every)
         small = small_arm(runs)
         if small is None or "gd" not in stats.arms(runs):
             lines.append(f"| {LAYERWISE[name]} | rate not chosen yet | | | | | |")
             continue
         gap = stats.paired_differences(runs, "gd", small)
-        accuracy_gap = gap_in_every_seed(runs)
         ce = {a: stats.format_mean_std(stats.values(runs, a, "test_loss").values()) for a in (small, "gd")}
-        matched = [a for a in sorted_arms(runs) if a.startswith("gd+gaussian s=")]
+        matched = matched_arm(every)
 
-        def share(arm):
-            if arm is None or arm not in stats.arms(runs):
+        def cell(arm):
+            if arm is None or arm not in stats.arms(every):
                 return "not run"
-            cell = f"{stats.format_mean_std(stats.gap_recovered(runs, arm, 'gd', small, 'test_loss').values(), 100)}%"
-            if accuracy_gap:
-                cell += f" (acc {stats.format_mean_std(stats.gap_recovered(runs, arm, 'gd', small).values(), 100, 0)}%)"
-            return cell
+            lost = stats.diverged_seeds(every, arm)
+            lost_text = f"seed{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))} diverged" if lost else ""
+            if arm not in stats.arms(runs):
+                return lost_text
+            share = stats.format_mean_std(stats.gap_recovered(runs, arm, "gd", small, "test_loss").values(), 100)
+            accuracy = stats.format_mean_std(stats.paired_differences(runs, arm, small).values(), 100, signed=True)
+            return f"{share}%, {accuracy}" + (f" ({lost_text})" if lost else "")
 
         seeds = len(stats.seeds(runs, "gd"))
-        cells = [f"{LAYERWISE[name]} ({lr:g}), {seeds} seed{'s' if seeds != 1 else ''}",
-                 f"{stats.format_mean_std(gap.values(), 100, signed=True)}"
-                 + ("" if accuracy_gap else " (not lower in every seed)"),
-                 f"{ce[small]} / {ce['gd']}", share("gd+gaussian"), share("gd+bernoulli"), share("gd+isotropic"),
-                 (f"{share(matched[0])} at {matched[0].split('s=')[1]}" if matched else "not run")]
+        cells = [f"{LAYERWISE[name]} ({lr:g}), {seeds}",
+                 stats.format_mean_std(gap.values(), 100, signed=True)
+                 + ("" if gap_in_every_seed(runs) else " (not in every seed)"),
+                 f"{ce[small]}, {ce['gd']}", cell("gd+gaussian"), cell("gd+bernoulli"), cell("gd+isotropic"),
+                 (f"{cell(matched)} at {matched.split('s=')[1]}" if matched else "not run")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

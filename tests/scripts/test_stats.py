@@ -92,3 +92,13 @@ def test_quantile_and_paired_ratios():
     assert stats.paired_ratios([300.0, 500.0], [100.0, 200.0]) == [3.0, 2.5]
     with pytest.raises(ValueError, match="2 and 1 rounds"):
         stats.paired_ratios([1.0, 2.0], [1.0])
+
+
+def test_a_run_diverged_when_its_loss_is_not_finite_or_ends_above_chance():
+    assert not stats.diverged({"train_loss": 1e-9}) and not stats.diverged({"arm": "gd"})
+    assert not stats.diverged({"train_loss": 2.30})  # log 10 = 2.3026: the uniform prediction
+    for loss in (float("nan"), float("inf"), 2.31, 5.3e12):
+        assert stats.diverged({"train_loss": loss}), loss
+    assert not stats.diverged({"train_loss": 5.0}, chance_loss=math.log(1000))
+    runs = {("gd", 0): {"train_loss": 0.1}, ("gd", 1): {"train_loss": 5.3e12}}
+    assert list(stats.converged(runs)) == [("gd", 0)] and stats.diverged_seeds(runs, "gd") == [1]
