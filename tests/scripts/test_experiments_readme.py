@@ -98,8 +98,8 @@ ENTRIES = [
     # (the arms phase at a given rate, one noise, one seed); the matched phase measures before it runs (minutes).
     *(Entry((f"cifar10_gd_vs_sgd_{name}.jsonl",), LAYERWISE_COMMANDS[name],
             f"--phase arms --lr {lr} --noises gaussian {TINY_ARMS} --results {{tmp}}/{name}.jsonl {TINY_EXTRA}",
-            ((f"{name}.jsonl", 1),)) for name, lr in (("lamb", "1e-3"),)),
-    *(Entry((f"cifar10_gd_vs_sgd_{name}.jsonl",), LAYERWISE_MATCHED[name]) for name in ("lamb",)),
+            ((f"{name}.jsonl", 1),)) for name, lr in (("lamb", "1e-3"), ("lars", "1"))),
+    *(Entry((f"cifar10_gd_vs_sgd_{name}.jsonl",), LAYERWISE_MATCHED[name]) for name in LAYERWISE_MATCHED),
     Entry(("cifar10_gd_vs_sgd_test_accuracy.png",),
           "python -m experiments.temperature_report --lr 0.1 --figure "
           "experiments/results/cifar10_gd_vs_sgd_test_accuracy.png",
@@ -176,7 +176,7 @@ def test_the_regime_a_commands_rerun_nothing_that_is_recorded(tmp_path, monkeypa
     temperature.main(shlex.split(ENTRIES[2].command)[3:] + ["--phase", "rate", "--results", str(adam)])
     assert "chosen rate (validation): 0.003\n" in capsys.readouterr().out
     assert sgd.read_text() == (RESULTS / "cifar10_gd_vs_sgd.jsonl").read_text()
-    for name, command in list(LAYERWISE_COMMANDS.items())[:1]:  # rate, gap and arms
+    for name, command in LAYERWISE_COMMANDS.items():  # rate, gap and arms
         copy = tmp_path / f"{name}.jsonl"
         shutil.copy(RESULTS / f"cifar10_gd_vs_sgd_{name}.jsonl", copy)
         temperature.main(shlex.split(command)[3:] + ["--results", str(copy)])
@@ -216,3 +216,16 @@ def test_every_command_runs_on_quick_settings(tmp_path):
 def test_every_results_file_has_a_command_run_on_quick_settings():
     quick = {name for entry in ENTRIES if entry.quick is not None for name in entry.files}
     assert sorted({name for entry in ENTRIES for name in entry.files} - quick) == []
+
+
+def test_the_lars_lamb_script_runs_the_commands_of_the_table():
+    """experiments/lars_lamb_sweep.sh runs, for each optimizer, the rates and flags the README's commands give."""
+    script = (REPO / "experiments" / "lars_lamb_sweep.sh").read_text()
+    assert f"ARMS=({LAYERWISE_FLAGS})" in script
+    for name, rates in LAYERWISE_RATES.items():
+        assert f"{name.upper()}_RATES=({rates})" in script
+        for command in (LAYERWISE_COMMANDS[name], LAYERWISE_MATCHED[name]):
+            assert command in readme_table()[f"cifar10_gd_vs_sgd_{name}.jsonl"]
+        phases = ("", "--phase matched ")
+        assert [f'--optimizer {name} --rates "${{{name.upper()}_RATES[@]}}" {phase}"${{ARMS[@]}}"' in script
+                for phase in phases] == [True, True]
