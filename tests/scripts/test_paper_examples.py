@@ -244,6 +244,16 @@ def _record(run, train, val, test):
     }
 
 
+def test_the_sweep_computes_the_noise_equivalent_stddev_as_the_library_does(tmp_path):
+    from tf_gradmix import noise
+
+    for small, large in ((64, 512), (128, 1024), (1024, 2048), (96, 1000), (32, 32)):
+        args = _sweep_args(tmp_path, "--small-batch", str(small), "--large-batch", str(large))
+        assert sweep.noise_equivalent_stddev(args) == noise.stddev_for_noise_batch_size(large, small), (small, large)
+    with pytest.raises(ValueError, match="noise_batch_size"):  # the library's error: mixing only adds noise
+        sweep.noise_equivalent_stddev(_sweep_args(tmp_path, "--small-batch", "512", "--large-batch", "64"))
+
+
 def test_sweep_flags_reach_the_example(tmp_path):
     args = _sweep_args(tmp_path)
     run = sweep.make_config(args, 512, "rademacher", 2.5, seed=1, role="select")
