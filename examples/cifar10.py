@@ -49,6 +49,7 @@ __all__ = [
     "load_cifar10",
     "subset",
     "balanced_indices",
+    "train_val_indices",
     "train_val_split",
     "make_dataset",
     "normalize",
@@ -368,15 +369,20 @@ def subset(x, y, n, seed=0):
     return x[idx], y[idx]
 
 
+def train_val_indices(y, val_size, seed=0):
+    """The indices of :func:`train_val_split`: ``(train, val)``, without copying any image."""
+    val = balanced_indices(y, val_size, seed)
+    train = np.setdiff1d(np.arange(len(y)), val)
+    return np.random.default_rng(seed).permutation(train), val
+
+
 def train_val_split(x, y, val_size, seed=0):
     """Holds a class-balanced validation set out of a training set.
 
     Returns:
         ``((x_train, y_train), (x_val, y_val))``; the two share no example.
     """
-    val = balanced_indices(y, val_size, seed)
-    train = np.setdiff1d(np.arange(len(y)), val)
-    train = np.random.default_rng(seed).permutation(train)
+    train, val = train_val_indices(y, val_size, seed)
     return (x[train], y[train]), (x[val], y[val])
 
 
