@@ -60,7 +60,7 @@ define pytest
 	@start=$$(date +%s); \
 	$(2) $(3) -m pytest -q -p no:cacheprovider $(4); \
 	status=$$?; \
-	echo "== $(1): pytest exit $$status after $$(( $$(date +%s) - start )) s"; \
+	echo "== $(1): pytest exit $$status after $$(( $$(date +%s) - start )) s; CPU time (user, system) of this shell, then of pytest and its subprocesses:"; times; \
 	if [ $$status -eq 5 ]; then echo "make: the $(1) suite collected no tests" >&2; exit 1; fi; \
 	exit $$status
 endef
