@@ -211,6 +211,7 @@ def test_no_branch_on_the_backend_name_outside_backend():
 
 
 @pytest.mark.slow  # a TensorFlow import in a subprocess: tens of seconds
+@pytest.mark.backend_independent  # `import tf_gradmix` loads no backend package (the two tests above)
 def test_imports_under_python_OO():
     """``-OO`` strips docstrings; nothing may depend on them at import time."""
     import tensorflow as tf
