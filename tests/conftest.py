@@ -19,6 +19,12 @@ A module marked for other backends is not even imported (so a JAX run never
 imports TensorFlow through it): it reports one skipped item whose reason
 names the backends it needs and the module's docstring summary; a marked
 test is skipped.
+
+Tests that do not depend on the backend at all (static checks of the files,
+pure-Python logic of the scripts) say so with
+``@pytest.mark.backend_independent``: ``make test`` runs them once, in the
+TensorFlow 2.21 suite, and passes ``--skip-backend-independent`` to the other
+suites, which deselects them there.
 """
 
 import ast
@@ -53,9 +59,17 @@ import pytest  # noqa: E402
 pytest_plugins = ["cpu_time"]  # tests/cpu_time.py: --record-cpu-time, --max-cpu-time (make test-fast)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--skip-backend-independent", action="store_true",
+                     help="deselect the tests marked backend_independent (another suite of `make test` runs them)")
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "backends(*names): run only on these Keras backends ('tensorflow', 'jax', 'torch')"
+    )
+    config.addinivalue_line(
+        "markers", "backend_independent: the same on every backend (files, pure Python): `make test` runs it once"
     )
 
 
@@ -113,6 +127,11 @@ def pytest_pycollect_makemodule(module_path, parent):
 
 
 def pytest_collection_modifyitems(config, items):
+    if config.getoption("--skip-backend-independent"):
+        independent = [item for item in items if item.get_closest_marker("backend_independent")]
+        if independent:
+            config.hook.pytest_deselected(items=independent)
+            items[:] = [item for item in items if not item.get_closest_marker("backend_independent")]
     for item in items:
         for mark in item.iter_markers("backends"):
             if BACKEND not in mark.args:

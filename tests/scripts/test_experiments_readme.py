@@ -23,6 +23,8 @@ from experiments import runner, temperature
 
 import real_data
 
+pytestmark = pytest.mark.backend_independent  # the scripts' logic, the same on every backend
+
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "experiments" / "results"
 README = REPO / "experiments" / "README.md"
