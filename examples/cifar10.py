@@ -17,7 +17,9 @@ on average, at most 5, so each has its own cache file), and the uint8 arrays are
 an ``.npz`` under ``cache_dir``, ``$TF_GRADMIX_CACHE`` or ``~/.cache/tf_gradmix``,
 keyed by the tar's sha256 (the folder's file names, sizes and mtimes for an
 extracted copy). A cache file is checked (shapes, labels, a checksum of the
-arrays) before use and rebuilt when it does not match.
+arrays) before use and rebuilt when it does not match. :func:`load_cifar10_subset`
+gives class-balanced subsets (as :func:`subset` of the full arrays) decoding only
+their images, for quick runs.
 
 The JPEG copy (quality about 75) is slightly lossy against the original
 release: expect about a point lower accuracy than published CIFAR-10 numbers.
