@@ -708,8 +708,8 @@ def main(argv=None):
     parser.add_argument("--memory-probe", choices=("plain", "sample"), help=argparse.SUPPRESS)
     parser.add_argument("--precision", choices=PRECISIONS, default="float32", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.quick and os.environ.get("KERAS_BACKEND") == "jax" and "jax" not in sys.modules:
-        with_quick_xla_flags(os.environ)  # read once, when JAX starts
+    if args.quick and argv is None and os.environ.get("KERAS_BACKEND") == "jax" and "jax" not in sys.modules:
+        with_quick_xla_flags(os.environ)  # a command line's own process only; read once, when JAX starts
     if args.memory_probe:
         return memory_probe(args.memory_probe, args.precision, args.quick)
     if args.figure_from:
