@@ -28,7 +28,7 @@ BACKEND ?= tensorflow
 DEMO_ARGS ?=
 BACKENDS := tensorflow jax torch
 
-.PHONY: venv venv-tf219 lint test test-tf test-jax test-torch test-tf219 test-fast cpu-time mutations demo clean distclean
+.PHONY: venv venv-tf219 lint test test-tf test-tf-library test-tf-rest test-jax test-torch test-tf219 test-fast cpu-time mutations demo clean distclean
 
 venv: $(STAMP)
 venv-tf219: $(STAMP_TF219)
@@ -60,55 +60,57 @@ define pytest
 	@start=$$(date +%s); \
 	$(2) $(3) -m pytest -q -p no:cacheprovider $(4); \
 	status=$$?; \
-	echo "== $(1): pytest exit $$status after $$(( $$(date +%s) - start )) s"; \
+	echo "== $(1): pytest exit $$status after $$(( $$(date +%s) - start )) s; CPU time (user, system) of this shell, then of pytest and its subprocesses:"; times; \
 	if [ $$status -eq 5 ]; then echo "make: the $(1) suite collected no tests" >&2; exit 1; fi; \
 	exit $$status
 endef
 
 # The whole suite on each backend and TensorFlow version, each in its own
-# process (KERAS_BACKEND is fixed per process). Two at a time, for the two
-# cores CI has: TensorFlow 2.21 in the foreground, JAX, PyTorch and then
-# TensorFlow 2.19.1 beside it, their output kept in $(TEST_LOGS)/ and printed
-# when they end. All of them run; the target fails if any of them fails. Narrow every run
-# with e.g. `make test TESTS=tests/library/test_noise.py PYTEST_ARGS=-x`, or
-# run one suite: `make test-tf`, `make test-jax`, `make test-torch`, `make test-tf219`.
-TEST_LOGS ?= runs/test-logs
-# The suite in the foreground and the suites run one after another beside it.
-# A new backend's suite is one more target here (balance the two lines by
-# their process times, CONTRIBUTING.md). Each suite is one pytest process:
-# measured on a clean clone, the suites one after another over two pytest-xdist
-# processes each took 39 minutes against 29 side by side (xdist's processes
-# idle while one finishes a long test file).
-FOREGROUND_SUITE := test-tf
-SIDE_SUITES := test-jax test-torch test-tf219
+# pytest process (KERAS_BACKEND is fixed per process), two processes at a time
+# for the two cores CI has. `make -j2` is the queue: each core takes the next
+# suite in SUITES when it finishes one, so SUITES is ordered by CPU time, the
+# longest first (CONTRIBUTING.md, "Where the time goes"), and the TensorFlow
+# 2.21 suite runs as two processes (the library with the upstream sentinels,
+# and the rest) so that the two cores finish together. Each suite's output is
+# printed whole when it ends (--output-sync); all of them run (-k) and the
+# target fails if any fails or collects no test. Narrow every run with e.g.
+# `make test TESTS=tests/library/test_noise.py PYTEST_ARGS=-x` (TensorFlow 2.21
+# then runs as one process), or run one suite: `make test-tf`, `make test-jax`,
+# `make test-torch`, `make test-tf219`. A new backend's suite is one more
+# target in SUITES, placed by its CPU time.
+TF_PARTS := $(if $(filter tests,$(TESTS)),test-tf-library test-tf-rest,test-tf)
+SUITES ?= test-tf219 $(filter test-tf-library,$(TF_PARTS)) test-jax $(filter-out test-tf-library,$(TF_PARTS)) test-torch
+SUITE_JOBS ?= 2
 test: venv venv-tf219
-	@mkdir -p $(TEST_LOGS); rm -f $(TEST_LOGS)/*.status; \
-	( for suite in $(SIDE_SUITES); do \
-	    $(MAKE) --no-print-directory $$suite > $(TEST_LOGS)/$$suite.log 2>&1; \
-	    echo $$? > $(TEST_LOGS)/$$suite.status; \
-	  done ) & \
-	beside=$$!; \
-	$(MAKE) --no-print-directory $(FOREGROUND_SUITE); echo $$? > $(TEST_LOGS)/$(FOREGROUND_SUITE).status; \
-	wait $$beside; \
-	failed=""; \
-	for suite in $(SIDE_SUITES); do cat $(TEST_LOGS)/$$suite.log; done; \
-	for suite in $(FOREGROUND_SUITE) $(SIDE_SUITES); do \
-	  [ "$$(cat $(TEST_LOGS)/$$suite.status 2>/dev/null)" = 0 ] || failed="$$failed $$suite"; \
-	done; \
-	if [ -n "$$failed" ]; then echo "make test: failed:$$failed" >&2; exit 1; fi; \
-	echo "make test: $(FOREGROUND_SUITE) $(SIDE_SUITES) passed"
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory -k -j$(SUITE_JOBS) --output-sync=target $(SUITES); \
+	status=$$?; \
+	echo "make test: $(SUITES): $$( [ $$status -eq 0 ] && echo passed || echo FAILED) after $$(( $$(date +%s) - start )) s"; \
+	exit $$status
 
 test-tf: venv
 	$(call pytest,TensorFlow 2.21,KERAS_BACKEND=tensorflow,$(PY),$(PYTEST_ARGS) $(TESTS))
 
+# The TensorFlow 2.21 suite in two processes, as `make test` runs it.
+TF_LIBRARY_TESTS := tests/library tests/upstream
+test-tf-library: venv
+	$(call pytest,TensorFlow 2.21 library,KERAS_BACKEND=tensorflow,$(PY),$(PYTEST_ARGS) $(TF_LIBRARY_TESTS))
+
+test-tf-rest: venv
+	$(call pytest,TensorFlow 2.21 scripts and docs,KERAS_BACKEND=tensorflow,$(PY),$(PYTEST_ARGS) $(addprefix --ignore=,$(TF_LIBRARY_TESTS)) tests)
+
+# The tests marked backend_independent (static checks of the files, the
+# scripts' pure-Python logic) run in the TensorFlow 2.21 suite only.
+ONCE := --skip-backend-independent
+
 test-jax: venv
-	$(call pytest,JAX,KERAS_BACKEND=jax,$(PY),$(PYTEST_ARGS) $(TESTS))
+	$(call pytest,JAX,KERAS_BACKEND=jax,$(PY),$(ONCE) $(PYTEST_ARGS) $(TESTS))
 
 test-torch: venv
-	$(call pytest,PyTorch,KERAS_BACKEND=torch,$(PY),$(PYTEST_ARGS) $(TESTS))
+	$(call pytest,PyTorch,KERAS_BACKEND=torch,$(PY),$(ONCE) $(PYTEST_ARGS) $(TESTS))
 
 test-tf219: venv-tf219
-	$(call pytest,TensorFlow 2.19,KERAS_BACKEND=tensorflow,$(PY_TF219),$(PYTEST_ARGS) $(TESTS_TF219))
+	$(call pytest,TensorFlow 2.19,KERAS_BACKEND=tensorflow,$(PY_TF219),$(ONCE) $(PYTEST_ARGS) $(TESTS_TF219))
 
 # The edit-test loop, in two processes (pytest-xdist, a test file per
 # process: XDIST): the TensorFlow suite without the tests marked `slow` (worker

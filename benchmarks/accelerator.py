@@ -73,6 +73,16 @@ from pathlib import Path
 import numpy as np
 
 PARTS = ("overhead", "weights_and_accumulation", "cifar_large_batch")
+#: ``--quick`` on JAX: XLA skips its costly compiler optimisations (compiling dominates a smoke run).
+QUICK_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def with_quick_xla_flags(env):
+    """``env`` (a mapping) with :data:`QUICK_XLA_FLAGS` added to its ``XLA_FLAGS``, once."""
+    flags = env.get("XLA_FLAGS", "")
+    if QUICK_XLA_FLAGS not in flags:
+        env["XLA_FLAGS"] = f"{flags} {QUICK_XLA_FLAGS}".strip()
+    return env
 OVERHEAD_CONFIGS = ("plain", "sample", "control")
 PRECISIONS = ("float32", "mixed_bfloat16")
 RESULTS_NAME = "accelerator.json"
@@ -121,7 +131,7 @@ def sizes(quick):
         return dict(resnet50_stand_in=True, resnet50_image=32, resnet50_classes=10, overhead_batch=4,
                     overhead_steps=2, overhead_min_rounds=2, memory_steps=2, weights_batch=32768,
                     weights_repeats=5, micro_batch=8, accumulation_steps=2, micro_rounds=2, cifar_batch=64,
-                    noise_batch=16, cifar_train=256, cifar_test=128, cifar_widths=(8, 16, 32), max_epochs=2)
+                    noise_batch=16, cifar_train=256, cifar_test=128, cifar_widths=(8,), max_epochs=2)
     return dict(resnet50_stand_in=False, resnet50_image=224, resnet50_classes=1000, overhead_batch=256,
                 overhead_steps=10, overhead_min_rounds=5, memory_steps=3, weights_batch=32768,
                 weights_repeats=50, micro_batch=256, accumulation_steps=8, micro_rounds=5, cifar_batch=4096,
@@ -246,14 +256,15 @@ def overhead_model(config, size):
 
 
 def cifar_resnet18(model_class, size, seed=0):
-    """The CIFAR ResNet-18 of ``examples/resnet.py`` (narrower with ``--quick``) behind uint8 normalisation."""
+    """The CIFAR ResNet-18 of ``examples/resnet.py`` (smaller with ``--quick``) behind uint8 normalisation."""
     import keras
 
     from examples import cifar10, resnet
 
     keras.utils.set_random_seed(seed)
     if size["cifar_widths"]:
-        core = resnet.cifar_resnet(stage_widths=size["cifar_widths"], weight_decay=0.0)
+        widths = size["cifar_widths"]
+        core = resnet.cifar_resnet(stage_widths=widths, blocks_per_stage=(1,) * len(widths), weight_decay=0.0)
     else:
         core = resnet.resnet18_cifar(weight_decay=0.0)
     inputs = keras.Input((32, 32, 3), dtype="uint8")
@@ -351,6 +362,8 @@ def measure_memory(config, precision, quick, budget):
     command = [sys.executable, "-m", "benchmarks.accelerator", "--memory-probe", config, "--precision", precision]
     if quick:
         command.append("--quick")
+        if _backend() == "jax":
+            with_quick_xla_flags(env)
     result = subprocess.run(command, capture_output=True, text=True, env=env,
                             timeout=max(budget.left(), 1), cwd=Path(__file__).resolve().parents[1])
     if result.returncode != 0:
@@ -518,11 +531,13 @@ def part_cifar_large_batch(args, size, budget, results):
     import tf_gradmix as gm
     from examples import cifar10
 
-    (x_train, y_train), (x_test, y_test) = cifar10.load_cifar10(args.data_dir, cache_dir=args.cache_dir,
-                                                                verbose=False)
-    if size["cifar_train"]:
-        x_train, y_train = cifar10.subset(x_train, y_train, size["cifar_train"], seed=0)
-        x_test, y_test = cifar10.subset(x_test, y_test, size["cifar_test"], seed=0)
+    if size["cifar_train"]:  # --quick: decodes only the subsets' images
+        (x_train, y_train), (x_test, y_test) = cifar10.load_cifar10_subset(
+            size["cifar_train"], size["cifar_test"], seed=0, data_dir=args.data_dir, cache_dir=args.cache_dir,
+            verbose=False)
+    else:
+        (x_train, y_train), (x_test, y_test) = cifar10.load_cifar10(args.data_dir, cache_dir=args.cache_dir,
+                                                                    verbose=False)
     batch = min(args.cifar_batch or size["cifar_batch"], len(x_train))
     steps_per_epoch = len(x_train) // batch
     recipe = gm.recipes.CIFAR_LARS
@@ -533,7 +548,7 @@ def part_cifar_large_batch(args, size, budget, results):
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     part = results.setdefault("cifar_large_batch", {
         "model": "CIFAR ResNet-18 (examples/resnet.py), BatchNorm momentum 0.9" if not size["cifar_widths"]
-        else f"CIFAR ResNet {size['cifar_widths']} (quick)",
+        else f"CIFAR ResNet {size['cifar_widths']}, a block a stage (quick)",
         "batch": batch, "train_images": len(x_train), "test_images": len(x_test),
         "optimizer": f"LARS(momentum=0.9, weight_decay=5e-4, trust_coefficient="
                      f"{recipe['trust_coefficient']}, exclude_1d_variables=True)",
@@ -685,12 +700,16 @@ def main(argv=None):
     parser.add_argument("--cache-dir", default=None, help="where decoded CIFAR-10 arrays are cached")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     parser.add_argument("--cifar-batch", type=int, default=None, help="batch of part 3 (default 4096)")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, allowed on a CPU: a smoke run")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes, allowed on a CPU: a smoke run (decodes only the CIFAR-10 images it uses; "
+                             "XLA compiles without its costly optimisations)")
     parser.add_argument("--figure-from", nargs="+", metavar="JSON",
                         help="only draw the figure into --out from these results files (later files' parts win)")
     parser.add_argument("--memory-probe", choices=("plain", "sample"), help=argparse.SUPPRESS)
     parser.add_argument("--precision", choices=PRECISIONS, default="float32", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.quick and argv is None and os.environ.get("KERAS_BACKEND") == "jax" and "jax" not in sys.modules:
+        with_quick_xla_flags(os.environ)  # a command line's own process only; read once, when JAX starts
     if args.memory_probe:
         return memory_probe(args.memory_probe, args.precision, args.quick)
     if args.figure_from:

@@ -17,7 +17,9 @@ on average, at most 5, so each has its own cache file), and the uint8 arrays are
 an ``.npz`` under ``cache_dir``, ``$TF_GRADMIX_CACHE`` or ``~/.cache/tf_gradmix``,
 keyed by the tar's sha256 (the folder's file names, sizes and mtimes for an
 extracted copy). A cache file is checked (shapes, labels, a checksum of the
-arrays) before use and rebuilt when it does not match.
+arrays) before use and rebuilt when it does not match. :func:`load_cifar10_subset`
+gives class-balanced subsets (as :func:`subset` of the full arrays) decoding only
+their images, for quick runs.
 
 The JPEG copy (quality about 75) is slightly lossy against the original
 release: expect about a point lower accuracy than published CIFAR-10 numbers.
@@ -47,8 +49,10 @@ __all__ = [
     "STD",
     "find_cifar10",
     "load_cifar10",
+    "load_cifar10_subset",
     "subset",
     "balanced_indices",
+    "train_val_indices",
     "train_val_split",
     "make_dataset",
     "normalize",
@@ -193,10 +197,12 @@ def _decode_with_pillow(jpegs):
     return images
 
 
-def _decode(records, split, expected_per_class, using=None):
+def _decode(records, split, expected_per_class, using=None, select=None):
     """Sorted, decoded ``(images uint8 [N,32,32,3], labels int64 [N])``.
 
     ``using``: ``"tensorflow"`` or ``"pillow"``; default :func:`decoder`.
+    ``select``: optional function of the sorted labels returning the indices
+    to decode; then only those images and labels are returned, in that order.
     """
     using = using or decoder()
     if using not in ("tensorflow", "pillow"):
@@ -214,6 +220,9 @@ def _decode(records, split, expected_per_class, using=None):
         )
 
     jpegs = [jpeg for _, _, jpeg in records]
+    if select is not None:
+        idx = select(labels)
+        jpegs, labels = [jpegs[i] for i in idx], labels[idx]
     images = _decode_with_tensorflow(jpegs) if using == "tensorflow" else _decode_with_pillow(jpegs)
     return images, labels
 
@@ -225,16 +234,18 @@ def _checksum(*arrays):
     return digest.hexdigest()
 
 
-def _check_arrays(x_train, y_train, x_test, y_test):
-    for name, x, y, per_class in (
+def _check_arrays(x_train, y_train, x_test, y_test, sizes=None):
+    """Checks CIFAR-10's shapes and labels; ``sizes``: ``(train, test)`` of class-balanced subsets."""
+    for i, (name, x, y, per_class) in enumerate((
         ("train", x_train, y_train, NUM_TRAIN_PER_CLASS),
         ("test", x_test, y_test, NUM_TEST_PER_CLASS),
-    ):
-        n = per_class * len(CLASSES)
+    )):
+        n = per_class * len(CLASSES) if sizes is None else sizes[i]
+        counts = [n // 10 + (c < n % 10) for c in range(10)]
         if x.shape != (n, *IMAGE_SHAPE) or x.dtype != np.uint8:
             raise ValueError(f"{name} images: shape {x.shape} {x.dtype}, expected ({n}, 32, 32, 3) uint8")
-        if y.shape != (n,) or not np.all(np.bincount(y, minlength=10) == per_class):
-            raise ValueError(f"{name} labels: not {per_class} of each of the 10 classes")
+        if y.shape != (n,) or np.bincount(y, minlength=10).tolist() != counts:
+            raise ValueError(f"{name} labels: not {counts} of the 10 classes")
 
 
 def _cache_dir(cache_dir):
@@ -243,8 +254,8 @@ def _cache_dir(cache_dir):
     return Path(cache_dir).expanduser()
 
 
-def _load_cache(path, key):
-    """The cached arrays if ``path`` is a valid cache for ``key``, else None."""
+def _load_cache(path, key, sizes=None):
+    """The cached arrays if ``path`` is a valid cache for ``key``, else None (``sizes``: of a subset)."""
     try:
         with np.load(path, allow_pickle=False) as cache:
             if int(cache["format"]) != _CACHE_FORMAT or str(cache["key"]) != key:
@@ -252,7 +263,7 @@ def _load_cache(path, key):
             arrays = tuple(cache[k] for k in ("x_train", "y_train", "x_test", "y_test"))
             if str(cache["checksum"]) != _checksum(*arrays):
                 return None
-        _check_arrays(*arrays)
+        _check_arrays(*arrays, sizes=sizes)
         return arrays
     except (OSError, KeyError, ValueError):
         return None
@@ -326,6 +337,60 @@ def load_cifar10(data_dir=None, cache_dir=None, verbose=True):
     return (x_train, y_train), (x_test, y_test)
 
 
+def load_cifar10_subset(train_size, test_size, seed=0, data_dir=None, cache_dir=None, verbose=True):
+    """Class-balanced subsets of CIFAR-10, decoding only their images.
+
+    Equal to :func:`subset` of :func:`load_cifar10`'s arrays
+    (``subset(x_train, y_train, train_size, seed)`` and the same of the test
+    set), without decoding the other images: for quick runs on a few hundred
+    images. A full decoded cache, where one exists, is used; otherwise the
+    subset's arrays get a cache file of their own.
+
+    Args:
+        train_size: training images (at most 50,000).
+        test_size: test images (at most 10,000).
+        seed: the subsets' seed.
+        data_dir, cache_dir, verbose: as for :func:`load_cifar10`.
+
+    Returns:
+        ``((x_train, y_train), (x_test, y_test))``, as :func:`subset` returns them.
+    """
+    for name, value, most in (("train_size", train_size, 10 * NUM_TRAIN_PER_CLASS),
+                              ("test_size", test_size, 10 * NUM_TEST_PER_CLASS)):
+        if not 1 <= value <= most:
+            raise ValueError(f"Invalid value for argument `{name}`: expected 1 to {most}, got {value}.")
+    say = print if verbose else (lambda *a, **k: None)
+    source = find_cifar10(data_dir)
+    using = decoder()
+    key = None if source is None else _source_key(source)
+    full = None
+    if key is not None:
+        full_key = key if using == "tensorflow" else f"{key}-{using}"
+        full = _cache_dir(cache_dir) / f"cifar10-jpeg-{full_key[:24]}{'' if using == 'tensorflow' else '-' + using}.npz"
+    if source is None or full.exists():
+        (x_train, y_train), (x_test, y_test) = load_cifar10(data_dir, cache_dir, verbose)
+        return subset(x_train, y_train, train_size, seed), subset(x_test, y_test, test_size, seed)
+
+    subset_key = f"{key}-subset-{train_size}-{test_size}-{seed}" + ("" if using == "tensorflow" else f"-{using}")
+    cache = _cache_dir(cache_dir) / (f"cifar10-jpeg-{key[:24]}-subset-{train_size}-{test_size}-{seed}"
+                                     f"{'' if using == 'tensorflow' else '-' + using}.npz")
+    arrays = _load_cache(cache, subset_key, (train_size, test_size)) if cache.exists() else None
+    if arrays is not None:
+        say(f"CIFAR-10: {source} (decoded subset cache {cache})")
+    else:
+        say(f"CIFAR-10: decoding {train_size} + {test_size} images of {source} ...", flush=True)
+        records = _read_encoded(source)
+        x_train, y_train = _decode(records["train"], "train", NUM_TRAIN_PER_CLASS, using,
+                                   select=lambda y: balanced_indices(y, train_size, seed))
+        x_test, y_test = _decode(records["test"], "test", NUM_TEST_PER_CLASS, using,
+                                 select=lambda y: balanced_indices(y, test_size, seed))
+        arrays = (x_train, y_train, x_test, y_test)
+        _save_cache(cache, subset_key, arrays)
+        say(f"CIFAR-10: cached the decoded subset in {cache}")
+    x_train, y_train, x_test, y_test = arrays
+    return (x_train, y_train), (x_test, y_test)
+
+
 # --------------------------------------------------------------------------
 # Subsets and splits
 
@@ -368,15 +433,20 @@ def subset(x, y, n, seed=0):
     return x[idx], y[idx]
 
 
+def train_val_indices(y, val_size, seed=0):
+    """The indices of :func:`train_val_split`: ``(train, val)``, without copying any image."""
+    val = balanced_indices(y, val_size, seed)
+    train = np.setdiff1d(np.arange(len(y)), val)
+    return np.random.default_rng(seed).permutation(train), val
+
+
 def train_val_split(x, y, val_size, seed=0):
     """Holds a class-balanced validation set out of a training set.
 
     Returns:
         ``((x_train, y_train), (x_val, y_val))``; the two share no example.
     """
-    val = balanced_indices(y, val_size, seed)
-    train = np.setdiff1d(np.arange(len(y)), val)
-    train = np.random.default_rng(seed).permutation(train)
+    train, val = train_val_indices(y, val_size, seed)
     return (x[train], y[train]), (x[val], y[val])
 
 

@@ -307,8 +307,10 @@ def gradient_penalty_model_class():
 
 def load_data(config):
     (x_all, y_all), (x_test, y_test) = cifar10.load_cifar10(config.data_dir, config.cache_dir, verbose=False)
-    (x_pool, y_pool), (x_val, y_val) = cifar10.train_val_split(x_all, y_all, config.val_size, seed=config.data_seed)
-    x_train, y_train = cifar10.subset(x_pool, y_pool, config.train_size, seed=config.data_seed + 1)
+    # cifar10.train_val_split, then cifar10.subset of its training part, indexing the images once.
+    pool, val = cifar10.train_val_indices(y_all, config.val_size, seed=config.data_seed)
+    train = pool[cifar10.balanced_indices(y_all[pool], config.train_size, seed=config.data_seed + 1)]
+    (x_train, y_train), (x_val, y_val) = (x_all[train], y_all[train]), (x_all[val], y_all[val])
     if config.test_size:
         # The JPEG copy is sorted by class: take a class-balanced subset.
         x_test, y_test = cifar10.subset(x_test, y_test, config.test_size, seed=config.data_seed)

@@ -64,7 +64,6 @@ from pathlib import Path
 from examples import cifar_train, multi30k_transformer
 from examples.config import argv_of, config_from_argv
 from experiments import runner
-from tf_gradmix.noise import stddev_for_noise_batch_size
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results"
@@ -255,10 +254,25 @@ def key_of(run):
     return runner.key_of(run.trainer, run.config)
 
 
+def noise_equivalent_stddev(args):
+    """``tf_gradmix.noise.stddev_for_noise_batch_size(--large-batch, --small-batch)``: ``sqrt(B / b - 1)``.
+
+    Computed here, the library imported only to refuse bad batch sizes with its
+    error: importing ``tf_gradmix`` loads Keras and its backend, seconds of CPU
+    that a sweep which finds its runs done (or only plans) does not need.
+    """
+    large, small = args.large_batch, args.small_batch
+    if not 0 < small <= large:
+        from tf_gradmix.noise import stddev_for_noise_batch_size
+
+        return stddev_for_noise_batch_size(large, small)
+    return math.sqrt(large / small - 1.0)
+
+
 def candidate_stddevs(args):
     values = [float(s) for s in args.stddevs]
     if args.noise_equivalent:
-        values.append(stddev_for_noise_batch_size(args.large_batch, args.small_batch))
+        values.append(noise_equivalent_stddev(args))
     return sorted({round(v, 6) for v in values})
 
 
@@ -439,7 +453,7 @@ def main(argv=None):
         f"Sweep {args.task}: {args.optimizer}, batch {args.small_batch} vs {args.large_batch}, "
         f"{args.epochs} epochs on {args.train_size or 'all'} training examples; stddev candidates "
         f"{candidate_stddevs(args)} (noise-equivalent "
-        f"{stddev_for_noise_batch_size(args.large_batch, args.small_batch):.3f}); results {args.results}",
+        f"{noise_equivalent_stddev(args):.3f}); results {args.results}",
         flush=True,
     )
     if args.phase in ("gap", "all"):

@@ -7,7 +7,7 @@ initialises:
 
 * TensorFlow: four logical CPU devices (configured later, TensorFlow refuses);
 * JAX: ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` before jax is
-  imported; TensorFlow is never imported;
+  imported (with XLA's costly CPU optimisations off); TensorFlow is never imported;
 * PyTorch: one CPU device (Keras's PyTorch ``fit`` trains one device; the
   ``DistributedDataParallel`` test starts its own processes); TensorFlow is
   never imported.
@@ -19,6 +19,12 @@ A module marked for other backends is not even imported (so a JAX run never
 imports TensorFlow through it): it reports one skipped item whose reason
 names the backends it needs and the module's docstring summary; a marked
 test is skipped.
+
+Tests that do not depend on the backend at all (static checks of the files,
+pure-Python logic of the scripts) say so with
+``@pytest.mark.backend_independent``: ``make test`` runs them once, in the
+TensorFlow 2.21 suite, and passes ``--skip-backend-independent`` to the other
+suites, which deselects them there.
 """
 
 import ast
@@ -37,9 +43,13 @@ NUM_DEVICES = 4
 NUM_LOGICAL_CPUS = NUM_DEVICES  # the TensorFlow name
 
 if BACKEND == "jax":
-    flag = f"--xla_force_host_platform_device_count={NUM_DEVICES}"
-    if flag not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+    # Four CPU devices, and XLA's CPU code generation without its costly
+    # optimisations: the tests compare results, not speed, and compiling is most
+    # of their CPU time (test_model.py: 84 s -> 64 s); worker processes inherit it.
+    for flag in (f"--xla_force_host_platform_device_count={NUM_DEVICES}",
+                 "--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"):
+        if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+            os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
 elif BACKEND == "tensorflow":
     import tensorflow as tf
 
@@ -53,9 +63,17 @@ import pytest  # noqa: E402
 pytest_plugins = ["cpu_time"]  # tests/cpu_time.py: --record-cpu-time, --max-cpu-time (make test-fast)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--skip-backend-independent", action="store_true",
+                     help="deselect the tests marked backend_independent (another suite of `make test` runs them)")
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "backends(*names): run only on these Keras backends ('tensorflow', 'jax', 'torch')"
+    )
+    config.addinivalue_line(
+        "markers", "backend_independent: the same on every backend (files, pure Python): `make test` runs it once"
     )
 
 
@@ -113,6 +131,11 @@ def pytest_pycollect_makemodule(module_path, parent):
 
 
 def pytest_collection_modifyitems(config, items):
+    if config.getoption("--skip-backend-independent"):
+        independent = [item for item in items if item.get_closest_marker("backend_independent")]
+        if independent:
+            config.hook.pytest_deselected(items=independent)
+            items[:] = [item for item in items if not item.get_closest_marker("backend_independent")]
     for item in items:
         for mark in item.iter_markers("backends"):
             if BACKEND not in mark.args:

@@ -81,17 +81,20 @@ def broken_links(path, repo=REPO):
     return broken
 
 
+@pytest.mark.backend_independent
 @pytest.mark.parametrize("page", LINKED_PAGES, ids=lambda p: p.relative_to(REPO).as_posix())
 def test_every_relative_link_resolves(page):
     assert list(relative_links(page)), f"{page} has no relative link: the scan sees none"
     assert broken_links(page) == []
 
 
+@pytest.mark.backend_independent
 def test_the_docs_pages_exist():
     names = {p.name for p in DOCS}
     assert {"api.md", "optimizers.md", "distributed.md", "diagnostics.md", "performance.md"} <= names
 
 
+@pytest.mark.backend_independent
 def test_anchors_are_made_as_github_makes_them(tmp_path):
     page = tmp_path / "page.md"
     page.write_text(
@@ -104,6 +107,7 @@ def test_anchors_are_made_as_github_makes_them(tmp_path):
     }
 
 
+@pytest.mark.backend_independent
 def test_a_broken_link_is_found(tmp_path):
     (tmp_path / "other.md").write_text("# Real heading\n")
     page = tmp_path / "page.md"
@@ -118,6 +122,7 @@ def test_a_broken_link_is_found(tmp_path):
     ]
 
 
+@pytest.mark.backend_independent
 def test_readme_is_short_and_names_the_two_commands():
     text = README.read_text()
     assert len(text.splitlines()) <= 250
@@ -152,6 +157,7 @@ SHIPPED = ["README.md", "docs", "tf_gradmix", "examples", "experiments", "benchm
 WORK_ITEMS = re.compile(r"issue ?#?[0-9]|must-show|session", re.I)
 
 
+@pytest.mark.backend_independent
 def test_shipped_files_do_not_speak_of_the_projects_work_items():
     found = []
     for entry in SHIPPED:

@@ -107,6 +107,7 @@ def test_noise_equivalent_batch_size():
 
 
 @pytest.mark.slow
+@pytest.mark.backend_independent  # all backends draw the NumPy oracle's weights (Gaussian to ulps): test_random.py
 def test_mixed_gradient_covariance_matches_noise_equivalent_batch():
     """Monte Carlo check of the noise-equivalent batch on synthetic per-example gradients.
 

@@ -100,12 +100,14 @@ def find_cycle(graph):
     return None
 
 
+@pytest.mark.backend_independent
 def test_no_import_cycle_between_tf_gradmix_modules():
     graph = import_graph()
     assert "tf_gradmix.per_example" in graph["tf_gradmix.model"]  # the scan sees deferred imports
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
+@pytest.mark.backend_independent
 def test_dependency_direction_transitively():
     """Every import counts, deferred ones too, followed through other modules."""
     graph = import_graph()
@@ -123,6 +125,7 @@ def test_dependency_direction_transitively():
     assert "tf_gradmix.backend.jax.optimizer" in reachable(graph, "tf_gradmix.backend.jax.trainer")
 
 
+@pytest.mark.backend_independent
 def test_tensorflow_modules_load_only_on_tensorflow():
     """``import tf_gradmix`` runs no module that imports TensorFlow; those are imported on first use.
 
@@ -138,6 +141,7 @@ def test_tensorflow_modules_load_only_on_tensorflow():
     assert {"tf_gradmix.backend.tensorflow", "tf_gradmix.per_example"} <= tensorflow_modules
 
 
+@pytest.mark.backend_independent
 def test_torch_modules_load_only_on_torch():
     """``import tf_gradmix`` runs no module that imports PyTorch: no PyTorch build is forced on anyone."""
     eager = import_graph(top_level_only=True)
@@ -169,6 +173,7 @@ def private_accesses(tree):
     return found
 
 
+@pytest.mark.backend_independent
 def test_keras_private_attributes_only_in_backend():
     offenders = []
     for name, path in modules().items():
@@ -193,6 +198,7 @@ def backend_name_queries(tree):
     return found
 
 
+@pytest.mark.backend_independent
 def test_no_branch_on_the_backend_name_outside_backend():
     """What differs by backend lives in ``tf_gradmix/backend/``; the rest asks ``backend.current()``."""
     offenders = []
@@ -205,6 +211,7 @@ def test_no_branch_on_the_backend_name_outside_backend():
 
 
 @pytest.mark.slow  # a TensorFlow import in a subprocess: tens of seconds
+@pytest.mark.backend_independent  # `import tf_gradmix` loads no backend package (the two tests above)
 def test_imports_under_python_OO():
     """``-OO`` strips docstrings; nothing may depend on them at import time."""
     import tensorflow as tf
@@ -227,6 +234,7 @@ def test_imports_under_python_OO():
     assert result.stdout.strip() == "None"
 
 
+@pytest.mark.backend_independent
 @pytest.mark.parametrize("name", sorted(modules()))
 def test_docstrings_with_backslashes_are_raw(name):
     """A math docstring written as ``r\"\"\"...\"\"\"`` reads as it is written."""
@@ -321,6 +329,7 @@ def python_files(*folders):
     return [p for folder in folders for p in sorted((REPO / folder).rglob("*.py"))]
 
 
+@pytest.mark.backend_independent
 def test_no_test_module_imports_another():
     """Shared test helpers live in conftest.py and helper modules (oracles.py, mwms_cluster.py), not in test modules."""
     tests = {p.stem for p in (REPO / "tests").rglob("test_*.py")}
@@ -336,6 +345,7 @@ def test_no_test_module_imports_another():
     assert not offenders, offenders
 
 
+@pytest.mark.backend_independent
 def test_examples_experiments_benchmarks_and_tests_never_edit_sys_path():
     """Shared example code is imported as the ``examples`` package (``python -m``)."""
     edits = ("sys.path.insert", "sys.path.append")
@@ -347,6 +357,7 @@ def test_examples_experiments_benchmarks_and_tests_never_edit_sys_path():
     assert not offenders, offenders
 
 
+@pytest.mark.backend_independent
 def test_the_bare_package_does_not_force_a_tensorflow_build():
     """``pip install tf_gradmix`` leaves the TensorFlow build to the user; the
     ``[cpu]``, ``[gpu]`` and ``[tpu]`` extras pick one, TensorFlow 2.19 to 2.21

@@ -10,6 +10,8 @@ import pytest
 
 from examples import config as cfg
 
+pytestmark = pytest.mark.backend_independent  # the scripts' logic, the same on every backend
+
 REPO = Path(__file__).resolve().parents[2]
 
 

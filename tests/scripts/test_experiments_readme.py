@@ -23,6 +23,8 @@ from experiments import runner, temperature
 
 import real_data
 
+pytestmark = pytest.mark.backend_independent  # the scripts' logic, the same on every backend
+
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "experiments" / "results"
 README = REPO / "experiments" / "README.md"
@@ -62,13 +64,19 @@ LAYERWISE_MATCHED = {name: f"python -m experiments.temperature --optimizer {name
 #: Their chosen rates (validation).
 LAYERWISE_CHOSEN = {"lamb": "0.003", "lars": "0.7"}
 
-#: cifar_train on a tiny subset and ResNet, for every run of a sweep.py command.
-TINY_CIFAR = ("--train-size 128 --val-size 64 --test-size 100 --epochs 1 --small-batch 16 --large-batch 32 "
-              "--widths 4 8 8 --ggn-size 8")
+#: cifar_train on a tiny subset and ResNet, for every run of a sweep.py command; every evaluated split as large as
+#: the training subset (one batch shape for the test step); no log Tr(G) (seconds of tracing per run, the
+#: trainer's own code, which tests/scripts/test_paper_examples.py's quick run runs).
+TINY_CIFAR = ("--train-size 128 --val-size 128 --test-size 128 --epochs 1 --small-batch 16 --large-batch 32 "
+              "--widths 4 8 8 --ggn-size 0")
 
-#: gd_vs_sgd on a tiny subset, for every run of a temperature.py command.
-TINY_ARMS = "--train-size 64 --batch-size 16 --steps 4 --fit-threshold 0 --seeds 0"
-TINY_EXTRA = "--extra --val-size 50 --test-size 100 --eval-every 2 --ggn-size 8"
+#: gd_vs_sgd on a tiny subset, for every run of a temperature.py command (b = 32: two blocks in the penalty's
+#: double backprop, which its train step unrolls).
+TINY_ARMS = "--train-size 64 --batch-size 32 --steps 4 --fit-threshold 0 --seeds 0"
+#: Every evaluated split as large as the training subset: one batch shape for the test step.
+TINY_EXTRA = "--extra --val-size 64 --test-size 64 --eval-every 2 --ggn-size 8"
+#: multi30k_transformer's ``--quick`` model (its ``tiny`` size) instead of the sweep's 2+2-layer, d_model 128 one.
+TINY_TRANSFORMER = "--layers 1 --d-model 32 --heads 2 --ff 64 --dropout 0"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +128,8 @@ ENTRIES = [
     Entry(("cifar10_resnet8_gap.jsonl",), SWEEP_COMMANDS[0], f"{TINY_CIFAR} --results {{tmp}}/gap.jsonl",
           (("gap.jsonl", 2),)),  # the gap phase's two runs; one epoch fits nothing, so it stops there
     *(Entry(("cifar10_resnet8_gap.jsonl",), command) for command in SWEEP_COMMANDS[1:]),
-    Entry(("multi30k_transformer.jsonl",), MULTI30K_COMMANDS[0], "--results {tmp}/multi30k.jsonl --extra --quick",
+    Entry(("multi30k_transformer.jsonl",), MULTI30K_COMMANDS[0],
+          f"--results {{tmp}}/multi30k.jsonl --extra --quick {TINY_TRANSFORMER}",
           (("multi30k.jsonl", 2),)),
     *(Entry(("multi30k_transformer.jsonl",), command) for command in MULTI30K_COMMANDS[1:]),
     Entry(("cifar10_resnet8_gap_n2048_e40_accuracy_vs_batch.png", "cifar10_resnet8_gap_n2048_e40_large_batch.png"),
@@ -132,7 +141,7 @@ ENTRIES = [
           (("multi30k_transformer_n10000_e8_d128_accuracy_vs_batch.png", None),)),
     Entry(("cifar10_resnet8_capped_rate.jsonl",), "python -m experiments.capped_rate --parallel 2 --threads 1",
           "--seeds 0 --epochs 1 --small-batch 16 --large-batch 64 --results {tmp}/capped.jsonl "
-          "--extra --train-size 128 --val-size 64 --test-size 100 --widths 4 8 8 --ggn-size 8",
+          "--extra --train-size 128 --val-size 128 --test-size 128 --widths 4 8 8 --ggn-size 0",
           (("capped.jsonl", 3),)),
 ]
 
@@ -182,6 +191,20 @@ def test_the_regime_a_commands_rerun_nothing_that_is_recorded(tmp_path, monkeypa
         temperature.main(shlex.split(command)[3:] + ["--results", str(copy)])
         assert f"chosen rate (validation): {LAYERWISE_CHOSEN[name]}\n" in capsys.readouterr().out
         assert copy.read_text() == (RESULTS / f"cifar10_gd_vs_sgd_{name}.jsonl").read_text()
+
+
+def test_a_command_finds_its_runs_done_without_importing_keras():
+    """Started again, a command only reads its results file: no Keras or backend import (seconds of CPU each).
+
+    The runner parses each recorded row through its trainer's module, so the trainers' module level stays light
+    too. (experiments/capped_rate.py takes its rates from tf_gradmix's recipes, so it imports Keras.)
+    """
+    modules = ("experiments.temperature", "experiments.sweep", "experiments.temperature_report", "experiments.plot",
+               "examples.gd_vs_sgd", "examples.cifar_train", "examples.multi30k_transformer")
+    code = (f"import sys, {', '.join(modules)}; "
+            "print(sorted({'keras', 'tensorflow', 'jax', 'torch'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
 
 
 @pytest.mark.slow

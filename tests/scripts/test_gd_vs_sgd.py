@@ -3,9 +3,6 @@
 import argparse
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -19,8 +16,6 @@ import real_data
 from oracles import assert_float32_close, flat, per_example_gradients, weights_of
 
 pytestmark = pytest.mark.backends("tensorflow")
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_default_stddev_is_the_temperature_rule():
@@ -105,13 +100,12 @@ def test_one_arm_runs_end_to_end_on_real_cifar10(tmp_path):
     if cifar10.find_cifar10() is None:
         real_data.missing("CIFAR-10 JPEG")
     out = tmp_path / "arm.json"
-    command = [
-        sys.executable, "-m", "examples.gd_vs_sgd",
+    # ``python -m examples.gd_vs_sgd ...``, in this process (a new interpreter would import TensorFlow again).
+    gd_vs_sgd.main([
         "--train-size", "100", "--val-size", "100", "--test-size", "200",
         "--steps", "4", "--eval-every", "2", "--noise", "bernoulli", "--ggn-size", "16",
         "--out", str(out),
-    ]
-    subprocess.run(command, check=True, cwd=REPO, capture_output=True, timeout=600)
+    ])
     result = json.loads(out.read_text())
     assert result["arm"] == "gd+bernoulli" and result["batch_size"] == 100 and result["steps"] == 4
     assert result["stddev"] == pytest.approx(math.sqrt(100 / 32 - 1))
@@ -263,12 +257,10 @@ def test_penalty_arm_runs_end_to_end_on_real_cifar10(tmp_path):
     if cifar10.find_cifar10() is None:
         real_data.missing("CIFAR-10 JPEG")
     out = tmp_path / "arm.json"
-    command = [
-        sys.executable, "-m", "examples.gd_vs_sgd",
+    gd_vs_sgd.main([  # in this process, as above
         "--train-size", "100", "--val-size", "100", "--test-size", "200", "--optimizer", "adam", "--lr", "0.01",
         "--steps", "2", "--eval-every", "2", "--penalty-factor", "4", "--ggn-size", "0", "--out", str(out),
-    ]
-    subprocess.run(command, check=True, cwd=REPO, capture_output=True, timeout=600)
+    ])
     result = json.loads(out.read_text())
     assert result["arm"] == "gd+penalty x4" and result["optimizer"] == "adam" and result["batch_size"] == 100
     assert result["penalty_weight"] == pytest.approx(0.01) and result["penalty_block_size"] == 32

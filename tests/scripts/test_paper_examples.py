@@ -2,19 +2,16 @@
 
 * ``examples/cifar_train.py --quick`` and
   ``examples/multi30k_transformer.py --quick`` run a few steps on tiny
-  settings in a subprocess, on the real data in ``$TF_GRADMIX_DATA`` or
+  settings (their ``main(argv)``, in process), on the real data in ``$TF_GRADMIX_DATA`` or
   ``../shared/data`` (skipped only when there is none; nothing downloads);
 * ``examples/multi30k.py`` (loader, tokenizer, batches) in process;
 * ``experiments/sweep.py`` (plan, resume, stddev chosen on validation) and
   ``experiments/plot.py`` on a synthetic results file, without training.
 """
 
+import importlib
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,18 +23,15 @@ import real_data
 
 pytestmark = pytest.mark.backends("tensorflow")
 
-REPO = Path(__file__).resolve().parents[2]
 
+def _run(module, capsys, *flags):
+    """Runs ``python -m module`` with ``flags``, as the README says, in this process (its ``main(argv)``).
 
-def _run(module, *flags):
-    """Runs ``python -m module`` from the repository root, as the README says."""
-    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
-    done = subprocess.run(
-        [sys.executable, "-m", module, *flags], cwd=REPO, env=env,
-        capture_output=True, text=True,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
+    In process: the script's logic is what is tested, and a new interpreter would import TensorFlow again.
+    """
+    capsys.readouterr()
+    importlib.import_module(module).main(list(flags))
+    return capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +47,13 @@ def multi30k_folder():
 
 
 @pytest.mark.slow
-def test_cifar_train_quick_run(tmp_path):
+def test_cifar_train_quick_run(tmp_path, capsys):
     if cifar10.find_cifar10() is None:
         real_data.missing("CIFAR-10 JPEG")
     out = tmp_path / "run"
     result_path = tmp_path / "result.json"
     stdout = _run(
-        "examples.cifar_train", "--quick", "--noise", "rademacher",
+        "examples.cifar_train", capsys, "--quick", "--noise", "rademacher",
         "--stddev", "0.5", "--ggn-size", "8", "--ggn-probes", "2", "--verbose", "0",
         "--out", str(out), "--json-out", str(result_path),
     )
@@ -159,10 +153,10 @@ def test_multi30k_transformer_optimizers_and_schedule():
 
 
 @pytest.mark.slow
-def test_multi30k_transformer_quick_run(tmp_path, multi30k_folder):
+def test_multi30k_transformer_quick_run(tmp_path, multi30k_folder, capsys):
     result_path = tmp_path / "result.json"
     _run(
-        "examples.multi30k_transformer", "--quick", "--noise", "gaussian",
+        "examples.multi30k_transformer", capsys, "--quick", "--noise", "gaussian",
         "--stddev", "1", "--verbose", "0", "--out", str(tmp_path / "run"),
         "--json-out", str(result_path),
     )
@@ -242,6 +236,16 @@ def _record(run, train, val, test):
         "gamma_bar": 1.0 + run.config.stddev ** 2, "wall_seconds": 60.0,
         "log_ggn_trace": 3.0,
     }
+
+
+def test_the_sweep_computes_the_noise_equivalent_stddev_as_the_library_does(tmp_path):
+    from tf_gradmix import noise
+
+    for small, large in ((64, 512), (128, 1024), (1024, 2048), (96, 1000), (32, 32)):
+        args = _sweep_args(tmp_path, "--small-batch", str(small), "--large-batch", str(large))
+        assert sweep.noise_equivalent_stddev(args) == noise.stddev_for_noise_batch_size(large, small), (small, large)
+    with pytest.raises(ValueError, match="noise_batch_size"):  # the library's error: mixing only adds noise
+        sweep.noise_equivalent_stddev(_sweep_args(tmp_path, "--small-batch", "512", "--large-batch", "64"))
 
 
 def test_sweep_flags_reach_the_example(tmp_path):

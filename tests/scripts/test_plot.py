@@ -4,9 +4,13 @@ import dataclasses
 import json
 import shlex
 
+import pytest
+
 from examples.config import argv_of
 from experiments import plot, runner
 from experiments.stats import load as load_lines
+
+pytestmark = pytest.mark.backend_independent  # the scripts' logic, the same on every backend
 
 RECORDED = plot.DEFAULT  # results/cifar10_resnet8_gap.jsonl: rows written by sweep.py before the runner
 

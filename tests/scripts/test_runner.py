@@ -18,6 +18,8 @@ from examples.config import argv_of, config_from_argv
 from experiments import runner, temperature
 from tests.scripts import quadratic_trainer as quadratic
 
+pytestmark = pytest.mark.backend_independent  # the scripts' logic, the same on every backend
+
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "experiments" / "results"
 TRAINER = "tests.scripts.quadratic_trainer"

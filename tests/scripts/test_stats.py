@@ -7,6 +7,8 @@ import pytest
 
 from experiments import stats
 
+pytestmark = pytest.mark.backend_independent  # the scripts' logic, the same on every backend
+
 
 def test_load_keeps_file_order_and_lets_a_later_line_of_a_key_replace_an_earlier_one(tmp_path):
     path = tmp_path / "runs.jsonl"

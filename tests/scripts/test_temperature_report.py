@@ -7,6 +7,8 @@ import pytest
 
 from experiments import temperature_report as report
 
+pytestmark = pytest.mark.backend_independent  # the scripts' logic, the same on every backend
+
 
 def _run(arm, seed, acc, lr=0.1, factor=0.0, val=0.3, train_loss=1e-3, log_ggn=1.0):
     return {"arm": arm, "seed": seed, "lr": lr, "test_acc": acc, "val_acc": val, "test_loss": 2.0,
