@@ -125,11 +125,12 @@ ENTRIES = [
            ("README.md", None), ("experiments_README.md", None))),
     # sweep.py: the first command of each task on quick settings (every run --quick); the others are its
     # phases on the recorded rows (tests/scripts/test_recorded_commands.py: they rerun nothing).
-    Entry(("cifar10_resnet8_gap.jsonl",), SWEEP_COMMANDS[0], f"{TINY_CIFAR} --results {{tmp}}/gap.jsonl",
+    Entry(("cifar10_resnet8_gap.jsonl",), SWEEP_COMMANDS[0],
+          f"{TINY_CIFAR} --results {{tmp}}/gap.jsonl --run-dir {{tmp}}/runs",
           (("gap.jsonl", 2),)),  # the gap phase's two runs; one epoch fits nothing, so it stops there
     *(Entry(("cifar10_resnet8_gap.jsonl",), command) for command in SWEEP_COMMANDS[1:]),
     Entry(("multi30k_transformer.jsonl",), MULTI30K_COMMANDS[0],
-          f"--results {{tmp}}/multi30k.jsonl --extra --quick {TINY_TRANSFORMER}",
+          f"--results {{tmp}}/multi30k.jsonl --run-dir {{tmp}}/runs --extra --quick {TINY_TRANSFORMER}",
           (("multi30k.jsonl", 2),)),
     *(Entry(("multi30k_transformer.jsonl",), command) for command in MULTI30K_COMMANDS[1:]),
     Entry(("cifar10_resnet8_gap_n2048_e40_accuracy_vs_batch.png", "cifar10_resnet8_gap_n2048_e40_large_batch.png"),
