@@ -69,7 +69,7 @@ endef
 # pytest process (KERAS_BACKEND is fixed per process), two processes at a time
 # for the two cores CI has. `make -j2` is the queue: each core takes the next
 # suite in SUITES when it finishes one, so SUITES is ordered by CPU time, the
-# longest first (CONTRIBUTING.md, "Where the time goes"), and the TensorFlow
+# longest first (CONTRIBUTING.md, "Suite times"), and the TensorFlow
 # 2.21 suite runs as two processes (the library with the upstream sentinels,
 # and the rest) so that the two cores finish together. Each suite's output is
 # printed whole when it ends (--output-sync); all of them run (-k) and the
