@@ -134,7 +134,8 @@ class DiagnosticsLogger(keras.callbacks.Callback):
 
     def measure(self):
         """The diagnostics of the current model, as a dict of floats."""
-        from tf_gradmix import diagnostics, per_example
+        from tf_gradmix import diagnostics
+        from tf_gradmix.backend.tensorflow import per_example
 
         loss = per_example.get_loss(self.loss, self.model)
         values = {}

@@ -64,22 +64,17 @@ __all__ = [
 ]
 
 
-def _tf(what):
-    """The ``tensorflow`` module, for a helper of ``tf.distribute`` (TensorFlow backend only)."""
+def _tensorflow(what):
+    """:mod:`tf_gradmix.backend.tensorflow.distribute`, for a helper of ``tf.distribute`` (TensorFlow backend only)."""
     backend.require(f"tf_gradmix.distribute.{what}", ("tensorflow",))
-    import tensorflow
+    from tf_gradmix.backend.tensorflow import distribute
 
-    return tensorflow
+    return distribute
 
 
 def worker_index(strategy=None):
     """This worker's index in the cluster (0 without a cluster)."""
-    tf = _tf("worker_index")
-    strategy = strategy or tf.distribute.get_strategy()
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.cluster_spec().as_dict():
-        return 0
-    return int(resolver.task_id or 0)
+    return _tensorflow("worker_index").worker_index(strategy)
 
 
 def distribute_dataset(strategy, dataset_fn):
@@ -91,7 +86,7 @@ def distribute_dataset(strategy, dataset_fn):
     The result can be passed to ``model.fit`` directly (no auto-sharding
     happens; each worker reads only its shard).
     """
-    _tf("distribute_dataset")
+    _tensorflow("distribute_dataset")
     return strategy.distribute_datasets_from_function(dataset_fn)
 
 
@@ -125,13 +120,7 @@ def multi_worker_strategy(collective_timeout=None, cluster_resolver=None):
             worker exit and can be restarted together.
         cluster_resolver: default reads ``TF_CONFIG``.
     """
-    tf = _tf("multi_worker_strategy")
-    options = tf.distribute.experimental.CommunicationOptions(
-        timeout_seconds=collective_timeout
-    )
-    return tf.distribute.MultiWorkerMirroredStrategy(
-        cluster_resolver=cluster_resolver, communication_options=options
-    )
+    return _tensorflow("multi_worker_strategy").multi_worker_strategy(collective_timeout, cluster_resolver)
 
 
 def multi_worker_fit_supported():

@@ -9,54 +9,10 @@ memory (measured in docs/performance.md): for users who process
 per-example gradients (e.g. per-example clipping). TensorFlow only.
 """
 
-import keras
-import tensorflow as tf
-
-from tf_gradmix.backend._keras import loss_tracker
-from tf_gradmix.backend.tensorflow import transform_output
+from tf_gradmix import backend
 from tf_gradmix.optimizer import find_gradient_mix, is_enabled
-from tf_gradmix.per_example import check_per_example_safe, trainable_tensors, vectorized_example_gradients
 
 __all__ = ["train_step"]
-
-_ZERO = tf.UnconnectedGradients.ZERO
-
-
-def _unscale_for_distribution(loss):
-    # Keras divides each replica's loss by the replica count; the tracker
-    # records the unscaled value (as Keras's own train_step does).
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    return loss * tf.cast(replicas, loss.dtype) if replicas > 1 else loss
-
-
-def _detached_outputs(y_pred, tape):
-    """Copies of the tensors a Keras loss reads from ``y_pred``, as watched leaves.
-
-    A Keras loss reads the output, or the logits Keras attached to a softmax
-    or sigmoid output (``transform_output`` keeps that structure).
-    Returns the transformed output and the list of ``(original, leaf)`` pairs.
-    """
-    pairs = []
-
-    def leaf(tensor):
-        copy = tf.stop_gradient(tensor)
-        tape.watch(copy)
-        pairs.append((tensor, copy))
-        return copy
-
-    return transform_output(y_pred, leaf), pairs
-
-
-def _loss_facing(output):
-    """The originals ``_detached_outputs`` would detach, in the same order."""
-    found = []
-
-    def record(tensor):
-        found.append(tensor)
-        return tensor
-
-    transform_output(output, record)
-    return found
 
 
 def train_step(model, data, per_example_fn=None):
@@ -110,55 +66,12 @@ def train_step(model, data, per_example_fn=None):
             def train_step(self, data):
                 return tf_gradmix.exact.train_step(self, data)
     """
-    check_per_example_safe(model, training=True)
-    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    variables = trainable_tensors(model)
-    optimizer = model.optimizer
+    backend.require("tf_gradmix.exact.train_step", ("tensorflow",))
+    from tf_gradmix.backend.tensorflow import exact
 
-    # 1. Batched forward pass: loss value, dL/dyhat and the layer losses' gradient.
-    with tf.GradientTape(persistent=True) as tape:
-        y_pred = model(x, training=True)
-        loss_input, pairs = _detached_outputs(y_pred, tape)
-        loss = model.compute_loss(x, y, loss_input, sample_weight, training=True)
-        tracker = loss_tracker(model)
-        if tracker is not None:
-            tracker.update_state(
-                _unscale_for_distribution(loss),
-                sample_weight=tf.shape(tf.nest.flatten(x)[0])[0],
-            )
-        scaled = optimizer.scale_loss(loss) if optimizer is not None else loss
-    cotangents = tape.gradient(
-        scaled, [leaf for _, leaf in pairs], unconnected_gradients=_ZERO
-    )
-    layer_grads = tape.gradient(scaled, variables, unconnected_gradients=_ZERO)
-    del tape
-
-    # 2. Per-example gradients g_b = J_b^T dL/dyhat_b (vectorised).
-    def contribution(output, cotangent_b):
-        facing = _loss_facing(output)
-        if len(facing) != len(cotangent_b):
-            raise RuntimeError("Per-example outputs differ from the batched ones.")
-        return tf.add_n(
-            [tf.reduce_sum(t[0] * tf.cast(c, t.dtype)) for t, c in zip(facing, cotangent_b)]
-        )
-
-    per_example = vectorized_example_gradients(
-        model, x, cotangents, contribution, variables, training=True
-    )
-    if per_example_fn is not None:
-        per_example = per_example_fn(per_example)
-
-    # 3. Mix: g = sum_b w_b g_b (+ layer losses, unmixed).
-    batch_size = tf.shape(tf.nest.flatten(x)[0])[0]
-    weights = tf.ones([batch_size])
-    mixer = find_gradient_mix(optimizer)
+    mixer = find_gradient_mix(model.optimizer)
+    example_weights = None
     if mixer is not None and mixer.level == "sample" and not is_enabled(model):
         # Without the hook (whose compute_loss weighted the cotangents and logs gamma).
-        weights = mixer.example_weights(batch_size)
-    grads = [
-        tf.tensordot(tf.cast(weights, g.dtype), g, axes=1) + extra
-        for g, extra in zip(per_example, layer_grads)
-    ]
-    if variables:
-        optimizer.apply(grads, model.trainable_variables)
-    return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        example_weights = mixer.example_weights
+    return exact.train_step(model, data, per_example_fn, example_weights)

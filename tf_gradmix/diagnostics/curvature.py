@@ -39,8 +39,8 @@ import numpy as np
 import tensorflow as tf
 
 import tf_gradmix.diagnostics.sample as sample
-from tf_gradmix import per_example, validation
-from tf_gradmix.backend.tensorflow import probability_logits
+from tf_gradmix import validation
+from tf_gradmix.backend.tensorflow import per_example, probability_logits
 from tf_gradmix.diagnostics.sample import DEFAULT_BATCH_SIZE
 
 __all__ = [

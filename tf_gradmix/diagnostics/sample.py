@@ -12,7 +12,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from tf_gradmix import per_example
+from tf_gradmix.backend.tensorflow import per_example
 
 __all__ = ["DEFAULT_BATCH_SIZE", "iterate_batches", "traced_over_batches", "stderr", "gradient_stats"]
 
