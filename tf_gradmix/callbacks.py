@@ -112,7 +112,7 @@ class DiagnosticsLogger(keras.callbacks.Callback):
     ):
         backend.require("tf_gradmix.callbacks.DiagnosticsLogger", ("tensorflow",))
         from tf_gradmix import diagnostics
-        from tf_gradmix.diagnostics import curvature
+        from tf_gradmix.backend.tensorflow.diagnostics import curvature
 
         super().__init__()
         every_n_epochs = validation.integer("every_n_epochs", every_n_epochs, low=1)

@@ -198,6 +198,37 @@ def backend_name_queries(tree):
     return found
 
 
+FRAMEWORKS = ("tensorflow", "jax", "jaxlib", "torch")
+
+
+def framework_imports(tree):
+    """Line numbers of the imports of TensorFlow, JAX or PyTorch (at import time or deferred)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        if any(name.split(".")[0] in FRAMEWORKS for name in names):
+            found.append(node.lineno)
+    return found
+
+
+@pytest.mark.backend_independent
+def test_no_framework_import_outside_backend():
+    """TensorFlow, JAX and PyTorch code lives in ``tf_gradmix/backend/<name>/``; the rest is ``keras.ops``."""
+    offenders = []
+    for name, path in modules().items():
+        if name.startswith("tf_gradmix.backend"):
+            continue
+        offenders += [f"{path.relative_to(REPO)}:{line}" for line in framework_imports(ast.parse(path.read_text()))]
+    assert not offenders, offenders
+    assert framework_imports(ast.parse("import keras\nimport tensorflow as tf\nfrom jax import numpy\n"
+                                       "def f():\n    import torch.func\n")) == [2, 3, 5]
+
+
 @pytest.mark.backend_independent
 def test_no_branch_on_the_backend_name_outside_backend():
     """What differs by backend lives in ``tf_gradmix/backend/``; the rest asks ``backend.current()``."""

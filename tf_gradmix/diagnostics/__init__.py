@@ -3,17 +3,18 @@
 They only measure: nothing here trains, mixes or depends on the GradientMix
 optimizer or model classes, so they work on any ``keras.Model``.
 
-* :mod:`~tf_gradmix.diagnostics.curvature`: :func:`ggn_trace` (trace of the
+* Curvature: :func:`ggn_trace` (trace of the
   generalised Gauss-Newton matrix of the mean loss, exact or Hutchinson),
   :func:`ggn_vector_product`, :func:`empirical_fisher_trace`.
-* :mod:`~tf_gradmix.diagnostics.noise_scale`: :func:`gradient_noise_scale`
+* Gradient noise: :func:`gradient_noise_scale`
   (``B_simple``, McCandlish et al. 2018) and
   :func:`noise_scale_from_gradient_norms`.
 * Per-example gradients are in :mod:`tf_gradmix.per_example` (their old
   names here are deprecated, removed in 0.2.0); the callback that logs these
   measurements during ``fit`` is :class:`tf_gradmix.callbacks.DiagnosticsLogger`.
 
-TensorFlow only (``tf.vectorized_map``, ``tf.autodiff.ForwardAccumulator``):
+TensorFlow only (``tf.vectorized_map``, ``tf.autodiff.ForwardAccumulator``; the
+implementation is in :mod:`tf_gradmix.backend.tensorflow.diagnostics`):
 importing this package on another backend raises an error that says so.
 """
 
@@ -23,19 +24,19 @@ backend.require("tf_gradmix.diagnostics", ("tensorflow",))
 
 # ruff: noqa: E402
 from tf_gradmix import deprecation
-from tf_gradmix.diagnostics.curvature import (
+from tf_gradmix.backend.tensorflow.diagnostics.curvature import (
     SPLITS,
     TraceEstimate,
     empirical_fisher_trace,
     ggn_trace,
     ggn_vector_product,
 )
-from tf_gradmix.diagnostics.noise_scale import (
+from tf_gradmix.backend.tensorflow.diagnostics.noise_scale import (
     NoiseScale,
     gradient_noise_scale,
     noise_scale_from_gradient_norms,
 )
-from tf_gradmix.diagnostics.sample import DEFAULT_BATCH_SIZE
+from tf_gradmix.backend.tensorflow.diagnostics.sample import DEFAULT_BATCH_SIZE
 
 __all__ = [
     "ggn_trace",

@@ -1,4 +1,4 @@
-"""``tf_gradmix.diagnostics.curvature`` (GGN trace, GGN-vector products) against float64 dense references.
+"""``tf_gradmix.diagnostics``' curvature (GGN trace, GGN-vector products) against float64 dense references.
 
 References are computed in float64 (a float64 copy of each float32 model,
 full Jacobians from ``GradientTape.jacobian`` on the whole batch, output

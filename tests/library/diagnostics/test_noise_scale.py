@@ -1,4 +1,4 @@
-"""``tf_gradmix.diagnostics.noise_scale`` (and the empirical Fisher trace it
+"""``tf_gradmix.diagnostics``' gradient noise scale (and the empirical Fisher trace it
 shares per-example gradient sums with) against float64 per-example gradients
 and McCandlish et al.'s formulas (App. A.1). Tolerances: 1e-4 relative for
 traces, 1e-3 for B_simple, a ratio of differences of squared norms (float32

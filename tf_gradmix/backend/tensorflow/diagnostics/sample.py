@@ -1,7 +1,7 @@
 """Running a measurement over a fixed sample of examples, in batches.
 
-Shared by :mod:`tf_gradmix.diagnostics.curvature` and
-:mod:`tf_gradmix.diagnostics.noise_scale`: the batches of arrays or a
+Shared by :mod:`.curvature` and
+:mod:`.noise_scale`: the batches of arrays or a
 ``tf.data.Dataset``, one ``tf.function`` traced once for every batch size,
 standard errors over examples, and the per-example gradient statistics
 ``(sum_i g_i, |g_i|^2)`` both the empirical Fisher and the noise scale need.

@@ -20,10 +20,10 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
-import tf_gradmix.diagnostics.sample as sample
+import tf_gradmix.backend.tensorflow.diagnostics.sample as sample
 from tf_gradmix import validation
 from tf_gradmix.backend.tensorflow import per_example
-from tf_gradmix.diagnostics.sample import DEFAULT_BATCH_SIZE
+from tf_gradmix.backend.tensorflow.diagnostics.sample import DEFAULT_BATCH_SIZE
 
 __all__ = ["NoiseScale", "gradient_noise_scale", "noise_scale_from_gradient_norms"]
 

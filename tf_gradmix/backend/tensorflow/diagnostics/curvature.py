@@ -38,10 +38,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-import tf_gradmix.diagnostics.sample as sample
+import tf_gradmix.backend.tensorflow.diagnostics.sample as sample
 from tf_gradmix import validation
 from tf_gradmix.backend.tensorflow import per_example, probability_logits
-from tf_gradmix.diagnostics.sample import DEFAULT_BATCH_SIZE
+from tf_gradmix.backend.tensorflow.diagnostics.sample import DEFAULT_BATCH_SIZE
 
 __all__ = [
     "TraceEstimate",
