@@ -85,7 +85,8 @@ def test_keras_file_round_trip(optimizer_class, tmp_path):
 @pytest.mark.parametrize("optimizer_class", OPTIMIZERS, ids=ids)
 def test_trains_under_gradient_mix_with_schedule(optimizer_class, jit_compile):
     if jit_compile and keras.backend.backend() == "torch":
-        pytest.skip("tf_gradmix refuses jit_compile=True (torch.compile) on PyTorch")
+        pytest.skip("tf_gradmix refuses jit_compile=True (torch.compile) on PyTorch "
+                    "(test_torch.py::test_jit_compile_is_refused_by_name)")
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(256, 8)).astype("float32")
