@@ -254,6 +254,17 @@ def _cache_dir(cache_dir):
     return Path(cache_dir).expanduser()
 
 
+def _cache_file(source, using, cache_dir, subset=""):
+    """``(key, path)`` of the decoded cache of ``source`` by decoder ``using`` (``subset``: a subset's suffix).
+
+    The decoders' IDCTs differ by a few intensity levels: one cache each.
+    """
+    key = _source_key(source)
+    decoder_suffix = "" if using == "tensorflow" else f"-{using}"
+    return (f"{key}{subset}{decoder_suffix}",
+            _cache_dir(cache_dir) / f"cifar10-jpeg-{key[:24]}{subset}{decoder_suffix}.npz")
+
+
 def _load_cache(path, key, sizes=None):
     """The cached arrays if ``path`` is a valid cache for ``key``, else None (``sizes``: of a subset)."""
     try:
@@ -317,10 +328,7 @@ def load_cifar10(data_dir=None, cache_dir=None, verbose=True):
         )
 
     using = decoder()
-    key = _source_key(source)
-    if using != "tensorflow":  # the decoders' IDCTs differ by a few intensity levels: one cache each
-        key += f"-{using}"
-    cache = _cache_dir(cache_dir) / f"cifar10-jpeg-{key[:24]}{'' if using == 'tensorflow' else '-' + using}.npz"
+    key, cache = _cache_file(source, using, cache_dir)
     arrays = _load_cache(cache, key) if cache.exists() else None
     if arrays is not None:
         say(f"CIFAR-10: {source} (decoded cache {cache})")
@@ -362,18 +370,11 @@ def load_cifar10_subset(train_size, test_size, seed=0, data_dir=None, cache_dir=
     say = print if verbose else (lambda *a, **k: None)
     source = find_cifar10(data_dir)
     using = decoder()
-    key = None if source is None else _source_key(source)
-    full = None
-    if key is not None:
-        full_key = key if using == "tensorflow" else f"{key}-{using}"
-        full = _cache_dir(cache_dir) / f"cifar10-jpeg-{full_key[:24]}{'' if using == 'tensorflow' else '-' + using}.npz"
-    if source is None or full.exists():
+    if source is None or _cache_file(source, using, cache_dir)[1].exists():
         (x_train, y_train), (x_test, y_test) = load_cifar10(data_dir, cache_dir, verbose)
         return subset(x_train, y_train, train_size, seed), subset(x_test, y_test, test_size, seed)
 
-    subset_key = f"{key}-subset-{train_size}-{test_size}-{seed}" + ("" if using == "tensorflow" else f"-{using}")
-    cache = _cache_dir(cache_dir) / (f"cifar10-jpeg-{key[:24]}-subset-{train_size}-{test_size}-{seed}"
-                                     f"{'' if using == 'tensorflow' else '-' + using}.npz")
+    subset_key, cache = _cache_file(source, using, cache_dir, f"-subset-{train_size}-{test_size}-{seed}")
     arrays = _load_cache(cache, subset_key, (train_size, test_size)) if cache.exists() else None
     if arrays is not None:
         say(f"CIFAR-10: {source} (decoded subset cache {cache})")
