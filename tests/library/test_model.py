@@ -70,24 +70,48 @@ def one_step_update(model, optimizer, x, y, **fit_kwargs):
     return before - flat(weights_of(model)), history
 
 
+@pytest.fixture(scope="module")
+def mlp_oracle():
+    """``oracle(model, x, y)``: the float64 per-example gradients (mean
+    cross-entropy) and the regularizer's gradient of :func:`plain_copy` of
+    ``model`` on ``(x, y)``.
+
+    Both are pure functions of the weights and the data, so they are computed
+    once per (weights, data) and reused by every test of the module that
+    starts from the same point (every model built from seed 0 does).
+    """
+    cache = {}
+
+    def oracle(model, x, y):
+        key = (flat(model.get_weights()).tobytes(), x.tobytes(), np.asarray(y).tobytes())
+        if key not in cache:
+            ref = plain_copy(model)
+            cache[key] = (
+                per_example_gradients(ref, x, y, keras.losses.SparseCategoricalCrossentropy()),
+                regularization_gradient(ref, x),
+            )
+        return cache[key]
+
+    return oracle
+
+
 @pytest.mark.parametrize(
     "kind", ["gm.Model", "gm.Sequential", "enable(functional)", "enable(Sequential)", "enable(subclassed)"]
 )
 @pytest.mark.parametrize("noise", ["gaussian", "rademacher", "bernoulli"])
-def test_fit_update_equals_per_example_mix(kind, noise):
+def test_fit_update_equals_per_example_mix(mlp_oracle, kind, noise):
     x, y = data()
     model = build(kind)
-    ref = plain_copy(model)
+    grads, regularization = mlp_oracle(model, x, y)
     opt = mixer(noise)
     update, _ = one_step_update(model, opt, x, y)
 
-    grads = per_example_gradients(ref, x, y, keras.losses.SparseCategoricalCrossentropy())
     w = numpy(opt.example_weights(B, step=0, replica_id=0)).astype(np.float64)
-    expected = grads.T @ (w / B) + regularization_gradient(ref, x)
+    expected = grads.T @ (w / B) + regularization
     assert_float32_close(update, expected)
 
     if noise == "rademacher":
-        recovered = recover_weights(update - regularization_gradient(ref, x), grads)
+        recovered = recover_weights(update - regularization, grads)
         np.testing.assert_allclose(recovered, w, atol=2e-4)
         assert set(np.round(recovered, 3)) == {0.3, 1.7}  # exactly 1 -+ 0.7
 
@@ -124,33 +148,43 @@ def bn_cnn(model_class):
     return model
 
 
+@pytest.fixture(scope="module")
+def bn_cnn_oracle():
+    """The data, the plain model's per-example gradients and its moving
+    statistics (float64 oracle, computed once for both noises)."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(B, 6, 6, 2)).astype("float32")
+    y = rng.integers(0, 3, B)
+    ref = bn_cnn(keras.Model)
+    grads = per_example_gradients(ref, x, y, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return x, y, grads, [numpy(v) for v in ref.non_trainable_weights]
+
+
 @pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
-def test_batchnorm_cnn_update_equals_per_example_mix(noise):
+def test_batchnorm_cnn_update_equals_per_example_mix(bn_cnn_oracle, noise):
     """A convolutional BatchNorm model against the per-example loop.
 
     BatchNorm runs in inference mode (moving statistics), so each example's
     gradient is its own and the loop is an exact oracle; the scale and offset
     of every BatchNorm layer are trained and mixed like any weight.
     """
-    rng = np.random.default_rng(2)
-    x = rng.normal(size=(B, 6, 6, 2)).astype("float32")
-    y = rng.integers(0, 3, B)
+    x, y, grads, ref_statistics = bn_cnn_oracle
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    model, ref = bn_cnn(gm.Model), bn_cnn(keras.Model)
+    model = bn_cnn(gm.Model)
     opt = mixer(noise, stddev=0.8, seed=17)
     model.compile(opt, loss_fn)
     before = flat(weights_of(model))
     model.fit(x, y, batch_size=B, epochs=1, shuffle=False, verbose=0)
     update = before - flat(weights_of(model))
 
-    grads = per_example_gradients(ref, x, y, loss_fn)
     assert np.linalg.matrix_rank(grads) == B  # so least squares gives every w_b
     w = numpy(opt.example_weights(B, step=0, replica_id=0)).astype(np.float64)
     assert_float32_close(update, grads.T @ w / B)
     recovered = recover_weights(update, grads)
     np.testing.assert_allclose(recovered, w, atol=1e-4)
     assert len([v for v in model.trainable_variables if "batch_norm" in v.path]) == 4
-    for a, b in zip(model.non_trainable_weights, ref.non_trainable_weights):
+    assert len(model.non_trainable_weights) == len(ref_statistics) == 4
+    for a, b in zip(model.non_trainable_weights, ref_statistics):
         np.testing.assert_array_equal(a, b)  # moving statistics untouched
 
 
@@ -224,41 +258,63 @@ def test_weights_are_redrawn_every_step():
     assert int(numpy(opt.raw_step)) == 2
 
 
-@pytest.mark.parametrize("level", ["sample", "device"])
-def test_stddev_zero_reproduces_plain_training_bit_for_bit(level):
-    x, y = data(48)
-    sgd = dict(learning_rate=0.1, momentum=0.9, nesterov=True)
+NESTEROV = dict(learning_rate=0.1, momentum=0.9, nesterov=True)
+
+
+@pytest.fixture(scope="module")
+def plain_nesterov_run():
+    """Plain Keras, SGD with Nesterov momentum, 3 epochs of 3 steps: the
+    weights and the loss history both levels' ``stddev=0`` runs must match."""
     plain = functional(keras.Model)
-    plain.compile(keras.optimizers.SGD(**sgd), SCCE)
-    mixed = functional(gm.Model)
-    mixed.compile(mixer(stddev=0.0, inner=keras.optimizers.SGD(**sgd), level=level), SCCE)
-    runs = [m.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0) for m in (plain, mixed)]
-    for a, b in zip(plain.get_weights(), mixed.get_weights()):
-        np.testing.assert_array_equal(a, b)
-    assert runs[0].history["loss"] == runs[1].history["loss"]
-    assert runs[1].history["gradmix_gamma"] == [1.0, 1.0, 1.0]
+    plain.compile(keras.optimizers.SGD(**NESTEROV), SCCE)
+    history = plain.fit(*data(48), batch_size=16, epochs=3, shuffle=False, verbose=0)
+    return plain.get_weights(), history.history
 
 
 @pytest.mark.parametrize("level", ["sample", "device"])
-def test_stddev_zero_is_plain_bit_for_bit_where_the_mixing_op_would_round_differently(level):
+def test_stddev_zero_reproduces_plain_training_bit_for_bit(plain_nesterov_run, level):
+    x, y = data(48)
+    plain_weights, plain_history = plain_nesterov_run
+    mixed = functional(gm.Model)
+    mixed.compile(mixer(stddev=0.0, inner=keras.optimizers.SGD(**NESTEROV), level=level), SCCE)
+    history = mixed.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
+    for a, b in zip(plain_weights, mixed.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert plain_history["loss"] == history.history["loss"]
+    assert history.history["gradmix_gamma"] == [1.0, 1.0, 1.0]
+
+
+def relu_mlp_data():
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(256, 20)).astype("float32"), rng.integers(0, 10, 256)
+
+
+def train_relu_mlp(model_class, optimizer):
+    """Seeded 20-32-10 ReLU MLP, batch 32, one epoch of 8 steps: its weights and history."""
+    keras.utils.set_random_seed(1)
+    model = model_class([keras.Input((20,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(10)])
+    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    history = model.fit(*relu_mlp_data(), batch_size=32, epochs=1, shuffle=False, verbose=0)
+    return model.get_weights(), history.history
+
+
+@pytest.fixture(scope="module")
+def plain_relu_mlp_run():
+    """Plain Keras's run of :func:`train_relu_mlp` with SGD(0.1), shared by both levels."""
+    return train_relu_mlp(keras.Sequential, keras.optimizers.SGD(0.1))
+
+
+@pytest.mark.parametrize("level", ["sample", "device"])
+def test_stddev_zero_is_plain_bit_for_bit_where_the_mixing_op_would_round_differently(plain_relu_mlp_run, level):
     """A 20-32-10 ReLU MLP, SGD(0.1), batch 32, 8 steps: with the predictions
     passed through the mixing op (all weights 1), JAX's XLA fuses the backward
     pass differently and the weights drifted from plain Keras by 3.7e-9;
     stddev=0 leaves the predictions untouched on every backend."""
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(256, 20)).astype("float32")
-    y = rng.integers(0, 10, 256)
-
-    def train(model_class, optimizer):
-        keras.utils.set_random_seed(1)
-        model = model_class([keras.Input((20,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(10)])
-        model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        history = model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
-        return model.get_weights(), history.history
-
-    plain, plain_history = train(keras.Sequential, keras.optimizers.SGD(0.1))
-    zero, zero_history = train(gm.Sequential, mixer(stddev=0.0, seed=1, inner=keras.optimizers.SGD(0.1), level=level))
-    for a, b in zip(plain, zero):
+    plain, plain_history = plain_relu_mlp_run
+    zero, zero_history = train_relu_mlp(
+        gm.Sequential, mixer(stddev=0.0, seed=1, inner=keras.optimizers.SGD(0.1), level=level)
+    )
+    for a, b in zip(plain, zero, strict=True):
         np.testing.assert_array_equal(a, b)
     assert zero_history["loss"] == plain_history["loss"]
     assert zero_history["gradmix_gamma"] == [1.0]
@@ -272,18 +328,21 @@ def test_logged_loss_is_the_plain_loss_and_gamma_the_mean_of_w_squared():
     plain_loss = ref.evaluate(x[:16], y[:16], verbose=0)
     opt = mixer(stddev=1.5)
     model.compile(opt, SCCE)
-    history = model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
     # The first step's loss is the plain loss at the initial weights; the
-    # epoch's `loss` averages both steps, so compare through a 1-step run.
-    model_1 = functional(gm.Model)
-    model_1.compile(mixer(stddev=1.5), SCCE)
-    first = model_1.fit(x[:16], y[:16], batch_size=16, epochs=1, verbose=0)
-    assert first.history["loss"][0] == pytest.approx(plain_loss, rel=1e-6)  # vs evaluate()
+    # epoch's `loss` averages both steps, so compare the first step's logs
+    # (the running mean after one step: what a 1-step run's history holds).
+    batch_logs = []
+    record = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: batch_logs.append(dict(logs)))
+    history = model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[record])
+    assert len(batch_logs) == 2
+    first_loss = float(batch_logs[0]["loss"])
+    assert first_loss == pytest.approx(plain_loss, rel=1e-6)  # vs evaluate()
     # Bit for bit the loss plain `fit` logs for the same step.
     plain_fit = plain_copy(functional(gm.Model))
     plain_fit.compile(keras.optimizers.SGD(1.0), SCCE)
     plain_first = plain_fit.fit(x[:16], y[:16], batch_size=16, epochs=1, verbose=0)
-    assert first.history["loss"][0] == plain_first.history["loss"][0]
+    assert first_loss == plain_first.history["loss"][0]
+    assert float(batch_logs[1]["loss"]) == history.history["loss"][0]  # the logs are the history's
 
     gammas = [np.mean(numpy(opt.example_weights(16, step=s, replica_id=0)) ** 2) for s in (0, 1)]
     assert history.history["gradmix_gamma"][0] == pytest.approx(np.mean(gammas), rel=1e-6)
@@ -368,21 +427,36 @@ def contribution_gradients(model, x, y, loss_fn, sample_weight=None):
     zero; the shares add up to the batch loss for every reduction whose
     denominator does not depend on the weights.
     """
-    rows, values = [], []
+    outputs = model(x, training=True)
     base = np.ones(len(x), "float32") if sample_weight is None else sample_weight
+    weights = []
     for b in range(len(x)):
         one_hot = np.zeros(len(x), "float32")
         one_hot[b] = base[b]
+        # A (B, T) weight for (B, T) losses: Keras's masked path cannot
+        # broadcast a (B,) weight against a (B, T) mask, and on PyTorch it
+        # multiplies a (B, 1) one by the mask in place, which cannot grow it.
+        shape = (len(x),) + (1,) * (len(outputs.shape) - 2)
+        weights.append(np.broadcast_to(one_hot.reshape(shape), tuple(outputs.shape[:-1])).copy())
+    if keras.backend.backend() == "jax":  # one compiled gradient, called per example
+        import jax
 
-        def share(y_pred, _, one_hot=one_hot):
-            # A (B, T) weight for (B, T) losses: Keras's masked path cannot
-            # broadcast a (B,) weight against a (B, T) mask, and on PyTorch it
-            # multiplies a (B, 1) one by the mask in place, which cannot grow it.
-            shape = (len(x),) + (1,) * (len(y_pred.shape) - 2)
-            weight = np.broadcast_to(one_hot.reshape(shape), tuple(y_pred.shape[:-1])).copy()
+        non_trainable = [v.value for v in model.non_trainable_variables]
+
+        def share_of(trainable, weight):
+            y_pred, _ = model.stateless_call(trainable, non_trainable, x, training=True)
             return loss_fn(y, y_pred, sample_weight=weight)
 
-        values.append(float(numpy(share(model(x, training=True), None))))
+        value_and_grad = jax.jit(jax.value_and_grad(share_of))
+        trainable = [v.value for v in model.trainable_variables]
+        pairs = [value_and_grad(trainable, weight) for weight in weights]
+        return np.stack([flat(g) for _, g in pairs]), np.array([float(v) for v, _ in pairs])
+    rows, values = [], []
+    for weight in weights:
+        def share(y_pred, _, weight=weight):
+            return loss_fn(y, y_pred, sample_weight=weight)
+
+        values.append(float(numpy(share(outputs, None))))
         rows.append(gradient(model, share, x))
     return np.stack(rows), np.array(values)
 
@@ -420,19 +494,18 @@ def test_masked_sequence_loss_mixes_whole_sequences():
 
 
 @pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum", "mean_with_sample_weight"])
-def test_every_reduction_is_mixed_exactly_with_user_sample_weights(reduction):
+def test_every_reduction_is_mixed_exactly_with_user_sample_weights(mlp_oracle, reduction):
     x, y = data()
     s = np.random.default_rng(4).uniform(0.2, 2.0, B).astype("float32")
     loss_fn = keras.losses.SparseCategoricalCrossentropy(reduction=reduction)
     model = functional(gm.Model, regularizer=False)
-    ref = plain_copy(model)
+    grads, _ = mlp_oracle(model, x, y)  # no regularizer here: only the loss's gradients
     opt = mixer("gaussian", stddev=1.2)
     model.compile(opt, loss_fn)
     before = flat(weights_of(model))
     model.fit(x, y, sample_weight=s, batch_size=B, epochs=1, shuffle=False, verbose=0)
     update = before - flat(weights_of(model))
 
-    grads = per_example_gradients(ref, x, y, keras.losses.SparseCategoricalCrossentropy())
     denominator = {"sum_over_batch_size": B, "sum": 1.0, "mean_with_sample_weight": s.sum()}[reduction]
     w = numpy(opt.example_weights(B, step=0, replica_id=0)).astype(np.float64)
     assert_float32_close(update, grads.T @ (s * w) / denominator)
@@ -466,13 +539,14 @@ def test_several_outputs_and_losses():
     update = before - flat(weights_of(model))
 
     ce, mse = keras.losses.SparseCategoricalCrossentropy(), keras.losses.MeanSquaredError()
-    rows = [
-        gradient(ref, lambda out, _, b=b: ce(y[b : b + 1], out["cls"]) + 0.5 * mse(y2[b : b + 1], out["reg"]),
-                 x[b : b + 1])
-        for b in range(B)
-    ]
+
+    def example_loss(label_and_target, out):  # columns: the class label (exact in float32), then y2
+        return ce(label_and_target[:, 0], out["cls"]) + 0.5 * mse(label_and_target[:, 1:], out["reg"])
+
+    both = np.concatenate([y[:, None].astype("float32"), y2], axis=1)
+    rows = per_example_gradients(ref, x, both, example_loss)
     w = numpy(opt.example_weights(B, step=0, replica_id=0))
-    assert_float32_close(update, np.stack(rows).T @ w / B)
+    assert_float32_close(update, rows.T @ w / B)
     for key, value in plain.items():  # every loss log is the plain value
         assert history.history[key][0] == pytest.approx(value, rel=1e-5), key
 
@@ -487,12 +561,12 @@ def test_gradient_accumulation_draws_fresh_weights_per_micro_batch():
     model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
     update = before - flat(weights_of(model))
 
-    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+    # Both micro-batches see the initial weights (one update, at the end).
+    grads = per_example_gradients(ref, x, y, keras.losses.SparseCategoricalCrossentropy())
     expected = regularization_gradient(ref, x)
     for step, part in enumerate((slice(0, 16), slice(16, 32))):
-        grads = per_example_gradients(ref, x[part], y[part], loss_fn)
         w = numpy(opt.example_weights(16, step=step, replica_id=0))
-        expected = expected + grads.T @ w / 16 / 2
+        expected = expected + grads[part].T @ w / 16 / 2
     assert_float32_close(update, expected)
     assert int(numpy(opt.raw_step)) == 2 and int(numpy(opt.iterations)) == 1
 
@@ -513,24 +587,43 @@ def test_steps_per_execution_gives_the_same_run():
     assert h1.history["gradmix_gamma"] == pytest.approx(h3.history["gradmix_gamma"], rel=1e-6)
 
 
-def test_save_load_continues_the_same_noise_stream(tmp_path):
+@pytest.fixture(scope="module")
+def saved_and_resumed(tmp_path_factory):
+    """3 steps with ``seed=None`` and momentum, saved to a ``.keras`` file,
+    loaded and trained 3 more steps; and a straight 6-step run with the seed
+    the first run drew. What the loaded model is and holds, read once."""
     x, y = data(48)
     sgd = dict(learning_rate=0.1, momentum=0.9)
-    straight = functional(gm.Model)
-    straight.compile(mixer(inner=keras.optimizers.SGD(**sgd), seed=9), SCCE)
-    straight.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)  # 6 steps
-
     first = functional(gm.Model)
-    first.compile(mixer(inner=keras.optimizers.SGD(**sgd), seed=9), SCCE)
+    first.compile(mixer(inner=keras.optimizers.SGD(**sgd), seed=None, stddev=1.0), SCCE)
     first.fit(x[:24], y[:24], batch_size=8, epochs=1, shuffle=False, verbose=0)  # 3 steps
-    path = os.path.join(tmp_path, "m.keras")
+    seed = first.optimizer.seed
+    path = os.path.join(tmp_path_factory.mktemp("saved"), "m.keras")
     first.save(path)
     loaded = keras.models.load_model(path)
-    assert isinstance(loaded, gm.Model)
-    assert isinstance(loaded.optimizer, gm.GradientMix) and loaded.optimizer.seed == 9
-    assert int(numpy(loaded.optimizer.raw_step)) == 3
+    result = dict(
+        seed=seed,
+        loaded_type=type(loaded),
+        optimizer_type=type(loaded.optimizer),
+        loaded_seed=loaded.optimizer.seed,
+        loaded_raw_step=int(numpy(loaded.optimizer.raw_step)),
+    )
     loaded.fit(x[24:], y[24:], batch_size=8, epochs=1, shuffle=False, verbose=0)  # 3 more
-    for a, b in zip(straight.get_weights(), loaded.get_weights()):
+    result["loaded_weights"] = loaded.get_weights()
+
+    straight = functional(gm.Model)
+    straight.compile(mixer(inner=keras.optimizers.SGD(**sgd), seed=seed, stddev=1.0), SCCE)
+    straight.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)  # 6 steps
+    result["straight_weights"] = straight.get_weights()
+    return result
+
+
+def test_save_load_continues_the_same_noise_stream(saved_and_resumed):
+    run = saved_and_resumed
+    assert issubclass(run["loaded_type"], gm.Model)
+    assert issubclass(run["optimizer_type"], gm.GradientMix) and run["loaded_seed"] == run["seed"]
+    assert run["loaded_raw_step"] == 3
+    for a, b in zip(run["straight_weights"], run["loaded_weights"], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
@@ -565,51 +658,29 @@ def test_reloaded_enabled_model_fails_loudly_instead_of_training_unmixed(tmp_pat
     gm.enable(loaded).fit(x, y, verbose=0)  # enabling again resumes mixing
 
 
-@pytest.mark.backends("tensorflow")
-def test_callbacks_checkpoint_backup_and_tensorboard(tmp_path):
-    x, y = data(64)
+@pytest.fixture(scope="module")
+def backup_and_restore_run(tmp_path_factory):
+    """``seed=None``, 3 epochs of 4 steps interrupted at the start of epoch 3
+    with ``BackupAndRestore`` (on TensorFlow also ``ModelCheckpoint`` and
+    ``TensorBoard``), run again with the same callbacks from code (a new
+    drawn seed), and an uninterrupted run with the first run's seed.
 
-    def run(callbacks, epochs=3, fail_at=None):
-        model = functional(gm.Model)
-        model.compile(mixer(seed=3), SCCE)
-
-        class Interrupt(keras.callbacks.Callback):
-            def on_epoch_begin(self, epoch, logs=None):
-                if epoch == fail_at:
-                    raise RuntimeError("interrupted")
-
-        try:
-            model.fit(x, y, batch_size=16, epochs=epochs, shuffle=False, verbose=0,
-                      callbacks=callbacks + [Interrupt()])
-        except RuntimeError:
-            return None
-        return model
-
-    reference = run([])
-    backup = str(tmp_path / "backup")
-    callbacks = [
-        keras.callbacks.BackupAndRestore(backup),
-        keras.callbacks.ModelCheckpoint(str(tmp_path / "ckpt-{epoch}.keras")),
-        keras.callbacks.TensorBoard(str(tmp_path / "tb")),
-    ]
-    assert run(callbacks, fail_at=2) is None
-    resumed = run(callbacks)
-    for a, b in zip(reference.get_weights(), resumed.get_weights()):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    assert (tmp_path / "ckpt-3.keras").exists()
-    assert any((tmp_path / "tb").rglob("*tfevents*"))
-
-
-def test_default_seed_survives_backup_and_restore(tmp_path):
-    """``seed=None``: the restored run continues the interrupted run's stream.
-
-    The restarted process rebuilds the optimizer from code, so it draws a new
-    seed; the backup must bring back the old one (the seed is a variable).
+    The restarted run rebuilds the optimizer, so it draws a new seed; the
+    backup must bring back the old one (the seed is a variable).
     """
     x, y = data(64)
-    backup = str(tmp_path / "backup")
+    tmp_path = tmp_path_factory.mktemp("backup_and_restore")
 
-    def run(seed, fail_at=None):
+    def callbacks():
+        found = [keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))]
+        if keras.backend.backend() == "tensorflow":
+            found += [
+                keras.callbacks.ModelCheckpoint(str(tmp_path / "ckpt-{epoch}.keras")),
+                keras.callbacks.TensorBoard(str(tmp_path / "tb")),
+            ]
+        return found
+
+    def run(seed, extra=(), fail_at=None):
         model = functional(gm.Model)
         model.compile(mixer(seed=seed, stddev=1.0), SCCE)
 
@@ -618,45 +689,57 @@ def test_default_seed_survives_backup_and_restore(tmp_path):
                 if epoch == fail_at:
                     raise RuntimeError("interrupted")
 
-        callbacks = [keras.callbacks.BackupAndRestore(backup), Interrupt()]
         try:
-            model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0, callbacks=callbacks)
+            model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0, callbacks=list(extra) + [Interrupt()])
         except RuntimeError:
-            pass
-        return model
+            return model, True
+        return model, False
 
-    interrupted = run(None, fail_at=2)
-    seed = interrupted.optimizer.seed
-    assert int(numpy(interrupted.optimizer.raw_step)) == 8
-    resumed = run(None)
-    assert resumed.optimizer.seed == seed
-    np.testing.assert_array_equal(
-        resumed.optimizer.example_weights(8, step=9, replica_id=0),
-        interrupted.optimizer.example_weights(8, step=9, replica_id=0),
+    interrupted, raised = run(None, callbacks(), fail_at=2)
+    result = dict(
+        interrupted=raised,
+        seed=interrupted.optimizer.seed,
+        raw_step=int(numpy(interrupted.optimizer.raw_step)),
+        weights_step_9=numpy(interrupted.optimizer.example_weights(8, step=9, replica_id=0)),
+        tmp_path=tmp_path,
     )
-    reference = functional(gm.Model)
-    reference.compile(mixer(seed=seed, stddev=1.0), SCCE)
-    reference.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
-    for a, b in zip(reference.get_weights(), resumed.get_weights()):
+    resumed, raised = run(None, callbacks())
+    assert not raised
+    result.update(
+        resumed_seed=resumed.optimizer.seed,
+        resumed_weights_step_9=numpy(resumed.optimizer.example_weights(8, step=9, replica_id=0)),
+        resumed=resumed.get_weights(),
+        reference=run(result["seed"])[0].get_weights(),
+    )
+    return result
+
+
+@pytest.mark.backends("tensorflow")
+def test_callbacks_checkpoint_backup_and_tensorboard(backup_and_restore_run):
+    run = backup_and_restore_run
+    assert run["interrupted"]
+    for a, b in zip(run["reference"], run["resumed"], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert (run["tmp_path"] / "ckpt-3.keras").exists()
+    assert any((run["tmp_path"] / "tb").rglob("*tfevents*"))
+
+
+def test_default_seed_survives_backup_and_restore(backup_and_restore_run):
+    """``seed=None``: the restored run continues the interrupted run's stream."""
+    run = backup_and_restore_run
+    assert run["interrupted"] and run["raw_step"] == 8
+    assert run["resumed_seed"] == run["seed"]
+    np.testing.assert_array_equal(run["resumed_weights_step_9"], run["weights_step_9"])
+    for a, b in zip(run["reference"], run["resumed"], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_default_seed_survives_a_keras_file(tmp_path):
-    x, y = data(48)
-    first = functional(gm.Model)
-    first.compile(mixer(seed=None, stddev=1.0), SCCE)
-    first.fit(x[:24], y[:24], batch_size=8, epochs=1, shuffle=False, verbose=0)  # 3 steps
-    seed = first.optimizer.seed
-    path = os.path.join(tmp_path, "m.keras")
-    first.save(path)
-    loaded = keras.models.load_model(path)
-    assert loaded.optimizer.seed == seed
-    loaded.fit(x[24:], y[24:], batch_size=8, epochs=1, shuffle=False, verbose=0)  # 3 more
-
-    straight = functional(gm.Model)
-    straight.compile(mixer(seed=seed, stddev=1.0), SCCE)
-    straight.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)  # 6 steps
-    for a, b in zip(straight.get_weights(), loaded.get_weights()):
+def test_default_seed_survives_a_keras_file(saved_and_resumed):
+    run = saved_and_resumed
+    assert isinstance(run["seed"], int)
+    assert run["loaded_seed"] == run["seed"]
+    # The straight run used the drawn seed: the loaded run continued its stream.
+    for a, b in zip(run["straight_weights"], run["loaded_weights"], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 

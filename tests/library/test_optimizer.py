@@ -294,9 +294,12 @@ def test_reduce_lr_on_plateau_reaches_the_inner_optimizer():
 def test_sample_and_device_streams_are_separate():
     """Same seed and step: the two levels' weights are independent draws."""
     opt = mixer(stddev=1.0, seed=31)
-    steps = 256
-    sample = np.stack([numpy(opt.example_weights(K, step=s, replica_id=0)) for s in range(steps)])
-    device = np.stack([numpy(opt.device_weights(K, step=s)) for s in range(steps)])
+    # 16 steps of 64 weights each: the 1024 pairs of 256 steps of 4, in a
+    # sixteenth of the eager calls.
+    steps, size = 16, 64
+    sample = np.stack([numpy(opt.example_weights(size, step=s, replica_id=0)) for s in range(steps)])
+    device = np.stack([numpy(opt.device_weights(size, step=s)) for s in range(steps)])
+    assert sample.shape == device.shape == (steps, size)
     assert not np.any(sample == device)
     # Independent N(1, 1) pairs: |correlation| < 4 / sqrt(n) (4 standard errors).
     assert abs(np.corrcoef(sample.ravel(), device.ravel())[0, 1]) < 4 / np.sqrt(sample.size)
