@@ -44,19 +44,51 @@ def fit_one_step(model, x, y, **kwargs):
 # -- device level under MirroredStrategy -------------------------------------
 
 
-@pytest.mark.parametrize("wrapping", ["plain", "loss_scale", "mixed_bfloat16"])
-@pytest.mark.backends("tensorflow")
-def test_device_level_update_is_the_replica_mix(mirrored_strategy, wrapping):
-    if wrapping == "mixed_bfloat16":
-        keras.config.set_dtype_policy("mixed_bfloat16")
-    x, y = data(16)
+@pytest.fixture(scope="module")
+def device_level_run(mirrored_strategy):
+    """A stock model at the device level (stddev 0.9, seed 2) on the 4
+    replicas: 2 epochs of 4 global batches of 16, with ``GammaLogger``.
+
+    Returns the first batch, the reference model's starting weights, the
+    first step's update, the optimizer and the history.
+    """
+    keras.config.set_dtype_policy("float32")
+    x, y = data(64)
     with mirrored_strategy.scope():
         model = functional(keras.Model)  # a stock model: the device level needs no hook
         opt = mixer(level="device", stddev=0.9, seed=2)
-        outer = keras.optimizers.LossScaleOptimizer(opt) if wrapping == "loss_scale" else opt
-        model.compile(outer, SCCE)
-    ref = plain_copy(model)  # same dtype policy
-    update, _ = fit_one_step(model, x, y)
+        model.compile(opt, SCCE)
+    start, before, after_first = model.get_weights(), flat(weights_of(model)), []
+
+    def first_step_end(batch, logs):
+        if batch == 0 and not after_first:
+            after_first.append(flat(weights_of(model)))
+
+    history = model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
+                        callbacks=[gm.GammaLogger(), keras.callbacks.LambdaCallback(on_train_batch_end=first_step_end)])
+    assert int(numpy(opt.raw_step)) == 8
+    return dict(x=x[:16], y=y[:16], start=start, update=before - after_first[0], opt=opt, history=history.history)
+
+
+@pytest.mark.parametrize("wrapping", ["plain", "loss_scale", "mixed_bfloat16"])
+@pytest.mark.backends("tensorflow")
+def test_device_level_update_is_the_replica_mix(mirrored_strategy, request, wrapping):
+    if wrapping == "plain":  # the first step of the shared run
+        run = request.getfixturevalue("device_level_run")
+        x, y, opt, update = run["x"], run["y"], run["opt"], run["update"]
+        ref = functional(keras.Model)
+        ref.set_weights(run["start"])
+    else:
+        if wrapping == "mixed_bfloat16":
+            keras.config.set_dtype_policy("mixed_bfloat16")
+        x, y = data(16)
+        with mirrored_strategy.scope():
+            model = functional(keras.Model)  # a stock model: the device level needs no hook
+            opt = mixer(level="device", stddev=0.9, seed=2)
+            outer = keras.optimizers.LossScaleOptimizer(opt) if wrapping == "loss_scale" else opt
+            model.compile(outer, SCCE)
+        ref = plain_copy(model)  # same dtype policy
+        update, _ = fit_one_step(model, x, y)
 
     w = numpy(opt.device_weights(K, step=0)).astype(np.float64)
     loss_fn = keras.losses.SparseCategoricalCrossentropy()
@@ -174,17 +206,13 @@ def test_inner_clipping_acts_per_replica_after_the_device_weights(mirrored_strat
 
 
 @pytest.mark.backends("tensorflow")
-def test_gamma_logger_reports_device_gamma_bar(mirrored_strategy):
-    x, y = data(64)
-    with mirrored_strategy.scope():
-        model = functional(keras.Model)
-        opt = mixer(level="device", stddev=1.3, seed=8)
-        model.compile(opt, SCCE)
-    history = model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[gm.GammaLogger()])
+def test_gamma_logger_reports_device_gamma_bar(device_level_run):
+    opt, history = device_level_run["opt"], device_level_run["history"]
+    assert len(history["gradmix_gamma"]) == 2
     for epoch in range(2):
         steps = range(4 * epoch, 4 * epoch + 4)
         expected = np.mean([np.mean(numpy(opt.device_weights(K, step=s)) ** 2) for s in steps])
-        assert history.history["gradmix_gamma"][epoch] == pytest.approx(expected, rel=1e-6)
+        assert history["gradmix_gamma"][epoch] == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.backends("tensorflow")  # on JAX a stock model is refused (test_jax.py)
