@@ -70,6 +70,12 @@ LAYERWISE_CHOSEN = {"lamb": "0.003", "lars": "0.7"}
 TINY_CIFAR = ("--train-size 128 --val-size 128 --test-size 128 --epochs 1 --small-batch 16 --large-batch 32 "
               "--widths 4 8 8 --ggn-size 0")
 
+#: Every sweep command runs its quick runs one after another in one trainer process (the runner's worker: one
+#: Keras import instead of one a run), one run at a time; tests/scripts/test_runner.py checks that a worker gives
+#: each run's row and that runs go side by side with --parallel/--jobs 2.
+REUSE = "--reuse-processes --parallel 1"
+REUSE_JOBS = "--reuse-processes --jobs 1"  # sweep.py's name for --parallel
+
 #: gd_vs_sgd on a tiny subset, for every run of a temperature.py command (b = 32: two blocks in the penalty's
 #: double backprop, which its train step unrolls).
 TINY_ARMS = "--train-size 64 --batch-size 32 --steps 4 --fit-threshold 0 --seeds 0"
@@ -91,21 +97,21 @@ class Entry:
 
 ENTRIES = [
     Entry(("cifar10_gd_vs_sgd.jsonl",), "python -m experiments.temperature --parallel 2 --threads 1",
-          f"--rates 0.1 --noises gaussian {TINY_ARMS} --results {{tmp}}/sgd.jsonl {TINY_EXTRA}",
+          f"{REUSE} --rates 0.1 --noises gaussian {TINY_ARMS} --results {{tmp}}/sgd.jsonl {TINY_EXTRA}",
           (("sgd.jsonl", 3),)),  # rate phase: small batch + GD; gap: the same runs; arms: Gaussian
     Entry(("cifar10_gd_vs_sgd.jsonl",),
           "python -m experiments.temperature --phase penalty --lr 0.1 --parallel 2 --threads 1",
-          f"--penalty-factors 4 {TINY_ARMS} --results {{tmp}}/sgd.jsonl {TINY_EXTRA}",
+          f"{REUSE} --penalty-factors 4 {TINY_ARMS} --results {{tmp}}/sgd.jsonl {TINY_EXTRA}",
           (("sgd.jsonl", 5),)),  # + λ = lr/4 and 4 lr/4 on seed 0
     Entry(("cifar10_gd_vs_sgd_adam.jsonl",),
           "python -m experiments.temperature --optimizer adam --rates 1e-4 3e-4 1e-3 3e-3 --lazy-gd "
           "--noises gaussian bernoulli isotropic --seed-major --parallel 2 --threads 1",
-          f"--rates 1e-3 --noises isotropic {TINY_ARMS} --results {{tmp}}/adam.jsonl {TINY_EXTRA}",
+          f"{REUSE} --rates 1e-3 --noises isotropic {TINY_ARMS} --results {{tmp}}/adam.jsonl {TINY_EXTRA}",
           (("adam.jsonl", 3),)),
     # LAMB and LARS: the code path of the Adam entry with another --optimizer, so on quick settings one run each
     # (the arms phase at a given rate, one noise, one seed); the matched phase measures before it runs (minutes).
     *(Entry((f"cifar10_gd_vs_sgd_{name}.jsonl",), LAYERWISE_COMMANDS[name],
-            f"--phase arms --lr {lr} --noises gaussian {TINY_ARMS} --results {{tmp}}/{name}.jsonl {TINY_EXTRA}",
+            f"{REUSE} --phase arms --lr {lr} --noises gaussian {TINY_ARMS} --results {{tmp}}/{name}.jsonl {TINY_EXTRA}",
             ((f"{name}.jsonl", 1),)) for name, lr in (("lamb", "1e-3"), ("lars", "1"))),
     *(Entry((f"cifar10_gd_vs_sgd_{name}.jsonl",), LAYERWISE_MATCHED[name]) for name in LAYERWISE_MATCHED),
     Entry(("cifar10_gd_vs_sgd_test_accuracy.png",),
@@ -126,11 +132,11 @@ ENTRIES = [
     # sweep.py: the first command of each task on quick settings (every run --quick); the others are its
     # phases on the recorded rows (tests/scripts/test_recorded_commands.py: they rerun nothing).
     Entry(("cifar10_resnet8_gap.jsonl",), SWEEP_COMMANDS[0],
-          f"{TINY_CIFAR} --results {{tmp}}/gap.jsonl --run-dir {{tmp}}/runs",
+          f"{REUSE_JOBS} {TINY_CIFAR} --results {{tmp}}/gap.jsonl --run-dir {{tmp}}/runs",
           (("gap.jsonl", 2),)),  # the gap phase's two runs; one epoch fits nothing, so it stops there
     *(Entry(("cifar10_resnet8_gap.jsonl",), command) for command in SWEEP_COMMANDS[1:]),
     Entry(("multi30k_transformer.jsonl",), MULTI30K_COMMANDS[0],
-          f"--results {{tmp}}/multi30k.jsonl --run-dir {{tmp}}/runs --extra --quick {TINY_TRANSFORMER}",
+          f"{REUSE_JOBS} --results {{tmp}}/multi30k.jsonl --run-dir {{tmp}}/runs --extra --quick {TINY_TRANSFORMER}",
           (("multi30k.jsonl", 2),)),
     *(Entry(("multi30k_transformer.jsonl",), command) for command in MULTI30K_COMMANDS[1:]),
     Entry(("cifar10_resnet8_gap_n2048_e40_accuracy_vs_batch.png", "cifar10_resnet8_gap_n2048_e40_large_batch.png"),
@@ -141,7 +147,7 @@ ENTRIES = [
           "python -m experiments.plot experiments/results/multi30k_transformer.jsonl", "--out {tmp}",
           (("multi30k_transformer_n10000_e8_d128_accuracy_vs_batch.png", None),)),
     Entry(("cifar10_resnet8_capped_rate.jsonl",), "python -m experiments.capped_rate --parallel 2 --threads 1",
-          "--seeds 0 --epochs 1 --small-batch 16 --large-batch 64 --results {tmp}/capped.jsonl "
+          f"{REUSE} --seeds 0 --epochs 1 --small-batch 16 --large-batch 64 --results {{tmp}}/capped.jsonl "
           "--extra --train-size 128 --val-size 128 --test-size 128 --widths 4 8 8 --ggn-size 0",
           (("capped.jsonl", 3),)),
 ]
