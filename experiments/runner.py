@@ -18,13 +18,16 @@ to a JSONL results file: the result's fields, the sweep's labels (e.g.
 * ``tf_gradmix_version``: the version of the package the trainer ran (its
   noise stream changed in 0.2.0); rows without it were made by 0.1.0.
 
-With ``reuse_processes`` (the sweeps' ``--reuse-processes``), each of the
-``parallel`` slots starts one long-lived worker, ``python -m
-experiments.runner --serve``, and runs its runs there one after another, each
-through the trainer's ``main(argv)`` (its standard output captured the same
-way), the Keras session cleared between runs: one Keras import per worker
-instead of one per run, which is most of the CPU time of a short run. A run
-that fails ends its worker; the next run starts a fresh one.
+With ``reuse_processes`` (the sweeps' ``--reuse-processes``), runs go to
+long-lived workers, ``python -m experiments.runner --serve``: a run takes an
+idle one or starts one (so at most ``parallel`` of them), and each run is the
+trainer's ``main(argv)`` there (its standard output captured as from a
+subprocess), the Keras session cleared after it. Workers stay for later
+``run_all`` calls of the process and end at its exit (or
+:func:`close_workers`): one Keras import per worker instead of one per run,
+which is most of the CPU time of a short run. The trainers seed each run, so
+its result is the one it gives in a process of its own. A run that fails ends
+its worker.
 
 A run whose key is in the results file is not run again, so a sweep that was
 stopped (Ctrl-C, or a kill of its process group) continues where it stopped
@@ -256,14 +259,15 @@ class _Workers:
             self._end(worker)
 
 
-_WORKERS = None
+_WORKERS, _WORKERS_LOCK = None, threading.Lock()
 
 
 def _workers():
     global _WORKERS
-    if _WORKERS is None:
-        _WORKERS = _Workers()
-    return _WORKERS
+    with _WORKERS_LOCK:  # run_all's threads may ask at once
+        if _WORKERS is None:
+            _WORKERS = _Workers()
+        return _WORKERS
 
 
 def close_workers():

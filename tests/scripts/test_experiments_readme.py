@@ -7,7 +7,10 @@ file; real CIFAR-10 through ``$TF_GRADMIX_DATA``, which tests/conftest.py
 sets). An entry without quick settings is not run; every file has one that is.
 """
 
+import contextlib
 import dataclasses
+import importlib
+import io
 import json
 import shlex
 import shutil
@@ -70,9 +73,10 @@ LAYERWISE_CHOSEN = {"lamb": "0.003", "lars": "0.7"}
 TINY_CIFAR = ("--train-size 128 --val-size 128 --test-size 128 --epochs 1 --small-batch 16 --large-batch 32 "
               "--widths 4 8 8 --ggn-size 0")
 
-#: Every sweep command runs its quick runs one after another in one trainer process (the runner's worker: one
-#: Keras import instead of one a run), one run at a time; tests/scripts/test_runner.py checks that a worker gives
-#: each run's row and that runs go side by side with --parallel/--jobs 2.
+#: Every sweep command runs its quick runs one after another in the runner's worker process (one Keras import
+#: instead of one a run; the commands run in this process, so one worker serves them all), one run at a time;
+#: tests/scripts/test_runner.py checks that a worker gives each run's row and that runs go side by side with
+#: --parallel/--jobs 2.
 REUSE = "--reuse-processes --parallel 1"
 REUSE_JOBS = "--reuse-processes --jobs 1"  # sweep.py's name for --parallel
 
@@ -153,6 +157,26 @@ ENTRIES = [
 ]
 
 
+#: The commands' modules that run in this process (``main(argv)``, standard output captured): their code is what
+#: is tested, not a new interpreter's start. The benchmark sets TensorFlow's thread pools, which only a fresh
+#: process can, so it runs as a subprocess.
+IN_PROCESS = ("experiments.temperature", "experiments.sweep", "experiments.capped_rate",
+              "experiments.temperature_report", "experiments.plot")
+
+
+def run_command(words):
+    """Runs ``python -m <module> <argv>`` (``words``) from the repository root; its standard output."""
+    assert words[:2] == ["python", "-m"], words
+    if words[2] not in IN_PROCESS:
+        done = subprocess.run([sys.executable, *words[1:]], cwd=REPO, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, (words, done.stdout[-2000:], done.stderr[-3000:])
+        return done.stdout
+    out = io.StringIO()
+    with contextlib.chdir(REPO), contextlib.redirect_stdout(out):
+        importlib.import_module(words[2]).main(words[3:])
+    return out.getvalue()
+
+
 def readme_table():
     """``{file name: [commands]}`` of the README's table (a file may have several rows)."""
     section = README.read_text().split("\n## Reproducing every results file\n", 1)[1].split("\n## ", 1)[0]
@@ -219,26 +243,26 @@ def test_a_command_finds_its_runs_done_without_importing_keras():
 def test_every_command_runs_on_quick_settings(tmp_path):
     if cifar10.find_cifar10() is None:
         real_data.missing("CIFAR-10 JPEG")
-    for entry in ENTRIES:
-        if entry.quick is None:
-            continue  # another command of its file runs (see the test below)
-        words = shlex.split(entry.command) + shlex.split(entry.quick.format(tmp=tmp_path))
-        done = subprocess.run([sys.executable, *words[1:]], cwd=REPO, capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, (entry.command, done.stdout[-2000:], done.stderr[-3000:])
-        for name, rows in entry.outputs:
-            path = tmp_path / name
-            assert path.stat().st_size > 0, (entry.command, name)
-            if rows is None:
-                continue
-            recorded = runner.read_rows(path)
-            assert len(recorded) == len(runner.rows_by_key(path)) == rows, (entry.command, len(recorded))
-            assert all(row["command"].startswith(f"python -m {row['trainer']} ") for row in recorded)
-            # Started again, it finds every run done.
-            again = subprocess.run([sys.executable, *words[1:]], cwd=REPO, capture_output=True, text=True,
-                                   timeout=300, check=True)
-            lines = again.stdout.splitlines()
-            assert not any(line.startswith("[") for line in lines), again.stdout  # no run started
-            assert len(runner.read_rows(path)) == rows
+    try:
+        for entry in ENTRIES:
+            if entry.quick is None:
+                continue  # another command of its file runs (see the test below)
+            words = shlex.split(entry.command) + shlex.split(entry.quick.format(tmp=tmp_path))
+            run_command(words)
+            for name, rows in entry.outputs:
+                path = tmp_path / name
+                assert path.stat().st_size > 0, (entry.command, name)
+                if rows is None:
+                    continue
+                recorded = runner.read_rows(path)
+                assert len(recorded) == len(runner.rows_by_key(path)) == rows, (entry.command, len(recorded))
+                assert all(row["command"].startswith(f"python -m {row['trainer']} ") for row in recorded)
+                # Started again, it finds every run done.
+                lines = run_command(words).splitlines()
+                assert not any(line.startswith("[") for line in lines), lines  # no run started
+                assert len(runner.read_rows(path)) == rows
+    finally:
+        runner.close_workers()
     step_time = json.loads((tmp_path / "step_time.json").read_text())
     assert step_time["rounds"] == 1 and step_time["train_size"] == 64
 
