@@ -48,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=(0, 1, 2))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--parallel", type=int, default=2)
+    p.add_argument("--reuse-processes", action="store_true", help=runner.REUSE_HELP)
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more examples/cifar_train.py flags for "
                                                                          "every run (e.g. --extra --quick); they "
@@ -87,7 +88,8 @@ def main(argv=None):
         for seed in args.seeds
         for label, config in arms(args, seed)
     ]
-    return runner.run_all(runs, args.results, parallel=args.parallel, threads=args.threads, summary=summary)
+    return runner.run_all(runs, args.results, parallel=args.parallel, threads=args.threads, summary=summary,
+                          reuse_processes=args.reuse_processes)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,17 @@ to a JSONL results file: the result's fields, the sweep's labels (e.g.
 * ``tf_gradmix_version``: the version of the package the trainer ran (its
   noise stream changed in 0.2.0); rows without it were made by 0.1.0.
 
+With ``reuse_processes`` (the sweeps' ``--reuse-processes``), runs go to
+long-lived workers, ``python -m experiments.runner --serve``: a run takes an
+idle one or starts one (so at most ``parallel`` of them), and each run is the
+trainer's ``main(argv)`` there (its standard output captured as from a
+subprocess), the Keras session cleared after it. Workers stay for later
+``run_all`` calls of the process and end at its exit (or
+:func:`close_workers`): one Keras import per worker instead of one per run,
+which is most of the CPU time of a short run. The trainers seed each run, so
+its result is the one it gives in a process of its own. A run that fails ends
+its worker.
+
 A run whose key is in the results file is not run again, so a sweep that was
 stopped (Ctrl-C, or a kill of its process group) continues where it stopped
 when started again. Rows written by earlier versions of the sweeps (other
@@ -29,16 +40,21 @@ with the trainer's own command line.
 """
 
 import argparse
+import atexit
+import contextlib
 import dataclasses
 import importlib
+import io
 import json
 import os
 import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -48,6 +64,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: Trainers that moved: recorded commands name the old module; its flags are unchanged.
 MOVED_TRAINERS = {"examples.cifar_resnet18": "examples.cifar_train"}
+
+#: The sweeps' flag for ``run_all(reuse_processes=True)``.
+REUSE_HELP = ("run the runs one after another in long-lived processes, one per run at a time (one Keras import "
+              "instead of one a run: seconds of CPU for short runs such as --extra --quick)")
 
 #: Row fields the runner writes; they replace result fields of the same name.
 RUNNER_FIELDS = (
@@ -184,7 +204,123 @@ def _row(run, result, command, started, load_before, parallel, threads):
     return row
 
 
-def run_all(runs, results, parallel=1, threads=None, summary=None, echo=print):
+class _Workers:
+    """Idle worker processes (``python -m experiments.runner --serve``), reused run after run; closed at exit."""
+
+    def __init__(self):
+        self._idle, self._lock = [], threading.Lock()
+        atexit.register(self.close)
+
+    def run(self, argv):
+        """Runs ``argv`` (``-m <trainer> <flags>``) in an idle worker or a new one; a ``CompletedProcess``."""
+        with self._lock:
+            worker = self._idle.pop() if self._idle else None
+        if worker is None:
+            stderr = tempfile.TemporaryFile("w+")  # a file, never a full pipe; each run reads what it appended
+            worker = subprocess.Popen([sys.executable, "-m", "experiments.runner", "--serve"], cwd=ROOT,
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True)
+            worker.stderr_file = stderr
+        start = worker.stderr_file.seek(0, os.SEEK_END)
+        reply = None
+        try:
+            worker.stdin.write(json.dumps(argv) + "\n")
+            worker.stdin.flush()
+            reply = json.loads(worker.stdout.readline() or "null")
+        except (OSError, ValueError):
+            pass
+        worker.stderr_file.seek(start)
+        stderr = worker.stderr_file.read()
+        if reply is None:  # the worker died
+            worker.kill()
+            returncode = worker.wait()
+            return subprocess.CompletedProcess(argv, returncode or -1, "", stderr)
+        if reply["returncode"] == 0:
+            with self._lock:
+                self._idle.append(worker)
+        else:  # a failed run may leave the process in any state
+            self._end(worker)
+        return subprocess.CompletedProcess(argv, reply["returncode"], reply["stdout"], stderr + reply["stderr"])
+
+    @staticmethod
+    def _end(worker):
+        with contextlib.suppress(OSError):
+            worker.stdin.close()
+        try:
+            worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+        worker.stderr_file.close()
+
+    def close(self):
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for worker in idle:
+            self._end(worker)
+
+
+_WORKERS, _WORKERS_LOCK = None, threading.Lock()
+
+
+def _workers():
+    global _WORKERS
+    with _WORKERS_LOCK:  # run_all's threads may ask at once
+        if _WORKERS is None:
+            _WORKERS = _Workers()
+        return _WORKERS
+
+
+def close_workers():
+    """Ends the idle workers of ``reuse_processes`` now (they end at exit anyway); later runs start new ones."""
+    if _WORKERS is not None:
+        _WORKERS.close()
+
+
+def serve():
+    """A worker's loop: one JSON argv (``-m <trainer> <flags>``) a line on stdin, one JSON reply a line on stdout.
+
+    The trainer's ``main(flags)`` runs with ``sys.stdout`` and ``sys.stderr``
+    captured; the reply holds them and the exit status (0, a ``SystemExit``'s
+    code, or 1 after an exception, whose traceback goes to ``stderr``). What
+    the process itself writes to its standard output (e.g. native libraries)
+    goes to its standard error, away from the replies.
+    """
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    for line in iter(sys.stdin.readline, ""):
+        argv = json.loads(line)
+        if len(argv) < 2 or argv[0] != "-m":
+            raise ValueError(f"a worker runs `-m <trainer> <flags>`, got {argv!r}")
+        out, err, returncode = io.StringIO(), io.StringIO(), 0
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                importlib.import_module(argv[1]).main(argv[2:])
+            except SystemExit as stop:  # argparse's errors, sys.exit()
+                returncode = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+                if isinstance(stop.code, str):
+                    print(stop.code, file=sys.stderr)
+            except Exception:  # noqa: BLE001 -- reported to the runner like a subprocess's traceback
+                traceback.print_exc()
+                returncode = 1
+        if "keras" in sys.modules:
+            sys.modules["keras"].backend.clear_session()
+        replies.write(json.dumps({"returncode": returncode, "stdout": out.getvalue(), "stderr": err.getvalue()})
+                      + "\n")
+        replies.flush()
+
+
+def run_argv(argv, reuse_processes=False):
+    """Runs ``python <argv>`` (``-m <module> <flags>``) from the repository root; a ``CompletedProcess``.
+
+    Its ``stdout`` and ``stderr`` are captured as text. With ``reuse_processes``
+    it runs in an idle worker (or a new one), the module's ``main(flags)``.
+    """
+    if reuse_processes:
+        return _workers().run(list(argv))
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
+
+
+def run_all(runs, results, parallel=1, threads=None, summary=None, echo=print, reuse_processes=False):
     """Runs every run of ``runs`` whose key is not in ``results`` yet; returns the rows of all of them.
 
     Args:
@@ -192,6 +328,8 @@ def run_all(runs, results, parallel=1, threads=None, summary=None, echo=print):
         results: the JSONL file, appended to one line per finished run.
         parallel: runs at a time (each a subprocess).
         threads: ``--threads`` for every run (None: the trainer's default).
+        reuse_processes: run them in long-lived workers (see the module's
+            docstring), one per run at a time, kept for later calls.
         summary: optional ``row -> str``, printed after each run.
         echo: where progress lines go.
 
@@ -216,7 +354,7 @@ def run_all(runs, results, parallel=1, threads=None, summary=None, echo=print):
         command = shlex.join(["python", *argv])
         echo(f"[{time.strftime('%H:%M:%S')}] {command}")
         started, load_before = time.time(), os.getloadavg()
-        done_ = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
+        done_ = run_argv(argv, reuse_processes)
         lines = done_.stdout.strip().splitlines()
         try:
             if done_.returncode != 0 or not lines:
@@ -252,9 +390,15 @@ def command_of_row(row):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Check JSONL results files: every row recognised, and its command.")
-    p.add_argument("results", nargs="+", type=Path)
+    p.add_argument("results", nargs="*", type=Path)
     p.add_argument("--commands", action="store_true", help="print the command that reruns each row")
+    p.add_argument("--serve", action="store_true",
+                   help="be a worker of run_all(reuse_processes=True): run one trainer argv (JSON) a line of stdin")
     args = p.parse_args(argv)
+    if args.serve:
+        return serve()
+    if not args.results:
+        p.error("give at least one results file")
     for path in args.results:
         rows, keys = read_rows(path), rows_by_key(path)
         print(f"{path}: {len(rows)} rows, {len(rows)} recognised, {len(keys)} distinct runs")

@@ -175,6 +175,7 @@ def parse_args(argv=None):
                                                                      "train acc")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (each with --threads)")
     p.add_argument("--threads", type=int, default=None, help="TensorFlow threads per run")
+    p.add_argument("--reuse-processes", action="store_true", help=runner.REUSE_HELP)
     p.add_argument("--images-per-second", type=float, default=None, help="training examples/s of the whole machine, "
                                                                          "for the plan (default: measured here with "
                                                                          "--jobs 2 --threads 1, 550 images/s for "
@@ -425,7 +426,8 @@ def run_configs(args, configs, label):
               f"{c.config.seed}  ~{run_minutes(args, c):.1f} min", flush=True)
     if args.dry_run or not todo:
         return
-    runner.run_all(todo, args.results, parallel=args.jobs, threads=args.threads, summary=summary)
+    runner.run_all(todo, args.results, parallel=args.jobs, threads=args.threads, summary=summary,
+                   reuse_processes=args.reuse_processes)
 
 
 def gap_found(args):

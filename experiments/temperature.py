@@ -97,6 +97,7 @@ def parse_args(argv=None):
     p.add_argument("--fit-threshold", type=float, default=0.99)
     p.add_argument("--threads", type=int, default=1, help="TensorFlow threads per run")
     p.add_argument("--parallel", type=int, default=1, help="runs at a time")
+    p.add_argument("--reuse-processes", action="store_true", help=runner.REUSE_HELP)
     p.add_argument("--results", type=Path, default=None,
                    help="default: " + ", ".join(f"{path.name} with --optimizer {name}"
                                                 for name, path in RESULTS_OF.items()))
@@ -160,7 +161,7 @@ def run_all(args, configs, phase):
     print(f"phase {phase}:", flush=True)
     runs = [runner.Run(EXAMPLE, config, {"phase": phase}) for config in configs]
     return runner.run_all(runs, args.results, parallel=args.parallel, threads=args.threads, summary=summary,
-                          echo=lambda line: print(line, flush=True))
+                          echo=lambda line: print(line, flush=True), reuse_processes=args.reuse_processes)
 
 
 def choose_rate(args, records):
@@ -216,13 +217,19 @@ def matched_stddev(args, lr):
     """The matched phase's stddev (3 significant digits, so a rerun finds its runs): see the module docstring."""
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "nsr.json"
-        command = [sys.executable, "-m", "experiments.trust_ratio_noise", "--optimizer", args.optimizer,
+        command = ["-m", "experiments.trust_ratio_noise", "--optimizer", args.optimizer,
                    "--lr", str(lr), "--momentum", str(args.momentum), "--train-steps", str(args.match_steps),
                    "--train-size", str(args.train_size), "--batch-size", str(args.batch_size), "--noises", "gaussian",
                    "--stddev-factors", *map(str, args.match_factors), "--seed", str(args.seeds[0]),
                    "--threads", str(args.threads), "--out", str(out)]
-        print(f"matched: {' '.join(command[1:])}", flush=True)
-        subprocess.run(command, check=True, cwd=runner.ROOT)
+        print(f"matched: {' '.join(command)}", flush=True)
+        if args.reuse_processes:  # in a worker, which the arm's runs then reuse
+            done = runner.run_argv(command, reuse_processes=True)
+            print(done.stdout, end="", flush=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"the measurement failed (exit status {done.returncode}):\n{done.stderr[-3000:]}")
+        else:
+            subprocess.run([sys.executable, *command], check=True, cwd=runner.ROOT)
         measured = json.loads(out.read_text())
     return float(f"{measured['matched_factor'] * measured['stddev']:.3g}")
 

@@ -12,6 +12,7 @@ wait while that file exists, ``--rendezvous`` makes it wait until
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -61,8 +62,10 @@ def run(config):
     return {"w": w, "loss": (w - config.target) ** 2, "threads_seen": config.threads}
 
 
-if __name__ == "__main__":
-    import sys
-
+def main(argv=None):
     print("starting")  # the result is the last line, whatever comes before
-    print(json.dumps(run(config_from_argv(Config, sys.argv[1:]))))
+    print(json.dumps(run(config_from_argv(Config, sys.argv[1:] if argv is None else argv))))
+
+
+if __name__ == "__main__":
+    main()

@@ -7,7 +7,10 @@ file; real CIFAR-10 through ``$TF_GRADMIX_DATA``, which tests/conftest.py
 sets). An entry without quick settings is not run; every file has one that is.
 """
 
+import contextlib
 import dataclasses
+import importlib
+import io
 import json
 import shlex
 import shutil
@@ -70,6 +73,13 @@ LAYERWISE_CHOSEN = {"lamb": "0.003", "lars": "0.7"}
 TINY_CIFAR = ("--train-size 128 --val-size 128 --test-size 128 --epochs 1 --small-batch 16 --large-batch 32 "
               "--widths 4 8 8 --ggn-size 0")
 
+#: Every sweep command runs its quick runs one after another in the runner's worker process (one Keras import
+#: instead of one a run; the commands run in this process, so one worker serves them all), one run at a time;
+#: tests/scripts/test_runner.py checks that a worker gives each run's row and that runs go side by side with
+#: --parallel/--jobs 2.
+REUSE = "--reuse-processes --parallel 1"
+REUSE_JOBS = "--reuse-processes --jobs 1"  # sweep.py's name for --parallel
+
 #: gd_vs_sgd on a tiny subset, for every run of a temperature.py command (b = 32: two blocks in the penalty's
 #: double backprop, which its train step unrolls).
 TINY_ARMS = "--train-size 64 --batch-size 32 --steps 4 --fit-threshold 0 --seeds 0"
@@ -91,21 +101,21 @@ class Entry:
 
 ENTRIES = [
     Entry(("cifar10_gd_vs_sgd.jsonl",), "python -m experiments.temperature --parallel 2 --threads 1",
-          f"--rates 0.1 --noises gaussian {TINY_ARMS} --results {{tmp}}/sgd.jsonl {TINY_EXTRA}",
+          f"{REUSE} --rates 0.1 --noises gaussian {TINY_ARMS} --results {{tmp}}/sgd.jsonl {TINY_EXTRA}",
           (("sgd.jsonl", 3),)),  # rate phase: small batch + GD; gap: the same runs; arms: Gaussian
     Entry(("cifar10_gd_vs_sgd.jsonl",),
           "python -m experiments.temperature --phase penalty --lr 0.1 --parallel 2 --threads 1",
-          f"--penalty-factors 4 {TINY_ARMS} --results {{tmp}}/sgd.jsonl {TINY_EXTRA}",
+          f"{REUSE} --penalty-factors 4 {TINY_ARMS} --results {{tmp}}/sgd.jsonl {TINY_EXTRA}",
           (("sgd.jsonl", 5),)),  # + λ = lr/4 and 4 lr/4 on seed 0
     Entry(("cifar10_gd_vs_sgd_adam.jsonl",),
           "python -m experiments.temperature --optimizer adam --rates 1e-4 3e-4 1e-3 3e-3 --lazy-gd "
           "--noises gaussian bernoulli isotropic --seed-major --parallel 2 --threads 1",
-          f"--rates 1e-3 --noises isotropic {TINY_ARMS} --results {{tmp}}/adam.jsonl {TINY_EXTRA}",
+          f"{REUSE} --rates 1e-3 --noises isotropic {TINY_ARMS} --results {{tmp}}/adam.jsonl {TINY_EXTRA}",
           (("adam.jsonl", 3),)),
     # LAMB and LARS: the code path of the Adam entry with another --optimizer, so on quick settings one run each
     # (the arms phase at a given rate, one noise, one seed); the matched phase measures before it runs (minutes).
     *(Entry((f"cifar10_gd_vs_sgd_{name}.jsonl",), LAYERWISE_COMMANDS[name],
-            f"--phase arms --lr {lr} --noises gaussian {TINY_ARMS} --results {{tmp}}/{name}.jsonl {TINY_EXTRA}",
+            f"{REUSE} --phase arms --lr {lr} --noises gaussian {TINY_ARMS} --results {{tmp}}/{name}.jsonl {TINY_EXTRA}",
             ((f"{name}.jsonl", 1),)) for name, lr in (("lamb", "1e-3"), ("lars", "1"))),
     *(Entry((f"cifar10_gd_vs_sgd_{name}.jsonl",), LAYERWISE_MATCHED[name]) for name in LAYERWISE_MATCHED),
     Entry(("cifar10_gd_vs_sgd_test_accuracy.png",),
@@ -126,11 +136,11 @@ ENTRIES = [
     # sweep.py: the first command of each task on quick settings (every run --quick); the others are its
     # phases on the recorded rows (tests/scripts/test_recorded_commands.py: they rerun nothing).
     Entry(("cifar10_resnet8_gap.jsonl",), SWEEP_COMMANDS[0],
-          f"{TINY_CIFAR} --results {{tmp}}/gap.jsonl --run-dir {{tmp}}/runs",
+          f"{REUSE_JOBS} {TINY_CIFAR} --results {{tmp}}/gap.jsonl --run-dir {{tmp}}/runs",
           (("gap.jsonl", 2),)),  # the gap phase's two runs; one epoch fits nothing, so it stops there
     *(Entry(("cifar10_resnet8_gap.jsonl",), command) for command in SWEEP_COMMANDS[1:]),
     Entry(("multi30k_transformer.jsonl",), MULTI30K_COMMANDS[0],
-          f"--results {{tmp}}/multi30k.jsonl --run-dir {{tmp}}/runs --extra --quick {TINY_TRANSFORMER}",
+          f"{REUSE_JOBS} --results {{tmp}}/multi30k.jsonl --run-dir {{tmp}}/runs --extra --quick {TINY_TRANSFORMER}",
           (("multi30k.jsonl", 2),)),
     *(Entry(("multi30k_transformer.jsonl",), command) for command in MULTI30K_COMMANDS[1:]),
     Entry(("cifar10_resnet8_gap_n2048_e40_accuracy_vs_batch.png", "cifar10_resnet8_gap_n2048_e40_large_batch.png"),
@@ -141,10 +151,30 @@ ENTRIES = [
           "python -m experiments.plot experiments/results/multi30k_transformer.jsonl", "--out {tmp}",
           (("multi30k_transformer_n10000_e8_d128_accuracy_vs_batch.png", None),)),
     Entry(("cifar10_resnet8_capped_rate.jsonl",), "python -m experiments.capped_rate --parallel 2 --threads 1",
-          "--seeds 0 --epochs 1 --small-batch 16 --large-batch 64 --results {tmp}/capped.jsonl "
+          f"{REUSE} --seeds 0 --epochs 1 --small-batch 16 --large-batch 64 --results {{tmp}}/capped.jsonl "
           "--extra --train-size 128 --val-size 128 --test-size 128 --widths 4 8 8 --ggn-size 0",
           (("capped.jsonl", 3),)),
 ]
+
+
+#: The commands' modules that run in this process (``main(argv)``, standard output captured): their code is what
+#: is tested, not a new interpreter's start. The benchmark sets TensorFlow's thread pools, which only a fresh
+#: process can, so it runs as a subprocess.
+IN_PROCESS = ("experiments.temperature", "experiments.sweep", "experiments.capped_rate",
+              "experiments.temperature_report", "experiments.plot")
+
+
+def run_command(words):
+    """Runs ``python -m <module> <argv>`` (``words``) from the repository root; its standard output."""
+    assert words[:2] == ["python", "-m"], words
+    if words[2] not in IN_PROCESS:
+        done = subprocess.run([sys.executable, *words[1:]], cwd=REPO, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, (words, done.stdout[-2000:], done.stderr[-3000:])
+        return done.stdout
+    out = io.StringIO()
+    with contextlib.chdir(REPO), contextlib.redirect_stdout(out):
+        importlib.import_module(words[2]).main(words[3:])
+    return out.getvalue()
 
 
 def readme_table():
@@ -213,26 +243,26 @@ def test_a_command_finds_its_runs_done_without_importing_keras():
 def test_every_command_runs_on_quick_settings(tmp_path):
     if cifar10.find_cifar10() is None:
         real_data.missing("CIFAR-10 JPEG")
-    for entry in ENTRIES:
-        if entry.quick is None:
-            continue  # another command of its file runs (see the test below)
-        words = shlex.split(entry.command) + shlex.split(entry.quick.format(tmp=tmp_path))
-        done = subprocess.run([sys.executable, *words[1:]], cwd=REPO, capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, (entry.command, done.stdout[-2000:], done.stderr[-3000:])
-        for name, rows in entry.outputs:
-            path = tmp_path / name
-            assert path.stat().st_size > 0, (entry.command, name)
-            if rows is None:
-                continue
-            recorded = runner.read_rows(path)
-            assert len(recorded) == len(runner.rows_by_key(path)) == rows, (entry.command, len(recorded))
-            assert all(row["command"].startswith(f"python -m {row['trainer']} ") for row in recorded)
-            # Started again, it finds every run done.
-            again = subprocess.run([sys.executable, *words[1:]], cwd=REPO, capture_output=True, text=True,
-                                   timeout=300, check=True)
-            lines = again.stdout.splitlines()
-            assert not any(line.startswith("[") for line in lines), again.stdout  # no run started
-            assert len(runner.read_rows(path)) == rows
+    try:
+        for entry in ENTRIES:
+            if entry.quick is None:
+                continue  # another command of its file runs (see the test below)
+            words = shlex.split(entry.command) + shlex.split(entry.quick.format(tmp=tmp_path))
+            run_command(words)
+            for name, rows in entry.outputs:
+                path = tmp_path / name
+                assert path.stat().st_size > 0, (entry.command, name)
+                if rows is None:
+                    continue
+                recorded = runner.read_rows(path)
+                assert len(recorded) == len(runner.rows_by_key(path)) == rows, (entry.command, len(recorded))
+                assert all(row["command"].startswith(f"python -m {row['trainer']} ") for row in recorded)
+                # Started again, it finds every run done.
+                lines = run_command(words).splitlines()
+                assert not any(line.startswith("[") for line in lines), lines  # no run started
+                assert len(runner.read_rows(path)) == rows
+    finally:
+        runner.close_workers()
     step_time = json.loads((tmp_path / "step_time.json").read_text())
     assert step_time["rounds"] == 1 and step_time["train_size"] == 64
 

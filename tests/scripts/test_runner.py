@@ -150,6 +150,40 @@ def test_runs_go_in_parallel_and_a_failed_run_is_reported_after_the_others_finis
     assert sorted(r["config"]["target"] for r in runner.read_rows(results)) == [1.0, 2.0, 6.0]
 
 
+def test_reused_processes_run_one_run_after_another_and_a_failed_run_ends_its_worker(tmp_path):
+    results, log, meet = tmp_path / "r.jsonl", str(tmp_path / "log"), tmp_path / "meet"
+    meet.mkdir()
+    lines = []
+
+    def run_all(runs, **kwargs):
+        return runner.run_all(runs, results, reuse_processes=True, echo=lines.append, **kwargs)
+
+    def pids():
+        return [json.loads(line)["pid"] for line in Path(log).read_text().splitlines()]
+
+    first = run_all([quad(target=2.0, steps=5, log=log), quad(target=3.0, log=log)], threads=1)
+    second = run_all([quad(target=4.0, log=log)])  # a later call: the same worker
+    assert len(set(pids())) == 1 and pids()[0] != os.getpid()
+    # Each row as a run in its own process gives it: result, command, key.
+    alone = runner.run_all([quad(target=2.0, steps=5)], tmp_path / "alone.jsonl", threads=1, echo=lambda line: None)
+    for name in ("w", "loss", "threads_seen", "key", "config", "phase"):
+        assert first[0][name] == alone[0][name], name
+    assert first[0]["command"] == alone[0]["command"].replace(" --threads", f" --log {log} --threads")
+    assert [r["config"]["target"] for r in first + second] == [2.0, 3.0, 4.0]
+    with pytest.raises(RuntimeError, match=f"1 run\\(s\\) failed: python -m {TRAINER} --target 5.0 --fail"):
+        run_all([quad(target=5.0, fail=True, log=log), quad(target=6.0, log=log)])
+    assert any(line.startswith("FAILED (exit status 3)") for line in lines)
+    assert len(set(pids())) == 2 and pids()[-2] == pids()[0]  # the failed run's worker ended; 6 ran in a new one
+    # Two at a time: each waits until both have started, so this finishes only in two workers side by side.
+    both = run_all([quad(target=t, rendezvous=str(meet), log=log) for t in (7.0, 8.0)], parallel=2)
+    assert len(both) == 2 and len(set(pids()[-2:])) == 2
+    assert sorted(r["config"]["target"] for r in runner.read_rows(results)) == [2.0, 3.0, 4.0, 6.0, 7.0, 8.0]
+    runner.close_workers()
+    run_all([quad(target=9.0, log=log)])
+    assert pids()[-1] not in pids()[:-1]  # closed: a new worker
+    runner.close_workers()
+
+
 def test_bad_arguments_and_bad_files_are_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="parallel must be at least 1, got 0"):
         runner.run_all([], tmp_path / "r.jsonl", parallel=0)

@@ -118,10 +118,13 @@ def test_the_matched_phase_measures_then_runs_the_arm_on_every_seed(tmp_path, ca
     from experiments import runner, temperature
 
     results = tmp_path / "lars.jsonl"
-    temperature.main(["--optimizer", "lars", "--phase", "matched", "--lr", "0.01", "--train-size", "64",
-                      "--batch-size", "16", "--steps", "2", "--seeds", "0", "--match-steps", "1",
-                      "--match-factors", "0.5", "1", "--results", str(results),
-                      "--extra", "--val-size", "50", "--test-size", "100", "--eval-every", "2", "--ggn-size", "0"])
+    try:  # the measurement and the arm's run in one worker process (one TensorFlow import)
+        temperature.main(["--optimizer", "lars", "--phase", "matched", "--lr", "0.01", "--train-size", "64",
+                          "--batch-size", "16", "--steps", "2", "--seeds", "0", "--match-steps", "1",
+                          "--match-factors", "0.5", "1", "--results", str(results), "--reuse-processes",
+                          "--extra", "--val-size", "50", "--test-size", "100", "--eval-every", "2", "--ggn-size", "0"])
+    finally:
+        runner.close_workers()
     stddev = float(capsys.readouterr().out.split("matched stddev: ")[1].split()[0])
     assert stddev in (float(f"{0.5 * math.sqrt(3):.3g}"), float(f"{math.sqrt(3):.3g}"))
     (row,) = runner.read_rows(results)
