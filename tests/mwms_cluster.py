@@ -3,7 +3,9 @@
 Each worker is ``tests/workers/mwms_worker.py`` run by the same interpreter,
 configured by a JSON spec; ports are picked at run time and every wait is
 bounded. Shared by tests/library/test_distribute.py and
-tests/upstream/test_keras_multi_worker.py.
+tests/upstream/test_keras_multi_worker.py, which also share one cluster run
+(``main_cluster``): its workers record stock Keras's failure first, then
+train tf_gradmix's cases.
 """
 
 import json
@@ -76,3 +78,68 @@ def run_cluster(spec, tmp_path, name, workers=2):
     ]
     wait_all(processes)
     return [dict(np.load(tmp_path / f"{name}{i}.npz")) for i in range(workers)]
+
+
+# -- the main cluster, run once per pytest session ------------------------------
+
+LR = 0.1
+# Worker i reads rows [8 s + 4 i, 8 s + 4 i + 4) at step s: 3 steps of 4 each.
+EVEN = [[list(range(s * 8 + k * 4, s * 8 + k * 4 + 4)) for s in range(3)] for k in range(2)]
+# Worker 0: 4, 4, then a partial batch of 3; worker 1: 4, 4, then nothing.
+UNEVEN = [
+    [list(range(0, 4)), list(range(8, 12)), list(range(16, 19))],
+    [list(range(4, 8)), list(range(12, 14)), []],
+]
+CASES = [
+    "model/plain/shards",
+    "model/sample/shards",
+    "sequential/sample/shards",
+    "enable/sample/shards",
+    "enable/device/shards",
+    "model/device/shards",
+    "model/sample/uneven",
+    "enable/device/uneven",
+    "model/sample/keras_split",
+    # gradient_accumulation_steps=3 across the workers' replicas: one update
+    # from the 3 steps' mixes (keras-team/keras#20582 handled in GradientMix).
+    "model/sample-acc3/shards",
+    "enable/device-acc3/shards",
+]
+# Levels whose traced replica step each worker records (graph/<level>).
+TRACED_LEVELS = ["sample", "sample-acc3", "device-acc3"]
+
+_session = {}  # what this pytest process already ran: "data", "main"
+
+
+def data(tmp_path_factory):
+    """``(path, x, y)``: 24 examples of 3 features and a noisy target, saved once."""
+    if "data" not in _session:
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(24, 3)).astype("float32")
+        y = (np.sin(x).sum(1, keepdims=True) + 0.1 * rng.normal(size=(24, 1))).astype("float32")
+        path = tmp_path_factory.mktemp("data") / "data.npz"
+        np.savez(path, x=x, y=y)
+        _session["data"] = (path, x, y)
+    return _session["data"]
+
+
+def main_cluster(tmp_path_factory):
+    """Both workers' results of the main two-worker cluster (``fit_cases``).
+
+    Run on first use, then reused by every test module of this pytest
+    process: one cluster start instead of one per module.
+    """
+    if "main" not in _session:
+        spec = {
+            "task": "fit_cases",
+            "data": str(data(tmp_path_factory)[0]),
+            "cases": CASES,
+            "shards": EVEN,
+            "uneven": UNEVEN,
+            "learning_rate": LR,
+            "default_seed": True,
+            "compat_off": True,
+            "traced_steps": TRACED_LEVELS,
+        }
+        _session["main"] = run_cluster(spec, tmp_path_factory.mktemp("mwms_fit"), "fit")
+    return _session["main"]
