@@ -1,15 +1,18 @@
 """Real ``MultiWorkerMirroredStrategy`` clusters of worker processes on 127.0.0.1.
 
-Each worker is ``tests/workers/mwms_worker.py`` run by the same interpreter,
-configured by a JSON spec; ports are picked at run time and every wait is
+Each worker is a process that runs ``tests/workers/mwms_worker.py`` with a JSON
+spec, forked by one fork server per pytest process (the same interpreter,
+TensorFlow imported once); ports are picked at run time and every wait is
 bounded. Shared by tests/library/test_distribute.py and
 tests/upstream/test_keras_multi_worker.py, which also share one cluster run
 (``main_cluster``): its workers record stock Keras's failure first, then
 train tf_gradmix's cases.
 """
 
+import atexit
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -21,25 +24,80 @@ import pytest
 
 from tf_gradmix import distribute
 
-WORKER = Path(__file__).resolve().parent / "workers" / "mwms_worker.py"
+FORKSERVER = Path(__file__).resolve().parent / "workers" / "mwms_forkserver.py"
 PROCESS_TIMEOUT = 240  # seconds, per worker process
+
+_forkserver = []  # the fork server of this pytest process, started on first use
+
+
+class Worker:
+    """A worker process forked by the fork server (``subprocess.Popen``'s
+    ``pid``, ``poll``, ``wait`` and ``returncode``; negative: killed by that
+    signal)."""
+
+    def __init__(self, pid, log_path, status_path):
+        self.pid = pid
+        self.log_path = log_path
+        self.status_path = status_path
+        self.returncode = None
+
+    def poll(self):
+        if self.returncode is None and self.status_path.exists():
+            self.returncode = int(self.status_path.read_text())
+        return self.returncode
+
+    def wait(self, timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout)
+            time.sleep(0.1)
+        return self.returncode
+
+
+def forkserver(tmp_path):
+    """The fork server (``tests/workers/mwms_forkserver.py``): it imports
+    TensorFlow once and forks every worker of this pytest process. Its own
+    output goes to ``forkserver.log`` in the ``tmp_path`` of its first use."""
+    if not _forkserver or _forkserver[0].poll() is not None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.pop("TF_CONFIG", None)
+        log_path = tmp_path / "forkserver.log"
+        _forkserver[:] = [
+            subprocess.Popen(
+                [sys.executable, str(FORKSERVER)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=open(log_path, "w"),
+                env=env,
+                text=True,
+                start_new_session=True,
+            )
+        ]
+        _forkserver[0].log_path = log_path
+        atexit.register(stop_forkserver, _forkserver[0])
+    return _forkserver[0]
+
+
+def stop_forkserver(server):
+    """Ends the fork server and waits for it (its workers' CPU time then counts as this process's)."""
+    server.stdin.close()
+    server.wait(timeout=PROCESS_TIMEOUT)
 
 
 def start(spec, tmp_path, name):
+    """Starts a worker process that runs ``spec``; its output goes to ``<name>.log``."""
     spec_path = tmp_path / f"{name}.json"
     spec_path.write_text(json.dumps(spec))
-    log = open(tmp_path / f"{name}.log", "w")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("TF_CONFIG", None)
-    process = subprocess.Popen(
-        [sys.executable, str(WORKER), str(spec_path)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
-    process.log_path = tmp_path / f"{name}.log"
-    return process
+    log_path, status_path = tmp_path / f"{name}.log", tmp_path / f"{name}.status"
+    server = forkserver(tmp_path)
+    server.stdin.write(f"{spec_path} {log_path} {status_path}\n")
+    server.stdin.flush()
+    ready, _, _ = select.select([server.stdout], [], [], PROCESS_TIMEOUT)
+    reply = server.stdout.readline() if ready else ""
+    if not reply:
+        pytest.fail(f"the fork server did not answer (status {server.poll()}):\n{tail(server)}")
+    return Worker(int(reply), log_path, status_path)
 
 
 def kill(process):

@@ -1,5 +1,6 @@
 """One training process for tests/library/test_distribute.py and
-tests/upstream/test_keras_multi_worker.py (run as a subprocess by tests/mwms_cluster.py).
+tests/upstream/test_keras_multi_worker.py (run in a process of its own,
+forked by tests/workers/mwms_forkserver.py for tests/mwms_cluster.py).
 
 Usage: ``python mwms_worker.py SPEC.json``. The spec says which cluster to
 join (``ports``/``index``; none: a single process without a cluster), which
