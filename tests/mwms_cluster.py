@@ -128,16 +128,6 @@ def wait_all(processes, timeout=PROCESS_TIMEOUT):
         assert p.returncode == 0, tail(p)
 
 
-def run_cluster(spec, tmp_path, name, workers=2):
-    ports = distribute.free_local_ports(workers)
-    processes = [
-        start(dict(spec, ports=ports, index=i, out=str(tmp_path / f"{name}{i}.npz")), tmp_path, f"{name}{i}")
-        for i in range(workers)
-    ]
-    wait_all(processes)
-    return [dict(np.load(tmp_path / f"{name}{i}.npz")) for i in range(workers)]
-
-
 # -- the main cluster, run once per pytest session ------------------------------
 
 LR = 0.1
@@ -185,9 +175,12 @@ def main_cluster(tmp_path_factory):
     """Both workers' results of the main two-worker cluster (``fit_cases``).
 
     Run on first use, then reused by every test module of this pytest
-    process: one cluster start instead of one per module.
+    process: one cluster start instead of one per module (a failed run is not
+    run again: its error is raised again).
     """
     if "main" not in _session:
+        tmp_path = tmp_path_factory.mktemp("mwms_fit")
+        _session["main_dir"] = tmp_path
         spec = {
             "task": "fit_cases",
             "data": str(data(tmp_path_factory)[0]),
@@ -199,5 +192,30 @@ def main_cluster(tmp_path_factory):
             "compat_off": True,
             "traced_steps": TRACED_LEVELS,
         }
-        _session["main"] = run_cluster(spec, tmp_path_factory.mktemp("mwms_fit"), "fit")
+        ports = distribute.free_local_ports(2)
+        processes = [
+            start(dict(spec, ports=ports, index=i, out=str(tmp_path / f"fit{i}.npz"),
+                       stock_out=str(tmp_path / f"stock{i}.npz")), tmp_path, f"fit{i}")
+            for i in range(2)
+        ]
+        try:
+            wait_all(processes)
+            _session["main"] = [dict(np.load(tmp_path / f"fit{i}.npz")) for i in range(2)]
+        except BaseException as error:
+            _session["main"] = error
+    if isinstance(_session["main"], BaseException):
+        raise _session["main"]
     return _session["main"]
+
+
+def stock_results(tmp_path_factory):
+    """Both workers' records of stock Keras under the strategy: written by
+    the main cluster's workers before any tf_gradmix model, so available even
+    when a later case of that run failed."""
+    try:
+        main_cluster(tmp_path_factory)
+    except BaseException:
+        paths = [_session["main_dir"] / f"stock{i}.npz" for i in range(2)]
+        if not all(path.exists() for path in paths):
+            raise
+    return [dict(np.load(_session["main_dir"] / f"stock{i}.npz")) for i in range(2)]

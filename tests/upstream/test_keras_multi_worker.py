@@ -6,8 +6,8 @@ tf_gradmix's models apply, and its version guard ``MULTI_WORKER_FIT_BROKEN``.
 When this fails, upstream fixed the bug: narrow the guard and revisit the
 workaround. A real two-worker cluster on 127.0.0.1 (``tests/mwms_cluster.py``):
 the main cluster of tests/library/test_distribute.py, whose workers record
-stock Keras's failure before training any tf_gradmix model (started here if
-that module has not run in this pytest process).
+stock Keras's failure before training any tf_gradmix model, and write it at
+once (started here if that module has not run in this pytest process).
 """
 
 import keras
@@ -16,14 +16,14 @@ import pytest
 from tf_gradmix import distribute
 from tf_gradmix.backend.tensorflow import trainer as gm_trainer
 
-from mwms_cluster import main_cluster
+import mwms_cluster
 
 pytestmark = pytest.mark.backends("tensorflow")
 
 
 @pytest.fixture(scope="module")
 def stock_results(tmp_path_factory):
-    return main_cluster(tmp_path_factory)
+    return mwms_cluster.stock_results(tmp_path_factory)
 
 
 @pytest.mark.slow
