@@ -10,6 +10,7 @@ use the 4 logical CPUs of the pytest process (``conftest.py``).
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -24,13 +25,13 @@ from tf_gradmix import distribute
 from tf_gradmix.backend.tensorflow import optimizer as tf_optimizer
 from tf_gradmix.backend.tensorflow import trainer as gm_trainer
 
-from mwms_cluster import PROCESS_TIMEOUT, kill, run_cluster, start, tail, wait_all
+import mwms_cluster
+from mwms_cluster import CASES, EVEN, LR, PROCESS_TIMEOUT, UNEVEN, kill, main_cluster, start, tail, wait_all
 from oracles import assert_float32_close
 
 pytestmark = pytest.mark.backends("tensorflow")
 
 SEED = 1234  # as in the worker script
-LR = 0.1
 COLLECTIVE_TIMEOUT = 20  # seconds: a survivor of a killed peer gives up
 
 
@@ -94,57 +95,19 @@ def mixed_sgd(init, x, y, shards, level, seed=SEED):
 
 # -- 1, 2, 4: multi-worker fit ------------------------------------------------
 
-EVEN = [[list(range(s * 8 + k * 4, s * 8 + k * 4 + 4)) for s in range(3)] for k in range(2)]
-# Worker 0: 4, 4, then a partial batch of 3; worker 1: 4, 4, then nothing.
-UNEVEN = [
-    [list(range(0, 4)), list(range(8, 12)), list(range(16, 19))],
-    [list(range(4, 8)), list(range(12, 14)), []],
-]
-CASES = [
-    "model/plain/shards",
-    "model/sample/shards",
-    "sequential/sample/shards",
-    "enable/sample/shards",
-    "enable/device/shards",
-    "model/device/shards",
-    "model/sample/uneven",
-    "enable/device/uneven",
-    "model/sample/keras_split",
-    # gradient_accumulation_steps=3 across the workers' replicas: one update
-    # from the 3 steps' mixes (keras-team/keras#20582 handled in GradientMix).
-    "model/sample-acc3/shards",
-    "enable/device-acc3/shards",
-]
-# Levels whose traced replica step each worker records (graph/<level>).
-TRACED_LEVELS = ["sample", "sample-acc3", "device-acc3"]
+# The cases (model kind / level / data), the shards EVEN and UNEVEN and the
+# traced levels: tests/mwms_cluster.py, whose main cluster also records stock
+# Keras's failure for tests/upstream/test_keras_multi_worker.py.
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(24, 3)).astype("float32")
-    y = (np.sin(x).sum(1, keepdims=True) + 0.1 * rng.normal(size=(24, 1))).astype("float32")
-    path = tmp_path_factory.mktemp("data") / "data.npz"
-    np.savez(path, x=x, y=y)
-    return path, x, y
+    return mwms_cluster.data(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def cluster_results(data, tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("mwms_fit")
-    spec = {
-        "task": "fit_cases",
-        "data": str(data[0]),
-        "cases": CASES,
-        "shards": EVEN,
-        "uneven": UNEVEN,
-        "learning_rate": LR,
-        "skip_stock": True,  # stock Keras's failure: tests/upstream/test_keras_multi_worker.py
-        "default_seed": True,
-        "compat_off": True,
-        "traced_steps": TRACED_LEVELS,
-    }
-    return run_cluster(spec, tmp_path, "fit")
+def cluster_results(tmp_path_factory):
+    return main_cluster(tmp_path_factory)
 
 
 @pytest.mark.slow
@@ -330,63 +293,145 @@ def wait_for(path, processes, timeout=PROCESS_TIMEOUT):
         time.sleep(0.2)
 
 
-def fault_spec(data, tmp_path, name, workers, shards, **extra):
+# id: (workers, level, pause_at). Each case crashes its own group of workers
+# (a kill ends a group); one restarted group per worker count then resumes
+# every case from its backup and trains its uninterrupted reference.
+FAULT_CASES = {
+    "single_process": (1, "sample", PAUSE_AT),
+    "two_workers": (2, "sample", PAUSE_AT),
+    "two_workers_mid_accumulation_window": (2, "sample-acc3", PAUSE_AT),
+    "two_workers_backup_mid_accumulation_window": (2, "sample-acc2", (3, 1)),
+}
+
+
+def start_group(tmp_path, name, workers, runs):
+    """Starts ``workers`` processes that run ``runs(i)`` (worker i's runs) in sequence."""
+    ports = distribute.free_local_ports(workers) if workers > 1 else None
     spec = {
         "task": "fault",
-        "data": str(data[0]),
-        "shards": shards,
+        "data": str(tmp_path / "data.npz"),
         "epochs": FAULT_EPOCHS,
         "learning_rate": LR,
         "collective_timeout": COLLECTIVE_TIMEOUT if workers > 1 else None,
+        "ports": ports,
     }
-    spec.update(extra)
-    return spec
+    return [start(dict(spec, index=i, runs=runs(i)), tmp_path, f"{name}{i}") for i in range(workers)]
 
 
-def start_group(spec, tmp_path, name, workers, backup_root, reference=None):
-    """Starts the workers; with ``reference`` (a name), each then also trains the uninterrupted reference."""
-    ports = distribute.free_local_ports(workers) if workers > 1 else None
-    processes = []
-    for i in range(workers):
-        worker_spec = dict(
-            spec,
-            ports=ports,
-            index=i,
-            # One backup directory per worker: Keras 3's BackupAndRestore
-            # writes from every worker (all hold the same weights).
-            backup_dir=str(backup_root / f"worker{i}"),
-            out=str(tmp_path / f"{name}{i}.npz"),
-        )
-        if reference:
-            worker_spec.update(
-                reference_backup_dir=str(tmp_path / f"{reference}_backup" / f"worker{i}"),
-                reference_out=str(tmp_path / f"{reference}{i}.npz"),
-            )
-        processes.append(start(worker_spec, tmp_path, f"{name}{i}"))
-    return processes
+def fault_run(tmp_path, case, kind, i, **extra):
+    """Worker ``i``'s run of ``case``; ``kind``: "crash", "restart" or "reference".
+
+    One backup directory per worker: Keras 3's BackupAndRestore writes from
+    every worker (all hold the same weights). The reference's is its own and
+    empty, so nothing is restored.
+    """
+    workers, level, _ = FAULT_CASES[case]
+    shards = EVEN if workers == 2 else [[EVEN[0][s] + EVEN[1][s] for s in range(3)]]
+    backup = "reference_backup" if kind == "reference" else "backup"
+    return dict(
+        level=level,
+        shards=shards,
+        backup_dir=str(tmp_path / case / backup / f"worker{i}"),
+        out=str(tmp_path / case / f"{kind}{i}.npz"),
+        **extra,
+    )
 
 
-def load(tmp_path, name, workers):
-    return [dict(np.load(tmp_path / f"{name}{i}.npz")) for i in range(workers)]
+def crash(tmp_path, case):
+    """Starts ``case``'s crashing group; SIGKILLs its last worker mid-epoch.
+
+    Returns the survivors (blocked in an all-reduce with a dead peer, they
+    must fail on their own) and the time of the kill.
+    """
+    workers, _, pause_at = FAULT_CASES[case]
+    marker = tmp_path / case / "paused"
+    marker.parent.mkdir()
+    crashing = start_group(
+        tmp_path,
+        f"{case}_crash",
+        workers,
+        lambda i: [
+            fault_run(tmp_path, case, "crash", i, pause_at=pause_at, pause_index=workers - 1, marker=str(marker))
+        ],
+    )
+    try:
+        wait_for(marker, crashing)
+        victim = crashing[-1]
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait(timeout=30)
+    except BaseException:
+        for p in crashing:
+            kill(p)
+        raise
+    return crashing[:-1], time.monotonic()
+
+
+def survivors_fail(survivors, killed_at):
+    """The survivors' exit codes, or pytest.fail if one hangs."""
+    try:
+        for survivor in survivors:
+            try:
+                survivor.wait(timeout=max(1, killed_at + COLLECTIVE_TIMEOUT + 90 - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"survivor hung after its peer was killed:\n{tail(survivor)}")
+    finally:
+        for p in survivors:
+            if p.poll() is None:
+                kill(p)
+    return [p.returncode for p in survivors]
+
+
+def restart(tmp_path, cases, workers):
+    """One group resumes every case from its backup, then trains its reference."""
+    restarted = start_group(
+        tmp_path,
+        f"restart{workers}_",
+        workers,
+        lambda i: [fault_run(tmp_path, case, kind, i) for case in cases for kind in ("restart", "reference")],
+    )
+    wait_all(restarted, timeout=2 * len(cases) * PROCESS_TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def fault_results(data, tmp_path_factory):
+    """Per case: the survivors' exit codes, whether the backup exists, and
+    the restarted and reference runs' results of each worker.
+
+    The crashing groups run one after another, each started as soon as the
+    previous one's worker is killed (its survivor then only waits for the
+    collective timeout); the single process crashes and restarts meanwhile.
+    """
+    tmp_path = tmp_path_factory.mktemp("fault")
+    shutil.copy(data[0], tmp_path / "data.npz")
+    two_workers = [c for c, (workers, _, _) in FAULT_CASES.items() if workers == 2]
+    pending = {}
+    try:
+        for case in two_workers:
+            pending[case] = crash(tmp_path, case)
+        survivors, killed_at = crash(tmp_path, "single_process")
+        assert survivors == []
+        results = {"single_process": {"survivor_codes": []}}
+        results["single_process"]["backup_exists"] = (tmp_path / "single_process" / "backup" / "worker0").exists()
+        restart(tmp_path, ["single_process"], 1)
+        for case in two_workers:
+            codes = survivors_fail(*pending.pop(case))
+            backup = (tmp_path / case / "backup" / "worker0").exists()
+            results[case] = {"survivor_codes": codes, "backup_exists": backup}
+    finally:
+        for survivors, _ in pending.values():
+            for p in survivors:
+                kill(p)
+    restart(tmp_path, [c for c in two_workers if results[c]["backup_exists"]], 2)
+    for case, (workers, _, _) in FAULT_CASES.items():
+        if results[case]["backup_exists"]:
+            for kind in ("restart", "reference"):
+                results[case][kind] = [dict(np.load(tmp_path / case / f"{kind}{i}.npz")) for i in range(workers)]
+    return results
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "workers, level, pause_at",
-    [
-        (1, "sample", PAUSE_AT),
-        (2, "sample", PAUSE_AT),
-        (2, "sample-acc3", PAUSE_AT),
-        (2, "sample-acc2", (3, 1)),
-    ],
-    ids=[
-        "single_process",
-        "two_workers",
-        "two_workers_mid_accumulation_window",
-        "two_workers_backup_mid_accumulation_window",
-    ],
-)
-def test_sigkill_mid_epoch_then_restart_equals_uninterrupted(workers, level, pause_at, data, tmp_path):
+@pytest.mark.parametrize("case", list(FAULT_CASES))
+def test_sigkill_mid_epoch_then_restart_equals_uninterrupted(case, fault_results):
     """Accumulation (``-accN``, 3 steps an epoch): with ``acc3`` an epoch is
     one window and the kill lands after its second micro-batch; the workers'
     per-replica partial sums are lost with the rest of the epoch, which the
@@ -395,42 +440,17 @@ def test_sigkill_mid_epoch_then_restart_equals_uninterrupted(workers, level, pau
     the sum over the workers' accumulators and restored as a half share to
     each, so the resumed run equals the reference to float32 rounding only
     (the sum of the two shares is rounded differently)."""
-    shards = EVEN if workers == 2 else [[EVEN[0][s] + EVEN[1][s] for s in range(3)]]
-    spec = fault_spec(data, tmp_path, "fault", workers, shards, level=level)
-    marker = tmp_path / "paused"
-    crashing = start_group(
-        dict(spec, pause_at=pause_at, pause_index=workers - 1, marker=str(marker)),
-        tmp_path,
-        "crash",
-        workers,
-        tmp_path / "backup",
-    )
-    try:
-        wait_for(marker, crashing)
-        victim = crashing[-1]
-        os.kill(victim.pid, signal.SIGKILL)
-        victim.wait(timeout=30)
-        for survivor in crashing[:-1]:
-            # Blocked in an all-reduce with a dead peer: it must fail on its
-            # own (collective timeout / peer health check), not hang.
-            try:
-                survivor.wait(timeout=COLLECTIVE_TIMEOUT + 90)
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"survivor hung after its peer was killed:\n{tail(survivor)}")
-            assert survivor.returncode != 0
-    finally:
-        for p in crashing:
-            if p.poll() is None:
-                kill(p)
-    assert (tmp_path / "backup" / "worker0").exists()
+    workers, level, pause_at = FAULT_CASES[case]
+    result = fault_results[case]
+    # A survivor blocked in an all-reduce with its killed peer failed on its
+    # own (collective timeout / peer health check), not hung.
+    assert len(result["survivor_codes"]) == workers - 1
+    assert all(code != 0 for code in result["survivor_codes"]), result["survivor_codes"]
+    assert result["backup_exists"]
 
-    # The restarted processes resume from the backup, then train the
-    # uninterrupted reference from scratch (a fresh model and an empty backup
-    # folder): one process start per worker instead of two.
-    restarted = start_group(spec, tmp_path, "restart", workers, tmp_path / "backup", reference="reference")
-    wait_all(restarted, timeout=2 * PROCESS_TIMEOUT)
-    expected = load(tmp_path, "reference", workers)
-    got = load(tmp_path, "restart", workers)
+    # The restarted processes resumed from the backup; the reference trained
+    # from scratch (a fresh model and an empty backup folder).
+    expected, got = result["reference"], result["restart"]
     # Keras 3 restores the epoch, not the step: the epoch is rerun from its start.
     assert got[0]["epochs_run"].tolist() == list(range(pause_at[0], FAULT_EPOCHS))
     assert expected[0]["epochs_run"].tolist() == list(range(FAULT_EPOCHS))

@@ -1,5 +1,6 @@
 """One training process for tests/library/test_distribute.py and
-tests/upstream/test_keras_multi_worker.py (run as a subprocess by tests/mwms_cluster.py).
+tests/upstream/test_keras_multi_worker.py (run in a process of its own,
+forked by tests/workers/mwms_forkserver.py for tests/mwms_cluster.py).
 
 Usage: ``python mwms_worker.py SPEC.json``. The spec says which cluster to
 join (``ports``/``index``; none: a single process without a cluster), which
@@ -9,7 +10,8 @@ of arrays). Each process configures its own devices: one CPU, one replica.
 Tasks:
 
 * ``fit_cases``: (1) stock ``keras.Model`` fit fails under the strategy
-  (keras-team/keras#20585) - the error messages are recorded; (2) several
+  (keras-team/keras#20585) - the error messages are recorded, and written at
+  once to ``stock_out``; (2) several
   tf_gradmix models are trained with ``fit`` from the same initial weights on
   explicit per-worker shards; the final weights of each case are written.
   With ``compat_off``, records the warning and the fit error when the
@@ -17,13 +19,13 @@ Tasks:
   and uses on each worker, and the weights after a fit with it. With
   ``traced_steps`` (levels such as ``"sample-acc3"``), records the graph of
   one traced replica step (``strategy.run(model.train_step)``) per level.
-* ``fault``: a run with ``keras.callbacks.BackupAndRestore`` (sample level,
-  or ``level``, e.g. ``"sample-acc3"``); with ``pause_at`` (epoch, batch) this
-  process stops after that batch, writes ``marker`` and waits to be killed.
-  With ``reference_out``, the same process then trains the uninterrupted
-  reference: a new model from the same initial weights, with its own backup
-  folder ``reference_backup_dir`` (empty, so nothing is restored), written to
-  ``reference_out`` (one process start instead of two).
+* ``fault``: runs with ``keras.callbacks.BackupAndRestore`` in sequence,
+  one per entry of ``runs`` (each entry overrides the spec's keys: ``level``,
+  e.g. ``"sample-acc3"``, ``shards``, ``backup_dir``, ``out``). With
+  ``pause_at`` (epoch, batch), the process ``pause_index`` stops after that
+  batch, writes ``marker`` and waits to be killed. A restarted group resumes
+  each case from its backup and trains its uninterrupted reference (a run
+  with an empty backup folder, so nothing is restored) in one process.
 """
 
 import json
@@ -234,19 +236,23 @@ def compat_off(strategy, results):
     results["compat_off/fit_error"] = np.array(error)
 
 
-def traced_steps(strategy, results):
+def traced_steps(strategy, results, fitted):
     """The traced replica step of a fitted model, per level, as a GraphDef.
 
     What ``fit`` runs on each replica every step: forward and backward pass,
     metrics and ``optimizer.apply`` (Keras reduces the step's logs across
-    workers outside it). Serialised as uint8, for the parent to inspect.
+    workers outside it). Serialised as uint8, for the parent to inspect. The
+    model of case ``model/<level>/shards`` when there is one (``fitted``: case
+    name to model and dataset), else a new one, fitted first.
     """
     for level in SPEC["traced_steps"]:
-        with strategy.scope():
-            model = build("model")
-            model.compile(optimizer(level), "mse", metrics=["mae"])
-        dataset = shards(strategy, SPEC["shards"])
-        model.fit(dataset, epochs=1, verbose=0)  # builds optimizer and metrics
+        model, dataset = fitted.get(f"model/{level}/shards", (None, None))
+        if model is None:
+            with strategy.scope():
+                model = build("model")
+                model.compile(optimizer(level), "mse", metrics=["mae"])
+            dataset = shards(strategy, SPEC["shards"])
+            model.fit(dataset, epochs=1, verbose=0)  # builds optimizer and metrics
 
         @tf.function
         def step(data, model=model):
@@ -261,6 +267,8 @@ def fit_cases(strategy, out):
     results = {}
     if not SPEC.get("skip_stock"):
         stock_checks(strategy, results)
+        # Written now: stock Keras's results do not depend on the cases below.
+        np.savez(SPEC["stock_out"], **results)
     if SPEC.get("compat_off"):
         compat_off(strategy, results)
     if SPEC.get("default_seed"):
@@ -268,6 +276,7 @@ def fit_cases(strategy, out):
 
     # 2. tf_gradmix models, same initial weights, same data.
     init = None
+    fitted = {}
     for name in SPEC["cases"]:
         kind, level, data_key = name.split("/")
         print("case", name, flush=True)
@@ -286,6 +295,7 @@ def fit_cases(strategy, out):
         history = model.fit(
             dataset, epochs=1, verbose=0, callbacks=callbacks
         )
+        fitted[name] = (model, dataset)
         for key, values in history.history.items():
             results[f"{name}/log/{key}"] = np.array(values)
         for i, w in enumerate(model.get_weights()):
@@ -296,7 +306,7 @@ def fit_cases(strategy, out):
     for i, w in enumerate(init or []):  # no case: only the stock checks ran
         results[f"init/w{i}"] = w
     if SPEC.get("traced_steps"):
-        traced_steps(strategy, results)
+        traced_steps(strategy, results, fitted)
     results["num_replicas"] = np.array(strategy.num_replicas_in_sync)
     results["replica_ids"] = np.array(
         strategy.experimental_local_results(
@@ -326,37 +336,35 @@ class PauseAt(keras.callbacks.Callback):
 
 
 def fault(strategy, out):
-    fault_run(strategy, out, SPEC["backup_dir"], pause=True)
-    if SPEC.get("reference_out"):
-        fault_run(strategy, SPEC["reference_out"], SPEC["reference_backup_dir"], pause=False)
+    for run in SPEC["runs"]:
+        fault_run(strategy, dict(SPEC, **run))
 
 
-def fault_run(strategy, out, backup_dir, pause):
-    epochs = SPEC["epochs"]
+def fault_run(strategy, run):
     with strategy.scope():
         keras.utils.set_random_seed(0)
         model = build("model")
-        model.compile(optimizer(SPEC.get("level", "sample"), momentum=0.9), "mse")
+        model.compile(optimizer(run.get("level", "sample"), momentum=0.9), "mse")
     callbacks = [
-        keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch"),
+        keras.callbacks.BackupAndRestore(run["backup_dir"], save_freq="epoch"),
     ]
-    if pause and SPEC.get("pause_at") and SPEC.get("pause_index", 0) == SPEC.get("index", 0):
-        callbacks.append(PauseAt(*SPEC["pause_at"], SPEC["marker"]))
+    if run.get("pause_at") and run.get("pause_index", 0) == run.get("index", 0):
+        callbacks.append(PauseAt(*run["pause_at"], run["marker"]))
     epochs_seen = []
     callbacks.append(
         keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: epochs_seen.append(e))
     )
-    model.fit(shards(strategy, SPEC["shards"]), epochs=epochs, verbose=0, callbacks=callbacks)
+    model.fit(shards(strategy, run["shards"]), epochs=run["epochs"], verbose=0, callbacks=callbacks)
     results = {f"w{i}": w for i, w in enumerate(model.get_weights())}
     mixer = gm.optimizer.find_gradient_mix(model.optimizer)
     results["raw_step"] = np.array(int(mixer.raw_step.numpy()))
     results["epochs_run"] = np.array(epochs_seen)
-    np.savez(out, **results)
+    np.savez(run["out"], **results)
 
 
 def main():
     strategy = make_strategy()
-    {"fit_cases": fit_cases, "fault": fault}[SPEC["task"]](strategy, SPEC["out"])
+    {"fit_cases": fit_cases, "fault": fault}[SPEC["task"]](strategy, SPEC.get("out"))
     print("done", flush=True)
 
 
