@@ -53,21 +53,24 @@ INNER_OPTIMIZERS = {
 
 
 def updates_of(make_inner, model_class, steps, updates=2, micro_batch=16, strategy=None):
-    """Weight changes after each of ``updates`` updates of ``fit`` (float64, flat)."""
+    """Weight changes after each of ``updates`` updates of one ``fit`` (float64, flat)."""
     x, y = data(micro_batch * steps * updates)
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
         model = functional(model_class)  # seeded: the same initial weights
         inner = make_inner(steps)
         optimizer = inner if model_class is keras.Model else mixer(stddev=0.0, inner=inner)
         model.compile(optimizer, SCCE)
-    changes, before = [], flat(weights_of(model))
-    for u in range(updates):
-        part = slice(u * micro_batch * steps, (u + 1) * micro_batch * steps)
-        model.fit(x[part], y[part], batch_size=micro_batch, epochs=1, shuffle=False, verbose=0)
-        after = flat(weights_of(model))
-        changes.append(after - before)
-        before = after
-    return changes, optimizer
+    weights = [flat(weights_of(model))]
+
+    class AfterEachUpdate(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if (batch + 1) % steps == 0:
+                weights.append(flat(weights_of(self.model)))
+
+    # One fit (one input pipeline, the costly part of a fit under a strategy) of every micro-batch.
+    model.fit(x, y, batch_size=micro_batch, epochs=1, shuffle=False, verbose=0, callbacks=[AfterEachUpdate()])
+    assert len(weights) == updates + 1
+    return [after - before for before, after in zip(weights, weights[1:])], optimizer
 
 
 @functools.cache
