@@ -8,6 +8,8 @@ update count (Adam's and LAMB's bias corrections), on clipping, weight decay
 and loss scaling."""
 
 import contextlib
+import functools
+import types
 
 import keras
 import numpy as np
@@ -52,21 +54,31 @@ INNER_OPTIMIZERS = {
 
 
 def updates_of(make_inner, model_class, steps, updates=2, micro_batch=16, strategy=None):
-    """Weight changes after each of ``updates`` updates of ``fit`` (float64, flat)."""
+    """Weight changes after each of ``updates`` updates of one ``fit`` (float64, flat)."""
     x, y = data(micro_batch * steps * updates)
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
         model = functional(model_class)  # seeded: the same initial weights
         inner = make_inner(steps)
         optimizer = inner if model_class is keras.Model else mixer(stddev=0.0, inner=inner)
         model.compile(optimizer, SCCE)
-    changes, before = [], flat(weights_of(model))
-    for u in range(updates):
-        part = slice(u * micro_batch * steps, (u + 1) * micro_batch * steps)
-        model.fit(x[part], y[part], batch_size=micro_batch, epochs=1, shuffle=False, verbose=0)
-        after = flat(weights_of(model))
-        changes.append(after - before)
-        before = after
-    return changes, optimizer
+    weights = [flat(weights_of(model))]
+
+    class AfterEachUpdate(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if (batch + 1) % steps == 0:
+                weights.append(flat(weights_of(self.model)))
+
+    # One fit (one input pipeline, the costly part of a fit under a strategy) of every micro-batch.
+    model.fit(x, y, batch_size=micro_batch, epochs=1, shuffle=False, verbose=0, callbacks=[AfterEachUpdate()])
+    assert len(weights) == updates + 1
+    return [after - before for before, after in zip(weights, weights[1:])], optimizer
+
+
+@functools.cache
+def stock_updates(name):
+    """Stock Keras's updates on one device with ``INNER_OPTIMIZERS[name]``: the
+    reference of every comparison below, trained once per optimizer."""
+    return updates_of(INNER_OPTIMIZERS[name], keras.Model, steps=3)[0]
 
 
 def assert_updates_close(actual, expected):
@@ -87,7 +99,7 @@ def assert_updates_close(actual, expected):
 def test_accumulated_updates_equal_stock_keras_on_one_device(name):
     """``GradientMix(stddev=0)`` mixes nothing, so it must update as the inner optimizer alone does."""
     make_inner = INNER_OPTIMIZERS[name]
-    expected, _ = updates_of(make_inner, keras.Model, steps=3)
+    expected = stock_updates(name)
     actual, optimizer = updates_of(make_inner, gm.Model, steps=3)
     assert_updates_close(actual, expected)
     assert int(numpy(optimizer.iterations)) == 2 and int(numpy(optimizer.raw_step)) == 6
@@ -103,7 +115,7 @@ def test_accumulated_updates_in_one_jax_step_with_a_conditional_equal_stock_kera
 
     monkeypatch.setattr(jax_optimizer, "train_function", lambda model: None)
     make_inner = INNER_OPTIMIZERS[name]
-    expected, _ = updates_of(make_inner, keras.Model, steps=3)
+    expected = stock_updates(name)
     actual, optimizer = updates_of(make_inner, gm.Model, steps=3)
     assert_updates_close(actual, expected)
     assert int(numpy(optimizer.iterations)) == 2 and int(numpy(optimizer.raw_step)) == 6
@@ -118,27 +130,63 @@ def test_accumulated_updates_across_replicas_equal_stock_keras_on_one_device(nam
     (Clipping acts per replica there, as in Keras without accumulation: the
     clipping test above.)"""
     make_inner = INNER_OPTIMIZERS[name]
-    expected, _ = updates_of(make_inner, keras.Model, steps=3)
+    expected = stock_updates(name)
     actual, optimizer = updates_of(make_inner, gm.Model, steps=3, strategy=mirrored_strategy)
     assert_updates_close(actual, expected)
     assert int(numpy(optimizer.iterations)) == 2 and int(numpy(optimizer.raw_step)) == 6
 
 
+@pytest.fixture(scope="module")
+def one_window(mirrored_strategy, tmp_path_factory):
+    """``one_window(level)``: one ``fit`` of a window of 3 micro-batches of 16
+    across the ``K`` replicas (``SGD(1.0)``, so the update is the accumulated
+    mean), read mid-window (after 2 micro-batches) by a callback that also
+    saves a weights file and a checkpoint there, as ``BackupAndRestore`` does.
+    Trained once per level for the tests that inspect it."""
+    runs = {}
+
+    def run(level):
+        if level not in runs:
+            runs[level] = _one_window(mirrored_strategy, level, tmp_path_factory.mktemp(f"window_{level}"))
+        return runs[level]
+
+    return run
+
+
+def _one_window(strategy, level, folder):
+    x, y = data(48)
+    with strategy.scope():
+        inner = keras.optimizers.SGD(1.0, gradient_accumulation_steps=3)
+        model = functional(gm.Model)
+        opt = mixer(level=level, stddev=0.6, seed=3, inner=inner)
+        model.compile(opt, SCCE)
+    run = types.SimpleNamespace(x=x, y=y, model=model, opt=opt, inner=inner, ref=plain_copy(model),
+                                before=flat(weights_of(model)), weights_file=folder / "mid_window.weights.h5")
+
+    class MidWindow(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 1:  # two micro-steps of three
+                run.mid_weights = flat(weights_of(model))
+                run.mid_local = local_accumulators(strategy, opt)
+                run.mid_read = flat([numpy(a) for a in inner._accumulated_gradients])
+                model.save_weights(run.weights_file)  # what BackupAndRestore writes
+                run.checkpoint = tf.train.Checkpoint(optimizer=opt).write(str(folder / "mid_window"))
+
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[MidWindow()])
+    run.update = run.before - flat(weights_of(model))
+    run.local = local_accumulators(strategy, opt)
+    run.counts = int(numpy(opt.raw_step)), int(numpy(opt.iterations)), int(numpy(inner._iterations))
+    return run
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("level", ["sample", "device"])
 @pytest.mark.backends("tensorflow")
-def test_gradient_accumulation_across_replicas(mirrored_strategy, level):
+def test_gradient_accumulation_across_replicas(one_window, level):
     # Stock Keras 3.15 cannot accumulate under a strategy (keras-team/keras#20582,
     # tests/upstream/test_keras_distribute.py); GradientMix does it in cross-replica context.
-    x, y = data(48)
-    with mirrored_strategy.scope():
-        model = functional(gm.Model)
-        opt = mixer(level=level, stddev=0.6, seed=3, inner=keras.optimizers.SGD(1.0, gradient_accumulation_steps=3))
-        model.compile(opt, SCCE)
-    ref = plain_copy(model)
-    before = flat(weights_of(model))
-    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
-    update = before - flat(weights_of(model))
+    run = one_window(level)
+    x, y, opt, ref, update = run.x, run.y, run.opt, run.ref, run.update
 
     loss_fn = keras.losses.SparseCategoricalCrossentropy()
     regularization = regularization_gradient(ref, x)
@@ -156,8 +204,9 @@ def test_gradient_accumulation_across_replicas(mirrored_strategy, level):
             # Each micro-batch: Keras's pi = w / (K B_k); the update averages the 3.
             expected = expected + grads.T @ w / (K * 4) / 3
     assert_float32_close(update, expected)
-    assert int(numpy(opt.raw_step)) == 3 and int(numpy(opt.iterations)) == 1
-    assert int(numpy(opt.inner_optimizer._iterations)) == 3  # Keras's micro-step count
+    raw_step, iterations, inner_iterations = run.counts
+    assert raw_step == 3 and iterations == 1
+    assert inner_iterations == 3  # Keras's micro-step count
 
 
 def accumulation_terms(opt, ref, x, y, level, steps, micro_batch=16):
@@ -200,20 +249,14 @@ def local_accumulators(strategy, optimizer):
 @pytest.mark.slow
 @pytest.mark.parametrize("level", ["sample", "device"])
 @pytest.mark.backends("tensorflow")
-def test_accumulators_hold_per_replica_values_until_the_update(mirrored_strategy, level, tmp_path):
+def test_accumulators_hold_per_replica_values_until_the_update(one_window, mirrored_strategy, level):
     """Across replicas each replica accumulates on its own (no all-reduce per
     micro-batch); the update sums the replicas once and is exact. A weights
     file or checkpoint saved mid-window holds the sum over replicas; loading it
     gives each replica a 1/K share, so the resumed update equals the
     uninterrupted one to float32 rounding."""
-    x, y = data(48)
-    with mirrored_strategy.scope():
-        inner = keras.optimizers.SGD(1.0, gradient_accumulation_steps=3)
-        model = functional(gm.Model)
-        opt = mixer(level=level, stddev=0.6, seed=3, inner=inner)
-        model.compile(opt, SCCE)
-        opt.build(model.trainable_variables)
-    ref = plain_copy(model)
+    run = one_window(level)
+    x, y, model, opt, inner = run.x, run.y, run.model, run.opt, run.inner
     accumulators = inner._accumulated_gradients
     from tf_gradmix.backend.tensorflow import optimizer as tf_optimizer
 
@@ -222,28 +265,22 @@ def test_accumulators_hold_per_replica_values_until_the_update(mirrored_strategy
         f"{inner.name}/{v.path.replace('/', '_')}_gradient_accumulator" for v in model.trainable_variables
     ]
     assert sum(any(a is v for v in inner.variables) for a in accumulators) == len(accumulators)
-    terms = accumulation_terms(opt, ref, x, y, level, steps=3)
+    terms = accumulation_terms(opt, run.ref, x, y, level, steps=3)
 
-    before = flat(weights_of(model))
-    model.fit(x[:32], y[:32], batch_size=16, epochs=1, shuffle=False, verbose=0)
     # Two micro-steps of three: no update, and each replica holds its own sum.
-    np.testing.assert_array_equal(flat(weights_of(model)), before)
-    local = local_accumulators(mirrored_strategy, opt)
+    np.testing.assert_array_equal(run.mid_weights, run.before)
     for k in range(K):
-        assert_float32_close(local[k], terms[0][k] + terms[1][k])
-    assert not np.allclose(local[0], local[1])
+        assert_float32_close(run.mid_local[k], terms[0][k] + terms[1][k])
+    assert not np.allclose(run.mid_local[0], run.mid_local[1])
     total = sum(terms[0][k] + terms[1][k] for k in range(K))
-    assert_float32_close(flat([numpy(a) for a in accumulators]), total)  # read: the sum
-    weights_file = tmp_path / "mid_window.weights.h5"
-    model.save_weights(weights_file)  # what BackupAndRestore writes
-    checkpoint = tf.train.Checkpoint(optimizer=opt).write(str(tmp_path / "mid_window"))
+    assert_float32_close(run.mid_read, total)  # read: the sum
 
-    model.fit(x[32:], y[32:], batch_size=16, epochs=1, shuffle=False, verbose=0)
-    update = before - flat(weights_of(model))
+    update = run.update
     assert_float32_close(update, sum(sum(row) for row in terms) / 3)
     for k in range(K):
-        np.testing.assert_array_equal(local_accumulators(mirrored_strategy, opt)[k], 0.0)
-    assert int(numpy(opt.raw_step)) == 3 and int(numpy(opt.iterations)) == 1
+        np.testing.assert_array_equal(run.local[k], 0.0)
+    raw_step, iterations, _ = run.counts
+    assert raw_step == 3 and iterations == 1
 
     # Restart from the mid-window file: each replica gets 1/K of the sum.
     with mirrored_strategy.scope():
@@ -253,14 +290,14 @@ def test_accumulators_hold_per_replica_values_until_the_update(mirrored_strategy
         restarted.compile(restarted_opt, SCCE)
         restarted_opt.build(restarted.trainable_variables)
     for restore in (
-        lambda: tf.train.Checkpoint(optimizer=restarted_opt).read(checkpoint).assert_consumed(),
-        lambda: restarted.load_weights(weights_file),
+        lambda: tf.train.Checkpoint(optimizer=restarted_opt).read(run.checkpoint).assert_consumed(),
+        lambda: restarted.load_weights(run.weights_file),
     ):
         restore()
         for k in range(K):
             assert_float32_close(local_accumulators(mirrored_strategy, restarted_opt)[k], total / K)
     restarted.fit(x[32:], y[32:], batch_size=16, epochs=1, shuffle=False, verbose=0)
-    assert_float32_close(before - flat(weights_of(restarted)), update)
+    assert_float32_close(run.before - flat(weights_of(restarted)), update)
 
 
 @pytest.mark.backends("tensorflow")

@@ -7,7 +7,8 @@ Modes:
   of that batch. Writes the final weights to ``out`` (npz). With
   ``straight_out``, the same process then trains the uninterrupted run with
   the seed it ended with (a new model and optimizer, an empty backup folder
-  ``straight_backup``) and writes it there: one process start fewer.
+  ``straight_backup``) and writes it there: one process start fewer. With
+  ``runs``, a list of such specs, one process trains them in turn.
 * ``"multi_process"``: one of ``num_processes`` JAX processes joined through
   ``keras.distribution.initialize`` on 127.0.0.1; ``DataParallel`` over every
   device of every process; each process feeds its half of each global batch.
@@ -23,7 +24,24 @@ import sys
 
 SPEC = json.loads(sys.argv[1])
 os.environ["KERAS_BACKEND"] = "jax"
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={SPEC.get('local_devices', 1)}"
+# This process's device count; XLA's other flags as inherited (conftest turns its
+# costly CPU optimisations off: the tests compare results, not speed).
+os.environ["XLA_FLAGS"] = " ".join(
+    [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    + [f"--xla_force_host_platform_device_count={SPEC.get('local_devices', 1)}"]
+)
+
+
+class _NoTensorFlow:
+    """TensorFlow's import fails, as where it is not installed: a JAX process
+    needs none, and ``keras.utils.set_random_seed`` would import it (seconds of CPU)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "tensorflow" or name.startswith("tensorflow."):
+            raise ImportError(f"TensorFlow is not imported in a JAX worker ({name})")
+
+
+sys.meta_path.insert(0, _NoTensorFlow())
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -43,9 +61,10 @@ def model_and_data(n):
 
 
 def resume():
-    seed = resume_run(SPEC["seed"], SPEC["backup"], SPEC.get("kill_at"), SPEC["out"])
-    if SPEC.get("straight_out"):
-        resume_run(seed, SPEC["straight_backup"], None, SPEC["straight_out"])
+    for run in SPEC.get("runs", [SPEC]):
+        seed = resume_run(run["seed"], run["backup"], run.get("kill_at"), run["out"])
+        if run.get("straight_out"):
+            resume_run(seed, run["straight_backup"], None, run["straight_out"])
 
 
 def resume_run(seed, backup, kill_at, out):

@@ -6,6 +6,7 @@ seeds, saving) are in test_model.py, test_optimizer.py and test_noise.py,
 which run on both backends. Here: what only JAX has.
 """
 
+import functools
 import json
 import os
 import subprocess
@@ -117,7 +118,6 @@ def test_device_level_on_one_device_warns():
 
 def worker(spec, check=True, timeout=600):
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[3]))
-    env.pop("XLA_FLAGS", None)
     result = subprocess.run(
         [sys.executable, str(WORKER), json.dumps(spec)], capture_output=True, text=True, timeout=timeout, env=env
     )
@@ -166,20 +166,34 @@ def test_import_and_train_without_tensorflow():
     assert "per_example refused: tf_gradmix.per_example supports the Keras backends 'tensorflow'" in result.stdout
 
 
-@pytest.mark.parametrize("seed", [11, None])
-def test_sigkill_mid_epoch_then_restart_ends_like_an_uninterrupted_run(tmp_path, seed):
+SEEDS = (11, None)
+
+
+@pytest.fixture(scope="module")
+def resumed_runs(tmp_path_factory):
+    """Per seed: a process SIGKILLed mid-epoch, then (one process for both seeds) its restart and the straight run."""
+    killed, runs = {}, []
+    for seed in SEEDS:
+        folder = tmp_path_factory.mktemp(f"resume_{seed}")
+        backup = str(folder / "backup")
+        killed[seed] = (worker({"mode": "resume", "seed": seed, "backup": backup, "kill_at": [1, 2],
+                                "out": str(folder / "killed.npz")}, check=False), folder)
+        # The restart resumes, then trains the uninterrupted run with the seed the
+        # resumed run ended with (a fresh model and optimizer, an empty backup folder).
+        runs.append({"seed": seed, "backup": backup, "out": str(folder / "resumed.npz"),
+                     "straight_backup": str(folder / "other"), "straight_out": str(folder / "straight.npz")})
+    worker({"mode": "resume", "runs": runs})
+    return killed
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_sigkill_mid_epoch_then_restart_ends_like_an_uninterrupted_run(resumed_runs, seed):
     """``BackupAndRestore`` (epoch backups) continues the noise stream, also with ``seed=None``."""
-    backup = str(tmp_path / "backup")
-    killed = worker({"mode": "resume", "seed": seed, "backup": backup, "kill_at": [1, 2],
-                     "out": str(tmp_path / "killed.npz")}, check=False)
+    killed, folder = resumed_runs[seed]
     assert killed.returncode == -9, killed.stderr[-3000:]
-    assert not (tmp_path / "killed.npz").exists()
-    # The restarted process resumes, then trains the uninterrupted run with the
-    # seed the resumed run ended with (a fresh model and optimizer, an empty backup folder).
-    worker({"mode": "resume", "seed": seed, "backup": backup, "out": str(tmp_path / "resumed.npz"),
-            "straight_backup": str(tmp_path / "other"), "straight_out": str(tmp_path / "straight.npz")})
-    resumed = np.load(tmp_path / "resumed.npz")
-    straight = np.load(tmp_path / "straight.npz")
+    assert not (folder / "killed.npz").exists()
+    resumed = np.load(folder / "resumed.npz")
+    straight = np.load(folder / "straight.npz")
     assert int(straight["seed"]) == int(resumed["seed"])
     assert int(resumed["raw_step"]) == int(straight["raw_step"]) == 12
     names = [n for n in straight.files if n.startswith("arr_")]
@@ -195,7 +209,6 @@ def test_two_processes_on_loopback_end_identical_and_equal_to_the_oracle(tmp_pat
     specs = [{"mode": "multi_process", "port": port, "num_processes": 2, "process_id": p, "local_devices": 2,
               "batch": batch, "steps": steps, "out": str(tmp_path / f"p{p}.npz")} for p in range(2)]
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[3]))
-    env.pop("XLA_FLAGS", None)
     processes = [subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec)], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for spec in specs]
     outputs = [p.communicate(timeout=600)[0] for p in processes]
@@ -298,22 +311,39 @@ def test_an_enabled_model_runs_the_two_compiled_steps_with_the_same_updates():
     np.testing.assert_array_equal(runs[0], runs[1])
 
 
+def _adam_model(steps_per_execution):
+    model = functional()
+    model.compile(mixer(stddev=0.7, inner=keras.optimizers.Adam(0.05, epsilon=0.01, gradient_accumulation_steps=2)),
+                  SCCE, steps_per_execution=steps_per_execution)
+    return model
+
+
+@functools.cache
+def _one_device_adam_in_two_fits(steps_per_execution):
+    """Adam, windows of 2, on one device: two ``fit`` calls of 3 micro-batches of ``data(6 * B)``
+    (the second starts mid-window). Trained once for the tests below that compare with it:
+    ``(accumulators after the first fit, iterations, final weights)``, flat."""
+    x, y = data(6 * B)
+    model = _adam_model(steps_per_execution)
+    model.fit(x[: 3 * B], y[: 3 * B], batch_size=B, epochs=1, shuffle=False, verbose=0)
+    accumulated = flat([a.value for a in model.optimizer.inner_optimizer._accumulated_gradients])
+    model.fit(x[3 * B:], y[3 * B:], batch_size=B, epochs=1, shuffle=False, verbose=0)
+    return accumulated, int(numpy(model.optimizer.iterations)), flat(weights_of(model))
+
+
 def test_the_host_counts_micro_steps_across_steps_per_execution_and_fits():
     """The host chooses each step's phase by its own count of the raw step
     counter: with ``steps_per_execution=3`` (windows of 2 straddle the calls)
     and over two ``fit`` calls of 3 micro-batches each (the second starts
     mid-window), Adam ends where one ``fit`` of the same 6 micro-batches ends."""
     x, y = data(6 * B)
-    runs = []
-    for steps_per_execution, parts in ((1, [slice(0, 6 * B)]), (3, [slice(0, 3 * B), slice(3 * B, 6 * B)])):
-        model = functional()
-        inner = keras.optimizers.Adam(0.05, epsilon=0.01, gradient_accumulation_steps=2)
-        model.compile(mixer(stddev=0.7, inner=inner), SCCE, steps_per_execution=steps_per_execution)
-        for part in parts:
-            model.fit(x[part], y[part], batch_size=B, epochs=1, shuffle=False, verbose=0)
-        assert int(numpy(model.optimizer.iterations)) == 3
-        runs.append(flat(weights_of(model)))
-    np.testing.assert_allclose(runs[1], runs[0], rtol=0, atol=1e-6 * np.max(np.abs(runs[0])))
+    model = _adam_model(1)
+    model.fit(x, y, batch_size=B, epochs=1, shuffle=False, verbose=0)
+    assert int(numpy(model.optimizer.iterations)) == 3
+    one_fit = flat(weights_of(model))
+    _, iterations, two_fits = _one_device_adam_in_two_fits(3)
+    assert iterations == 3
+    np.testing.assert_allclose(two_fits, one_fit, rtol=0, atol=1e-6 * np.max(np.abs(one_fit)))
 
 
 def test_accumulation_under_data_parallel_equals_the_one_device_run():
@@ -453,15 +483,8 @@ def test_per_device_windows_across_fits_and_state_syncs_end_like_one_fit(sync_ev
     6 micro-batches on one device ends."""
     x, y = data(6 * B)
     callbacks = [_ReadsTheModel()] if sync_every_step else []
-
-    def make_model():
-        model = functional()
-        model.compile(mixer(stddev=0.7, inner=keras.optimizers.Adam(0.05, epsilon=0.01, gradient_accumulation_steps=2)),
-                      SCCE, steps_per_execution=steps_per_execution)
-        return model
-
     with data_parallel().scope():
-        model = make_model()
+        model = _adam_model(steps_per_execution)
         model.fit(x[: 3 * B], y[: 3 * B], batch_size=B, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
         window = model.train_function.__wrapped__.device_window
         assert window.active and not window.pending
@@ -471,11 +494,9 @@ def test_per_device_windows_across_fits_and_state_syncs_end_like_one_fit(sync_ev
         assert model.train_function.__wrapped__.steps_run == {"micro_step": 3, "update_step": 3}
         distributed = flat(weights_of(model))
 
-    one = make_model()
-    one.fit(x[: 3 * B], y[: 3 * B], batch_size=B, epochs=1, shuffle=False, verbose=0)
-    assert_float32_close(accumulated, flat([a.value for a in one.optimizer.inner_optimizer._accumulated_gradients]))
-    one.fit(x[3 * B:], y[3 * B:], batch_size=B, epochs=1, shuffle=False, verbose=0)
-    np.testing.assert_allclose(distributed, flat(weights_of(one)), rtol=0, atol=1e-6 * np.max(np.abs(distributed)))
+    one_accumulated, _, one = _one_device_adam_in_two_fits(steps_per_execution)
+    assert_float32_close(accumulated, one_accumulated)
+    np.testing.assert_allclose(distributed, one, rtol=0, atol=1e-6 * np.max(np.abs(distributed)))
 
 
 def test_a_forward_pass_that_is_not_per_example_keeps_the_global_steps():
