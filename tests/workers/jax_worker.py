@@ -31,17 +31,9 @@ os.environ["XLA_FLAGS"] = " ".join(
     + [f"--xla_force_host_platform_device_count={SPEC.get('local_devices', 1)}"]
 )
 
-
-class _NoTensorFlow:
-    """TensorFlow's import fails, as where it is not installed: a JAX process
-    needs none, and ``keras.utils.set_random_seed`` would import it (seconds of CPU)."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name == "tensorflow" or name.startswith("tensorflow."):
-            raise ImportError(f"TensorFlow is not imported in a JAX worker ({name})")
-
-
-sys.meta_path.insert(0, _NoTensorFlow())
+# `import tensorflow` fails, as where it is not installed: a JAX process needs
+# none, and keras.utils.set_random_seed would import it (seconds of CPU).
+sys.modules["tensorflow"] = None
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
