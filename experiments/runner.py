@@ -22,7 +22,7 @@ With ``reuse_processes`` (the sweeps' ``--reuse-processes``), runs go to
 long-lived workers, ``python -m experiments.runner --serve``: a run takes an
 idle one or starts one (so at most ``parallel`` of them), and each run is the
 trainer's ``main(argv)`` there (its standard output captured as from a
-subprocess), the Keras session cleared after it. Workers stay for later
+subprocess), Keras's global state cleared after it. Workers stay for later
 ``run_all`` calls of the process and end at its exit (or
 :func:`close_workers`): one Keras import per worker instead of one per run,
 which is most of the CPU time of a short run. The trainers seed each run, so
@@ -66,7 +66,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MOVED_TRAINERS = {"examples.cifar_resnet18": "examples.cifar_train"}
 
 #: The sweeps' flag for ``run_all(reuse_processes=True)``.
-REUSE_HELP = ("run the runs one after another in long-lived processes, one per run at a time (one Keras import "
+REUSE_HELP = ("run the runs in long-lived worker processes, one per run going at a time (one Keras import a worker "
               "instead of one a run: seconds of CPU for short runs such as --extra --quick)")
 
 #: Row fields the runner writes; they replace result fields of the same name.

@@ -52,11 +52,9 @@ if BACKEND == "jax":
         if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
             os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
 if BACKEND in ("jax", "torch"):
-    import sys
+    from workers.no_tensorflow import block_tensorflow
 
-    # `import tensorflow` fails, as where it is not installed: these suites need
-    # none, and keras.utils.set_random_seed would import it (seconds of CPU).
-    sys.modules["tensorflow"] = None
+    block_tensorflow(f"the {BACKEND} suite")
 elif BACKEND == "tensorflow":
     import tensorflow as tf
 

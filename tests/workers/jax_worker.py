@@ -31,9 +31,9 @@ os.environ["XLA_FLAGS"] = " ".join(
     + [f"--xla_force_host_platform_device_count={SPEC.get('local_devices', 1)}"]
 )
 
-# `import tensorflow` fails, as where it is not installed: a JAX process needs
-# none, and keras.utils.set_random_seed would import it (seconds of CPU).
-sys.modules["tensorflow"] = None
+from no_tensorflow import block_tensorflow  # noqa: E402 (this folder is the script's sys.path[0])
+
+block_tensorflow("a JAX worker")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

@@ -10,7 +10,7 @@ devices and threads, as a fresh process does.
 Protocol, one line each on stdin: ``SPEC LOG RC`` (paths); the reply on
 stdout is the forked worker's pid. When the worker ends, its exit status
 (negative: the signal that ended it, as ``subprocess`` reports it) is written
-to ``RC``. Ends when stdin closes.
+to ``RC``. Ends when stdin closes, once its workers have ended.
 """
 
 import os
@@ -32,10 +32,11 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mwms_worker.p
 status_files = {}  # pid -> path of its exit status
 
 
-def reap(signum=None, frame=None):
+def reap(signum=None, frame=None, block=False):
+    """Writes the exit status of each ended worker (with ``block``: waits for every one)."""
     while status_files:
         try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
+            pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
         except ChildProcessError:
             return
         if pid == 0:
@@ -84,7 +85,8 @@ def main():
         status_files[pid] = rc
         signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGCHLD])
         print(pid, flush=True)
-    reap()
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    reap(block=True)  # no worker outlives the server (the caller's wait bounds this)
 
 
 if __name__ == "__main__":
