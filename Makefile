@@ -79,7 +79,7 @@ endef
 # `make test-torch`, `make test-tf219`. A new backend's suite is one more
 # target in SUITES, placed by its CPU time.
 TF_PARTS := $(if $(filter tests,$(TESTS)),test-tf-library test-tf-rest,test-tf)
-SUITES ?= test-tf219 $(filter test-tf-library,$(TF_PARTS)) test-jax $(filter-out test-tf-library,$(TF_PARTS)) test-torch
+SUITES ?= $(filter test-tf-library,$(TF_PARTS)) test-tf219 $(filter-out test-tf-library,$(TF_PARTS)) test-jax test-torch
 SUITE_JOBS ?= 2
 test: venv venv-tf219
 	@start=$$(date +%s); \
