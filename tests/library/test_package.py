@@ -173,13 +173,17 @@ def private_accesses(tree):
     return found
 
 
+def modules_outside_backend():
+    """``(path, parsed tree)`` of every module of the package outside ``tf_gradmix/backend/``."""
+    return [(path, ast.parse(path.read_text())) for name, path in modules().items()
+            if not name.startswith("tf_gradmix.backend")]
+
+
 @pytest.mark.backend_independent
 def test_keras_private_attributes_only_in_backend():
     offenders = []
-    for name, path in modules().items():
-        if name.startswith("tf_gradmix.backend"):
-            continue
-        for line, attribute in private_accesses(ast.parse(path.read_text())):
+    for path, tree in modules_outside_backend():
+        for line, attribute in private_accesses(tree):
             if attribute.startswith("_gradmix"):
                 continue  # tf_gradmix's own attributes on a model
             offenders.append(f"{path.relative_to(REPO)}:{line} {attribute}")
@@ -220,10 +224,8 @@ def framework_imports(tree):
 def test_no_framework_import_outside_backend():
     """TensorFlow, JAX and PyTorch code lives in ``tf_gradmix/backend/<name>/``; the rest is ``keras.ops``."""
     offenders = []
-    for name, path in modules().items():
-        if name.startswith("tf_gradmix.backend"):
-            continue
-        offenders += [f"{path.relative_to(REPO)}:{line}" for line in framework_imports(ast.parse(path.read_text()))]
+    for path, tree in modules_outside_backend():
+        offenders += [f"{path.relative_to(REPO)}:{line}" for line in framework_imports(tree)]
     assert not offenders, offenders
     assert framework_imports(ast.parse("import keras\nimport tensorflow as tf\nfrom jax import numpy\n"
                                        "def f():\n    import torch.func\n")) == [2, 3, 5]
