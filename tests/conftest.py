@@ -157,7 +157,7 @@ def mirrored_strategy():
 
 
 @pytest.fixture(autouse=True)
-def _clear_keras_session():
+def _clear_keras_session(request):
     import keras
 
     # Without its gc.collect(), which walks the whole heap (TensorFlow's alone:
@@ -165,6 +165,16 @@ def _clear_keras_session():
     keras.backend.clear_session(free_memory=False)
     keras.config.set_dtype_policy("float32")
     yield
+    if "mirrored_strategy" in request.fixturenames:
+        # A distributed dataset's iterator (tf.data's MultiDeviceIterator)
+        # ends up in reference cycles. Freed by a later collection, wherever
+        # that runs (inside another test's tracing), its destructor waits for
+        # tf.data's autotuning thread, which sleeps up to a minute between
+        # rounds: seen to stall a test 20-120 s while the machine sat idle.
+        # Collected here, at the end of the test that made it, it is young.
+        import gc
+
+        gc.collect()
 
 
 def pytest_collection_finish(session):
