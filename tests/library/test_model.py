@@ -573,8 +573,8 @@ def test_gradient_accumulation_draws_fresh_weights_per_micro_batch():
 
 def test_steps_per_execution_gives_the_same_run():
     if keras.backend.backend() == "torch":
-        pytest.skip("Keras 3.15's PyTorch trainer raises for steps_per_execution > 1 "
-                    "(keras/src/backend/torch/trainer.py)")
+        pytest.skip("Keras 3.15's PyTorch fit refuses steps_per_execution > 1 (upstream sentinel: "
+                    "test_keras_torch.py::test_keras_torch_fit_still_refuses_steps_per_execution_above_one)")
     x, y = data(96)
     runs = []
     for spe in (1, 3):

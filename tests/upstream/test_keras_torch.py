@@ -36,3 +36,20 @@ def test_keras_torch_fit_hands_the_whole_batch_gradients_to_the_optimizer():
     for fragment in ("loss.backward()", "gradients = [v.value.grad for v in trainable_weights]",
                      "self.optimizer.apply(gradients, trainable_weights)"):
         assert fragment in source, fragment
+
+
+def test_keras_torch_fit_still_refuses_steps_per_execution_above_one():
+    """Stock Keras: ``fit`` with ``steps_per_execution=2`` raises on PyTorch.
+
+    ``test_model.py::test_steps_per_execution_gives_the_same_run`` is skipped on
+    PyTorch for this; when this fails, Keras runs several steps per call there
+    too and that test should run on PyTorch.
+    """
+    import keras
+    import numpy as np
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.1), "mse", steps_per_execution=2)
+    x = np.zeros((8, 3), "float32")
+    with pytest.raises(ValueError, match="`steps_per_execution` must be 1 with the PyTorch backend"):
+        model.fit(x, x[:, :1], batch_size=4, epochs=1, verbose=0)
